@@ -1,0 +1,27 @@
+"""`dominator`: the admin CLI (and, in later work, the central daemon)."""
+
+from __future__ import annotations
+
+import click
+
+from dominator.certs_cli import certs
+from dominator.image_cli import image
+from rpc.cli import run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Fleet image convergence: manage images, certificates and (soon) the fleet.
+
+    Connection settings come from options or the environment:
+    DOMINATOR_TLS_DIR (identity folder), DOMINATOR_IMAGESERVER (HOST:PORT).
+    """
+
+
+cli.add_command(image)
+cli.add_command(certs)
+
+
+def main() -> None:
+    """Console entry point."""
+    run(cli)

@@ -1,0 +1,236 @@
+"""The content-addressed object store shared by the image server and subd's cache.
+
+Objects live at `ROOT/ab/cd/<rest of hex>` named by the SHA-256 of their bytes.
+Every object is written under a temporary name in `ROOT/.tmp`, verified against
+its declared hash and size, made durable, and only then renamed into place, so
+a final path never holds a partial or wrong object, whenever the process dies.
+Durability is batched: one `syncfs` covers every object of a batch (fsync per
+object costs 0.25 ms each here; syncfs of 2,000 new files costs 40 ms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from fstree.errors import FleetError, NotFoundError
+from fstree.hashing import HASH_SIZE, check_hash, format_hash
+
+log = logging.getLogger(__name__)
+
+TMP_DIR = ".tmp"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every dirty page of the filesystem holding `path` to stable storage."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` via a temporary name in the same folder: fsync, rename,
+    fsync the folder. Readers see the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make renames and unlinks inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ObjectWriter:
+    """One object being written: feed it bytes, then `finish` verifies them."""
+
+    def __init__(self, batch: Batch, digest: bytes, size: int) -> None:
+        self.digest = digest
+        self.size = size
+        self.received = 0
+        self._batch = batch
+        self._hash = hashlib.sha256()
+        fd, self._tmp = tempfile.mkstemp(dir=batch.store.tmp_dir)
+        self._file = os.fdopen(fd, "wb", buffering=0)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append content; FleetError past the declared size."""
+        self.received += len(data)
+        if self.received > self.size:
+            self.abort()
+            raise FleetError(
+                f"object {format_hash(self.digest)}: more than the declared {self.size} bytes")
+        self._hash.update(data)
+        self._file.write(data)
+
+    def finish(self) -> None:
+        """Verify size and hash; on success the object joins its batch for commit."""
+        self._file.close()
+        if self.received != self.size:
+            self.abort()
+            raise FleetError(f"object {format_hash(self.digest)}: got {self.received} bytes, "
+                             f"declared {self.size}")
+        if self._hash.digest() != self.digest:
+            self.abort()
+            raise FleetError(f"object {format_hash(self.digest)}: content does not match its "
+                             "hash (corrupt or forged)")
+        self._batch.pending.append((self._tmp, self.digest))
+
+    def abort(self) -> None:
+        """Drop the partial object."""
+        if not self._file.closed:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+
+class Batch:
+    """Objects written together and made durable by one filesystem sync."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.pending: list[tuple[str, bytes]] = []
+
+    def begin(self, digest: bytes, size: int) -> ObjectWriter:
+        """Start writing one object whose hash and size are declared up front."""
+        check_hash(digest)
+        if size <= 0:
+            raise FleetError("empty files are not objects")
+        return ObjectWriter(self, digest, size)
+
+    def commit(self) -> int:
+        """Sync, then rename every verified object into place; returns how many."""
+        if not self.pending:
+            return 0
+        if self.store.durable:
+            sync_filesystem(self.store.tmp_dir)
+        for tmp, digest in self.pending:
+            final = self.store.path_of(digest)
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(tmp, final)
+        count = len(self.pending)
+        self.pending.clear()
+        if self.store.durable:
+            sync_filesystem(self.store.tmp_dir)
+        return count
+
+    def abort(self) -> None:
+        """Forget every uncommitted object."""
+        for tmp, _ in self.pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.pending.clear()
+
+
+class ObjectStore:
+    """A folder of objects named by content hash. A store that is not `durable`
+    (a scratch area emptied by its user) skips the syncs but keeps the renames,
+    which still protect against a killed process, though not a power cut."""
+
+    def __init__(self, root: Path, durable: bool = True) -> None:
+        self.root = Path(root)
+        self.durable = durable
+        self.tmp_dir = self.root / TMP_DIR
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def recover(self) -> int:
+        """Remove temporary files a killed process left behind; returns how many."""
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        if removed:
+            log.info("removed %d partial object(s) left by an interrupted write", removed)
+        return removed
+
+    def path_of(self, digest: bytes) -> Path:
+        """Where the object with this hash lives."""
+        hexa = check_hash(digest).hex()
+        return self.root / hexa[:2] / hexa[2:4] / hexa[4:]
+
+    def size_of(self, digest: bytes) -> int | None:
+        """Size of a stored object, or None when absent."""
+        try:
+            return os.stat(self.path_of(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def has(self, digest: bytes) -> bool:
+        """Whether the object is stored."""
+        return self.size_of(digest) is not None
+
+    def open(self, digest: bytes) -> BinaryIO:
+        """Open a stored object for reading; FleetError when absent."""
+        try:
+            return open(self.path_of(digest), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"object {format_hash(digest)} is not stored") from None
+
+    def batch(self) -> Batch:
+        """A new batch of objects to write."""
+        return Batch(self)
+
+    def add_bytes(self, data: bytes) -> bytes:
+        """Store `data` (non-empty) and return its hash; for small objects and tests."""
+        digest = hashlib.sha256(data).digest()
+        if not self.has(digest):
+            batch = self.batch()
+            writer = batch.begin(digest, len(data))
+            writer.write(data)
+            writer.finish()
+            batch.commit()
+        return digest
+
+    def remove(self, digest: bytes) -> int:
+        """Delete an object; returns the bytes freed (0 when it was absent)."""
+        path = self.path_of(digest)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Every stored object's hash."""
+        for top in os.scandir(self.root):
+            if len(top.name) != 2 or not top.is_dir(follow_symlinks=False):
+                continue
+            for mid in os.scandir(top.path):
+                for leaf in os.scandir(mid.path):
+                    hexa = top.name + mid.name + leaf.name
+                    if len(hexa) == 2 * HASH_SIZE:
+                        try:
+                            yield bytes.fromhex(hexa)
+                        except ValueError:
+                            continue

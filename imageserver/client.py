@@ -1,0 +1,118 @@
+"""A synchronous client of the image server: what the CLI, subd and the dominator
+use to check, upload and fetch objects and to add, read and delete images."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Collection, Iterator
+
+from fstree.codec import image_from_proto, image_to_proto
+from fstree.image import Image
+from fstree.objectstore import ObjectStore
+from fstree.source import Source
+from proto import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
+from rpc.chunks import join_chunks, split_message
+from rpc.objects import ObjectReceiver, ReceiveStats, object_chunks
+from rpc.tls import Security, open_channel, parse_address
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 6971
+CHECK_BATCH = 16384
+UPLOAD_STREAMS = 4
+
+Progress = Callable[[int], None]
+
+
+class ImageServerClient:
+    """One connection to an image server."""
+
+    def __init__(self, address: str, security: Security) -> None:
+        self.address = parse_address(address, DEFAULT_PORT)
+        self.channel = open_channel(self.address, security, "imageserver")
+        self.images = imageserver_pb2_grpc.ImageServerStub(self.channel)
+        self.objects = objectserver_pb2_grpc.ObjectServerStub(self.channel)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.channel.close()
+
+    def __enter__(self) -> ImageServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def missing(self, wanted: dict[bytes, int]) -> dict[bytes, int]:
+        """The subset of `wanted` (hash -> size) the server does not hold."""
+        hashes = list(wanted)
+        absent: dict[bytes, int] = {}
+        for start in range(0, len(hashes), CHECK_BATCH):
+            batch = hashes[start:start + CHECK_BATCH]
+            reply = self.objects.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=batch))
+            absent.update((h, wanted[h]) for h, ok in zip(batch, reply.present, strict=True)
+                          if not ok)
+        return absent
+
+    def upload(self, source: Source, wanted: Collection[bytes],
+               progress: Progress | None = None, streams: int = UPLOAD_STREAMS) -> int:
+        """Send the wanted objects of `source`, over several streams at once when the
+        source allows it; returns the number of objects the server added."""
+        items = source.iter_objects(wanted)
+        lock = threading.Lock()
+
+        def requests() -> Iterator[objectserver_pb2.ObjectChunk]:
+            while True:
+                with lock:
+                    item = next(items, None)
+                if item is None:
+                    return
+                digest, size, opener = item
+                with opener() as reader:  # a sequential source waits here: one stream
+                    for piece in object_chunks(digest, size, reader):
+                        if progress:
+                            progress(len(piece.data))
+                        yield piece
+
+        calls = [self.objects.AddObjects.future(requests())
+                 for _ in range(streams if source.parallel else 1)]
+        return sum(call.result().added for call in calls)
+
+    def fetch(self, hashes: list[bytes], store: ObjectStore,
+              progress: Progress | None = None) -> ReceiveStats:
+        """Download objects into `store`, verifying every one."""
+        receiver = ObjectReceiver(store)
+        try:
+            for chunk in self.objects.GetObjects(objectserver_pb2.GetObjectsRequest(hashes=hashes)):
+                receiver.feed(chunk)
+                if progress:
+                    progress(len(chunk.data))
+            receiver.close()
+        finally:
+            receiver.close(strict=False)
+        return receiver.stats
+
+    def add_image(self, image: Image) -> None:
+        """Store an image whose objects the server already holds."""
+        data = image_to_proto(image).SerializeToString()
+        self.images.AddImage(split_message(data))
+
+    def get_image(self, name: str) -> Image:
+        """Read and validate an image."""
+        chunks = self.images.GetImage(imageserver_pb2.GetImageRequest(name=name))
+        return image_from_proto(imageserver_pb2.Image.FromString(join_chunks(chunks)))
+
+    def list_images(self, prefix: str = "") -> list[imageserver_pb2.ImageSummary]:
+        """Summaries of the images whose names start with `prefix`."""
+        return list(self.images.ListImages(
+            imageserver_pb2.ListImagesRequest(prefix=prefix)).images)
+
+    def delete_image(self, name: str) -> imageserver_pb2.DeleteImageResponse:
+        """Delete an image; the server frees objects no other image needs."""
+        return self.images.DeleteImage(imageserver_pb2.DeleteImageRequest(name=name))
+
+    def image_exists(self, name: str) -> bool:
+        """Whether the server holds an image of that name."""
+        return self.images.CheckImage(imageserver_pb2.CheckImageRequest(name=name)).exists
+

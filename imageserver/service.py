@@ -1,0 +1,154 @@
+"""The ObjectServer and ImageServer gRPC services over an ImageStore."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import zstandard
+from google.protobuf.message import DecodeError
+
+from fstree.codec import image_from_proto
+from fstree.errors import FleetError
+from fstree.hashing import check_hash
+from imageserver.store import ImageStore
+from proto import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
+from proto.tree_pb2 import Chunk
+from rpc.chunks import join_chunks_async, split_message
+from rpc.objects import ObjectReceiver, object_chunks
+from rpc.status import abort
+
+log = logging.getLogger(__name__)
+
+MAX_HASHES_PER_REQUEST = 1 << 20
+
+
+def _check_hashes(hashes: list[bytes]) -> None:
+    if len(hashes) > MAX_HASHES_PER_REQUEST:
+        raise FleetError(f"too many hashes in one request ({len(hashes)})")
+    for digest in hashes:
+        check_hash(digest)
+
+
+class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
+    """Receives verified objects and serves them back."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+
+    async def AddObjects(self, request_iterator: AsyncIterator[objectserver_pb2.ObjectChunk],
+                         context: grpc.aio.ServicerContext) -> objectserver_pb2.AddObjectsResponse:
+        receiver = ObjectReceiver(self.store.objects)
+        try:
+            async for chunk in request_iterator:
+                receiver.feed(chunk)
+            receiver.close()
+        except FleetError as err:
+            await abort(context, err)
+        finally:
+            receiver.close(strict=False)  # keep what arrived whole: a retry resumes
+        stats = receiver.stats
+        return objectserver_pb2.AddObjectsResponse(
+            added=stats.added, already_present=stats.already_present,
+            bytes_added=stats.bytes_added)
+
+    async def CheckObjects(self, request: objectserver_pb2.CheckObjectsRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> objectserver_pb2.CheckObjectsResponse:
+        try:
+            _check_hashes(request.hashes)
+        except FleetError as err:
+            await abort(context, err)
+        sizes = [self.store.objects.size_of(digest) or 0 for digest in request.hashes]
+        return objectserver_pb2.CheckObjectsResponse(
+            present=[size > 0 for size in sizes], sizes=sizes)
+
+    async def GetObjects(self, request: objectserver_pb2.GetObjectsRequest,
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[objectserver_pb2.ObjectChunk]:
+        try:
+            _check_hashes(request.hashes)
+        except FleetError as err:
+            await abort(context, err)
+        compressor = zstandard.ZstdCompressor(level=3) if request.compress else None
+        for digest in request.hashes:
+            try:
+                reader = self.store.objects.open(digest)
+            except FleetError as err:
+                await abort(context, err)
+            with reader:
+                size = self.store.objects.size_of(digest) or 0
+                for chunk in object_chunks(digest, size, reader, compressor):
+                    yield chunk
+
+
+class ImageService(imageserver_pb2_grpc.ImageServerServicer):
+    """Adds, lists, serves, deletes and announces images."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+
+    async def AddImage(self, request_iterator: AsyncIterator[Chunk],
+                       context: grpc.aio.ServicerContext) -> imageserver_pb2.AddImageResponse:
+        try:
+            data = await join_chunks_async(request_iterator)
+            image = image_from_proto(imageserver_pb2.Image.FromString(data))
+            self.store.add(image)
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed image message")
+        except FleetError as err:
+            await abort(context, err)
+        return imageserver_pb2.AddImageResponse(name=image.name)
+
+    async def GetImage(self, request: imageserver_pb2.GetImageRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
+        try:
+            data = self.store.read(request.name)
+        except FleetError as err:
+            await abort(context, err)
+        for chunk in split_message(data):
+            yield chunk
+
+    async def ListImages(self, request: imageserver_pb2.ListImagesRequest,
+                         context: grpc.aio.ServicerContext
+                         ) -> imageserver_pb2.ListImagesResponse:
+        return imageserver_pb2.ListImagesResponse(
+            images=[info.summary() for info in self.store.list(request.prefix)])
+
+    async def DeleteImage(self, request: imageserver_pb2.DeleteImageRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> imageserver_pb2.DeleteImageResponse:
+        try:
+            freed, freed_bytes = self.store.delete(request.name)
+        except FleetError as err:
+            await abort(context, err)
+        return imageserver_pb2.DeleteImageResponse(objects_freed=freed, bytes_freed=freed_bytes)
+
+    async def CheckImage(self, request: imageserver_pb2.CheckImageRequest,
+                         context: grpc.aio.ServicerContext
+                         ) -> imageserver_pb2.CheckImageResponse:
+        return imageserver_pb2.CheckImageResponse(exists=request.name in self.store.images)
+
+    async def WatchImages(self, request: imageserver_pb2.WatchImagesRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[imageserver_pb2.ImageEvent]:
+        queue = self.store.watch()
+        try:
+            if request.include_existing:
+                for name in sorted(self.store.images):
+                    yield imageserver_pb2.ImageEvent(
+                        kind=imageserver_pb2.ImageEvent.ADDED, name=name)
+            while True:
+                yield await queue.get()
+        finally:
+            self.store.unwatch(queue)
+
+
+async def expire_images(store: ImageStore, interval: float = 60.0) -> None:
+    """Delete expired images every `interval` seconds, for the server's lifetime."""
+    while True:
+        for name in store.expire():
+            log.info("image %s expired", name)
+        await asyncio.sleep(interval)

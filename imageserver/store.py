@@ -1,0 +1,177 @@
+"""The image server's state: images (immutable, crash-safe files) and the objects
+they reference, with reference counts so deleting an image frees exactly the
+objects no other image needs.
+
+Layout under the state directory:
+  objects/ab/cd/<hex>         content (fstree.objectstore)
+  images/<name>/.image        one serialized `fleet.Image` per image; names may
+                              hold `/` (image streams), and no name component
+                              starts with ".", so no image file collides with a
+                              stream's folder
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from fstree.codec import image_from_proto, image_to_proto
+from fstree.errors import ExistsError, FleetError, NotFoundError, PreconditionError
+from fstree.hashing import format_hash
+from fstree.image import Image, check_image_name
+from fstree.objectstore import ObjectStore, fsync_directory, write_file_atomically
+from proto import imageserver_pb2
+
+log = logging.getLogger(__name__)
+
+IMAGE_FILE = ".image"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the server keeps in memory per image (the tree stays on disk)."""
+
+    name: str
+    created_unix: int
+    expires_unix: int
+    inodes: int
+    total_bytes: int
+    objects: frozenset[bytes]
+
+    def summary(self) -> imageserver_pb2.ImageSummary:
+        """The wire summary for ListImages."""
+        return imageserver_pb2.ImageSummary(
+            name=self.name, created_unix=self.created_unix, expires_unix=self.expires_unix,
+            inodes=self.inodes, total_bytes=self.total_bytes)
+
+
+def _info(image: Image) -> ImageInfo:
+    return ImageInfo(image.name, image.created_unix, image.expires_unix,
+                     len(image.tree.inodes), image.tree.total_bytes(),
+                     frozenset(image.tree.object_sizes()))
+
+
+class ImageStore:
+    """Images and objects of one image server."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.objects = ObjectStore(self.state_dir / "objects")
+        self.images_dir = self.state_dir / "images"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.images: dict[str, ImageInfo] = {}
+        self.refcounts: Counter[bytes] = Counter()
+        self._watchers: set[asyncio.Queue[imageserver_pb2.ImageEvent]] = set()
+
+    def load(self) -> None:
+        """Recover from any crash and load every stored image."""
+        self.objects.recover()
+        for path in sorted(self.images_dir.rglob("*")):
+            if path.name.startswith(".tmp."):
+                path.unlink()  # an image write that never reached its rename
+                continue
+            if path.name != IMAGE_FILE or not path.is_file():
+                continue
+            try:
+                image = image_from_proto(imageserver_pb2.Image.FromString(path.read_bytes()))
+            except Exception as err:  # noqa: BLE001 - one bad file must not stop the server
+                log.error("skipping unreadable image file %s: %s", path, err)
+                continue
+            self._remember(_info(image))
+        log.info("loaded %d image(s) referencing %d object(s)", len(self.images),
+                 len(self.refcounts))
+
+    def _path(self, name: str) -> Path:
+        return self.images_dir / check_image_name(name) / IMAGE_FILE
+
+    def _remember(self, info: ImageInfo) -> None:
+        self.images[info.name] = info
+        self.refcounts.update(info.objects)
+
+    def add(self, image: Image) -> None:
+        """Store a new image; refused when the name exists or an object is missing."""
+        if image.name in self.images:
+            raise ExistsError(f"image {image.name} already exists (images are immutable)")
+        missing = [digest for digest in image.tree.object_sizes()
+                   if not self.objects.has(digest)]
+        if missing:
+            raise PreconditionError(f"image {image.name} names {len(missing)} object(s) the server "
+                             f"does not hold, e.g. {format_hash(missing[0])}")
+        for computed in image.computed_files:
+            if image.tree.lookup(computed.path) is None:
+                raise FleetError(f"image {image.name}: computed file {computed.path} is not in "
+                                 "the tree")
+        if not image.created_unix:
+            image.created_unix = int(time.time())
+        write_file_atomically(self._path(image.name),
+                              image_to_proto(image).SerializeToString(deterministic=True))
+        self._remember(_info(image))
+        self._notify(imageserver_pb2.ImageEvent.ADDED, image.name)
+        log.info("added image %s", image.name)
+
+    def read(self, name: str) -> bytes:
+        """The serialized image; FleetError when unknown."""
+        if name not in self.images:
+            raise NotFoundError(f"unknown image {name}")
+        return self._path(name).read_bytes()
+
+    def delete(self, name: str) -> tuple[int, int]:
+        """Delete an image and the objects only it referenced: (objects, bytes) freed."""
+        info = self.images.get(name)
+        if info is None:
+            raise NotFoundError(f"unknown image {name}")
+        path = self._path(name)
+        os.unlink(path)
+        fsync_directory(path.parent)
+        del self.images[name]
+        self.refcounts.subtract(info.objects)
+        freed = freed_bytes = 0
+        for digest in info.objects:
+            if self.refcounts[digest] <= 0:
+                del self.refcounts[digest]
+                freed_bytes += self.objects.remove(digest)
+                freed += 1
+        self._remove_empty_parents(path.parent)
+        self._notify(imageserver_pb2.ImageEvent.DELETED, name)
+        log.info("deleted image %s, freeing %d object(s), %d bytes", name, freed, freed_bytes)
+        return freed, freed_bytes
+
+    def _remove_empty_parents(self, folder: Path) -> None:
+        while folder != self.images_dir:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Delete every image whose expiry time has passed; returns their names."""
+        now = time.time() if now is None else now
+        expired = [i.name for i in self.images.values() if i.expires_unix and i.expires_unix <= now]
+        for name in expired:
+            self.delete(name)
+        return expired
+
+    def list(self, prefix: str = "") -> list[ImageInfo]:
+        """Images whose names start with `prefix`, sorted by name."""
+        return [self.images[n] for n in sorted(self.images) if n.startswith(prefix)]
+
+    def watch(self) -> asyncio.Queue[imageserver_pb2.ImageEvent]:
+        """A queue that receives every later add and delete."""
+        queue: asyncio.Queue[imageserver_pb2.ImageEvent] = asyncio.Queue()
+        self._watchers.add(queue)
+        return queue
+
+    def unwatch(self, queue: asyncio.Queue[imageserver_pb2.ImageEvent]) -> None:
+        """Stop delivering events to `queue`."""
+        self._watchers.discard(queue)
+
+    def _notify(self, kind: int, name: str) -> None:
+        event = imageserver_pb2.ImageEvent(kind=kind, name=name)
+        for queue in self._watchers:
+            queue.put_nowait(event)
