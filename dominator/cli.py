@@ -25,3 +25,7 @@ cli.add_command(certs)
 def main() -> None:
     """Console entry point."""
     run(cli)
+
+
+if __name__ == "__main__":
+    main()

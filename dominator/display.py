@@ -29,6 +29,9 @@ def echo_json(data: object) -> None:
 def progress_bar(total: int, label: str) -> Iterator[Callable[[int], None]]:
     """A byte-counting progress bar on stderr, safe to advance from several threads;
     it draws only on a terminal."""
+    if not sys.stderr.isatty():
+        yield lambda count: None
+        return
     lock = threading.Lock()
     with click.progressbar(length=max(total, 1), label=label, file=sys.stderr,
                            show_pos=False, show_percent=True, show_eta=True) as bar:

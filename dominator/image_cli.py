@@ -185,7 +185,7 @@ def get_command(name: str, directory: Path, imageserver: str, security: Security
     mtimes, extended attributes, hard links, symlinks and device nodes."""
     check_empty_destination(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    scratch = ObjectStore(directory / GET_SCRATCH, durable=False)
+    scratch = ObjectStore(directory / GET_SCRATCH, scratch=True)
     try:
         with ImageServerClient(imageserver, security) as client:
             img = client.get_image(name)

@@ -131,12 +131,7 @@ class Batch:
         if self.store.durable:
             sync_filesystem(self.store.tmp_dir)
         for tmp, digest in self.pending:
-            final = self.store.path_of(digest)
-            try:
-                os.rename(tmp, final)
-            except FileNotFoundError:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(tmp, final)
+            os.rename(tmp, self.store.path_for_writing(digest))
         count = len(self.pending)
         self.pending.clear()
         if self.store.durable:
@@ -152,15 +147,21 @@ class Batch:
 
 
 class ObjectStore:
-    """A folder of objects named by content hash. A store that is not `durable`
-    (a scratch area emptied by its user) skips the syncs but keeps the renames,
-    which still protect against a killed process, though not a power cut."""
+    """A folder of objects named by content hash.
 
-    def __init__(self, root: Path, durable: bool = True) -> None:
+    A `scratch` store (a staging area its user empties, such as `image get`'s)
+    keeps objects flat in one folder and skips the syncs; its renames still
+    protect against a killed process, though not against a power cut.
+    """
+
+    def __init__(self, root: Path, scratch: bool = False) -> None:
         self.root = Path(root)
-        self.durable = durable
+        self.durable = not scratch
+        self._fanout = not scratch
         self.tmp_dir = self.root / TMP_DIR
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._prefix = os.fspath(self.root) + "/"
+        self._folders: set[str] = set()
 
     def recover(self) -> int:
         """Remove temporary files a killed process left behind; returns how many."""
@@ -173,10 +174,21 @@ class ObjectStore:
             log.info("removed %d partial object(s) left by an interrupted write", removed)
         return removed
 
-    def path_of(self, digest: bytes) -> Path:
+    def path_of(self, digest: bytes) -> str:
         """Where the object with this hash lives."""
         hexa = check_hash(digest).hex()
-        return self.root / hexa[:2] / hexa[2:4] / hexa[4:]
+        if not self._fanout:
+            return self._prefix + hexa
+        return f"{self._prefix}{hexa[:2]}/{hexa[2:4]}/{hexa[4:]}"
+
+    def path_for_writing(self, digest: bytes) -> str:
+        """`path_of`, with its folders made if needed."""
+        path = self.path_of(digest)
+        folder = path[:len(self._prefix) + 5]
+        if self._fanout and folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        return path
 
     def size_of(self, digest: bytes) -> int | None:
         """Size of a stored object, or None when absent."""

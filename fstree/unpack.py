@@ -75,22 +75,23 @@ def make_node(path: str, inode: Inode) -> None:
 
 
 def stage_regular(store: ObjectStore, inode: Inode, consume: bool) -> str:
-    """A complete temporary file (in the store's scratch folder, on the final
-    filesystem) holding the inode's content, ready to be renamed into place.
-    `consume` moves the object out of the store instead of copying it."""
+    """A complete file on the final filesystem holding the inode's content, ready
+    to be renamed into place: the object itself when `consume` (its last use),
+    else a copy of it in the store's scratch folder."""
+    if consume:
+        path = store.path_of(inode.hash)
+        if not os.path.exists(path):
+            raise FleetError(f"object for a {inode.size}-byte file is not in the cache")
+        return path
     fd, tmp = tempfile.mkstemp(dir=store.tmp_dir)
     os.close(fd)
-    if not inode.size:
-        return tmp
-    source = store.path_of(inode.hash)
-    try:
-        if consume:
-            os.rename(source, tmp)
-        else:
-            shutil.copyfile(source, tmp)
-    except FileNotFoundError:
-        os.unlink(tmp)
-        raise FleetError(f"object for a {inode.size}-byte file is not in the cache") from None
+    if inode.size:
+        try:
+            shutil.copyfile(store.path_of(inode.hash), tmp)
+        except FileNotFoundError:
+            os.unlink(tmp)
+            raise FleetError(f"object for a {inode.size}-byte file is not in the cache") \
+                from None
     return tmp
 
 

@@ -13,7 +13,7 @@ from fstree.objectstore import ObjectStore
 from fstree.source import Source
 from proto import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
 from rpc.chunks import join_chunks, split_message
-from rpc.objects import ObjectReceiver, ReceiveStats, object_chunks
+from rpc.objects import ObjectReceiver, ReceiveStats, object_chunks, pack
 from rpc.tls import Security, open_channel, parse_address
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class ImageServerClient:
         items = source.iter_objects(wanted)
         lock = threading.Lock()
 
-        def requests() -> Iterator[objectserver_pb2.ObjectChunk]:
+        def pieces() -> Iterator[objectserver_pb2.ObjectChunk]:
             while True:
                 with lock:
                     item = next(items, None)
@@ -75,7 +75,7 @@ class ImageServerClient:
                             progress(len(piece.data))
                         yield piece
 
-        calls = [self.objects.AddObjects.future(requests())
+        calls = [self.objects.AddObjects.future(pack(pieces()))
                  for _ in range(streams if source.parallel else 1)]
         return sum(call.result().added for call in calls)
 
@@ -84,10 +84,11 @@ class ImageServerClient:
         """Download objects into `store`, verifying every one."""
         receiver = ObjectReceiver(store)
         try:
-            for chunk in self.objects.GetObjects(objectserver_pb2.GetObjectsRequest(hashes=hashes)):
-                receiver.feed(chunk)
+            request = objectserver_pb2.GetObjectsRequest(hashes=hashes)
+            for message in self.objects.GetObjects(request):
+                receiver.feed_message(message)
                 if progress:
-                    progress(len(chunk.data))
+                    progress(sum(len(chunk.data) for chunk in message.chunks))
             receiver.close()
         finally:
             receiver.close(strict=False)

@@ -61,3 +61,7 @@ def command(state_dir: Path, port: int, host: str, verbose: bool, security: Secu
 def main() -> None:
     """Console entry point."""
     run(command)
+
+
+if __name__ == "__main__":
+    main()

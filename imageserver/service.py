@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import zstandard
 from google.protobuf.message import DecodeError
 
 from fstree.codec import image_from_proto
-from fstree.errors import FleetError
-from fstree.hashing import check_hash
+from fstree.errors import FleetError, NotFoundError
+from fstree.hashing import check_hash, format_hash
 from imageserver.store import ImageStore
 from proto import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
 from proto.tree_pb2 import Chunk
 from rpc.chunks import join_chunks_async, split_message
-from rpc.objects import ObjectReceiver, object_chunks
+from rpc.objects import ObjectReceiver, object_chunks, pack
 from rpc.status import abort
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,12 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
     def __init__(self, store: ImageStore) -> None:
         self.store = store
 
-    async def AddObjects(self, request_iterator: AsyncIterator[objectserver_pb2.ObjectChunk],
+    async def AddObjects(self, request_iterator: AsyncIterator[objectserver_pb2.ObjectChunks],
                          context: grpc.aio.ServicerContext) -> objectserver_pb2.AddObjectsResponse:
         receiver = ObjectReceiver(self.store.objects)
         try:
-            async for chunk in request_iterator:
-                receiver.feed(chunk)
+            async for message in request_iterator:
+                receiver.feed_message(message)
             receiver.close()
         except FleetError as err:
             await abort(context, err)
@@ -67,21 +68,25 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
 
     async def GetObjects(self, request: objectserver_pb2.GetObjectsRequest,
                          context: grpc.aio.ServicerContext
-                         ) -> AsyncIterator[objectserver_pb2.ObjectChunk]:
+                         ) -> AsyncIterator[objectserver_pb2.ObjectChunks]:
         try:
             _check_hashes(request.hashes)
+            missing = [d for d in request.hashes if not self.store.objects.has(d)]
+            if missing:
+                raise NotFoundError(f"{len(missing)} object(s) not stored, e.g. "
+                                    f"{format_hash(missing[0])}")
         except FleetError as err:
             await abort(context, err)
         compressor = zstandard.ZstdCompressor(level=3) if request.compress else None
-        for digest in request.hashes:
-            try:
-                reader = self.store.objects.open(digest)
-            except FleetError as err:
-                await abort(context, err)
-            with reader:
-                size = self.store.objects.size_of(digest) or 0
-                for chunk in object_chunks(digest, size, reader, compressor):
-                    yield chunk
+        for message in pack(self._pieces(request.hashes, compressor)):
+            yield message
+
+    def _pieces(self, hashes: list[bytes], compressor: zstandard.ZstdCompressor | None
+                ) -> Iterator[objectserver_pb2.ObjectChunk]:
+        for digest in hashes:
+            with self.store.objects.open(digest) as reader:
+                size = os.fstat(reader.fileno()).st_size
+                yield from object_chunks(digest, size, reader, compressor)
 
 
 class ImageService(imageserver_pb2_grpc.ImageServerServicer):

@@ -24,25 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/objectserver.proto\x12\x05\x66leet\"`\n\x0bObjectChunk\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\'\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x12.fleet.Compression\"Q\n\x12\x41\x64\x64ObjectsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_added\x18\x03 \x01(\x04\"%\n\x13\x43heckObjectsRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"6\n\x14\x43heckObjectsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\r\n\x05sizes\x18\x02 \x03(\x04\"5\n\x11GetObjectsRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x10\n\x08\x63ompress\x18\x02 \x01(\x08*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xd4\x01\n\x0cObjectServer\x12=\n\nAddObjects\x12\x12.fleet.ObjectChunk\x1a\x19.fleet.AddObjectsResponse(\x01\x12G\n\x0c\x43heckObjects\x12\x1a.fleet.CheckObjectsRequest\x1a\x1b.fleet.CheckObjectsResponse\x12<\n\nGetObjects\x12\x18.fleet.GetObjectsRequest\x1a\x12.fleet.ObjectChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/objectserver.proto\x12\x05\x66leet\"`\n\x0bObjectChunk\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\'\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x12.fleet.Compression\"2\n\x0cObjectChunks\x12\"\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x12.fleet.ObjectChunk\"Q\n\x12\x41\x64\x64ObjectsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_added\x18\x03 \x01(\x04\"%\n\x13\x43heckObjectsRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"6\n\x14\x43heckObjectsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\r\n\x05sizes\x18\x02 \x03(\x04\"5\n\x11GetObjectsRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x10\n\x08\x63ompress\x18\x02 \x01(\x08*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xd6\x01\n\x0cObjectServer\x12>\n\nAddObjects\x12\x13.fleet.ObjectChunks\x1a\x19.fleet.AddObjectsResponse(\x01\x12G\n\x0c\x43heckObjects\x12\x1a.fleet.CheckObjectsRequest\x1a\x1b.fleet.CheckObjectsResponse\x12=\n\nGetObjects\x12\x18.fleet.GetObjectsRequest\x1a\x13.fleet.ObjectChunks0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.objectserver_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=366
-  _globals['_COMPRESSION']._serialized_end=423
+  _globals['_COMPRESSION']._serialized_start=418
+  _globals['_COMPRESSION']._serialized_end=475
   _globals['_OBJECTCHUNK']._serialized_start=35
   _globals['_OBJECTCHUNK']._serialized_end=131
-  _globals['_ADDOBJECTSRESPONSE']._serialized_start=133
-  _globals['_ADDOBJECTSRESPONSE']._serialized_end=214
-  _globals['_CHECKOBJECTSREQUEST']._serialized_start=216
-  _globals['_CHECKOBJECTSREQUEST']._serialized_end=253
-  _globals['_CHECKOBJECTSRESPONSE']._serialized_start=255
-  _globals['_CHECKOBJECTSRESPONSE']._serialized_end=309
-  _globals['_GETOBJECTSREQUEST']._serialized_start=311
-  _globals['_GETOBJECTSREQUEST']._serialized_end=364
-  _globals['_OBJECTSERVER']._serialized_start=426
-  _globals['_OBJECTSERVER']._serialized_end=638
+  _globals['_OBJECTCHUNKS']._serialized_start=133
+  _globals['_OBJECTCHUNKS']._serialized_end=183
+  _globals['_ADDOBJECTSRESPONSE']._serialized_start=185
+  _globals['_ADDOBJECTSRESPONSE']._serialized_end=266
+  _globals['_CHECKOBJECTSREQUEST']._serialized_start=268
+  _globals['_CHECKOBJECTSREQUEST']._serialized_end=305
+  _globals['_CHECKOBJECTSRESPONSE']._serialized_start=307
+  _globals['_CHECKOBJECTSRESPONSE']._serialized_end=361
+  _globals['_GETOBJECTSREQUEST']._serialized_start=363
+  _globals['_GETOBJECTSREQUEST']._serialized_end=416
+  _globals['_OBJECTSERVER']._serialized_start=478
+  _globals['_OBJECTSERVER']._serialized_end=692
 # @@protoc_insertion_point(module_scope)

@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -25,6 +25,12 @@ class ObjectChunk(_message.Message):
     data: bytes
     compression: Compression
     def __init__(self, hash: _Optional[bytes] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+
+class ObjectChunks(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[ObjectChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[ObjectChunk, _Mapping]]] = ...) -> None: ...
 
 class AddObjectsResponse(_message.Message):
     __slots__ = ("added", "already_present", "bytes_added")

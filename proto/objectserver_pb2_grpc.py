@@ -36,7 +36,7 @@ class ObjectServerStub:
         """
         self.AddObjects = channel.stream_unary(
                 '/fleet.ObjectServer/AddObjects',
-                request_serializer=proto_dot_objectserver__pb2.ObjectChunk.SerializeToString,
+                request_serializer=proto_dot_objectserver__pb2.ObjectChunks.SerializeToString,
                 response_deserializer=proto_dot_objectserver__pb2.AddObjectsResponse.FromString,
                 _registered_method=True)
         self.CheckObjects = channel.unary_unary(
@@ -47,7 +47,7 @@ class ObjectServerStub:
         self.GetObjects = channel.unary_stream(
                 '/fleet.ObjectServer/GetObjects',
                 request_serializer=proto_dot_objectserver__pb2.GetObjectsRequest.SerializeToString,
-                response_deserializer=proto_dot_objectserver__pb2.ObjectChunk.FromString,
+                response_deserializer=proto_dot_objectserver__pb2.ObjectChunks.FromString,
                 _registered_method=True)
 
 
@@ -77,7 +77,7 @@ def add_ObjectServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'AddObjects': grpc.stream_unary_rpc_method_handler(
                     servicer.AddObjects,
-                    request_deserializer=proto_dot_objectserver__pb2.ObjectChunk.FromString,
+                    request_deserializer=proto_dot_objectserver__pb2.ObjectChunks.FromString,
                     response_serializer=proto_dot_objectserver__pb2.AddObjectsResponse.SerializeToString,
             ),
             'CheckObjects': grpc.unary_unary_rpc_method_handler(
@@ -88,7 +88,7 @@ def add_ObjectServerServicer_to_server(servicer, server):
             'GetObjects': grpc.unary_stream_rpc_method_handler(
                     servicer.GetObjects,
                     request_deserializer=proto_dot_objectserver__pb2.GetObjectsRequest.FromString,
-                    response_serializer=proto_dot_objectserver__pb2.ObjectChunk.SerializeToString,
+                    response_serializer=proto_dot_objectserver__pb2.ObjectChunks.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,7 +116,7 @@ class ObjectServer:
             request_iterator,
             target,
             '/fleet.ObjectServer/AddObjects',
-            proto_dot_objectserver__pb2.ObjectChunk.SerializeToString,
+            proto_dot_objectserver__pb2.ObjectChunks.SerializeToString,
             proto_dot_objectserver__pb2.AddObjectsResponse.FromString,
             options,
             channel_credentials,
@@ -171,7 +171,7 @@ class ObjectServer:
             target,
             '/fleet.ObjectServer/GetObjects',
             proto_dot_objectserver__pb2.GetObjectsRequest.SerializeToString,
-            proto_dot_objectserver__pb2.ObjectChunk.FromString,
+            proto_dot_objectserver__pb2.ObjectChunks.FromString,
             options,
             channel_credentials,
             insecure,

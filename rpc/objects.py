@@ -6,7 +6,7 @@ GetObjects use these two halves."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -50,6 +50,21 @@ def object_chunks(digest: bytes, size: int, reader: BinaryIO,
             yield objectserver_pb2.ObjectChunk(data=data, compression=compression)
 
 
+def pack(chunks: Iterable[objectserver_pb2.ObjectChunk]
+         ) -> Iterator[objectserver_pb2.ObjectChunks]:
+    """Group consecutive pieces into messages of about PIECE_SIZE bytes of data."""
+    batch: list[objectserver_pb2.ObjectChunk] = []
+    size = 0
+    for chunk in chunks:
+        if batch and size + len(chunk.data) > PIECE_SIZE:
+            yield objectserver_pb2.ObjectChunks(chunks=batch)
+            batch, size = [], 0
+        batch.append(chunk)
+        size += len(chunk.data)
+    if batch:
+        yield objectserver_pb2.ObjectChunks(chunks=batch)
+
+
 @dataclass
 class ReceiveStats:
     """What a receiver did with an object stream."""
@@ -78,6 +93,11 @@ class ObjectReceiver:
         self._remaining = 0
         self._size = 0
         self._decompressor = zstandard.ZstdDecompressor()
+
+    def feed_message(self, message: objectserver_pb2.ObjectChunks) -> None:
+        """Take every piece of one stream message."""
+        for chunk in message.chunks:
+            self.feed(chunk)
 
     def feed(self, chunk: objectserver_pb2.ObjectChunk) -> bytes | None:
         """Take one piece; returns the hash of an object it completed, else None."""
