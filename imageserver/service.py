@@ -151,7 +151,7 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
             self.store.unwatch(queue)
 
 
-async def expire_images(store: ImageStore, interval: float = 60.0) -> None:
+async def expire_images(store: ImageStore, interval: float = 1.0) -> None:
     """Delete expired images every `interval` seconds, for the server's lifetime."""
     while True:
         for name in store.expire():

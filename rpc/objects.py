@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 PIECE_SIZE = 1 << 20
 ZSTD = objectserver_pb2.COMPRESSION_ZSTD
 NONE = objectserver_pb2.COMPRESSION_NONE
-BATCH_BYTES = 256 << 20
-BATCH_OBJECTS = 4096
+BATCH_BYTES = 16 << 20
+BATCH_OBJECTS = 1024
 
 
 def object_chunks(digest: bytes, size: int, reader: BinaryIO,

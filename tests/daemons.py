@@ -1,0 +1,126 @@
+"""Real daemons and real CLI runs for integration tests: each daemon is started
+as its own process on a loopback port, exactly as an operator would run it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rpc.tls import Security, open_channel
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(address: str, security: Security, role: str, timeout: float = 20.0) -> None:
+    """Block until the server at `address` answers a standard health check."""
+    deadline = time.monotonic() + timeout
+    while True:
+        channel = open_channel(address, security, role)
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        finally:
+            channel.close()
+
+
+@dataclass
+class Daemon:
+    """One daemon process started from its console entry module."""
+
+    module: str
+    args: list[str]
+    role: str
+    port: int
+    security: Security
+    log_path: Path
+    state_dir: Path | None = None
+    process: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT to reach it."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Daemon:
+        """Start the process and wait until it is healthy."""
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
+            env={**os.environ, **self.env})
+        log.close()
+        try:
+            wait_healthy(self.address, self.security, self.role)
+        except grpc.RpcError:
+            self.stop()
+            raise RuntimeError(f"{self.module} did not start:\n{self.log()}") from None
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the crash every daemon must survive."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM), then SIGKILL if it lingers."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        """Everything the daemon printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+        check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the `dominator` CLI as a user would, capturing its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dominator.cli", *args], capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=timeout, cwd=PROJECT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dominator {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+TRACEBACK_RE = re.compile(r"Traceback \(most recent call last\)")
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """A refused command: non-zero exit, one line on stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert not TRACEBACK_RE.search(result.stderr), result.stderr
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not line.startswith("TLS is OFF")]  # --insecure's warning
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), (fragment, lines[0])

@@ -1,0 +1,17 @@
+"""The committed gRPC modules must match proto/*.proto (run `make proto`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from proto.generate import PROTO_DIR, generate
+
+
+def test_generated_modules_are_current(tmp_path: Path) -> None:
+    generate(tmp_path)
+    fresh = sorted((tmp_path / "proto").glob("*_pb2*.py*"))
+    assert fresh, "protoc produced nothing"
+    committed = sorted(PROTO_DIR.glob("*_pb2*.py*"))
+    assert [p.name for p in fresh] == [p.name for p in committed]
+    stale = [p.name for p in fresh if p.read_bytes() != (PROTO_DIR / p.name).read_bytes()]
+    assert not stale, f"stale generated modules {stale}: run `make proto` and commit"
