@@ -1,10 +1,10 @@
-# Two commands from a fresh clone: `make demo` and `make test`.
+# Two commands from a fresh clone: `make quickstart` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/*.proto)
 
-.PHONY: install demo test lint proto bench clean
+.PHONY: install quickstart test lint proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,9 +12,9 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 
-# The main job: a live fleet on this machine (grows with each component).
-demo: install
-	$(BIN)/python -m dominator.demo
+# The main job: a live system on this machine (grows with each component).
+quickstart: install
+	$(BIN)/dominator quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

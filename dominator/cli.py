@@ -6,6 +6,7 @@ import click
 
 from dominator.certs_cli import certs
 from dominator.image_cli import image
+from dominator.quickstart import quickstart
 from rpc.cli import run
 
 
@@ -20,6 +21,7 @@ def cli() -> None:
 
 cli.add_command(image)
 cli.add_command(certs)
+cli.add_command(quickstart)
 
 
 def main() -> None:
