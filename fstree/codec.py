@@ -9,7 +9,15 @@ from fstree.errors import FleetError
 from fstree.filter import Filter
 from fstree.hashing import HASH_SIZE
 from fstree.image import ComputedFile, Image, check_image_name
-from fstree.tree import DEVICE_KINDS, PERMISSION_BITS, Inode, Kind, Tree, check_name
+from fstree.tree import (
+    DEVICE_KINDS,
+    PERMISSION_BITS,
+    Inode,
+    Kind,
+    Tree,
+    check_clean_path,
+    check_name,
+)
 from fstree.triggers import make_trigger
 from proto import imageserver_pb2, tree_pb2
 
@@ -19,14 +27,7 @@ _KINDS = {kind.value: kind for kind in Kind}
 def tree_to_proto(tree: Tree) -> tree_pb2.Tree:
     """Encode a tree; entries sorted by name bytes."""
     msg = tree_pb2.Tree(root=tree.root)
-    add_inode = msg.inodes.add
-    for number, inode in tree.inodes.items():
-        add_inode(
-            number=number, kind=inode.kind, mode=inode.mode, uid=inode.uid, gid=inode.gid,
-            mtime_ns=inode.mtime_ns, size=inode.size, hash=inode.hash,
-            symlink_target=inode.target, rdev=inode.rdev,
-            xattrs=[tree_pb2.Xattr(name=n, value=v) for n, v in inode.xattrs],
-        )
+    msg.inodes.extend(inode_to_proto(number, inode) for number, inode in tree.inodes.items())
     for number in tree.children:
         entries = [tree_pb2.DirEntry(name=os.fsencode(name), inode=child)
                    for name, child in tree.entries(number)]
@@ -34,7 +35,18 @@ def tree_to_proto(tree: Tree) -> tree_pb2.Tree:
     return msg
 
 
-def _inode_from_proto(msg: tree_pb2.Inode) -> Inode:
+def inode_to_proto(number: int, inode: Inode) -> tree_pb2.Inode:
+    """Encode one inode."""
+    return tree_pb2.Inode(
+        number=number, kind=inode.kind, mode=inode.mode, uid=inode.uid, gid=inode.gid,
+        mtime_ns=inode.mtime_ns, size=inode.size, hash=inode.hash,
+        symlink_target=inode.target, rdev=inode.rdev,
+        xattrs=[tree_pb2.Xattr(name=n, value=v) for n, v in inode.xattrs],
+    )
+
+
+def inode_from_proto(msg: tree_pb2.Inode) -> Inode:
+    """Decode and validate one inode."""
     kind = _KINDS.get(msg.kind)
     where = f"inode {msg.number}"
     if kind is None:
@@ -44,8 +56,8 @@ def _inode_from_proto(msg: tree_pb2.Inode) -> Inode:
     xattrs = tuple((x.name, x.value) for x in msg.xattrs)
     if any(not name or b"\0" in name for name, _ in xattrs):
         raise FleetError(f"{where}: invalid extended attribute name")
-    if list(xattrs) != sorted(xattrs):
-        raise FleetError(f"{where}: extended attributes not sorted")
+    if any(a[0] >= b[0] for a, b in zip(xattrs, xattrs[1:], strict=False)):
+        raise FleetError(f"{where}: extended attribute names not sorted or repeated")
     if kind == Kind.REGULAR:
         if msg.size and len(msg.hash) != HASH_SIZE:
             raise FleetError(f"{where}: regular file of {msg.size} bytes with a malformed hash")
@@ -72,7 +84,7 @@ def tree_from_proto(msg: tree_pb2.Tree) -> Tree:
     for item in msg.inodes:
         if item.number == 0 or item.number in inodes:
             raise FleetError(f"tree: inode number {item.number} is zero or repeated")
-        inodes[item.number] = _inode_from_proto(item)
+        inodes[item.number] = inode_from_proto(item)
     root = inodes.get(msg.root)
     if root is None or root.kind != Kind.DIRECTORY:
         raise FleetError("tree: the root is missing or not a directory")
@@ -127,9 +139,9 @@ def image_from_proto(msg: imageserver_pb2.Image) -> Image:
         if msg.HasField("filter") else None
     triggers = [make_trigger(t.match_lines, t.service, t.do_reload, t.do_reboot, t.high_impact)
                 for t in msg.triggers]
-    computed = [ComputedFile(c.path, c.source) for c in msg.computed_files]
-    for item in computed:
-        if not item.path.startswith("/") or "\0" in item.path:
-            raise FleetError(f"image {name}: computed file path {item.path!r} is not absolute")
+    try:
+        computed = [ComputedFile(check_clean_path(c.path), c.source) for c in msg.computed_files]
+    except FleetError as err:
+        raise FleetError(f"image {name}: computed file {err}") from None
     return Image(name, tree_from_proto(msg.tree), flt, triggers, computed,
                  msg.created_unix, msg.expires_unix)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from fstree.filter import Filter, is_filtered
-from fstree.tree import Inode, Kind, Tree
+from fstree.tree import Inode, Kind, Tree, split
 
 
 class Change(enum.Enum):
@@ -99,9 +99,18 @@ def diff_trees(old: Tree, new: Tree, flt: Filter | None,
     def filtered(path: str) -> bool:
         return path != "/" and (is_filtered(flt, path) or bool(excluded and excluded(path)))
 
-    old_paths = {p: i for p, i in old.paths().items() if not filtered(p)}
-    new_walk = [(p, i, n) for p, i, n in new.walk()
-                if not filtered(p) or (n.kind == Kind.DIRECTORY and p not in old_paths)]
+    all_old = old.paths()
+    old_paths = {p: i for p, i in all_old.items() if not filtered(p)}
+    walk = list(new.walk())
+    missing_parents: set[str] = set()  # filtered folders an owned path needs made
+    for path, _, _ in walk:
+        if not filtered(path):
+            parent = split(path)[0]
+            while parent != "/" and filtered(parent) and parent not in missing_parents:
+                if parent not in all_old:
+                    missing_parents.add(parent)
+                parent = split(parent)[0]
+    new_walk = [(p, i, n) for p, i, n in walk if not filtered(p) or p in missing_parents]
     new_paths = {p: i for p, i, _ in new_walk}
     old_groups = _link_groups(old_paths, old)
     new_groups = _link_groups(new_paths, new)

@@ -11,6 +11,7 @@ deletes nothing.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,35 +21,39 @@ from fstree.tree import Kind, Tree, join
 INVERT_LINE = "!"
 
 
+def compile_patterns(lines: Iterable[tuple[str, str]]) -> tuple[re.Pattern[str], ...]:
+    """Compile (where, regex) lines one by one, so each keeps its own flags and
+    groups; FleetError naming `where` for a bad one."""
+    patterns = []
+    for where, line in lines:
+        try:
+            patterns.append(re.compile(line))
+        except (re.error, RecursionError, OverflowError) as err:
+            raise FleetError(f"{where}: invalid regex {line!r}: {err}") from None
+    return tuple(patterns)
+
+
+def match_any(patterns: tuple[re.Pattern[str], ...], path: str) -> bool:
+    """Whether any pattern matches at the start of `path` (Dominator's anchoring)."""
+    return any(pattern.match(path) for pattern in patterns)
+
+
 @dataclass(frozen=True)
 class Filter:
     """A compiled filter; `lines` are kept as written for storage and display."""
 
     lines: tuple[str, ...]
     inverted: bool
-    _regex: re.Pattern[str] | None
+    _patterns: tuple[re.Pattern[str], ...]
 
     @classmethod
     def from_lines(cls, lines: list[str] | tuple[str, ...], origin: str = "filter") -> Filter:
         """Compile filter lines; FleetError naming the line for a bad regex."""
-        kept: list[str] = []
-        inverted = False
-        for number, raw in enumerate(lines, 1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if line == INVERT_LINE:
-                inverted = True
-            kept.append(line)
-            if line != INVERT_LINE:
-                try:
-                    re.compile(line)
-                except re.error as err:
-                    raise FleetError(f"{origin} line {number}: invalid regex {line!r}: {err}") \
-                        from None
-        patterns = [line for line in kept if line != INVERT_LINE]
-        regex = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-        return cls(tuple(kept), inverted, regex)
+        numbered = [(f"{origin} line {number}", raw.rstrip("\r\n"))
+                    for number, raw in enumerate(lines, 1) if raw.strip()]
+        patterns = compile_patterns(item for item in numbered if item[1] != INVERT_LINE)
+        kept = tuple(line for _, line in numbered)
+        return cls(kept, INVERT_LINE in kept, patterns)
 
     @classmethod
     def load(cls, path: Path) -> Filter:
@@ -61,8 +66,7 @@ class Filter:
 
     def matches(self, path: str) -> bool:
         """Whether `path` is filtered (not owned by the image)."""
-        hit = self._regex is not None and self._regex.match(path) is not None
-        return hit != self.inverted
+        return match_any(self._patterns, path) != self.inverted
 
 
 EMPTY = Filter.from_lines([])
@@ -77,7 +81,7 @@ def prune(tree: Tree, flt: Filter | None) -> Tree:
     """The tree without its filtered paths. A filtered directory stays, as a bare
     parent, only when it still holds paths the filter keeps; otherwise its whole
     subtree goes. Hard links among kept paths are preserved."""
-    if flt is None or (flt._regex is None and not flt.inverted):
+    if flt is None or (not flt._patterns and not flt.inverted):
         return tree
     inodes: dict = {}
     children: dict[int, dict[str, int]] = {}

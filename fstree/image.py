@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 from fstree.errors import FleetError
 from fstree.filter import Filter
-from fstree.tree import Tree
+from fstree.tree import Tree, check_clean_path
 from fstree.triggers import Trigger
 
-NAME_COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@=,:-]*$")
+NAME_COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=,:-]*")
 MAX_NAME_LENGTH = 255
 
 
@@ -42,7 +42,7 @@ def check_image_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise FleetError(f"invalid image name {name!r}: must be 1 to {MAX_NAME_LENGTH} characters")
     for component in name.split("/"):
-        if not NAME_COMPONENT_RE.match(component):
+        if not NAME_COMPONENT_RE.fullmatch(component):
             raise FleetError(
                 f"invalid image name {name!r}: components are letters, digits and ._+@=,:- "
                 "and start with a letter or digit")
@@ -64,8 +64,9 @@ def parse_computed_files(text: str, origin: str = "computed files") -> list[Comp
                 or not isinstance(item.get("Source", ""), str):
             raise FleetError(f"{origin}: entry {index} must be "
                              '{"Filename": "/absolute/path", "Source": "generator"}')
-        path = item["Filename"]
-        if not path.startswith("/") or "\0" in path or "/../" in path + "/":
-            raise FleetError(f"{origin}: entry {index}: {path!r} is not a clean absolute path")
+        try:
+            path = check_clean_path(item["Filename"])
+        except FleetError as err:
+            raise FleetError(f"{origin}: entry {index}: {err}") from None
         result.append(ComputedFile(path, item.get("Source", "")))
     return result

@@ -186,7 +186,12 @@ class ObjectStore:
         path = self.path_of(digest)
         folder = path[:len(self._prefix) + 5]
         if self._fanout and folder not in self._folders:
-            os.makedirs(folder, exist_ok=True)
+            try:
+                os.mkdir(folder)
+            except FileNotFoundError:
+                os.makedirs(folder, exist_ok=True)
+            except FileExistsError:
+                pass
             self._folders.add(folder)
         return path
 
@@ -235,6 +240,12 @@ class ObjectStore:
 
     def __iter__(self) -> Iterator[bytes]:
         """Every stored object's hash."""
+        if not self._fanout:
+            for entry in os.scandir(self.root):
+                if len(entry.name) == 2 * HASH_SIZE and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(ValueError):
+                        yield bytes.fromhex(entry.name)
+            return
         for top in os.scandir(self.root):
             if len(top.name) != 2 or not top.is_dir(follow_symlinks=False):
                 continue

@@ -126,7 +126,8 @@ def scan_directory(
             try:
                 st = entry.stat(follow_symlinks=False)
                 child_ino = st.st_ino
-                if child_ino in tree.inodes:  # a hard link to an inode already seen
+                if st.st_dev == device and child_ino in tree.inodes \
+                        and not stat.S_ISDIR(st.st_mode):  # a hard link to an inode seen
                     kids[entry.name] = child_ino
                     continue
                 digest = b""

@@ -129,6 +129,16 @@ def split(path: str) -> tuple[str, str]:
     return parent or "/", name
 
 
+def check_clean_path(path: str) -> str:
+    """A clean absolute path from disk or network: no `..`, `.` or empty components,
+    no NUL, no trailing `/` (except the root itself)."""
+    if not path.startswith("/") or "\0" in path:
+        raise FleetError(f"path {path!r} is not absolute")
+    if path != "/" and any(part in ("", ".", "..") for part in path[1:].split("/")):
+        raise FleetError(f"path {path!r} escapes or is not clean")
+    return path
+
+
 def check_name(name: str) -> str:
     """Validate one directory entry name from disk or network."""
     if not name or name in (".", "..") or "/" in name or "\0" in name:

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fstree.errors import FleetError
+from fstree.filter import compile_patterns, match_any
 
 _FIELDS = {"MatchLines": list, "Service": str, "DoReload": bool, "DoReboot": bool,
            "HighImpact": bool}
-SERVICE_RE = re.compile(r"^[A-Za-z0-9@_.:\-]+$")
+SERVICE_RE = re.compile(r"[A-Za-z0-9@_.:\-]+")
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,11 @@ class Trigger:
     do_reload: bool = False
     do_reboot: bool = False
     high_impact: bool = False
-    _regex: re.Pattern[str] = field(default=re.compile(r"(?!)"), compare=False, repr=False)
+    _patterns: tuple[re.Pattern[str], ...] = field(default=(), compare=False, repr=False)
 
     def matches(self, path: str) -> bool:
         """Whether a changed path fires this trigger."""
-        return self._regex.match(path) is not None
+        return match_any(self._patterns, path)
 
     def to_json(self) -> dict:
         """The Dominator JSON form of this rule."""
@@ -47,17 +48,13 @@ def make_trigger(match_lines: Iterable[str], service: str, do_reload: bool = Fal
                  do_reboot: bool = False, high_impact: bool = False) -> Trigger:
     """Validate and compile one trigger (from JSON or from the wire)."""
     lines = tuple(match_lines)
-    if not SERVICE_RE.match(service):
+    if not SERVICE_RE.fullmatch(service):
         raise FleetError(f"trigger service {service!r} is not a valid service name")
     if not lines:
         raise FleetError(f"trigger for {service!r} has no MatchLines")
-    for line in lines:
-        try:
-            re.compile(line)
-        except re.error as err:
-            raise FleetError(f"trigger for {service!r}: invalid regex {line!r}: {err}") from None
-    regex = re.compile("|".join(f"(?:{line})" for line in lines))
-    return Trigger(lines, service, do_reload, do_reboot, high_impact, regex)
+    patterns = compile_patterns((f"trigger for {service!r} MatchLines[{index}]", line)
+                                for index, line in enumerate(lines))
+    return Trigger(lines, service, do_reload, do_reboot, high_impact, patterns)
 
 
 def parse_triggers(text: str, origin: str = "triggers") -> list[Trigger]:
@@ -84,9 +81,12 @@ def parse_triggers(text: str, origin: str = "triggers") -> list[Trigger]:
             raise FleetError(f"{where}: missing Service")
         if not all(isinstance(line, str) for line in item.get("MatchLines", [])):
             raise FleetError(f"{where}: MatchLines must be strings")
-        triggers.append(make_trigger(
-            item.get("MatchLines", []), item["Service"], item.get("DoReload", False),
-            item.get("DoReboot", False), item.get("HighImpact", False)))
+        try:
+            triggers.append(make_trigger(
+                item.get("MatchLines", []), item["Service"], item.get("DoReload", False),
+                item.get("DoReboot", False), item.get("HighImpact", False)))
+        except FleetError as err:
+            raise FleetError(f"{where}: {err}") from None
     return triggers
 
 

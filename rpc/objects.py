@@ -110,6 +110,12 @@ class ObjectReceiver:
         data = chunk.data
         if chunk.compression == ZSTD:
             try:
+                declared = zstandard.frame_content_size(data)
+            except zstandard.ZstdError:
+                declared = -1
+            if declared > self._remaining:  # refuse a bomb before inflating it
+                raise FleetError(f"object {format_hash(self._digest)}: more bytes than declared")
+            try:
                 data = self._decompressor.decompress(data, max_output_size=self._remaining)
             except zstandard.ZstdError as err:
                 raise FleetError(f"object {format_hash(self._digest)}: bad zstd piece: {err}") \

@@ -77,9 +77,6 @@ def test_filter_load(tmp_path: Path) -> None:
     assert flt.matches("/caf\udce9")  # a non-UTF-8 line matches the same bytes
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: filter lines are joined into one regex, so a "
-                   "line valid alone (Go/Dominator-style inline flags '(?i)', or the same "
-                   "group name on two lines) makes re.error escape instead of FleetError")
 @pytest.mark.parametrize("lines", [["(?i)/tmp"], ["/a", "(?s)/b"],
                                    ["(?P<x>/a)", "(?P<x>/b)"]])
 def test_filter_lines_valid_alone_compile_together(lines: list[str]) -> None:
@@ -231,8 +228,6 @@ def test_malformed_triggers(text: str) -> None:
         parse_triggers(text, origin="tfile")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MatchLines are joined into one regex, so an "
-                   "inline flag valid alone ('(?i)') makes re.error escape, not FleetError")
 def test_trigger_inline_flags() -> None:
     try:
         triggers = parse_triggers('[{"MatchLines": ["(?i)/etc/NGINX"], "Service": "nginx"}]')
@@ -251,8 +246,6 @@ def test_make_trigger_validates() -> None:
     assert not Trigger(("/a",), "svc").matches("/a")  # uncompiled default matches nothing
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SERVICE_RE ends in '$', which also matches "
-                   "before a trailing newline, so 'nginx\\n' passes as a service name")
 def test_service_name_with_trailing_newline_refused() -> None:
     with pytest.raises(FleetError):
         parse_triggers('[{"MatchLines": ["/etc"], "Service": "nginx\\n"}]')

@@ -53,7 +53,7 @@ class FakeObjectServer(pb_grpc.ObjectServerServicer):
     def GetObjects(self, request, context):
         self.calls.append("GetObjects")
         for digest in request.hashes:
-            yield pb.ObjectChunk(hash=digest, size=0)
+            yield pb.ObjectChunks(chunks=[pb.ObjectChunk(hash=digest, size=0)])
 
     async def AddObjects(self, request_iterator, context):
         self.calls.append("AddObjects")
@@ -61,6 +61,11 @@ class FakeObjectServer(pb_grpc.ObjectServerServicer):
         async for _ in request_iterator:
             count += 1
         return pb.AddObjectsResponse(already_present=count)
+
+
+def one_piece(digest: bytes) -> pb.ObjectChunks:
+    """A stream message holding the first piece of one object."""
+    return pb.ObjectChunks(chunks=[pb.ObjectChunk(hash=digest)])
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +249,7 @@ async def test_certificate_permits_only_its_methods(
             [c async for c in stub.GetObjects(pb.GetObjectsRequest(hashes=HASHES), timeout=5)]
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await stub.AddObjects(iter([pb.ObjectChunk(hash=HASHES[0])]), timeout=5)
+            await stub.AddObjects(iter([one_piece(HASHES[0])]), timeout=5)
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert servicer.calls == [], "a denied call must never reach the servicer"
 
@@ -253,8 +258,8 @@ async def test_certificate_permits_only_its_methods(
         stub = pb_grpc.ObjectServerStub(ch)
         assert list((await check_objects(ch)).present) == [False, False]
         chunks = [c async for c in stub.GetObjects(pb.GetObjectsRequest(hashes=HASHES))]
-        assert [c.hash for c in chunks] == HASHES
-        added = await stub.AddObjects(iter([pb.ObjectChunk(hash=h) for h in HASHES]), timeout=5)
+        assert [m.chunks[0].hash for m in chunks] == HASHES
+        added = await stub.AddObjects(iter([one_piece(h) for h in HASHES]), timeout=5)
         assert added.already_present == 2
 
 
@@ -263,7 +268,7 @@ async def test_subd_role_may_fetch_but_not_add(ca: Path, secure_server: RunningS
         stub = pb_grpc.ObjectServerStub(ch)
         await check_objects(ch)
         with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await stub.AddObjects(iter([pb.ObjectChunk(hash=HASHES[0])]), timeout=5)
+            await stub.AddObjects(iter([one_piece(HASHES[0])]), timeout=5)
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

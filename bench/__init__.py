@@ -1,0 +1,1 @@
+"""Benchmarks against the tools an operator would use instead, as ratios."""

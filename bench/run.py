@@ -1,0 +1,12 @@
+"""Run every benchmark: `make bench` (or `python -m bench.run`)."""
+
+from bench import image_bench
+
+
+def main() -> None:
+    """Each benchmark prints its table and saves JSON to bench/results/."""
+    image_bench.main()
+
+
+if __name__ == "__main__":
+    main()
