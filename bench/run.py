@@ -1,11 +1,12 @@
 """Run every benchmark: `make bench` (or `python -m bench.run`)."""
 
-from bench import image_bench
+from bench import image_bench, subd_bench
 
 
 def main() -> None:
     """Each benchmark prints its table and saves JSON to bench/results/."""
     image_bench.main()
+    subd_bench.main()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -83,8 +84,10 @@ class ObjectReceiver:
     object that arrived whole: a retry resumes instead of starting over.
     """
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, background: Executor | None = None) -> None:
         self.store = store
+        self._background = background  # where batches are synced, off the receiving path
+        self._commits: list[Future[int]] = []
         self.stats = ReceiveStats()
         self._batch: Batch = store.batch()
         self._batch_bytes = 0
@@ -153,9 +156,13 @@ class ObjectReceiver:
             self._writer = self._batch.begin(self._digest, chunk.size)
 
     def commit(self) -> None:
-        """Make every object verified so far durable and visible."""
-        self._batch.commit()
-        self._batch_bytes = 0
+        """Make every object verified so far durable and visible (in the background
+        executor when there is one: `close` waits for it)."""
+        batch, self._batch, self._batch_bytes = self._batch, self.store.batch(), 0
+        if self._background is None:
+            batch.commit()
+        else:
+            self._commits.append(self._background.submit(batch.commit))
 
     def close(self, strict: bool = True) -> None:
         """Commit what arrived whole and drop a partial object; when `strict`,
@@ -166,6 +173,9 @@ class ObjectReceiver:
             self._writer.abort()
             self._writer = None
         self.commit()
+        commits, self._commits = self._commits, []
+        for commit in commits:
+            commit.result()
         if partial and strict:
             raise FleetError(f"object {format_hash(self._digest)}: stream ended {partial} "
                              "bytes early")
