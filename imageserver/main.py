@@ -13,7 +13,7 @@ from imageserver.store import ImageStore
 from proto import imageserver_pb2_grpc, objectserver_pb2_grpc
 from rpc.cli import run, setup_logging
 from rpc.options import security_options
-from rpc.server import start_server
+from rpc.server import serve_until_stopped, start_server
 from rpc.tls import Security
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,9 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
     log.info("image server listening on port %d, state in %s", running.port, state_dir)
     expiry = asyncio.create_task(expire_images(store))
     try:
-        await running.server.wait_for_termination()
+        await serve_until_stopped(running)
     finally:
         expiry.cancel()
-        await running.server.stop(grace=1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
