@@ -7,6 +7,7 @@ import click
 from dominator.certs_cli import certs
 from dominator.image_cli import image
 from dominator.quickstart import quickstart
+from dominator.sub_cli import sub
 from rpc.cli import run
 
 
@@ -22,6 +23,7 @@ def cli() -> None:
 cli.add_command(image)
 cli.add_command(certs)
 cli.add_command(quickstart)
+cli.add_command(sub)
 
 
 def main() -> None:

@@ -134,3 +134,10 @@ def diff_trees(old: Tree, new: Tree, flt: Filter | None,
         result.entries.extend(
             DiffEntry(p, Change.DELETE, old.inodes[old_paths[p]], None) for p in deleted)
     return result
+
+
+def too_many_deletes(diff: TreeDiff, inodes: int) -> bool:
+    """The unsafe-update check: would the change delete more than half of a host's
+    `inodes` (replacements count, since they delete the old inode first)?"""
+    removed = sum(1 for e in diff.entries if e.change in (Change.DELETE, Change.REPLACE))
+    return inodes > 0 and removed * 2 > inodes

@@ -39,24 +39,31 @@ def set_xattrs(path: str, wanted: tuple[tuple[bytes, bytes], ...]) -> None:
         os.setxattr(path, name, value, follow_symlinks=False)
 
 
-def apply_metadata(path: str, inode: Inode) -> list[str]:
+def apply_metadata(path: str, inode: Inode, *, dir_fd: int | None = None,
+                   shown: str | None = None) -> list[str]:
     """Set owner, mode, xattrs and mtime of `path` (in that order: chown clears
     setuid bits and file capabilities). Returns what could not be set for lack of
-    privilege (ownership when not root), instead of failing."""
+    privilege (ownership when not root), instead of failing.
+
+    With `dir_fd`, `path` is a name relative to that open directory (openat-style,
+    so no symlink among its parents is followed); `shown` is how problems name the
+    path (default: `path`)."""
+    shown = shown or path
     problems = []
     try:
-        os.chown(path, inode.uid, inode.gid, follow_symlinks=False)
+        os.chown(path, inode.uid, inode.gid, dir_fd=dir_fd, follow_symlinks=False)
     except PermissionError:
-        problems.append(f"{path}: cannot set owner {inode.uid}:{inode.gid} (not root)")
+        problems.append(f"{shown}: cannot set owner {inode.uid}:{inode.gid} (not root)")
     if inode.kind == Kind.SYMLINK:
         return problems
-    os.chmod(path, inode.mode)
-    try:
-        set_xattrs(path, inode.xattrs)
+    os.chmod(path, inode.mode, dir_fd=dir_fd)
+    try:  # the xattr calls take no dir_fd: /proc names the file through the open directory
+        set_xattrs(path if dir_fd is None else f"/proc/self/fd/{dir_fd}/{path}", inode.xattrs)
     except PermissionError:
-        problems.append(f"{path}: cannot set extended attributes (not root)")
+        problems.append(f"{shown}: cannot set extended attributes (not root)")
     if inode.kind != Kind.DIRECTORY:
-        os.utime(path, ns=(inode.mtime_ns, inode.mtime_ns), follow_symlinks=False)
+        os.utime(path, ns=(inode.mtime_ns, inode.mtime_ns), dir_fd=dir_fd,
+                 follow_symlinks=False)
     return problems
 
 
@@ -74,16 +81,17 @@ def make_node(path: str, inode: Inode) -> None:
         raise FleetError(f"{path}: cannot make a {inode.kind.name.lower()} with make_node")
 
 
-def stage_regular(store: ObjectStore, inode: Inode, consume: bool) -> str:
+def stage_regular(store: ObjectStore, inode: Inode, consume: bool,
+                  tmp_dir: Path | None = None) -> str:
     """A complete file on the final filesystem holding the inode's content, ready
     to be renamed into place: the object itself when `consume` (its last use),
-    else a copy of it in the store's scratch folder."""
+    else a copy of it in `tmp_dir` (default: the store's scratch folder)."""
     if consume:
         path = store.path_of(inode.hash)
         if not os.path.exists(path):
             raise FleetError(f"object for a {inode.size}-byte file is not in the cache")
         return path
-    fd, tmp = tempfile.mkstemp(dir=store.tmp_dir)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or store.tmp_dir)
     os.close(fd)
     if inode.size:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from fstree.errors import ExistsError, FleetError, NotFoundError, PreconditionError
+from fstree.listing import quote
 
 
 def status_for(err: FleetError) -> grpc.StatusCode:
@@ -20,4 +21,4 @@ def status_for(err: FleetError) -> grpc.StatusCode:
 
 async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> None:
     """End the call with the status and one-line message of `err`."""
-    await context.abort(status_for(err), str(err))
+    await context.abort(status_for(err), quote(str(err)))  # paths may not be UTF-8

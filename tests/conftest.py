@@ -44,3 +44,35 @@ def imageserver(tmp_path: Path, ca: Path) -> Iterator[Daemon]:
 def cli_env(ca: Path, imageserver: Daemon) -> dict[str, str]:
     """Environment pointing the CLI at the test image server as admin."""
     return {"DOMINATOR_TLS_DIR": str(ca / "admin"), "DOMINATOR_IMAGESERVER": imageserver.address}
+
+
+@pytest.fixture
+def trigger_log(tmp_path: Path) -> Path:
+    """Where the recording trigger command writes `ACTION SERVICE` lines."""
+    return tmp_path / "triggers.log"
+
+
+@pytest.fixture
+def start_subd(tmp_path: Path, ca: Path, trigger_log: Path) -> Iterator:
+    """Start real subd daemons on folders: `start_subd(root, *extra_args)`."""
+    recorder = tmp_path / "record-trigger"
+    recorder.write_text(f'#!/bin/sh\necho "$@" >> {trigger_log}\n')
+    recorder.chmod(0o755)
+    started: list[Daemon] = []
+
+    def start(root: Path, *extra: str, port: int | None = None, user: int | None = None
+              ) -> Daemon:
+        daemon = Daemon("subd.main",
+                        ["--root", str(root), "--tls-dir", str(ca / "subd"),
+                         "--trigger-command", f"{recorder} {{action}} {{service}}",
+                         "--scan-speed-percent", "0", "--background-cpu-percent", "50", *extra],
+                        "subd", port or free_port(),
+                        Security.from_options(str(ca / "admin"), insecure=False),
+                        tmp_path / f"subd-{len(started)}.log", state_dir=root / ".subd",
+                        user=user)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        daemon.stop()

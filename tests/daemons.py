@@ -57,6 +57,7 @@ class Daemon:
     security: Security
     log_path: Path
     state_dir: Path | None = None
+    user: int | None = None  # run as this uid instead of root (see tests/run_as.py)
     process: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -68,8 +69,10 @@ class Daemon:
     def start(self) -> Daemon:
         """Start the process and wait until it is healthy."""
         log = open(self.log_path, "ab")
+        program = [self.module] if self.user is None else ["tests.run_as", str(self.user),
+                                                            self.module]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
+            [sys.executable, "-m", *program, *self.args, "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
             env={**os.environ, **self.env})
         log.close()

@@ -1,0 +1,1 @@
+"""subd: the agent on every host: scanner, object cache, updater, triggers."""

@@ -1,0 +1,113 @@
+"""A synchronous client of one subd, for the CLI (and the dominator's tools)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from fstree.codec import tree_from_proto
+from fstree.errors import FleetError
+from fstree.tree import Tree
+from proto import subd_pb2, subd_pb2_grpc, tree_pb2
+from rpc.chunks import join_chunks
+from rpc.tls import Security, open_channel, parse_address
+from subd.changes import UpdatePlan, plan_to_proto
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 6969
+POLL_INTERVAL = 0.2
+
+
+def read_poll(responses) -> tuple[subd_pb2.SubStatus, Tree | None]:
+    """Status and (when it follows) the tree from a Poll response stream."""
+    first = next(iter(responses))
+    if not first.tree_follows:
+        return first.status, None
+    data = join_chunks(tree_pb2.Chunk(data=r.tree_chunk.data) for r in responses)
+    return first.status, tree_from_proto(tree_pb2.Tree.FromString(data))
+
+
+class SubClient:
+    """One connection to a subd (`HOST` or `HOST:PORT`, default port 6969)."""
+
+    def __init__(self, address: str, security: Security) -> None:
+        self.address = parse_address(address, DEFAULT_PORT)
+        self.channel = open_channel(self.address, security, "subd")
+        self.stub = subd_pb2_grpc.SubdStub(self.channel)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.channel.close()
+
+    def __enter__(self) -> SubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def poll(self, have_generation: int = 0, short: bool = False
+             ) -> tuple[subd_pb2.SubStatus, Tree | None]:
+        """Status, and the tree when the sub's generation differs from ours."""
+        stream = self.stub.Poll(subd_pb2.PollRequest(have_generation=have_generation,
+                                                     short=short))
+        return read_poll(stream)
+
+    def fetch(self, server: str, hashes: list[bytes]) -> None:
+        """Ask the sub to fetch objects from an image server (runs in the background)."""
+        self.stub.Fetch(subd_pb2.FetchRequest(server=server, hashes=hashes))
+
+    def wait_fetch(self, progress: Callable[[subd_pb2.FetchStatus], None] | None = None,
+                   timeout: float = 3600) -> subd_pb2.FetchStatus:
+        """Poll until the fetch ends; FleetError with the sub's reason if it failed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, _ = self.poll(short=True)
+            if progress is not None:
+                progress(status.fetch)
+            if not status.fetch.in_progress:
+                if status.fetch.error:
+                    raise FleetError(f"fetch failed on {self.address}: {status.fetch.error}")
+                return status.fetch
+            if time.monotonic() > deadline:
+                raise FleetError(f"fetch on {self.address} still running after {timeout:.0f} s")
+            time.sleep(POLL_INTERVAL)
+
+    def update(self, plan: UpdatePlan) -> subd_pb2.UpdateResult:
+        """Apply an update and return its result (the sub refuses unsafe ones)."""
+        self.stub.Update(plan_to_proto(plan))
+        status, _ = self.poll(short=True)
+        return status.last_update
+
+    def wait_for_scan(self, after: int, timeout: float = 120) -> subd_pb2.SubStatus:
+        """Poll until the sub completes a scan numbered above `after`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, _ = self.poll(short=True)
+            if status.scan_count > after:
+                return status
+            if time.monotonic() > deadline:
+                raise FleetError(f"{self.address} did not finish a scan within {timeout:.0f} s")
+            time.sleep(POLL_INTERVAL)
+
+    def cleanup(self, hashes: list[bytes]) -> int:
+        """Remove cached objects; returns how many were removed."""
+        return self.stub.Cleanup(subd_pb2.CleanupRequest(hashes=hashes)).removed
+
+    def get_files(self, paths: list[str]) -> dict[str, bytes | None]:
+        """Contents of files on the host (None where missing)."""
+        result: dict[str, bytes | None] = {}
+        parts: list[bytes] = []
+        request = subd_pb2.GetFilesRequest(paths=[os.fsencode(p) for p in paths])
+        for piece in self.stub.GetFiles(request):
+            path = os.fsdecode(piece.path)
+            if piece.missing:
+                result[path] = None
+                continue
+            parts.append(piece.data)
+            if piece.last:
+                result[path] = b"".join(parts)
+                parts = []
+        return result

@@ -1,0 +1,225 @@
+"""Fetch: bring the objects an update needs into subd's cache (ROOT/.subd/objects).
+
+Objects the host already holds in some file are copied locally instead of
+downloaded; the rest come from an image server, zstd-compressed on the wire,
+each verified against its SHA-256 before it is kept. Nothing outside `.subd`
+changes. A fetch interrupted at any point resumes: objects already cached are
+skipped. Free space is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from fstree.errors import FleetError, PreconditionError
+from fstree.hashing import format_hash
+from fstree.listing import quote
+from fstree.objectstore import ObjectStore
+from fstree.tree import Kind, Tree
+from proto import objectserver_pb2, objectserver_pb2_grpc, subd_pb2
+from rpc.cli import describe_rpc_error
+from rpc.objects import ObjectReceiver
+from rpc.tls import Security, open_channel, parse_address
+
+log = logging.getLogger(__name__)
+
+IMAGESERVER_PORT = 6971
+SPACE_MARGIN = 0.02  # keep this share of the filesystem free
+
+
+@dataclass
+class FetchProgress:
+    """What Poll reports about the current or last fetch."""
+
+    in_progress: bool = False
+    objects_total: int = 0
+    objects_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_copied_locally: int = 0
+    error: str = ""
+
+    def to_proto(self) -> subd_pb2.FetchStatus:
+        """The wire form."""
+        return subd_pb2.FetchStatus(**{**self.__dict__, "error": quote(self.error)})
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged user may still write on the filesystem of `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """PreconditionError when writing `needed` bytes would leave less than the margin."""
+    st = os.statvfs(path)
+    available = st.f_bavail * st.f_frsize - int(st.f_blocks * st.f_frsize * SPACE_MARGIN)
+    if needed > available:
+        raise PreconditionError(f"insufficient space: need {needed} bytes, "
+                                f"{max(available, 0)} available on {path}")
+
+
+class RateLimiter:
+    """Keeps a transfer's long-run rate under `bytes_per_second` (0: unlimited)."""
+
+    def __init__(self, bytes_per_second: float) -> None:
+        self.rate = bytes_per_second
+        self.started = time.monotonic()
+        self.count = 0
+
+    async def account(self, size: int) -> None:
+        """Record `size` bytes moved and sleep if ahead of the allowed rate."""
+        if self.rate <= 0:
+            return
+        self.count += size
+        ahead = self.count / self.rate - (time.monotonic() - self.started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+def interface_speed(address: str) -> float:
+    """Bytes/s of the fastest real network interface, or 0 (unknown: unlimited).
+    Loopback traffic is never limited."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return 0.0
+    speeds = []
+    for speed_file in Path("/sys/class/net").glob("*/speed"):
+        try:
+            mbits = int(speed_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if mbits > 0 and speed_file.parent.name != "lo":
+            speeds.append(mbits * 1_000_000 / 8)
+    return max(speeds, default=0.0)
+
+
+class Fetcher:
+    """Runs one fetch at a time in the background; `progress` is what Poll shows."""
+
+    def __init__(self, root: Path, cache: ObjectStore, security: Security,
+                 network_speed_percent: float, current_tree: Callable[[], Tree | None],
+                 on_cache_change: Callable[[], None]) -> None:
+        self.root = root
+        self.cache = cache
+        self.security = security
+        self.network_speed_percent = network_speed_percent
+        self.current_tree = current_tree
+        self.on_cache_change = on_cache_change
+        self.progress = FetchProgress()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, server: str, hashes: list[bytes]) -> None:
+        """Begin fetching in the background; PreconditionError if one is running."""
+        if self._task is not None and not self._task.done():
+            raise PreconditionError("a fetch is already in progress")
+        address = parse_address(server, IMAGESERVER_PORT)
+        self.progress = FetchProgress(in_progress=True)
+        self._task = asyncio.get_running_loop().create_task(self._run(address, hashes))
+
+    async def wait(self) -> None:
+        """Until the current fetch (if any) ends."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run(self, address: str, hashes: list[bytes]) -> None:
+        try:
+            await self._fetch(address, list(dict.fromkeys(hashes)))
+        except FleetError as err:
+            self.progress.error = str(err)
+        except grpc.RpcError as err:
+            self.progress.error = describe_rpc_error(err)
+        except OSError as err:
+            self.progress.error = f"{err.strerror or err}"
+        except Exception as err:  # noqa: BLE001 - report, never kill the daemon
+            log.exception("fetch failed")
+            self.progress.error = f"internal error: {err}"
+        finally:
+            self.progress.in_progress = False
+            if self.progress.error:
+                log.warning("fetch from %s failed: %s", address, self.progress.error)
+            else:
+                log.info("fetched %d objects (%d bytes, %d copied locally)",
+                         self.progress.objects_done, self.progress.bytes_done,
+                         self.progress.bytes_copied_locally)
+            self.on_cache_change()
+
+    async def _fetch(self, address: str, hashes: list[bytes]) -> None:
+        missing = [h for h in hashes if not self.cache.has(h)]
+        progress = self.progress
+        channel = open_channel(address, self.security, "imageserver", aio=True)
+        try:
+            stub = objectserver_pb2_grpc.ObjectServerStub(channel)
+            sizes = await self._sizes(stub, missing, address)
+            progress.objects_total = len(missing)
+            progress.bytes_total = sum(sizes.values())
+            check_free_space(self.root, progress.bytes_total)
+            remote = await asyncio.to_thread(self._copy_local, sizes)
+            if remote:
+                await self._download(stub, remote, address)
+        finally:
+            await channel.close()
+
+    async def _sizes(self, stub: objectserver_pb2_grpc.ObjectServerStub, hashes: list[bytes],
+                     address: str) -> dict[bytes, int]:
+        if not hashes:
+            return {}
+        reply = await stub.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=hashes))
+        absent = [h for h, ok in zip(hashes, reply.present, strict=True) if not ok]
+        if absent:
+            raise PreconditionError(f"image server {address} lacks {len(absent)} object(s), "
+                                    f"e.g. {format_hash(absent[0])}")
+        return dict(zip(hashes, reply.sizes, strict=True))
+
+    def _copy_local(self, sizes: dict[bytes, int]) -> dict[bytes, int]:
+        """Copy objects the host holds in its own files; returns those still missing."""
+        tree = self.current_tree()
+        if tree is None:
+            return sizes
+        paths = {inode.hash: path for path, _, inode in tree.walk()
+                 if inode.kind == Kind.REGULAR and inode.hash in sizes}
+        remaining = dict(sizes)
+        batch = self.cache.batch()
+        for digest, path in paths.items():
+            try:
+                with open(os.path.join(self.root, path.lstrip("/")), "rb") as source:
+                    writer = batch.begin(digest, sizes[digest])
+                    while data := source.read(1 << 20):
+                        writer.write(data)
+                    writer.finish()
+            except (OSError, FleetError) as err:  # changed since scanned: download it
+                log.debug("local copy of %s failed: %s", path, err)
+                continue
+            del remaining[digest]
+            self.progress.objects_done += 1
+            self.progress.bytes_done += sizes[digest]
+            self.progress.bytes_copied_locally += sizes[digest]
+        batch.commit()
+        return remaining
+
+    async def _download(self, stub: objectserver_pb2_grpc.ObjectServerStub,
+                        sizes: dict[bytes, int], address: str) -> None:
+        limiter = RateLimiter(interface_speed(address) * self.network_speed_percent / 100)
+        receiver = ObjectReceiver(self.cache)
+        request = objectserver_pb2.GetObjectsRequest(hashes=list(sizes), compress=True)
+        try:
+            async for message in stub.GetObjects(request):
+                wire = 0
+                for chunk in message.chunks:
+                    wire += len(chunk.data)
+                    done = receiver.feed(chunk)
+                    if done is not None:
+                        self.progress.objects_done += 1
+                        self.progress.bytes_done += sizes.get(done, 0)
+                await limiter.account(wire)
+            receiver.close()
+        finally:
+            receiver.close(strict=False)  # keep whole objects: the next fetch resumes

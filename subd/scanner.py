@@ -1,0 +1,387 @@
+"""subd's scanner: a continuous, rate-limited scan of ROOT into the tree of
+DESIGN.md, with the generation count and fingerprint that Poll reports.
+
+Each pass walks ROOT with `fstree.scan.scan_directory`, leaving out ROOT/.subd,
+the scan-exclusion list, sockets and other mount points. A change cache keyed
+by inode number keeps what the last read of each inode found; a pass trusts an
+entry whose (size, mtime, ctime) still match, so an unchanged tree costs one
+lstat per entry. Trusting metadata misses tampering that forges it, so every
+pass also re-reads the inodes verified longest ago, a share sized so that the
+whole tree is re-hashed within `verify_period_seconds`; `verify_all` re-hashes
+everything at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fstree.errors import FleetError
+from fstree.filter import Filter
+from fstree.scan import scan_directory
+from fstree.tree import Inode, Tree
+from subd.ratelimit import (
+    HASH_UNIT,
+    CpuLimiter,
+    DeviceReadCounter,
+    ReadLimiter,
+    measure_read_speed,
+)
+
+log = logging.getLogger(__name__)
+
+SUBD_DIR = ".subd"
+DEFAULT_EXCLUSIONS = [
+    r"/tmp/.*", r"/var/tmp/.*", r"/var/log/.*", r"/home/.*", r"/data/.*",
+    r"/var/mail/.*", r"/var/spool/.*",
+]
+SCAN_FLOOR_SECONDS = 1.0  # the shortest pause between two passes
+# Verification budget charged per inode on top of its size: re-reading its
+# metadata costs about one block, and empty files and directories need re-reads too.
+_INODE_COST = 4096
+_SUBD_PATH = "/" + SUBD_DIR
+_SUBD_INSIDE = _SUBD_PATH + "/"
+_REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()")
+
+
+@dataclass
+class ScanConfig:
+    """How hard the scanner may work; percents of 0 (or 100) mean unlimited."""
+
+    scan_speed_percent: float = 2.0  # of the device's measured read bandwidth
+    cpu_percent: float = 50.0  # of one core, while a pass runs
+    background_cpu_percent: float = 1.5  # of one core, over passes and the pauses between
+    verify_period_seconds: float = 86400.0  # every file re-hashed at least this often
+    exclusions: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUSIONS))
+
+    def validate(self) -> None:
+        """FleetError for a negative percent or a verify period that is not positive."""
+        percents = (self.scan_speed_percent, self.cpu_percent, self.background_cpu_percent)
+        if min(percents) < 0:
+            raise FleetError("scan limits must be percents of 0 or more")
+        if self.verify_period_seconds <= 0:
+            raise FleetError("the verify period must be positive")
+
+
+def literal_prefix(pattern: str) -> str:
+    """Text that every start-anchored match of `pattern` begins with ("" when the
+    regex is too clever to tell), so most paths skip the regex engine."""
+    if "|" in pattern:
+        return ""
+    end = 0
+    while end < len(pattern) and pattern[end] not in _REGEX_SPECIAL:
+        end += 1
+    if end < len(pattern) and pattern[end] in "*?{":  # the last letter is optional
+        end -= 1
+    return pattern[:end]
+
+
+def excluder(exclusions: list[str]) -> Callable[[str], bool]:
+    """Whether a sub with these scan exclusions leaves a path unscanned: ROOT/.subd
+    and whatever an exclusion regex matches (start-anchored, like filter lines).
+    The dominator treats such paths as filtered. FleetError for a bad regex."""
+    flt = Filter.from_lines(exclusions, "scan exclusions")
+    if flt.inverted:
+        prefixes: tuple[str, ...] = ("",)
+    else:
+        prefixes = (_SUBD_PATH, *{literal_prefix(line) for line in flt.lines})
+
+    def excluded(path: str) -> bool:
+        return path.startswith(prefixes) and (
+            path == _SUBD_PATH or path.startswith(_SUBD_INSIDE) or flt.matches(path))
+
+    return excluded
+
+
+@dataclass(slots=True)
+class CacheEntry:
+    """What the last read of one inode found, and when (time.monotonic())."""
+
+    key: tuple[int, int, int]  # st_size, st_mtime_ns, st_ctime_ns at that read
+    inode: Inode  # holds the content hash, xattrs, link target
+    verified: float
+
+
+class _Stopping(Exception):
+    """Raised from a pass's pacing sleep once stop() is called."""
+
+
+class Scanner:
+    """Scans `root` pass after pass and publishes the latest tree.
+
+    Passes run one at a time (scan_once from any thread, or the background
+    thread of start()); the published state is read under a lock. Published
+    trees are shared: readers must not modify them.
+    """
+
+    def __init__(self, root: Path, config: ScanConfig | None = None,
+                 state_dir: Path | None = None) -> None:
+        self.root = Path(root)
+        self.state_dir = state_dir if state_dir is not None else self.root / SUBD_DIR
+        self.reconfigure(config if config is not None else ScanConfig())
+        self._cache: dict[int, CacheEntry] = {}  # in order of verification, oldest first
+        self._verify_credit = 0.0  # bytes of re-verification owed by the spread
+        self._last_pass_start: float | None = None
+        self._read_speed: float | None = None
+        self._device_reads = DeviceReadCounter()
+        self._pass_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._tree: Tree | None = None
+        self._fingerprint = b""
+        self._generation = 0
+        self._scan_count = 0
+        self._last_scan_seconds = 0.0
+        self._last_scan_unix = 0.0
+        self._bytes_hashed = 0
+        self._wanted = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def reconfigure(self, config: ScanConfig) -> None:
+        """Use new limits and exclusions from the next pass on; FleetError for a bad
+        limit or exclusion regex (the scanner then keeps its old configuration)."""
+        config.validate()
+        self._excluded = excluder(config.exclusions)
+        self.config = config
+
+    def excluded(self, path: str) -> bool:
+        """Whether this sub leaves `path` unscanned (see `excluder`)."""
+        return self._excluded(path)
+
+    # The published state.
+
+    @property
+    def tree(self) -> Tree | None:
+        """The latest tree, or None before the first pass ends."""
+        with self._cond:
+            return self._tree
+
+    @property
+    def fingerprint(self) -> bytes:
+        """xxh3_128 fingerprint of the latest tree (b"" before the first pass)."""
+        with self._cond:
+            return self._fingerprint
+
+    @property
+    def generation(self) -> int:
+        """Rises whenever the tree or the object cache changes."""
+        with self._cond:
+            return self._generation
+
+    @property
+    def scan_count(self) -> int:
+        """Passes completed."""
+        with self._cond:
+            return self._scan_count
+
+    @property
+    def last_scan_seconds(self) -> float:
+        """How long the latest pass took."""
+        with self._cond:
+            return self._last_scan_seconds
+
+    @property
+    def last_scan_unix(self) -> float:
+        """When the latest pass started (Unix time)."""
+        with self._cond:
+            return self._last_scan_unix
+
+    @property
+    def bytes_hashed_last_scan(self) -> int:
+        """Content bytes the latest pass read (0 for a fast pass over an unchanged tree)."""
+        with self._cond:
+            return self._bytes_hashed
+
+    def bump_generation(self) -> None:
+        """Tell pollers something else they see changed (the object cache)."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait_for_scan(self, count: int, timeout: float) -> bool:
+        """Block until more than `count` passes have completed; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._scan_count > count, timeout)
+
+    # One pass.
+
+    def scan_once(self, verify_all: bool = False, limited: bool = True) -> Tree:
+        """Scan ROOT once, publish and return the tree. Content is re-hashed only for
+        inodes whose (size, mtime, ctime) changed plus this pass's share of the
+        periodic verification, or for all with `verify_all`. `limited` applies the
+        configured read and CPU limits. FleetError when ROOT cannot be scanned."""
+        with self._pass_lock:
+            config = self.config
+            started, started_unix = time.monotonic(), time.time()
+            cpu = CpuLimiter(config.cpu_percent if limited else 0, sleep=self._pause)
+            reads = ReadLimiter(self._read_rate(config) if limited else 0, self._device_reads,
+                                sleep=self._pause)
+            due = self._due_for_verification(started, verify_all)
+            fresh: dict[int, tuple[int, int, int]] = {}
+            hashed = 0
+            cached, pace_cpu = self._cache.get, cpu.pace  # bound once: called per inode
+
+            def known_inode(path: str, st: os.stat_result) -> Inode | None:
+                pace_cpu()
+                ino = st.st_ino
+                entry = cached(ino)
+                key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if entry is None or entry.key != key or ino in due or verify_all:
+                    fresh[ino] = key
+                    return None
+                return entry.inode
+
+            def on_read(size: int) -> None:
+                nonlocal hashed
+                hashed += size
+                reads.pace(size)
+                cpu.pace(size // HASH_UNIT)
+
+            tree = scan_directory(self.root, exclude=self._excluded, known_inode=known_inode,
+                                  on_read=on_read)
+            self._update_cache(tree, fresh, started)
+            self._publish(tree, hashed, time.monotonic() - started, started_unix)
+            log.debug("scan %d: %d inodes, %d bytes hashed, %.3f s", self.scan_count,
+                      len(tree.inodes), hashed, self.last_scan_seconds)
+            return tree
+
+    def _read_rate(self, config: ScanConfig) -> float:
+        """Bytes/s of device reads a pass may make (0: unlimited); measures the
+        device the first time it matters."""
+        if not 0 < config.scan_speed_percent < 100:
+            return 0.0
+        if self._read_speed is None:
+            self._read_speed = measure_read_speed(self.root, self.state_dir)
+        return self._read_speed * config.scan_speed_percent / 100
+
+    def _due_for_verification(self, now: float, verify_all: bool) -> set[int]:
+        """Inodes this pass re-reads although unchanged: every one verified more than a
+        period ago, then the oldest verified as far as the credit earned since the last
+        pass goes (the period's share of the cache's bytes). A pass that verifies
+        all settles every debt."""
+        cache = self._cache
+        period = self.config.verify_period_seconds
+        if verify_all:
+            self._last_pass_start, self._verify_credit = now, 0.0
+            return set()
+        if self._last_pass_start is not None:
+            total = sum(entry.inode.size for entry in cache.values()) + _INODE_COST * len(cache)
+            earned = total * (now - self._last_pass_start) / period
+            self._verify_credit = min(self._verify_credit + earned, total)
+        self._last_pass_start = now
+        due = set()
+        for ino, entry in cache.items():  # oldest verified first
+            cost = entry.inode.size + _INODE_COST
+            if entry.verified > now - period and cost > self._verify_credit:
+                break
+            due.add(ino)
+            self._verify_credit -= cost
+        return due
+
+    def _update_cache(self, tree: Tree, fresh: dict[int, tuple[int, int, int]],
+                      started: float) -> None:
+        """Record the inodes read this pass (moved to the newest end) and forget the
+        inodes the pass did not see."""
+        cache = self._cache
+        for ino, key in fresh.items():
+            cache.pop(ino, None)
+            inode = tree.inodes.get(ino)
+            if inode is not None:  # else vanished or changed while read: read it next pass
+                cache[ino] = CacheEntry(key, inode, started)
+        for ino in cache.keys() - tree.inodes.keys():
+            del cache[ino]
+
+    def _publish(self, tree: Tree, hashed: int, seconds: float, started_unix: float) -> None:
+        """Make `tree` the latest; the generation rises when its fingerprint changed."""
+        previous = self._tree  # only passes, serialized by _pass_lock, replace it
+        same = previous is not None and tree == previous  # cheap: unchanged inodes are shared
+        fingerprint = self._fingerprint if same else tree.fingerprint()
+        with self._cond:
+            if fingerprint != self._fingerprint:
+                self._generation += 1
+            self._tree, self._fingerprint = tree, fingerprint
+            self._scan_count += 1
+            self._last_scan_seconds, self._last_scan_unix = seconds, started_unix
+            self._bytes_hashed = hashed
+            self._cond.notify_all()
+
+    # The background thread.
+
+    def start(self) -> None:
+        """Scan continuously in a daemon thread until stop()."""
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="subd-scanner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the background thread and wait for it; a pass running anywhere is cut
+        short (with a private exception) at its next pacing sleep."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def request_scan(self) -> None:
+        """Start the next pass as soon as the floor between passes allows (after an
+        update, say), instead of after the background CPU pause."""
+        with self._cond:
+            self._wanted = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        last_error = ""
+        while True:
+            cpu_before, wall_before = time.thread_time(), time.monotonic()
+            try:
+                self.scan_once()
+                if last_error:
+                    log.info("scan of %s works again", self.root)
+                last_error = ""
+            except _Stopping:
+                return
+            except Exception as err:  # survive anything; say so once per distinct error
+                if repr(err) != last_error:
+                    log.warning("scan of %s failed, retrying: %s", self.root, err,
+                                exc_info=not isinstance(err, FleetError))
+                last_error = repr(err)
+            if not self._rest(self._pause_after(time.thread_time() - cpu_before,
+                                                time.monotonic() - wall_before)):
+                return
+
+    def _pause_after(self, cpu_seconds: float, wall_seconds: float) -> float:
+        """The pause after a pass that keeps scanning's long-run CPU share within
+        background_cpu_percent, and never below the floor."""
+        percent = self.config.background_cpu_percent
+        pause = cpu_seconds * 100 / percent - wall_seconds if 0 < percent < 100 else 0.0
+        return max(SCAN_FLOOR_SECONDS, pause)
+
+    def _rest(self, seconds: float) -> bool:
+        """Wait `seconds` (or only the floor once request_scan() is called); False
+        when stopping."""
+        now = time.monotonic()
+        floor_end, end = now + SCAN_FLOOR_SECONDS, now + seconds
+        with self._cond:
+            while not self._stopping:
+                deadline = floor_end if self._wanted else end
+                now = time.monotonic()
+                if now >= deadline:
+                    self._wanted = False
+                    return True
+                self._cond.wait(deadline - now)
+            return False
+
+    def _pause(self, seconds: float) -> None:
+        """The limiters' sleep: interrupted, with _Stopping, by stop()."""
+        with self._cond:
+            if self._cond.wait_for(lambda: self._stopping, seconds):
+                raise _Stopping

@@ -1,0 +1,211 @@
+"""The Subd gRPC service: Poll, Fetch, Update, Cleanup, GetFiles and configuration,
+over the scanner, the object cache, the fetcher and the updater."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from fstree.codec import tree_to_proto
+from fstree.errors import FleetError, NotFoundError, PreconditionError
+from fstree.filter import Filter
+from fstree.hashing import check_hash
+from fstree.listing import quote
+from fstree.objectstore import ObjectStore
+from fstree.tree import check_clean_path
+from proto import subd_pb2, subd_pb2_grpc
+from rpc.chunks import CHUNK_SIZE, split_message
+from rpc.status import abort
+from subd.changes import plan_from_proto
+from subd.fetcher import Fetcher, free_bytes
+from subd.scanner import SUBD_DIR, Scanner
+from subd.state import SubdState, UpdateOutcome
+from subd.updater import Updater
+
+log = logging.getLogger(__name__)
+
+MAX_GET_FILES = 10_000
+
+
+def outcome_to_proto(outcome: UpdateOutcome | None, in_progress: bool) -> subd_pb2.UpdateResult:
+    """The wire form of the last update's result."""
+    if outcome is None:
+        return subd_pb2.UpdateResult(in_progress=in_progress)
+    return subd_pb2.UpdateResult(  # texts may name undecodable paths: escape them
+        in_progress=in_progress, image_name=outcome.image_name, success=outcome.success,
+        error=quote(outcome.error), finished_unix=outcome.finished_unix,
+        change_window_ns=outcome.change_window_ns, paths_changed=outcome.paths_changed,
+        triggers_run=outcome.triggers_run, warnings=[quote(w) for w in outcome.warnings])
+
+
+class SubdService(subd_pb2_grpc.SubdServicer):
+    """One host's agent."""
+
+    def __init__(self, root: Path, scanner: Scanner, cache: ObjectStore, fetcher: Fetcher,
+                 updater: Updater, state: SubdState) -> None:
+        self.root = root
+        self.scanner = scanner
+        self.cache = cache
+        self.fetcher = fetcher
+        self.updater = updater
+        self.state = state
+        self._update_lock = asyncio.Lock()
+        self._encoded: tuple[int, bytes] | None = None  # (generation, serialized tree)
+        self._cached: tuple[int, int] | None = None  # (generation, objects in the cache)
+
+    def status(self) -> subd_pb2.SubStatus:
+        """Everything Poll always reports."""
+        scanner = self.scanner
+        tree = scanner.tree
+        return subd_pb2.SubStatus(
+            generation=scanner.generation, fingerprint=scanner.fingerprint,
+            scan_count=scanner.scan_count, last_scan_ns=int(scanner.last_scan_seconds * 1e9),
+            last_scan_unix=int(scanner.last_scan_unix), free_bytes=free_bytes(self.root),
+            fetch=self.fetcher.progress.to_proto(),
+            last_update=outcome_to_proto(self.state.last_update, self._update_lock.locked()),
+            last_successful_image=self.state.last_successful_image,
+            cached_objects=self._cached_objects(),
+            inodes=len(tree.inodes) if tree is not None else 0,
+            is_root=os.geteuid() == 0, scan_exclusions=scanner.config.exclusions)
+
+    def _cached_objects(self) -> int:
+        generation = self.scanner.generation  # rises whenever the cache changes
+        if self._cached is None or self._cached[0] != generation:
+            self._cached = (generation, sum(1 for _ in self.cache))
+        return self._cached[1]
+
+    def _tree_bytes(self) -> tuple[int, bytes] | None:
+        generation, tree = self.scanner.generation, self.scanner.tree
+        if tree is None:
+            return None
+        if self._encoded is None or self._encoded[0] != generation:
+            self._encoded = (generation, tree_to_proto(tree).SerializeToString())
+        return self._encoded
+
+    async def Poll(self, request: subd_pb2.PollRequest, context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[subd_pb2.PollResponse]:
+        status = self.status()
+        send_tree = not request.short and request.have_generation != status.generation
+        encoded = self._tree_bytes() if send_tree else None
+        yield subd_pb2.PollResponse(status=status, tree_follows=encoded is not None)
+        if encoded is not None:
+            for chunk in split_message(encoded[1]):
+                yield subd_pb2.PollResponse(tree_chunk=chunk)
+
+    async def Fetch(self, request: subd_pb2.FetchRequest, context: grpc.aio.ServicerContext
+                    ) -> subd_pb2.FetchResponse:
+        try:
+            hashes = [check_hash(h) for h in request.hashes]
+            self.fetcher.start(request.server, hashes)
+        except FleetError as err:
+            await abort(context, err)
+        return subd_pb2.FetchResponse()
+
+    async def Update(self, request: subd_pb2.UpdateRequest, context: grpc.aio.ServicerContext
+                     ) -> subd_pb2.UpdateResponse:
+        try:
+            plan = plan_from_proto(request)
+            if self._update_lock.locked():
+                raise PreconditionError("an update is already in progress")
+            if self.fetcher.progress.in_progress:
+                raise PreconditionError("a fetch is in progress; update after it ends")
+            tree = self.scanner.tree
+            if tree is None:
+                raise PreconditionError("subd has not finished its first scan yet")
+            async with self._update_lock:
+                outcome = await asyncio.to_thread(self.updater.apply, plan, tree,
+                                                  self.scanner.excluded)
+        except FleetError as err:
+            await abort(context, err)
+        self.scanner.bump_generation()  # the cache lost the objects it installed
+        self.scanner.request_scan()
+        if not outcome.success:
+            await context.abort(grpc.StatusCode.ABORTED, f"update failed: {outcome.error}")
+        return subd_pb2.UpdateResponse()
+
+    async def Cleanup(self, request: subd_pb2.CleanupRequest, context: grpc.aio.ServicerContext
+                      ) -> subd_pb2.CleanupResponse:
+        try:
+            hashes = [check_hash(h) for h in request.hashes]
+        except FleetError as err:
+            await abort(context, err)
+        removed = sum(1 for digest in hashes if self.cache.remove(digest))
+        if removed:
+            self.scanner.bump_generation()
+        return subd_pb2.CleanupResponse(removed=removed)
+
+    async def GetFiles(self, request: subd_pb2.GetFilesRequest,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[subd_pb2.GetFilesResponse]:
+        if len(request.paths) > MAX_GET_FILES:
+            await abort(context, FleetError(f"at most {MAX_GET_FILES} paths per request"))
+        for raw in request.paths:
+            try:
+                path = check_clean_path(os.fsdecode(raw))
+                if path == f"/{SUBD_DIR}" or path.startswith(f"/{SUBD_DIR}/"):
+                    raise NotFoundError(f"{path} is subd's own state")
+                reader = open_no_follow(self.root, path)
+            except FleetError as err:
+                await abort(context, err)
+            except OSError:
+                yield subd_pb2.GetFilesResponse(path=raw, missing=True, last=True)
+                continue
+            with reader:
+                while True:
+                    data = reader.read(CHUNK_SIZE)
+                    last = len(data) < CHUNK_SIZE
+                    yield subd_pb2.GetFilesResponse(path=raw, data=data, last=last)
+                    if last:
+                        break
+
+    async def GetConfiguration(self, request: subd_pb2.GetConfigurationRequest,
+                               context: grpc.aio.ServicerContext) -> subd_pb2.Configuration:
+        return self._configuration()
+
+    async def SetConfiguration(self, request: subd_pb2.Configuration,
+                               context: grpc.aio.ServicerContext) -> subd_pb2.Configuration:
+        config = self.scanner.config
+        try:
+            if request.scan_exclusions:
+                Filter.from_lines(list(request.scan_exclusions), "scan exclusions")
+                config.exclusions = list(request.scan_exclusions)
+        except FleetError as err:
+            await abort(context, err)
+        if request.scan_speed_percent:
+            config.scan_speed_percent = min(request.scan_speed_percent, 100)
+        if request.cpu_percent:
+            config.cpu_percent = min(request.cpu_percent, 100)
+        if request.network_speed_percent:
+            self.fetcher.network_speed_percent = min(request.network_speed_percent, 100)
+        if request.verify_period_seconds:
+            config.verify_period_seconds = request.verify_period_seconds
+        self.scanner.reconfigure(config)
+        return self._configuration()
+
+    def _configuration(self) -> subd_pb2.Configuration:
+        config = self.scanner.config
+        return subd_pb2.Configuration(
+            scan_speed_percent=int(config.scan_speed_percent), cpu_percent=int(config.cpu_percent),
+            network_speed_percent=int(self.fetcher.network_speed_percent),
+            scan_exclusions=config.exclusions,
+            verify_period_seconds=int(config.verify_period_seconds))
+
+
+def open_no_follow(root: Path, path: str):
+    """Open ROOT/path for reading without following a symlink anywhere below ROOT."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        parts = path.strip("/").split("/")
+        for part in parts[:-1]:
+            next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        os.close(fd)
+    return os.fdopen(file_fd, "rb")
