@@ -49,21 +49,23 @@ class Report:
     name: str
     rows: list[dict] = field(default_factory=list)
 
-    def add(self, what: str, ours: float, peer_name: str, peer: float, goal: float) -> None:
+    def add(self, what: str, ours: float, peer_name: str, peer: float, goal: float,
+            unit: str = "s") -> None:
         """One comparison; ratio = ours / peer, goal is the largest acceptable ratio."""
         ratio = ours / peer if peer else float("inf")
-        self.rows.append({"what": what, "ours_s": round(ours, 3), "peer": peer_name,
-                          "peer_s": round(peer, 3), "ratio": round(ratio, 2), "goal": goal,
-                          "met": ratio <= goal})
+        self.rows.append({"what": what, "ours": round(ours, 3), "peer": peer_name,
+                          "peer_value": round(peer, 3), "unit": unit, "ratio": round(ratio, 2),
+                          "goal": goal, "met": ratio <= goal})
 
     def print(self) -> None:
         """The table, and a JSON copy in bench/results/."""
         print(f"\n{self.name}")
         print(f"{'what':42} {'ours':>8} {'peer':>34} {'ratio':>6} {'goal':>6}")
         for row in self.rows:
-            peer = f"{row['peer']} {row['peer_s']:.3f}s"
+            unit = row["unit"]
+            peer = f"{row['peer']} {row['peer_value']:.3f}{unit}"
             mark = "ok" if row["met"] else "MISSED"
-            print(f"{row['what']:42} {row['ours_s']:7.3f}s {peer:>34} "
+            print(f"{row['what']:42} {row['ours']:7.3f}{unit:<2} {peer:>34} "
                   f"{row['ratio']:6.2f} {row['goal']:6.2f} {mark}")
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{self.name}.json").write_text(json.dumps(self.rows, indent=2))

@@ -252,11 +252,15 @@ def push_image_command(host: str, image_name: str, disable_safety_check: bool,
         fetch_objects(client, imageserver, target.plan)
         result = client.update(target.plan)
         status, _ = client.poll(short=True)
-        client.wait_for_scan(status.scan_count + 1)  # one scan that began after the update
-        after = prepare(client, images, image_name)
+        client.wait_for_scan(status.scan_count)  # subd pauses scans during updates, so
+        # the next pass to end began after this one
+        status, tree = client.poll(target.status.generation)
+        if tree is None:
+            raise FleetError(f"{client.address} reported no tree after the update")
+        after = plan_update(tree, target.image, list(status.scan_exclusions))
     report_update(result, as_json, time.monotonic() - started)
-    cannot_fix = unreachable_for(after.status.is_root)
-    left = [e for e in after.plan.diff.entries if not cannot_fix(e)]
+    cannot_fix = unreachable_for(status.is_root)
+    left = [e for e in after.diff.entries if not cannot_fix(e)]
     if left:
         raise FleetError(f"{client.address} still differs from {image_name} after the update: "
                          f"{len(left)} paths, e.g. {left[0].change.value} {left[0].path}")

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fstree.errors import FleetError
 from fstree.filter import Filter
-from fstree.scan import scan_directory
+from fstree.scan import inode_from_stat, scan_directory
 from fstree.tree import Inode, Tree
 from subd.ratelimit import (
     HASH_UNIT,
@@ -111,6 +113,11 @@ class _Stopping(Exception):
     """Raised from a pass's pacing sleep once stop() is called."""
 
 
+class _Abandoned(Exception):
+    """Raised inside a pass when an update pauses scanning: its view would mix the
+    trees before and after the update."""
+
+
 class Scanner:
     """Scans `root` pass after pass and publishes the latest tree.
 
@@ -138,6 +145,7 @@ class Scanner:
         self._last_scan_seconds = 0.0
         self._last_scan_unix = 0.0
         self._bytes_hashed = 0
+        self._pauses = 0  # updates in progress (see paused())
         self._wanted = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -197,6 +205,41 @@ class Scanner:
         with self._cond:
             return self._bytes_hashed
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No pass runs inside this block (an update runs there): a pass in flight is
+        abandoned, and new ones wait until the block ends."""
+        with self._cond:
+            self._pauses += 1
+        try:
+            with self._pass_lock:  # the pass in flight, if any, has quit
+                pass
+            yield
+        finally:
+            with self._cond:
+                self._pauses -= 1
+                self._cond.notify_all()
+
+    def trust(self, installed: Iterable[tuple[str, bytes]], since_unix: float) -> None:
+        """Remember the content hashes of files an update just installed (verified
+        when fetched), so the next pass need not re-read them at the scan rate.
+        A file changed again since `since_unix` (its ctime is later) is not trusted."""
+        limit = int(since_unix * 1e9)
+        with self._pass_lock:
+            now = time.monotonic()
+            for path, digest in installed:
+                real = os.path.join(self.root, path.lstrip("/"))
+                try:
+                    st = os.lstat(real)
+                    if not stat.S_ISREG(st.st_mode) or st.st_ctime_ns > limit:
+                        continue
+                    inode = inode_from_stat(real, st, digest)
+                except OSError:
+                    continue
+                self._cache.pop(st.st_ino, None)
+                self._cache[st.st_ino] = CacheEntry(
+                    (st.st_size, st.st_mtime_ns, st.st_ctime_ns), inode, now)
+
     def bump_generation(self) -> None:
         """Tell pollers something else they see changed (the object cache)."""
         with self._cond:
@@ -215,6 +258,8 @@ class Scanner:
         inodes whose (size, mtime, ctime) changed plus this pass's share of the
         periodic verification, or for all with `verify_all`. `limited` applies the
         configured read and CPU limits. FleetError when ROOT cannot be scanned."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pauses)
         with self._pass_lock:
             config = self.config
             started, started_unix = time.monotonic(), time.time()
@@ -227,6 +272,8 @@ class Scanner:
             cached, pace_cpu = self._cache.get, cpu.pace  # bound once: called per inode
 
             def known_inode(path: str, st: os.stat_result) -> Inode | None:
+                if self._pauses:
+                    raise _Abandoned
                 pace_cpu()
                 ino = st.st_ino
                 entry = cached(ino)
@@ -349,6 +396,8 @@ class Scanner:
                 last_error = ""
             except _Stopping:
                 return
+            except _Abandoned:
+                pass  # an update paused scanning; it asks for a pass when done
             except Exception as err:  # survive anything; say so once per distinct error
                 if repr(err) != last_error:
                     log.warning("scan of %s failed, retrying: %s", self.root, err,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,11 +18,11 @@ from fstree.filter import Filter
 from fstree.hashing import check_hash
 from fstree.listing import quote
 from fstree.objectstore import ObjectStore
-from fstree.tree import check_clean_path
+from fstree.tree import Kind, Tree, check_clean_path
 from proto import subd_pb2, subd_pb2_grpc
 from rpc.chunks import CHUNK_SIZE, split_message
 from rpc.status import abort
-from subd.changes import plan_from_proto
+from subd.changes import UpdatePlan, plan_from_proto
 from subd.fetcher import Fetcher, free_bytes
 from subd.scanner import SUBD_DIR, Scanner
 from subd.state import SubdState, UpdateOutcome
@@ -30,6 +31,12 @@ from subd.updater import Updater
 log = logging.getLogger(__name__)
 
 MAX_GET_FILES = 10_000
+
+
+def installed_files(plan: UpdatePlan) -> list[tuple[str, bytes]]:
+    """(path, hash) of every regular file an update wrote or touched."""
+    return [(entry.path, entry.new.hash) for entry in plan.diff.entries
+            if entry.new is not None and entry.new.kind == Kind.REGULAR and entry.new.size]
 
 
 def outcome_to_proto(outcome: UpdateOutcome | None, in_progress: bool) -> subd_pb2.UpdateResult:
@@ -118,15 +125,24 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             if tree is None:
                 raise PreconditionError("subd has not finished its first scan yet")
             async with self._update_lock:
-                outcome = await asyncio.to_thread(self.updater.apply, plan, tree,
-                                                  self.scanner.excluded)
+                outcome = await asyncio.to_thread(self._apply, plan, tree)
         except FleetError as err:
             await abort(context, err)
-        self.scanner.bump_generation()  # the cache lost the objects it installed
-        self.scanner.request_scan()
         if not outcome.success:
             await context.abort(grpc.StatusCode.ABORTED, f"update failed: {outcome.error}")
         return subd_pb2.UpdateResponse()
+
+    def _apply(self, plan: UpdatePlan, tree: Tree) -> UpdateOutcome:
+        """Apply with scanning paused, then let the next pass trust what was installed."""
+        try:
+            with self.scanner.paused():
+                outcome = self.updater.apply(plan, tree, self.scanner.excluded)
+                if outcome.success:
+                    self.scanner.trust(installed_files(plan), time.time())
+            return outcome
+        finally:
+            self.scanner.bump_generation()  # the cache lost the objects it installed
+            self.scanner.request_scan()
 
     async def Cleanup(self, request: subd_pb2.CleanupRequest, context: grpc.aio.ServicerContext
                       ) -> subd_pb2.CleanupResponse:

@@ -8,6 +8,7 @@ Only the limiters' unit tests use a fake clock.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -401,3 +402,39 @@ def test_measure_read_speed_is_measured_once_and_cached(tmp_path: Path) -> None:
     assert record["method"] in ("o_direct", "default")
     (state / SPEED_FILE).write_text(json.dumps({"bytes_per_second": 12345.0}))
     assert measure_read_speed(tmp_path, state) == 12345.0
+
+
+def test_trusted_install_is_not_read_again(root: Path, tmp_path: Path) -> None:
+    scanner = make_scanner(root, tmp_path)
+    scanner.scan_once()
+    content = os.urandom(40_000)
+    (root / "etc" / "installed").write_bytes(content)
+    (root / "etc" / "untrusted").write_bytes(os.urandom(1000))
+    digest = hashlib.sha256(content).digest()
+    scanner.trust([("/etc/installed", digest)], time.time())
+    tree = scanner.scan_once()
+    assert scanner.bytes_hashed_last_scan == 1000  # only the file nobody vouched for
+    assert file_hash(tree, "/etc/installed") == digest
+    (root / "etc" / "late").write_bytes(content)
+    scanner.trust([("/etc/late", digest)], time.time() - 60)  # changed after the update
+    scanner.scan_once()
+    assert scanner.bytes_hashed_last_scan == len(content)
+
+
+def test_paused_abandons_a_pass_and_holds_new_ones(root: Path, tmp_path: Path) -> None:
+    for index in range(300):
+        (root / "var" / f"bulk{index}").write_bytes(os.urandom(20_000))
+    scanner = make_scanner(root, tmp_path, cpu_percent=2.0)  # a pass of several seconds
+    scanner.start()
+    try:
+        time.sleep(0.3)  # the first pass is under way
+        entered = time.monotonic()
+        with scanner.paused():
+            assert time.monotonic() - entered < 1.0, "the pass in flight was not abandoned"
+            count = scanner.scan_count
+            time.sleep(1.5)
+            scanner.request_scan()
+            assert scanner.scan_count == count, "no pass may complete while paused"
+        assert scanner.wait_for_scan(count, 30)
+    finally:
+        scanner.stop()
