@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from fstree.errors import FleetError, NotFoundError
 from fstree.hashing import HASH_SIZE, check_hash, format_hash
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+QUEUED_JOBS = 256  # pieces of up to 1 MiB waiting for the I/O thread
 
 TMP_DIR = ".tmp"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -68,18 +75,50 @@ def fsync_directory(path: Path) -> None:
 
 
 class ObjectWriter:
-    """One object being written: feed it bytes, then `finish` verifies them."""
+    """One object being written: feed it bytes, then `finish` verifies them.
+
+    Hashing happens here, on the caller's thread; creating and writing the file
+    happen in order on the store's I/O thread, so receiving the next piece and
+    the disk work overlap. I/O errors surface when the batch commits.
+    """
 
     def __init__(self, batch: Batch, digest: bytes, size: int) -> None:
         self.digest = digest
         self.size = size
         self.received = 0
+        self.error: OSError | None = None
+        self.tmp = batch.store.new_tmp_path()
         self._batch = batch
         self._hash = hashlib.sha256()
-        fd, self._tmp = tempfile.mkstemp(dir=batch.store.tmp_dir)
-        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._fd = -1
+        batch.store.queue(self._open)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def _open(self) -> None:
+        try:
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600)
+        except OSError as err:
+            self.error = err
+
+    def _write(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as err:
+            self.error = err
+
+    def _close(self, discard: bool) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if discard:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+    def write(self, data: bytes) -> None:
         """Append content; FleetError past the declared size."""
         self.received += len(data)
         if self.received > self.size:
@@ -87,11 +126,10 @@ class ObjectWriter:
             raise FleetError(
                 f"object {format_hash(self.digest)}: more than the declared {self.size} bytes")
         self._hash.update(data)
-        self._file.write(data)
+        self._batch.store.queue(functools.partial(self._write, bytes(data)))
 
     def finish(self) -> None:
         """Verify size and hash; on success the object joins its batch for commit."""
-        self._file.close()
         if self.received != self.size:
             self.abort()
             raise FleetError(f"object {format_hash(self.digest)}: got {self.received} bytes, "
@@ -100,14 +138,12 @@ class ObjectWriter:
             self.abort()
             raise FleetError(f"object {format_hash(self.digest)}: content does not match its "
                              "hash (corrupt or forged)")
-        self._batch.pending.append((self._tmp, self.digest))
+        self._batch.store.queue(functools.partial(self._close, False))
+        self._batch.pending.append(self)
 
     def abort(self) -> None:
         """Drop the partial object."""
-        if not self._file.closed:
-            self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
+        self._batch.store.queue(functools.partial(self._close, True))
 
 
 class Batch:
@@ -115,7 +151,7 @@ class Batch:
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self.pending: list[tuple[str, bytes]] = []
+        self.pending: list[ObjectWriter] = []
 
     def begin(self, digest: bytes, size: int) -> ObjectWriter:
         """Start writing one object whose hash and size are declared up front."""
@@ -125,25 +161,37 @@ class Batch:
         return ObjectWriter(self, digest, size)
 
     def commit(self) -> int:
-        """Sync, then rename every verified object into place; returns how many."""
-        if not self.pending:
-            return 0
-        if self.store.durable:
+        """Sync, then rename every verified object into place; returns how many.
+        OSError if writing any of them failed (the others are still committed)."""
+        return self.commit_later().result()
+
+    def commit_later(self) -> Future[int]:
+        """`commit`, queued behind the batch's writes; the future gives its result."""
+        pending, self.pending = self.pending, []
+        return self.store.queue(functools.partial(self._commit, pending))
+
+    def _commit(self, pending: list[ObjectWriter]) -> int:
+        failed = [writer for writer in pending if writer.error is not None]
+        for writer in failed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(writer.tmp)
+        good = [writer for writer in pending if writer.error is None]
+        if good and self.store.durable:
             sync_filesystem(self.store.tmp_dir)
-        for tmp, digest in self.pending:
-            os.rename(tmp, self.store.path_for_writing(digest))
-        count = len(self.pending)
-        self.pending.clear()
-        if self.store.durable:
+        for writer in good:
+            os.rename(writer.tmp, self.store.path_for_writing(writer.digest))
+        if good and self.store.durable:
             sync_filesystem(self.store.tmp_dir)
-        return count
+        if failed:
+            raise failed[0].error  # type: ignore[misc]
+        return len(good)
 
     def abort(self) -> None:
         """Forget every uncommitted object."""
-        for tmp, _ in self.pending:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        self.pending.clear()
+        pending, self.pending = self.pending, []
+        for writer in pending:
+            writer.abort()
+        self.store.drain()
 
 
 class ObjectStore:
@@ -158,10 +206,30 @@ class ObjectStore:
         self.root = Path(root)
         self.durable = not scratch
         self._fanout = not scratch
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="object-io")
+        self._room = threading.Semaphore(QUEUED_JOBS)
+        self._names = itertools.count()
         self.tmp_dir = self.root / TMP_DIR
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_prefix = f"{self.tmp_dir}/{os.getpid()}.{os.urandom(4).hex()}."
         self._prefix = os.fspath(self.root) + "/"
         self._folders: set[str] = set()
+
+    def queue(self, job: Callable[[], T]) -> Future[T]:
+        """Run `job` on the store's I/O thread, after every job queued before it.
+        Blocks while too many jobs wait (the disk sets the pace)."""
+        self._room.acquire()
+        future = self._io.submit(job)
+        future.add_done_callback(lambda _: self._room.release())
+        return future
+
+    def drain(self) -> None:
+        """Wait for every queued job."""
+        self.queue(lambda: None).result()
+
+    def new_tmp_path(self) -> str:
+        """A fresh temporary name in the store's scratch folder."""
+        return f"{self._tmp_prefix}{next(self._names)}"
 
     def recover(self) -> int:
         """Remove temporary files a killed process left behind; returns how many."""

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import zstandard
@@ -39,11 +38,10 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
 
     def __init__(self, store: ImageStore) -> None:
         self.store = store
-        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="object-sync")
 
     async def AddObjects(self, request_iterator: AsyncIterator[objectserver_pb2.ObjectChunks],
                          context: grpc.aio.ServicerContext) -> objectserver_pb2.AddObjectsResponse:
-        receiver = ObjectReceiver(self.store.objects, self._syncer)
+        receiver = ObjectReceiver(self.store.objects)
         try:
             async for message in request_iterator:
                 receiver.feed_message(message)

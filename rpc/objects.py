@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -84,10 +84,9 @@ class ObjectReceiver:
     object that arrived whole: a retry resumes instead of starting over.
     """
 
-    def __init__(self, store: ObjectStore, background: Executor | None = None) -> None:
+    def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self._background = background  # where batches are synced, off the receiving path
-        self._commits: list[Future[int]] = []
+        self._commits: list[Future[int]] = []  # batches syncing behind the receiving
         self.stats = ReceiveStats()
         self._batch: Batch = store.batch()
         self._batch_bytes = 0
@@ -156,13 +155,10 @@ class ObjectReceiver:
             self._writer = self._batch.begin(self._digest, chunk.size)
 
     def commit(self) -> None:
-        """Make every object verified so far durable and visible (in the background
-        executor when there is one: `close` waits for it)."""
-        batch, self._batch, self._batch_bytes = self._batch, self.store.batch(), 0
-        if self._background is None:
-            batch.commit()
-        else:
-            self._commits.append(self._background.submit(batch.commit))
+        """Make every object verified so far durable and visible, on the store's I/O
+        thread while more arrive; `close` waits for it."""
+        self._commits.append(self._batch.commit_later())
+        self._batch_bytes = 0
 
     def close(self, strict: bool = True) -> None:
         """Commit what arrived whole and drop a partial object; when `strict`,
