@@ -4,10 +4,12 @@ now and by the herd later, so both decide exactly alike."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fstree.diff import Change, DiffEntry, diff_trees, too_many_deletes
+from fstree.errors import FleetError
 from fstree.image import Image
 from fstree.tree import Inode, Tree
 from fstree.triggers import fired
@@ -40,25 +42,58 @@ def computed_paths(image: Image) -> Callable[[str], bool]:
     return lambda path: path in paths
 
 
+def with_computed_files(tree: Tree, files: dict[str, bytes]) -> Tree:
+    """The image tree as one host must hold it: each computed path's inode carries
+    that host's rendered content (owner and mode stay the image's)."""
+    if not files:
+        return tree
+    inodes = dict(tree.inodes)
+    for path, data in files.items():
+        ino = tree.lookup(path)
+        if ino is None:
+            raise FleetError(f"computed file {path} is not in the image")
+        inodes[ino] = replace(inodes[ino], size=len(data),
+                              hash=hashlib.sha256(data).digest() if data else b"")
+    return Tree(tree.root, inodes, tree.children)
+
+
 def plan_update(sub_tree: Tree, image: Image, exclusions: list[str],
                 old_image: Image | None = None, disable_safety_check: bool = False,
-                disruption_permitted: bool = False) -> UpdatePlan:
+                disruption_permitted: bool = False,
+                computed: dict[str, bytes] | None = None) -> UpdatePlan:
     """The update that makes `sub_tree` hold `image` on a sub with these scan
-    exclusions (which count as filtered, as does subd's own state)."""
+    exclusions (which count as filtered, as does subd's own state). With
+    `computed` (rendered files) those paths get this host's content, carried in
+    the update itself; without, a direct push leaves computed paths alone."""
     scan_excluded = excluder(exclusions)
-    is_computed = computed_paths(image)
-    diff = diff_trees(sub_tree, image.tree, image.filter,
-                      excluded=lambda path: scan_excluded(path) or is_computed(path))
+    if computed is None:
+        is_computed = computed_paths(image)
+        excluded = lambda path: scan_excluded(path) or is_computed(path)  # noqa: E731
+        target = image.tree
+    else:
+        excluded = scan_excluded
+        target = with_computed_files(image.tree, computed)
+    diff = diff_trees(sub_tree, target, image.filter, excluded=excluded)
+    needed = diff.objects_needed()
+    inline = [data for data in (computed or {}).values()
+              if data and hashlib.sha256(data).digest() in needed]
     return UpdatePlan(image.name, diff, image.filter, list(image.triggers),
                       list(old_image.triggers) if old_image is not None else [],
-                      disable_safety_check, disruption_permitted)
+                      disable_safety_check, disruption_permitted, inline)
+
+
+def objects_to_fetch(plan: UpdatePlan) -> dict[bytes, int]:
+    """What the sub must fetch from the image server: the plan's new content
+    except what travels inline (computed files)."""
+    inline = {hashlib.sha256(data).digest() for data in plan.inline_objects}
+    return {h: s for h, s in plan.diff.objects_needed().items() if h not in inline}
 
 
 def summarize(plan: UpdatePlan, sub_tree: Tree, cached: Callable[[bytes], bool] | None = None
               ) -> PlanSummary:
     """Counts, bytes and triggers of a plan; `cached` tells objects the sub already has."""
     counts = plan.diff.counts()
-    needed = plan.diff.objects_needed()
+    needed = objects_to_fetch(plan)
     to_fetch = {h: s for h, s in needed.items() if cached is None or not cached(h)}
     changed = [e.path for e in plan.diff.entries]
     names = [t.service for t in fired([*plan.triggers, *plan.old_triggers], changed)]

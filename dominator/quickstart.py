@@ -1,9 +1,11 @@
-"""`dominator quickstart`: the embedded default, a working system in one command.
+"""`dominator quickstart`: the embedded default, a working fleet in one command.
 
-Today it makes certificates, starts an image server on a state directory,
-builds and adds a sample image, lists and shows it, prints the `export` lines
-that point the CLI at it, and keeps running until interrupted. Later work adds
-the dominator, an MDB and subs on local folders.
+In a state directory it makes certificates, starts an image server, a
+dominator with a SQLite MDB and N subd on local folders, adds a sample image
+with a computed file and a trigger, puts the hosts in the MDB, shows them
+converge, edits a file on one host by hand and shows it corrected (and
+reported as an intrusion), then prints the lines that point the CLI at this
+fleet and runs until interrupted, stopping everything it started.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -29,6 +33,9 @@ from rpc.tls import Security, open_channel
 log = logging.getLogger(__name__)
 
 SAMPLE_TRIGGERS = [{"MatchLines": ["/etc/nginx/.*"], "Service": "nginx", "DoReload": True}]
+SAMPLE_COMPUTED = [{"Filename": "/etc/hostname", "Source": "hostname.j2"}]
+HOSTNAME_TEMPLATE = "{{ hostname }}\n"
+CONVERGE_TIMEOUT = 120.0
 
 
 def build_sample_root(root: Path) -> None:
@@ -41,7 +48,7 @@ def build_sample_root(root: Path) -> None:
     hello = root / "usr/bin/hello"
     hello.write_text("#!/bin/sh\necho hello from $(cat /etc/hostname)\n")
     hello.chmod(0o755)
-    (root / "etc/hostname").write_text("template\n")
+    (root / "etc/hostname").write_text("rendered per host by the dominator\n")
 
 
 def wait_serving(address: str, security: Security, role: str, process: subprocess.Popen,
@@ -64,17 +71,6 @@ def wait_serving(address: str, security: Security, role: str, process: subproces
     raise FleetError(f"{role} did not become healthy within {timeout:.0f} s")
 
 
-def run_step(env: dict[str, str], *args: str) -> str:
-    """Run one `dominator` command as a user would, echoing it and its output."""
-    click.secho(f"$ dominator {' '.join(args)}", fg="cyan", err=True)
-    result = subprocess.run([sys.executable, "-m", "dominator.cli", *args], env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise FleetError(f"`dominator {' '.join(args)}` failed: {result.stderr.strip()}")
-    click.echo(result.stdout, nl=False, err=True)
-    return result.stdout
-
-
 def wait_for_interrupt() -> None:
     """Block until SIGINT or SIGTERM, even where a shell started us with them ignored."""
     stop = {signal.SIGINT, signal.SIGTERM}
@@ -84,55 +80,145 @@ def wait_for_interrupt() -> None:
     signal.sigwait(stop)
 
 
+@dataclass
+class Fleet:
+    """The processes quickstart started, and how to reach them."""
+
+    state: Path
+    admin: Security
+    env: dict[str, str]
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, role: str, address: str, *args: str) -> None:
+        """Start `python -m ARGS...` logging to STATE/NAME.log; wait until healthy."""
+        log_file = open(self.state / f"{name}.log", "ab")
+        process = subprocess.Popen([sys.executable, "-m", *args], stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        self.processes.append((name, process))
+        wait_serving(address, self.admin, role, process)
+        click.echo(f"  {name} up on {address} (log: {self.state / name}.log)", err=True)
+
+    def dominator(self, *args: str) -> str:
+        """Run one `dominator` command as a user would; its output."""
+        click.secho(f"$ dominator {' '.join(args)}", fg="cyan", err=True)
+        result = subprocess.run([sys.executable, "-m", "dominator.cli", *args], env=self.env,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise FleetError(f"`dominator {' '.join(args)}` failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def wait_until(self, done, what: str) -> list[dict]:
+        """Show host statuses until `done(hosts)`; FleetError after the timeout."""
+        deadline = time.monotonic() + CONVERGE_TIMEOUT
+        shown = ""
+        while time.monotonic() < deadline:
+            hosts = json.loads(subprocess.run(
+                [sys.executable, "-m", "dominator.cli", "fleet", "list", "--json"],
+                env=self.env, capture_output=True, text=True).stdout or "[]")
+            line = ", ".join(f"{h['hostname']}: {h['status']}" for h in hosts)
+            if line != shown:
+                click.echo(f"  {line}", err=True)
+                shown = line
+            if hosts and done(hosts):
+                return hosts
+            time.sleep(0.5)
+        raise FleetError(f"timed out waiting until {what}")
+
+    def stop(self) -> None:
+        """Stop every process started, newest first."""
+        for _, process in reversed(self.processes):
+            process.terminate()
+        for name, process in reversed(self.processes):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop; killing it", name)
+                process.kill()
+
+
 @click.command(name="quickstart")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where everything lives (default: a new temporary folder).")
-@click.option("--imageserver-port", default=6971, show_default=True,
-              type=click.IntRange(1, 65535), help="Port of the image server.")
-def quickstart(state_dir: Path | None, imageserver_port: int) -> None:
-    """Bring up a working system on this machine and show it converge.
+@click.option("--subs", default=3, show_default=True, type=click.IntRange(1, 50),
+              help="How many subd to run on local folders.")
+@click.option("--base-port", default=6970, show_default=True, type=click.IntRange(1024, 60000),
+              help="Dominator gRPC port; the image server takes +1, subd +100 and up.")
+def quickstart(state_dir: Path | None, subs: int, base_port: int) -> None:
+    """Bring up a working fleet on this machine and show it converge.
 
-    Makes a CA, starts an image server, adds a sample image and shows it, then
-    prints the `export` lines that point the CLI at it. Runs until Ctrl-C and
-    stops everything it started.
+    Makes a CA, starts an image server, a dominator (SQLite MDB) and SUBS
+    subd on local folders, adds a sample image with a computed file and a
+    trigger, shows the hosts converge and a hand-made change reverted, then
+    prints the `export` lines for the CLI. Runs until Ctrl-C and stops
+    everything it started.
     """
-    state = state_dir or Path(tempfile.mkdtemp(prefix="dominator-quickstart-"))
+    state = (state_dir or Path(tempfile.mkdtemp(prefix="dominator-quickstart-"))).resolve()
     state.mkdir(parents=True, exist_ok=True)
     tls = state / "tls"
     if not (tls / "ca.key").exists():
         init_ca(tls)
-    click.echo(f"state directory: {state}", err=True)
-    address = f"localhost:{imageserver_port}"
-    admin = Security.from_options(str(tls / "admin"), insecure=False)
+    dominator_address = f"localhost:{base_port}"
+    imageserver_address = f"localhost:{base_port + 1}"
+    token = secrets.token_urlsafe(24)
     env = {**os.environ, "DOMINATOR_TLS_DIR": str(tls / "admin"),
-           "DOMINATOR_IMAGESERVER": address}
-    server_log = open(state / "imageserver.log", "ab")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "imageserver.main", "--state-dir", str(state / "imageserver"),
-         "--port", str(imageserver_port), "--tls-dir", str(tls / "imageserver")],
-        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+           "DOMINATOR_IMAGESERVER": imageserver_address, "DOMINATOR_ADDRESS": dominator_address}
+    fleet = Fleet(state, Security.from_options(str(tls / "admin"), insecure=False), env)
+    click.echo(f"state directory: {state}\nstarting the fleet:", err=True)
     try:
-        wait_serving(address, admin, "imageserver", server)
-        click.echo(f"image server up on {address} (log: {state / 'imageserver.log'})", err=True)
+        fleet.start("imageserver", "imageserver", imageserver_address, "imageserver.main",
+                    "--state-dir", str(state / "imageserver"), "--port", str(base_port + 1),
+                    "--tls-dir", str(tls / "imageserver"))
+        generators = state / "generators"
+        generators.mkdir(exist_ok=True)
+        (generators / "hostname.j2").write_text(HOSTNAME_TEMPLATE)
+        fleet.start("dominator", "dominator", dominator_address, "dominator.cli", "serve",
+                    "--state-dir", str(state / "dominator"), "--port", str(base_port),
+                    "--imageserver", imageserver_address, "--generators", str(generators),
+                    "--poll-interval", "1", "--tls-dir", str(tls / "dominator"))
+        trigger_log = state / "triggers.log"
+        for index in range(1, subs + 1):
+            root = state / "subs" / f"host-{index}"
+            root.mkdir(parents=True, exist_ok=True)
+            port = base_port + 100 + index
+            fleet.start(f"subd-{index}", "subd", f"localhost:{port}", "subd.main",
+                        "--root", str(root), "--port", str(port), "--tls-dir", str(tls / "subd"),
+                        "--background-cpu-percent", "20", "--trigger-command",
+                        f"/bin/sh -c 'echo {{action}} {{service}} >> {trigger_log}'")
         sample = state / "sample-root"
         build_sample_root(sample)
         (state / "sample-triggers.json").write_text(json.dumps(SAMPLE_TRIGGERS, indent=2))
-        name = f"sample/{time.strftime('%Y%m%d-%H%M%S')}"
-        run_step(env, "image", "add", name, str(sample), "--triggers",
-                 str(state / "sample-triggers.json"))
-        run_step(env, "image", "list")
-        run_step(env, "image", "show", name)
-        click.echo("\nPoint the CLI at this system:", err=True)
+        (state / "sample-computed.json").write_text(json.dumps(SAMPLE_COMPUTED, indent=2))
+        image = f"sample/{time.strftime('%Y%m%d-%H%M%S')}"
+        click.echo(fleet.dominator("image", "add", image, str(sample), "--triggers",
+                                   str(state / "sample-triggers.json"), "--computed-files",
+                                   str(state / "sample-computed.json")), nl=False, err=True)
+        for index in range(1, subs + 1):
+            fleet.dominator("mdb", "set", f"host-{index}", "--address",
+                            f"localhost:{base_port + 100 + index}", "--required-image", image)
+        click.echo("converging:", err=True)
+        fleet.wait_until(lambda hosts: all(h["status"] == "synced" for h in hosts),
+                         "every host is synced")
+        motd = state / "subs" / "host-1" / "etc" / "motd"
+        click.echo(f"editing {motd} by hand, as an intruder would:", err=True)
+        motd.write_text("pwned\n")
+        fleet.wait_until(lambda hosts: hosts[0]["intrusion_paths"] and "pwned" not in
+                         motd.read_text(), "host-1 is corrected")
+        click.echo(f"  {motd} restored; host-1 reports an intrusion at /etc/motd "
+                   "(`dominator fleet acknowledge host-1` clears it)", err=True)
+        click.echo("\nThe fleet is running. Point the CLI at it:", err=True)
         click.echo(f"export DOMINATOR_TLS_DIR={tls / 'admin'}")
-        click.echo(f"export DOMINATOR_IMAGESERVER={address}")
-        click.echo("\nRunning until Ctrl-C; then every process started here stops.", err=True)
+        click.echo(f"export DOMINATOR_ADDRESS={dominator_address}")
+        click.echo(f"export DOMINATOR_IMAGESERVER={imageserver_address}")
+        click.echo(f"export DOMINATOR_URL=http://localhost:{base_port + 10}")
+        click.echo(f"export DOMINATOR_TOKEN={token}")
+        click.echo(f"\nDashboard (deploy stage and dashboard: coming with the HTTP API): "
+                   f"http://localhost:{base_port + 10}\nTry: dominator fleet list; "
+                   "dominator mdb list; dominator sub poll localhost:"
+                   f"{base_port + 101}\nRunning until Ctrl-C; then every process started here "
+                   "stops.", err=True)
         sys.stdout.flush()
         wait_for_interrupt()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        server_log.close()
+        fleet.stop()
         click.echo("stopped", err=True)

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 import click
 import grpc
 
-from dominator.convergence import describe_entries, plan_update, summarize, unreachable_for
+from dominator.convergence import (
+    describe_entries,
+    objects_to_fetch,
+    plan_update,
+    summarize,
+    unreachable_for,
+)
 from dominator.display import echo_json, format_bytes, progress_bar
 from dominator.image_cli import imageserver_option, json_option
 from fstree.errors import FleetError
@@ -146,7 +152,7 @@ def diff_command(host: str, image_name: str, as_json: bool, imageserver: str,
 
 def fetch_objects(client: SubClient, imageserver: str, plan: UpdatePlan) -> None:
     """Have the sub fetch what the plan needs, showing progress."""
-    needed = plan.diff.objects_needed()
+    needed = objects_to_fetch(plan)
     if not needed:
         return
     client.fetch(imageserver, list(needed))

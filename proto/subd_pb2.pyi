@@ -137,7 +137,7 @@ class Change(_message.Message):
     def __init__(self, path: _Optional[bytes] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., inode: _Optional[_Union[_tree_pb2.Inode, _Mapping]] = ..., link_to: _Optional[bytes] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("image_name", "changes", "filter", "triggers", "old_triggers", "disable_safety_check", "disruption_permitted")
+    __slots__ = ("image_name", "changes", "filter", "triggers", "old_triggers", "disable_safety_check", "disruption_permitted", "inline_objects")
     IMAGE_NAME_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class UpdateRequest(_message.Message):
     OLD_TRIGGERS_FIELD_NUMBER: _ClassVar[int]
     DISABLE_SAFETY_CHECK_FIELD_NUMBER: _ClassVar[int]
     DISRUPTION_PERMITTED_FIELD_NUMBER: _ClassVar[int]
+    INLINE_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     image_name: str
     changes: _containers.RepeatedCompositeFieldContainer[Change]
     filter: _imageserver_pb2.Filter
@@ -152,17 +153,22 @@ class UpdateRequest(_message.Message):
     old_triggers: _containers.RepeatedCompositeFieldContainer[_imageserver_pb2.Trigger]
     disable_safety_check: bool
     disruption_permitted: bool
-    def __init__(self, image_name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., filter: _Optional[_Union[_imageserver_pb2.Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., old_triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., disable_safety_check: _Optional[bool] = ..., disruption_permitted: _Optional[bool] = ...) -> None: ...
+    inline_objects: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, image_name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., filter: _Optional[_Union[_imageserver_pb2.Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., old_triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., disable_safety_check: _Optional[bool] = ..., disruption_permitted: _Optional[bool] = ..., inline_objects: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CleanupRequest(_message.Message):
-    __slots__ = ("hashes",)
+    __slots__ = ("hashes", "all_but_keep", "keep")
     HASHES_FIELD_NUMBER: _ClassVar[int]
+    ALL_BUT_KEEP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    all_but_keep: bool
+    keep: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., all_but_keep: _Optional[bool] = ..., keep: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CleanupResponse(_message.Message):
     __slots__ = ("removed",)

@@ -14,6 +14,7 @@ from fstree.tree import check_clean_path
 from fstree.triggers import Trigger, make_trigger
 from proto import imageserver_pb2, subd_pb2
 
+MAX_INLINE_BYTES = 64 << 20
 _KIND_TO_WIRE = {Change.ADD: subd_pb2.ADD, Change.REPLACE: subd_pb2.REPLACE,
                  Change.METADATA: subd_pb2.METADATA, Change.DELETE: subd_pb2.DELETE}
 _KIND_FROM_WIRE = {wire: kind for kind, wire in _KIND_TO_WIRE.items()}
@@ -30,6 +31,7 @@ class UpdatePlan:
     old_triggers: list[Trigger] = field(default_factory=list)
     disable_safety_check: bool = False
     disruption_permitted: bool = False
+    inline_objects: list[bytes] = field(default_factory=list)  # computed files' content
 
 
 def _triggers_to_wire(triggers: list[Trigger]) -> list[imageserver_pb2.Trigger]:
@@ -51,6 +53,7 @@ def plan_to_proto(plan: UpdatePlan) -> subd_pb2.UpdateRequest:
         old_triggers=_triggers_to_wire(plan.old_triggers),
         disable_safety_check=plan.disable_safety_check,
         disruption_permitted=plan.disruption_permitted,
+        inline_objects=plan.inline_objects,
     )
     for entry in plan.diff.entries:
         change = request.changes.add(path=os.fsencode(entry.path),
@@ -83,7 +86,10 @@ def plan_from_proto(request: subd_pb2.UpdateRequest) -> UpdatePlan:
         entries.append(DiffEntry(path, kind, None, inode, link_to))
     flt = Filter.from_lines(list(request.filter.lines), "update filter") \
         if request.HasField("filter") else None
+    inline = list(request.inline_objects)
+    if sum(len(data) for data in inline) > MAX_INLINE_BYTES:
+        raise FleetError(f"inline objects exceed {MAX_INLINE_BYTES} bytes: fetch them instead")
     return UpdatePlan(request.image_name, TreeDiff(entries), flt,
                       _triggers_from_wire(request.triggers),
                       _triggers_from_wire(request.old_triggers),
-                      request.disable_safety_check, request.disruption_permitted)
+                      request.disable_safety_check, request.disruption_permitted, inline)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from fstree.codec import tree_from_proto
 from fstree.errors import FleetError
@@ -21,12 +21,14 @@ DEFAULT_PORT = 6969
 POLL_INTERVAL = 0.2
 
 
-def read_poll(responses) -> tuple[subd_pb2.SubStatus, Tree | None]:
+def read_poll(responses: Iterable[subd_pb2.PollResponse]
+              ) -> tuple[subd_pb2.SubStatus, Tree | None]:
     """Status and (when it follows) the tree from a Poll response stream."""
-    first = next(iter(responses))
+    stream = iter(responses)
+    first = next(stream)
     if not first.tree_follows:
         return first.status, None
-    data = join_chunks(tree_pb2.Chunk(data=r.tree_chunk.data) for r in responses)
+    data = join_chunks(r.tree_chunk for r in stream)
     return first.status, tree_from_proto(tree_pb2.Tree.FromString(data))
 
 
@@ -96,6 +98,10 @@ class SubClient:
         """Remove cached objects; returns how many were removed."""
         return self.stub.Cleanup(subd_pb2.CleanupRequest(hashes=hashes)).removed
 
+    def cleanup_all_but(self, keep: list[bytes]) -> int:
+        """Remove every cached object not in `keep`; returns how many were removed."""
+        return self.stub.Cleanup(subd_pb2.CleanupRequest(all_but_keep=True, keep=keep)).removed
+
     def get_files(self, paths: list[str]) -> dict[str, bytes | None]:
         """Contents of files on the host (None where missing)."""
         result: dict[str, bytes | None] = {}
@@ -111,3 +117,36 @@ class SubClient:
                 result[path] = b"".join(parts)
                 parts = []
         return result
+
+
+class AsyncSubClient:
+    """The dominator's asynchronous view of one subd: the calls its herd makes."""
+
+    def __init__(self, address: str, security: Security) -> None:
+        self.address = parse_address(address, DEFAULT_PORT)
+        self.channel = open_channel(self.address, security, "subd", aio=True)
+        self.stub = subd_pb2_grpc.SubdStub(self.channel)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.channel.close()
+
+    async def poll(self, have_generation: int = 0, short: bool = False, timeout: float = 60
+                   ) -> tuple[subd_pb2.SubStatus, Tree | None]:
+        """Status, and the tree when the sub's generation differs from ours."""
+        request = subd_pb2.PollRequest(have_generation=have_generation, short=short)
+        responses = [r async for r in self.stub.Poll(request, timeout=timeout)]
+        return read_poll(responses)
+
+    async def fetch(self, server: str, hashes: list[bytes]) -> None:
+        """Start a fetch on the sub."""
+        await self.stub.Fetch(subd_pb2.FetchRequest(server=server, hashes=hashes), timeout=60)
+
+    async def update(self, plan: UpdatePlan, timeout: float = 600) -> None:
+        """Apply an update (raises grpc.aio.AioRpcError when refused or failed)."""
+        await self.stub.Update(plan_to_proto(plan), timeout=timeout)
+
+    async def cleanup_all_but(self, keep: list[bytes]) -> int:
+        """Remove every cached object not in `keep`."""
+        request = subd_pb2.CleanupRequest(all_but_keep=True, keep=keep)
+        return (await self.stub.Cleanup(request, timeout=60)).removed

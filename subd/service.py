@@ -134,6 +134,9 @@ class SubdService(subd_pb2_grpc.SubdServicer):
 
     def _apply(self, plan: UpdatePlan, tree: Tree) -> UpdateOutcome:
         """Apply with scanning paused, then let the next pass trust what was installed."""
+        for data in plan.inline_objects:  # computed files travel with the update
+            if data:
+                self.cache.add_bytes(data)
         try:
             with self.scanner.paused():
                 outcome = self.updater.apply(plan, tree, self.scanner.excluded)
@@ -148,8 +151,11 @@ class SubdService(subd_pb2_grpc.SubdServicer):
                       ) -> subd_pb2.CleanupResponse:
         try:
             hashes = [check_hash(h) for h in request.hashes]
+            keep = {check_hash(h) for h in request.keep}
         except FleetError as err:
             await abort(context, err)
+        if request.all_but_keep:
+            hashes = [digest for digest in self.cache if digest not in keep]
         removed = sum(1 for digest in hashes if self.cache.remove(digest))
         if removed:
             self.scanner.bump_generation()

@@ -1,40 +1,72 @@
-"""`dominator quickstart`, the README's first command, brings a system up, points
-the CLI at it, and stops everything it started on Ctrl-C."""
+"""`dominator quickstart`, the README's first command, brings a fleet up, shows it
+converge and correct a hand-made change, points the CLI at it, and stops
+everything it started on Ctrl-C."""
 
 from __future__ import annotations
 
-import os
+import json
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.daemons import PROJECT, cli, free_port
+from tests.daemons import PROJECT, cli
+
+SUBS = 3
 
 
-def test_quickstart_serves_then_stops_cleanly(tmp_path: Path) -> None:
-    port = free_port()
+def free_base_port() -> int:
+    """A base port whose quickstart ports (base, +1, +10, +101..+103) are all free."""
+    for base in range(20000, 60000, 397):
+        ports = [base, base + 1, base + 10, *(base + 100 + i for i in range(1, SUBS + 1))]
+        try:
+            for port in ports:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ports")
+
+
+def running_from(state: Path) -> list[str]:
+    """Command lines of processes still using the state directory."""
+    found = subprocess.run(["pgrep", "-af", str(state)], capture_output=True, text=True)
+    return [line for line in found.stdout.splitlines() if "pgrep" not in line]
+
+
+def test_quickstart_runs_a_fleet_then_stops_cleanly(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "dominator.cli", "quickstart", "--state-dir", str(tmp_path),
-         "--imageserver-port", str(port)],
+         "--base-port", str(free_base_port()), "--subs", str(SUBS)],
         cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     exports: dict[str, str] = {}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     assert process.stdout is not None
-    while len(exports) < 2 and time.monotonic() < deadline:
+    while len(exports) < 5 and time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
             break
         if line.startswith("export "):
             key, _, value = line[len("export "):].strip().partition("=")
             exports[key] = value
-    assert set(exports) == {"DOMINATOR_TLS_DIR", "DOMINATOR_IMAGESERVER"}, process.stderr.read()
-    listed = cli("image", "list", env=exports, check=True)
-    assert listed.stdout.startswith("sample/")
+    if len(exports) < 5:
+        process.kill()
+        raise AssertionError(process.stderr.read() if process.stderr else "no output")
+    assert set(exports) == {"DOMINATOR_TLS_DIR", "DOMINATOR_ADDRESS", "DOMINATOR_IMAGESERVER",
+                            "DOMINATOR_URL", "DOMINATOR_TOKEN"}
+    hosts = json.loads(cli("fleet", "list", "--json", env=exports, check=True).stdout)
+    assert [h["hostname"] for h in hosts] == ["host-1", "host-2", "host-3"]
+    assert hosts[0]["intrusion_paths"] == ["/etc/motd"]  # the demonstrated hand edit
+    assert all(h["status"] == "synced" for h in hosts[1:])
+    for index in (1, 2, 3):
+        root = tmp_path / "subs" / f"host-{index}"
+        assert (root / "etc/hostname").read_text() == f"host-{index}\n"
+        assert "pwned" not in (root / "etc/motd").read_text()
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=30)
+    _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "stopped" in err and "Traceback" not in err
-    refused = cli("image", "list", env={**exports, **os.environ, **exports})
-    assert refused.returncode == 2 and "unavailable" in refused.stderr
+    assert running_from(tmp_path) == []

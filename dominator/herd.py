@@ -1,0 +1,410 @@
+"""The herd: one asyncio scheduler that keeps every sub of the MDB on its image.
+
+Each sub has a task that polls it (short polls while its generation holds),
+plans the update that would make it hold its required image (a plan is
+computed once per distinct image, sub fingerprint and computed files, and no
+sub's tree is kept once its plan is made), checks safety, has the sub fetch
+what it lacks, updates it, and waits for its next scan before judging it.
+Bounded slots keep polls, fetches and updates from swamping anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from dominator.computed import ComputedFileError, Renderer, content_key, render_image_files
+from dominator.convergence import objects_to_fetch, plan_update
+from dominator.images import ImageCache
+from dominator.intrusion import classify, history
+from dominator.state import DominatorState
+from fstree.diff import too_many_deletes
+from fstree.errors import FleetError
+from fstree.hashing import hash_bytes
+from fstree.image import Image
+from mdb.machine import Machine
+from mdb.store import Mdb
+from rpc.cli import describe_rpc_error
+from rpc.tls import Security
+from subd.changes import UpdatePlan
+from subd.client import AsyncSubClient
+
+log = logging.getLogger(__name__)
+
+
+class Status(enum.StrEnum):
+    """What an operator sees for a sub."""
+
+    UNREACHABLE = "unreachable"
+    POLLING = "polling"
+    FETCHING = "fetching"
+    UPDATING = "updating"
+    SYNCED = "synced"
+    UPDATES_DISABLED = "updates disabled"
+    UNSAFE = "unsafe update"
+    NO_SPACE = "insufficient space"
+    IMAGE_NOT_READY = "image not ready"
+    MISSING_COMPUTED = "missing computed file"
+    FAILED = "update failed"
+    INTRUSION = "intrusion"
+    NO_IMAGE = "no image"
+
+
+@dataclass
+class HerdConfig:
+    """Pace and concurrency of the herd."""
+
+    imageserver: str
+    poll_interval: float = 5.0     # between cycles of one sub
+    poll_slots: int = 200
+    fetch_slots: int = 20
+    update_slots: int = 20
+    diff_cache_size: int = 20_000
+    history_images: int = 10      # earlier images consulted for the intrusion signal
+    mdb_check_interval: float = 1.0
+
+
+@dataclass
+class Sub:
+    """The herd's memory of one sub (its tree is not part of it)."""
+
+    machine: Machine
+    status: Status = Status.POLLING
+    last_error: str = ""
+    generation: int = 0
+    fingerprint: bytes = b""
+    last_poll_unix: float = 0.0
+    last_scan_unix: float = 0.0
+    change_window_ns: int = 0
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    listeners: list[Callable[[str, str], None]] = field(default_factory=list)
+    prefetched: tuple[str, bytes] | None = None
+    task: asyncio.Task | None = None
+    client: AsyncSubClient | None = None
+
+    def set_status(self, status: Status, error: str = "") -> None:
+        """Move to `status`, remembering the transition and telling listeners."""
+        if status != self.status or error != self.last_error:
+            self.history.append((time.time(), status.value, error))
+        self.status = status
+        self.last_error = error
+        for listener in list(self.listeners):
+            listener(status.value, error)
+
+
+@dataclass
+class Planned:
+    """A cached plan: what to change on subs of one fingerprint, and its size."""
+
+    plan: UpdatePlan
+    sub_inodes: int
+
+
+class DiffCache:
+    """Plans by (image, sub fingerprint, computed files): computed once, not per host."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._plans: collections.OrderedDict[tuple, Planned] = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> Planned | None:
+        """The cached plan, counting the hit or miss."""
+        planned = self._plans.get(key)
+        if planned is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._plans.move_to_end(key)
+        return planned
+
+    def put(self, key: tuple, planned: Planned) -> None:
+        """Remember a plan, forgetting the least recently used beyond capacity."""
+        self._plans[key] = planned
+        while len(self._plans) > self.capacity:
+            self._plans.popitem(last=False)
+
+
+def rendered_versions(computed: dict[str, bytes]) -> dict[str, tuple[bytes, int]]:
+    """path -> (hash, size) of rendered computed files, as the state store keeps them."""
+    return {path: (hash_bytes(data), len(data)) for path, data in computed.items()}
+
+
+class Herd:
+    """Every sub's convergence loop, driven by the MDB."""
+
+    def __init__(self, mdb: Mdb, state: DominatorState, images: ImageCache, renderer: Renderer,
+                 security: Security, config: HerdConfig) -> None:
+        self.mdb = mdb
+        self.state = state
+        self.images = images
+        self.renderer = renderer
+        self.security = security
+        self.config = config
+        self.subs: dict[str, Sub] = {}
+        self.cache = DiffCache(config.diff_cache_size)
+        self._poll_slots = asyncio.Semaphore(config.poll_slots)
+        self._fetch_slots = asyncio.Semaphore(config.fetch_slots)
+        self._update_slots = asyncio.Semaphore(config.update_slots)
+        self._revision = -1
+        self._stopping = False
+
+    async def run(self) -> None:
+        """Follow the MDB and run every sub's loop until cancelled."""
+        try:
+            while True:
+                revision = await asyncio.to_thread(self.mdb.revision)
+                if revision != self._revision:
+                    self._revision = revision
+                    machines = await asyncio.to_thread(self.mdb.list)
+                    await self._reconcile(machines)
+                await asyncio.sleep(self.config.mdb_check_interval)
+        finally:
+            self._stopping = True
+            for sub in self.subs.values():
+                if sub.task is not None:
+                    sub.task.cancel()
+            await asyncio.gather(*(s.task for s in self.subs.values() if s.task),
+                                 return_exceptions=True)
+            for sub in self.subs.values():
+                if sub.client is not None:
+                    await sub.client.close()
+
+    async def _reconcile(self, machines: list[Machine]) -> None:
+        """Start loops for new hosts, update changed ones, stop removed ones."""
+        wanted = {m.hostname: m for m in machines}
+        for hostname in list(self.subs):
+            if hostname not in wanted:
+                sub = self.subs.pop(hostname)
+                if sub.task is not None:
+                    sub.task.cancel()
+                if sub.client is not None:
+                    await sub.client.close()
+        for hostname, machine in wanted.items():
+            sub = self.subs.get(hostname)
+            if sub is None:
+                sub = self.subs[hostname] = Sub(machine)
+                sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")
+            elif sub.machine != machine:
+                if sub.machine.address != machine.address and sub.client is not None:
+                    await sub.client.close()
+                    sub.client = None
+                sub.machine = machine
+                sub.wake.set()
+
+    async def _loop(self, sub: Sub) -> None:
+        while not self._stopping:
+            try:
+                await self.cycle(sub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - one sub must never stop the herd
+                log.exception("%s: cycle failed", sub.machine.hostname)
+                sub.set_status(Status.FAILED, f"internal error: {err}")
+            try:
+                await asyncio.wait_for(sub.wake.wait(), self.config.poll_interval)
+            except TimeoutError:
+                pass
+            sub.wake.clear()
+
+    def _client(self, sub: Sub) -> AsyncSubClient:
+        if sub.client is None:
+            sub.client = AsyncSubClient(sub.machine.address or sub.machine.hostname,
+                                        self.security)
+        return sub.client
+
+    async def cycle(self, sub: Sub) -> None:
+        """One convergence step for one sub."""
+        machine = sub.machine
+        client = self._client(sub)
+        try:
+            async with self._poll_slots:
+                status, _ = await client.poll(short=True, timeout=30)
+        except grpc.RpcError as err:
+            sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
+            return
+        sub.last_poll_unix = time.time()
+        sub.generation, sub.fingerprint = status.generation, status.fingerprint
+        sub.last_scan_unix = status.last_scan_unix
+        if not status.scan_count:
+            sub.set_status(Status.POLLING, "waiting for the sub's first scan")
+            return
+        if not machine.required_image:
+            sub.set_status(Status.NO_IMAGE)
+            return
+        image = await self.images.get(machine.required_image)
+        if image is None:
+            sub.set_status(Status.IMAGE_NOT_READY, f"image {machine.required_image} not found")
+            return
+        try:
+            computed = await asyncio.to_thread(render_image_files, image, machine, self.renderer)
+        except ComputedFileError as err:
+            sub.set_status(Status.MISSING_COMPUTED, str(err))
+            return
+        planned = await self._plan(sub, client, image, computed, status)
+        if planned is None:
+            return
+        if not planned.plan.diff:
+            await self._synced(sub, client, image, computed, status)
+            return
+        await self._converge(sub, client, image, computed, planned, status)
+
+    async def _plan(self, sub: Sub, client: AsyncSubClient, image: Image,
+                    computed: dict[str, bytes], status) -> Planned | None:
+        key = (image.name, status.fingerprint, content_key(computed))
+        planned = self.cache.get(key)
+        if planned is not None:
+            return planned
+        try:
+            async with self._poll_slots:
+                status, tree = await client.poll(timeout=120)
+        except grpc.RpcError as err:
+            sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
+            return None
+        if tree is None:
+            return None
+        old = await self._previous_image(sub, image)
+        plan = await asyncio.to_thread(plan_update, tree, image, list(status.scan_exclusions),
+                                       old, False, False, computed)
+        planned = Planned(plan, len(tree.inodes))
+        self.cache.put((image.name, status.fingerprint, content_key(computed)), planned)
+        return planned
+
+    async def _previous_image(self, sub: Sub, image: Image) -> Image | None:
+        names = await asyncio.to_thread(self.state.desired_images, sub.machine.hostname)
+        for name in names:
+            if name != image.name:
+                return await self.images.get(name)
+        return None
+
+    async def _synced(self, sub: Sub, client: AsyncSubClient, image: Image,
+                      computed: dict[str, bytes], status) -> None:
+        hostname = sub.machine.hostname
+        await asyncio.to_thread(self.state.record_sync, hostname, image.name,
+                                rendered_versions(computed))
+        intrusion = await asyncio.to_thread(self.state.intrusion, hostname)
+        sub.set_status(Status.INTRUSION if intrusion else Status.SYNCED)
+        await self._prefetch(sub, client, status)
+
+    async def _prefetch(self, sub: Sub, client: AsyncSubClient, status) -> None:
+        """Once synced: fetch the planned image ahead of need, else drop cached objects."""
+        planned_name = sub.machine.planned_image
+        if planned_name and planned_name != sub.machine.required_image:
+            if sub.prefetched == (planned_name, status.fingerprint):
+                return
+            image = await self.images.get(planned_name)
+            if image is None:
+                return
+            async with self._poll_slots:
+                status, tree = await client.poll(timeout=120)
+            if tree is None:
+                return
+            plan = await asyncio.to_thread(plan_update, tree, image,
+                                           list(status.scan_exclusions))
+            needed = list(objects_to_fetch(plan))
+            if needed:
+                async with self._fetch_slots:
+                    await client.fetch(self.config.imageserver, needed)
+            sub.prefetched = (planned_name, status.fingerprint)
+        elif status.cached_objects:
+            await client.cleanup_all_but([])
+
+    async def _converge(self, sub: Sub, client: AsyncSubClient, image: Image,
+                        computed: dict[str, bytes], planned: Planned, status) -> None:
+        machine = sub.machine
+        hostname = machine.hostname
+        plan = planned.plan
+        names = await asyncio.to_thread(self.state.desired_images, hostname)
+        if names:  # a host once synced: is what differs an intrusion or just outdated?
+            trees = [img.tree for img in
+                     [await self.images.get(n) for n in names[:self.config.history_images]]
+                     if img is not None]
+            computed_history = await asyncio.to_thread(self.state.desired_computed, hostname)
+            verdict = classify(plan.diff.entries, history(trees, computed_history))
+            if verdict.intrusion:
+                await asyncio.to_thread(self.state.report_intrusion, hostname,
+                                        verdict.intrusion)
+        disabled = await asyncio.to_thread(self.state.updates_disabled)
+        if disabled is not None:
+            sub.set_status(Status.UPDATES_DISABLED, f"fleet-wide: {disabled.reason}")
+            return
+        if machine.disable_updates:
+            sub.set_status(Status.UPDATES_DISABLED, "disabled for this host in the MDB")
+            return
+        cleared = await asyncio.to_thread(self.state.safety_cleared, hostname)
+        if too_many_deletes(plan.diff, planned.sub_inodes) and not cleared:
+            sub.set_status(Status.UNSAFE, "the update would delete more than half the host's "
+                           "inodes; `dominator fleet clear-safety` allows it once")
+            return
+        needed = objects_to_fetch(plan)
+        if plan.diff.bytes_to_write() > status.free_bytes:
+            sub.set_status(Status.NO_SPACE, f"needs {plan.diff.bytes_to_write()} bytes, "
+                           f"{status.free_bytes} free")
+            return
+        if needed and not await self._fetch(sub, client, needed):
+            return
+        await self._update(sub, client, image, computed, plan, cleared)
+
+    async def _fetch(self, sub: Sub, client: AsyncSubClient, needed: dict[bytes, int]) -> bool:
+        sub.set_status(Status.FETCHING)
+        try:
+            async with self._fetch_slots:
+                await client.fetch(self.config.imageserver, list(needed))
+                while True:
+                    await asyncio.sleep(0.2)
+                    status, _ = await client.poll(short=True, timeout=30)
+                    if not status.fetch.in_progress:
+                        break
+        except grpc.RpcError as err:
+            sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
+            return False
+        if status.fetch.error:
+            kind = Status.NO_SPACE if "insufficient space" in status.fetch.error \
+                else Status.FAILED
+            sub.set_status(kind, f"fetch: {status.fetch.error}")
+            return False
+        return True
+
+    async def _update(self, sub: Sub, client: AsyncSubClient, image: Image,
+                      computed: dict[str, bytes], plan: UpdatePlan, cleared: bool) -> None:
+        hostname = sub.machine.hostname
+        sub.set_status(Status.UPDATING)
+        plan.disable_safety_check = cleared
+        try:
+            async with self._update_slots:
+                await client.update(plan)
+                after, _ = await client.poll(short=True, timeout=30)
+        except grpc.RpcError as err:
+            text = describe_rpc_error(err)
+            kind = Status.UNSAFE if "more than half" in text else Status.FAILED
+            sub.set_status(kind, text)
+            return
+        sub.change_window_ns = after.last_update.change_window_ns
+        if cleared:
+            await asyncio.to_thread(self.state.consume_safety, hostname)
+        await asyncio.to_thread(self.state.record_desired, hostname, image.name,
+                                rendered_versions(computed))
+        sub.set_status(Status.POLLING, "waiting for the scan after the update")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # judge only what a later scan sees
+            status, _ = await client.poll(short=True, timeout=30)
+            if status.scan_count > after.scan_count:
+                break
+            await asyncio.sleep(0.2)
+        sub.wake.set()
+
+    def find(self, hostname: str) -> Sub:
+        """The sub of that name; FleetError when the MDB has no such host."""
+        sub = self.subs.get(hostname)
+        if sub is None:
+            raise FleetError(f"unknown host {hostname}")
+        return sub

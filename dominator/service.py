@@ -1,0 +1,195 @@
+"""The Dominator gRPC service: the herd's state for operators, the fleet-wide
+switch, safety clearances, intrusion acknowledgements, fast updates, and the
+MDB (in Dominator's JSON format)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from dominator.herd import Herd, Status, Sub
+from dominator.state import DominatorState
+from fstree.errors import FleetError, NotFoundError
+from mdb.machine import Machine, parse_machines_json
+from mdb.store import Mdb
+from proto import dominator_pb2, dominator_pb2_grpc
+from rpc.status import abort
+
+log = logging.getLogger(__name__)
+
+# Statuses that end a fast update (after its first cycle).
+FINAL = {Status.SYNCED, Status.INTRUSION, Status.UNSAFE, Status.FAILED, Status.NO_SPACE,
+         Status.UNREACHABLE, Status.MISSING_COMPUTED, Status.IMAGE_NOT_READY,
+         Status.UPDATES_DISABLED, Status.NO_IMAGE}
+FAST_UPDATE_TIMEOUT = 600.0
+
+
+def caller(context: grpc.aio.ServicerContext) -> str:
+    """The calling identity: its certificate's CN (or a note that TLS is off)."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode(errors="replace") if names else "unauthenticated (insecure)"
+
+
+def sub_info(sub: Sub, state: DominatorState) -> dominator_pb2.SubInfo:
+    """The wire view of one sub, with what the state store remembers of it."""
+    machine = sub.machine
+    record = state.host(machine.hostname)
+    return dominator_pb2.SubInfo(
+        hostname=machine.hostname, address=machine.address, status=sub.status.value,
+        required_image=machine.required_image, planned_image=machine.planned_image,
+        current_image=record.current_image, last_poll_unix=int(sub.last_poll_unix),
+        last_sync_unix=record.last_sync_unix, last_scan_unix=int(sub.last_scan_unix),
+        last_error=sub.last_error, intrusion_paths=list(record.intrusion_paths),
+        intrusion_unix=record.intrusion_unix, change_window_ns=sub.change_window_ns,
+        updates_disabled=machine.disable_updates, safety_cleared=record.safety_cleared,
+        history=[f"{int(unix)} {status}{': ' + error if error else ''}"
+                 for unix, status, error in sub.history])
+
+
+class DominatorService(dominator_pb2_grpc.DominatorServicer):
+    """Admin API over the herd, its state store and the MDB."""
+
+    def __init__(self, herd: Herd, state: DominatorState, mdb: Mdb) -> None:
+        self.herd = herd
+        self.state = state
+        self.mdb = mdb
+
+    async def _info(self, hostname: str) -> dominator_pb2.SubInfo:
+        sub = self.herd.find(hostname)
+        return await asyncio.to_thread(sub_info, sub, self.state)
+
+    async def ListSubs(self, request, context) -> dominator_pb2.ListSubsResponse:
+        subs = [await asyncio.to_thread(sub_info, sub, self.state)
+                for _, sub in sorted(self.herd.subs.items())]
+        return dominator_pb2.ListSubsResponse(subs=subs)
+
+    async def GetSubInfo(self, request, context) -> dominator_pb2.SubInfo:
+        try:
+            return await self._info(request.hostname)
+        except FleetError as err:
+            await abort(context, NotFoundError(str(err)))
+
+    async def GetFleetStatus(self, request, context) -> dominator_pb2.FleetStatus:
+        return await self._fleet_status()
+
+    async def _fleet_status(self) -> dominator_pb2.FleetStatus:
+        disabled = await asyncio.to_thread(self.state.updates_disabled)
+        counts: dict[str, int] = {}
+        for sub in self.herd.subs.values():
+            counts[sub.status.value] = counts.get(sub.status.value, 0) + 1
+        reply = dominator_pb2.FleetStatus(
+            updates_disabled=disabled is not None, hosts=len(self.herd.subs),
+            hosts_by_status=counts, diff_cache_hits=self.herd.cache.hits,
+            diff_cache_misses=self.herd.cache.misses)
+        if disabled is not None:
+            reply.disabled_by, reply.disabled_reason = disabled.by, disabled.reason
+            reply.disabled_unix = disabled.unix
+        return reply
+
+    async def DisableUpdates(self, request, context) -> dominator_pb2.FleetStatus:
+        if not request.reason.strip():
+            await abort(context, FleetError("give a reason for disabling updates"))
+        by = caller(context)
+        await asyncio.to_thread(self.state.disable_updates, by, request.reason.strip())
+        log.warning("updates disabled fleet-wide by %s: %s", by, request.reason)
+        return await self._fleet_status()
+
+    async def EnableUpdates(self, request, context) -> dominator_pb2.FleetStatus:
+        await asyncio.to_thread(self.state.enable_updates)
+        log.warning("updates enabled fleet-wide by %s", caller(context))
+        for sub in self.herd.subs.values():
+            sub.wake.set()
+        return await self._fleet_status()
+
+    async def ClearSafetyShutoff(self, request, context) -> dominator_pb2.SubInfo:
+        try:
+            sub = self.herd.find(request.hostname)
+        except FleetError as err:
+            await abort(context, NotFoundError(str(err)))
+        await asyncio.to_thread(self.state.clear_safety, request.hostname)
+        log.warning("%s: safety check cleared by %s", request.hostname, caller(context))
+        sub.wake.set()
+        return await self._info(request.hostname)
+
+    async def AcknowledgeIntrusion(self, request, context) -> dominator_pb2.SubInfo:
+        try:
+            sub = self.herd.find(request.hostname)
+        except FleetError as err:
+            await abort(context, NotFoundError(str(err)))
+        await asyncio.to_thread(self.state.acknowledge_intrusion, request.hostname)
+        log.info("%s: intrusion acknowledged by %s", request.hostname, caller(context))
+        sub.wake.set()
+        return await self._info(request.hostname)
+
+    async def FastUpdate(self, request, context
+                         ) -> AsyncIterator[dominator_pb2.FastUpdateProgress]:
+        try:
+            sub = self.herd.find(request.hostname)
+        except FleetError as err:
+            await abort(context, NotFoundError(str(err)))
+        changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        listener = lambda status, error: changes.put_nowait((status, error))  # noqa: E731
+        sub.listeners.append(listener)
+        try:
+            sub.wake.set()
+            deadline = asyncio.get_running_loop().time() + FAST_UPDATE_TIMEOUT
+            busy = {Status.POLLING.value, Status.FETCHING.value, Status.UPDATING.value}
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                status, error = await asyncio.wait_for(changes.get(), max(remaining, 0.1))
+                done = Status(status) in FINAL and status not in busy
+                success = status in (Status.SYNCED.value, Status.INTRUSION.value)
+                yield dominator_pb2.FastUpdateProgress(status=status, message=error,
+                                                       done=done, success=done and success)
+                if done:
+                    return
+        except TimeoutError:
+            yield dominator_pb2.FastUpdateProgress(status=sub.status.value, done=True,
+                                                   message="timed out waiting for the sub")
+        finally:
+            sub.listeners.remove(listener)
+
+    # The MDB.
+
+    async def GetMachine(self, request, context) -> dominator_pb2.MachinesJson:
+        machine = await asyncio.to_thread(self.mdb.get, request.hostname)
+        if machine is None:
+            await abort(context, NotFoundError(f"unknown host {request.hostname}"))
+        return dominator_pb2.MachinesJson(json=json.dumps(machine.to_json()))
+
+    async def SetMachine(self, request, context) -> dominator_pb2.MachinesJson:
+        try:
+            patch = json.loads(request.patch_json or "{}")
+            if not isinstance(patch, dict):
+                raise FleetError("the patch must be a JSON object")
+            current = await asyncio.to_thread(self.mdb.get, request.hostname)
+            record = current.to_json() if current is not None else {
+                "Hostname": request.hostname}
+            machine = Machine.from_json({**record, **patch, "Hostname": request.hostname},
+                                        request.hostname)
+            await asyncio.to_thread(self.mdb.set, machine)
+        except json.JSONDecodeError as err:
+            await abort(context, FleetError(f"malformed patch JSON: {err}"))
+        except FleetError as err:
+            await abort(context, err)
+        return dominator_pb2.MachinesJson(json=json.dumps(machine.to_json()))
+
+    async def ListMachines(self, request, context) -> dominator_pb2.MachinesJson:
+        machines = await asyncio.to_thread(self.mdb.export_machines)
+        return dominator_pb2.MachinesJson(json=json.dumps([m.to_json() for m in machines],
+                                                          indent=2))
+
+    async def ImportMachines(self, request, context
+                             ) -> dominator_pb2.ImportMachinesResponse:
+        try:
+            machines = parse_machines_json(request.json, "import")
+            added, changed, removed = await asyncio.to_thread(
+                self.mdb.import_machines, machines, request.replace)
+        except FleetError as err:
+            await abort(context, err)
+        return dominator_pb2.ImportMachinesResponse(added=added, changed=changed,
+                                                    removed=removed)

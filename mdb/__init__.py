@@ -1,0 +1,9 @@
+"""The machine database (MDB): which image each machine must run (`required`) and
+will run next (`planned`), with its address, owner and tags. Stored with SQLAlchemy
+in a SQLite file (the default) or PostgreSQL (large fleets), migrated on open, and
+exchanged as Dominator's MDB JSON. The dominator polls `Mdb.revision()`, a single
+counter every committed change moves, and reloads the machines when it moves.
+
+Modules: `machine` (the Machine value and its JSON), `store` (Mdb), `models` (ORM
+tables), `migrations` (the schema history), `schema` (the generic migration
+runner) and `engine` (opening a URL with each backend's settings)."""

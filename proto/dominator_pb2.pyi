@@ -1,0 +1,150 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HostRequest(_message.Message):
+    __slots__ = ("hostname",)
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    def __init__(self, hostname: _Optional[str] = ...) -> None: ...
+
+class SubInfo(_message.Message):
+    __slots__ = ("hostname", "address", "status", "required_image", "planned_image", "current_image", "last_poll_unix", "last_sync_unix", "last_scan_unix", "last_error", "intrusion_paths", "intrusion_unix", "change_window_ns", "updates_disabled", "safety_cleared", "history", "outdated_paths")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LAST_POLL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_SYNC_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCAN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INTRUSION_PATHS_FIELD_NUMBER: _ClassVar[int]
+    INTRUSION_UNIX_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_WINDOW_NS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    OUTDATED_PATHS_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    address: str
+    status: str
+    required_image: str
+    planned_image: str
+    current_image: str
+    last_poll_unix: int
+    last_sync_unix: int
+    last_scan_unix: int
+    last_error: str
+    intrusion_paths: _containers.RepeatedScalarFieldContainer[str]
+    intrusion_unix: int
+    change_window_ns: int
+    updates_disabled: bool
+    safety_cleared: bool
+    history: _containers.RepeatedScalarFieldContainer[str]
+    outdated_paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., required_image: _Optional[str] = ..., planned_image: _Optional[str] = ..., current_image: _Optional[str] = ..., last_poll_unix: _Optional[int] = ..., last_sync_unix: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., last_error: _Optional[str] = ..., intrusion_paths: _Optional[_Iterable[str]] = ..., intrusion_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., updates_disabled: _Optional[bool] = ..., safety_cleared: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ..., outdated_paths: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListSubsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSubsResponse(_message.Message):
+    __slots__ = ("subs",)
+    SUBS_FIELD_NUMBER: _ClassVar[int]
+    subs: _containers.RepeatedCompositeFieldContainer[SubInfo]
+    def __init__(self, subs: _Optional[_Iterable[_Union[SubInfo, _Mapping]]] = ...) -> None: ...
+
+class FleetStatus(_message.Message):
+    __slots__ = ("updates_disabled", "disabled_by", "disabled_reason", "disabled_unix", "hosts_by_status", "hosts", "diff_cache_hits", "diff_cache_misses")
+    class HostsByStatusEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    UPDATES_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_BY_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_REASON_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_BY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    DIFF_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    DIFF_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    updates_disabled: bool
+    disabled_by: str
+    disabled_reason: str
+    disabled_unix: int
+    hosts_by_status: _containers.ScalarMap[str, int]
+    hosts: int
+    diff_cache_hits: int
+    diff_cache_misses: int
+    def __init__(self, updates_disabled: _Optional[bool] = ..., disabled_by: _Optional[str] = ..., disabled_reason: _Optional[str] = ..., disabled_unix: _Optional[int] = ..., hosts_by_status: _Optional[_Mapping[str, int]] = ..., hosts: _Optional[int] = ..., diff_cache_hits: _Optional[int] = ..., diff_cache_misses: _Optional[int] = ...) -> None: ...
+
+class GetFleetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DisableUpdatesRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class EnableUpdatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FastUpdateProgress(_message.Message):
+    __slots__ = ("status", "message", "done", "success")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    message: str
+    done: bool
+    success: bool
+    def __init__(self, status: _Optional[str] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ..., success: _Optional[bool] = ...) -> None: ...
+
+class MachinesJson(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class SetMachineRequest(_message.Message):
+    __slots__ = ("hostname", "patch_json")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PATCH_JSON_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    patch_json: str
+    def __init__(self, hostname: _Optional[str] = ..., patch_json: _Optional[str] = ...) -> None: ...
+
+class ImportMachinesRequest(_message.Message):
+    __slots__ = ("json", "replace")
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    replace: bool
+    def __init__(self, json: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class ImportMachinesResponse(_message.Message):
+    __slots__ = ("added", "changed", "removed")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    changed: int
+    removed: int
+    def __init__(self, added: _Optional[int] = ..., changed: _Optional[int] = ..., removed: _Optional[int] = ...) -> None: ...
+
+class ListMachinesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

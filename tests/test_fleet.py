@@ -1,0 +1,210 @@
+"""End to end, with real daemons on loopback and mutual TLS everywhere: an image
+server, a dominator with a SQLite MDB, and five subd on temporary roots."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from rpc.tls import Security
+from subd.client import SubClient
+from tests.daemons import Daemon, cli, free_port
+from tests.trees import make_tree
+
+HOSTS = 5
+POLL = "0.3"
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> object:
+    """Poll `condition` until it returns something true; fail with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+class FleetUnderTest:
+    """The daemons and the CLI environment of one fleet."""
+
+    def __init__(self, tmp_path: Path, ca: Path, imageserver: Daemon,
+                 start_subd: Callable[..., Daemon]) -> None:
+        self.tmp = tmp_path
+        self.ca = ca
+        self.generators = tmp_path / "generators"
+        self.generators.mkdir()
+        (self.generators / "hostname.j2").write_text("{{ hostname }} {{ tags['rack'] }}\n")
+        self.dominator = Daemon(
+            "dominator.cli", ["serve", "--state-dir", str(tmp_path / "dominator"),
+                              "--imageserver", imageserver.address, "--generators",
+                              str(self.generators), "--poll-interval", POLL,
+                              "--tls-dir", str(ca / "dominator")],
+            "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
+            tmp_path / "dominator.log")
+        self.env = {"DOMINATOR_TLS_DIR": str(ca / "admin"),
+                    "DOMINATOR_IMAGESERVER": imageserver.address,
+                    "DOMINATOR_ADDRESS": self.dominator.address}
+        self.roots = [tmp_path / f"host-{i}" for i in range(1, HOSTS + 1)]
+        self.subs = []
+        for root in self.roots:
+            root.mkdir()
+            self.subs.append(start_subd(root))
+        self.dominator.start()
+
+    def run(self, *args: str) -> str:
+        return cli(*args, env=self.env, check=True).stdout
+
+    def hosts(self) -> dict[str, dict]:
+        return {h["hostname"]: h for h in json.loads(self.run("fleet", "list", "--json"))}
+
+    def wait_status(self, names: list[str], status: str, image: str | None = None,
+                    timeout: float = 60.0) -> dict[str, dict]:
+        def reached() -> dict[str, dict] | None:
+            hosts = self.hosts()
+            ok = all(name in hosts and hosts[name]["status"] == status
+                     and (image is None or hosts[name]["current_image"] == image)
+                     for name in names)
+            return hosts if ok else None
+        return wait_for(reached, f"{names} are {status}", timeout)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, ca: Path, imageserver: Daemon,
+          start_subd: Callable[..., Daemon]) -> Iterator[FleetUnderTest]:
+    under_test = FleetUnderTest(tmp_path, ca, imageserver, start_subd)
+    yield under_test
+    under_test.dominator.stop()
+
+
+def add_images(fleet: FleetUnderTest) -> None:
+    v1 = make_tree(fleet.tmp / "v1")
+    (fleet.tmp / "computed.json").write_text(
+        '[{"Filename": "/etc/hostname", "Source": "hostname.j2"}]')
+    (fleet.tmp / "triggers.json").write_text(
+        '[{"MatchLines": ["/etc/ssl/.*"], "Service": "certs"}]')
+    fleet.run("image", "add", "v1", str(v1), "--computed-files",
+              str(fleet.tmp / "computed.json"), "--triggers", str(fleet.tmp / "triggers.json"))
+    (v1 / "etc/ssl/cert.pem").write_bytes(os.urandom(4000))
+    (v1 / "usr/bin/new-in-v2").write_text("v2\n")
+    with open(v1 / "var/lib/big-in-v2", "wb") as f:  # long enough a fetch to interrupt
+        for _ in range(80):
+            f.write(os.urandom(1 << 20))
+    fleet.run("image", "add", "v2", str(v1), "--computed-files",
+              str(fleet.tmp / "computed.json"), "--triggers", str(fleet.tmp / "triggers.json"))
+    tiny = fleet.tmp / "tiny"
+    (tiny / "etc").mkdir(parents=True)
+    (tiny / "etc/issue").write_text("tiny\n")
+    fleet.run("image", "add", "tiny", str(tiny))
+
+
+def names(*indexes: int) -> list[str]:
+    return [f"host-{i}" for i in indexes]
+
+
+def test_fleet_converges_and_stays_safe(fleet: FleetUnderTest) -> None:
+    add_images(fleet)
+    for index, sub in enumerate(fleet.subs, 1):
+        fleet.run("mdb", "set", f"host-{index}", "--address", sub.address,
+                  "--required-image", "v1", "--tag", f"rack=r{index}")
+    everyone = names(*range(1, HOSTS + 1))
+    fleet.wait_status(everyone, "synced", "v1")
+    for index, root in enumerate(fleet.roots, 1):
+        assert (root / "etc/hostname").read_text() == f"host-{index} r{index}\n"
+        assert (root / "usr/bin/passwd").stat().st_mode & 0o4000
+
+    # Changing the required image of two hosts converges exactly those two.
+    for host in names(1, 2):
+        fleet.run("mdb", "set", host, "--required-image", "v2")
+    fleet.wait_status(names(1, 2), "synced", "v2")
+    assert all((root / "usr/bin/new-in-v2").exists() for root in fleet.roots[:2])
+    assert not any((root / "usr/bin/new-in-v2").exists() for root in fleet.roots[2:])
+
+    # A computed file follows the host's MDB record.
+    fleet.run("mdb", "set", "host-3", "--tag", "rack=moved")
+    wait_for(lambda: (fleet.roots[2] / "etc/hostname").read_text() == "host-3 moved\n",
+             "host-3's computed hostname follows its new tag")
+
+    # A file edited by hand is restored within two scan cycles and reported as intrusion.
+    edited = fleet.roots[3] / "etc/hostname"
+    scans_before = json.loads(fleet.run("sub", "poll", fleet.subs[3].address, "--json"))
+    edited.write_text("intruder was here\n")
+    wait_for(lambda: edited.read_text() == "host-4 r4\n", "host-4 is corrected")
+    scans_after = json.loads(fleet.run("sub", "poll", fleet.subs[3].address, "--json"))
+    assert scans_after["scan_count"] - scans_before["scan_count"] <= 3
+    host4 = fleet.wait_status(names(4), "intrusion")["host-4"]
+    assert host4["intrusion_paths"] == ["/etc/hostname"]
+    fleet.run("fleet", "acknowledge", "host-4")
+    fleet.wait_status(names(4), "synced")
+
+    # Disabling updates stops changes, and survives a dominator restart.
+    fleet.run("fleet", "disable-updates", "--reason", "change freeze")
+    drifted = fleet.roots[4] / "etc/motd"  # not in the image: an extra file
+    drifted.write_text("drift during the freeze\n")
+    fleet.wait_status(names(5), "updates disabled")
+    fleet.dominator.stop()
+    fleet.dominator.start()
+    status = json.loads(fleet.run("fleet", "status", "--json"))
+    assert status["updates_disabled"] and status["disabled_reason"] == "change freeze"
+    assert status["disabled_by"] == "admin"
+    fleet.wait_status(names(5), "updates disabled")
+    assert drifted.read_text() == "drift during the freeze\n"
+    fleet.run("fleet", "enable-updates")
+    wait_for(lambda: not drifted.exists(), "host-5 is corrected")
+    host5 = fleet.wait_status(names(5), "intrusion")["host-5"]  # a file never desired
+    assert host5["intrusion_paths"] == ["/etc/motd"]
+    fleet.run("fleet", "acknowledge", "host-5")
+
+    # The unsafe-update check stops an image that would wipe a host until cleared.
+    before = sorted(p.name for p in (fleet.roots[2] / "etc").iterdir())
+    fleet.run("mdb", "set", "host-3", "--required-image", "tiny")
+    fleet.wait_status(names(3), "unsafe update")
+    assert sorted(p.name for p in (fleet.roots[2] / "etc").iterdir()) == before
+    fleet.run("fleet", "clear-safety", "host-3")
+    fleet.wait_status(names(3), "synced", "tiny")
+    assert (fleet.roots[2] / "etc/issue").read_text() == "tiny\n"
+    assert not (fleet.roots[2] / "usr").exists()
+
+    # A host whose subd is down is unreachable, and converges once it is back.
+    fleet.subs[1].stop()
+    fleet.run("mdb", "set", "host-2", "--required-image", "v1")
+    fleet.wait_status(names(2), "unreachable")
+    fleet.subs[1].start()
+    fleet.wait_status(names(2), "synced", "v1")
+    assert not (fleet.roots[1] / "usr/bin/new-in-v2").exists()
+
+    # The dominator killed mid-update loses nothing: the next one completes it.
+    fleet.run("mdb", "set", "host-5", "--required-image", "v2")
+    with SubClient(fleet.subs[4].address, fleet.dominator.security) as sub:
+        def busy() -> bool:
+            status, _ = sub.poll(short=True)
+            return status.fetch.in_progress or status.last_update.in_progress
+        deadline = time.monotonic() + 30
+        while not busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert busy(), "host-5 never started fetching v2"
+    fleet.dominator.kill()
+    fleet.dominator.start()
+    fleet.wait_status(names(5), "synced", "v2")
+    assert (fleet.roots[4] / "usr/bin/new-in-v2").read_text() == "v2\n"
+
+
+def test_mdb_import_is_all_or_nothing(fleet: FleetUnderTest) -> None:
+    good = [{"Hostname": f"web-{i}", "IpAddress": "127.0.0.1:1", "RequiredImage": "",
+             "PlannedImage": "", "DisableUpdates": False, "OwnerGroup": "web",
+             "Tags": {"rack": str(i)}} for i in range(3)]
+    (fleet.tmp / "good.json").write_text(json.dumps(good))
+    assert "3 added" in fleet.run("mdb", "import", str(fleet.tmp / "good.json"))
+    bad = good + [{"Hostname": "not a hostname!"}]
+    (fleet.tmp / "bad.json").write_text(json.dumps(bad))
+    refused = cli("mdb", "import", str(fleet.tmp / "bad.json"), "--replace", env=fleet.env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    exported = json.loads(fleet.run("mdb", "export"))
+    assert [m["Hostname"] for m in exported] == ["web-0", "web-1", "web-2"]
+    assert exported == good
