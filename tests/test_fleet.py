@@ -208,3 +208,21 @@ def test_mdb_import_is_all_or_nothing(fleet: FleetUnderTest) -> None:
     exported = json.loads(fleet.run("mdb", "export"))
     assert [m["Hostname"] for m in exported] == ["web-0", "web-1", "web-2"]
     assert exported == good
+
+
+def test_planned_image_is_prefetched_then_cache_cleaned(fleet: FleetUnderTest) -> None:
+    add_images(fleet)
+    sub = fleet.subs[0]
+    fleet.run("mdb", "set", "host-1", "--address", sub.address, "--required-image", "v1",
+              "--planned-image", "v2", "--tag", "rack=r1")
+    fleet.wait_status(names(1), "synced", "v1")
+
+    def cached() -> int:
+        return json.loads(fleet.run("sub", "poll", sub.address, "--json"))["cached_objects"]
+
+    wait_for(lambda: cached() >= 2, "v2's new objects are pre-fetched")
+    assert not (fleet.roots[0] / "var/lib/big-in-v2").exists()  # fetched, not applied
+    fleet.run("mdb", "set", "host-1", "--required-image", "v2", "--planned-image", "")
+    fleet.wait_status(names(1), "synced", "v2")
+    assert (fleet.roots[0] / "var/lib/big-in-v2").stat().st_size == 80 << 20
+    wait_for(lambda: cached() == 0, "the cache is cleaned once nothing is planned")
