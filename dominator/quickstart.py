@@ -175,7 +175,8 @@ def quickstart(state_dir: Path | None, subs: int, base_port: int) -> None:
         fleet.start("dominator", "dominator", dominator_address, "dominator.cli", "serve",
                     "--state-dir", str(state / "dominator"), "--port", str(base_port),
                     "--imageserver", imageserver_address, "--generators", str(generators),
-                    "--poll-interval", "1", "--tls-dir", str(tls / "dominator"))
+                    "--poll-interval", "1", "--http-port", str(base_port + 10),
+                    "--token", token, "--tls-dir", str(tls / "dominator"))
         trigger_log = state / "triggers.log"
         for index in range(1, subs + 1):
             root = state / "subs" / f"host-{index}"

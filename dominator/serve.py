@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from pathlib import Path
 
 import click
 
 from dominator.computed import Renderer
 from dominator.herd import Herd, HerdConfig
+from dominator.http_app import HttpContext, make_app, serve_http
 from dominator.images import ImageCache
 from dominator.service import DominatorService
 from dominator.state import DominatorState
+from fstree.objectstore import write_file_atomically
 from mdb.store import Mdb
 from proto import dominator_pb2_grpc
 from rpc.cli import setup_logging
@@ -23,11 +26,24 @@ from rpc.tls import Security
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 6970
+DEFAULT_HTTP_PORT = 6980
+
+
+def api_token(state_dir: Path, given: str | None) -> str:
+    """The HTTP API's bearer token: the one given, else the one kept in the state
+    directory (made on first start, readable by root only)."""
+    if given:
+        return given
+    path = state_dir / "http-token"
+    if not path.exists():
+        write_file_atomically(path, secrets.token_urlsafe(32).encode(), mode=0o600)
+        log.info("made an HTTP API token: %s", path)
+    return path.read_text().strip()
 
 
 async def serve(state_dir: Path, mdb_url: str, config: HerdConfig, generators: Path | None,
-                port: int, host: str, security: Security) -> None:
-    """Run the herd and the admin API until SIGTERM/SIGINT."""
+                port: int, http_port: int, host: str, token: str, security: Security) -> None:
+    """Run the herd, the admin gRPC API and the HTTP side until SIGTERM/SIGINT."""
     mdb = Mdb(mdb_url)
     state = DominatorState(state_dir / "dominator.sqlite")
     images = ImageCache(config.imageserver, security)
@@ -35,14 +51,17 @@ async def serve(state_dir: Path, mdb_url: str, config: HerdConfig, generators: P
     running = await start_server(
         [(dominator_pb2_grpc.add_DominatorServicer_to_server,
           DominatorService(herd, state, mdb), "fleet.Dominator")], port, security, host)
-    log.info("dominator on port %d: MDB %s, image server %s", running.port, mdb_url,
-             config.imageserver)
+    http = await serve_http(make_app(HttpContext(herd, state, mdb, images, token)), host,
+                            http_port)
+    log.info("dominator on port %d (HTTP %d): MDB %s, image server %s", running.port,
+             http.port, mdb_url, config.imageserver)
     herding = asyncio.create_task(herd.run(), name="herd")
     try:
         await serve_until_stopped(running)
     finally:
         herding.cancel()
         await asyncio.gather(herding, return_exceptions=True)
+        await http.stop()
         images.close()
         mdb.close()
 
@@ -58,6 +77,11 @@ async def serve(state_dir: Path, mdb_url: str, config: HerdConfig, generators: P
               help="Folder of computed-file generators (jinja2 templates or programs).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
               help="gRPC port of the admin API.")
+@click.option("--http-port", default=DEFAULT_HTTP_PORT, show_default=True,
+              type=click.IntRange(0, 65535),
+              help="Port of the deploy stage API, the dashboard and /metrics.")
+@click.option("--token", envvar="DOMINATOR_TOKEN", show_envvar=True,
+              help="Bearer token of the HTTP API (default: made once, kept in the state dir).")
 @click.option("--host", default="[::]", show_default=True, help="Address to listen on.")
 @click.option("--poll-interval", default=5.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds between two convergence cycles of one sub.")
@@ -70,7 +94,8 @@ async def serve(state_dir: Path, mdb_url: str, config: HerdConfig, generators: P
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
-                  generators: Path | None, port: int, host: str, poll_interval: float,
+                  generators: Path | None, port: int, http_port: int, token: str | None,
+                  host: str, poll_interval: float,
                   poll_slots: int, fetch_slots: int, update_slots: int, verbose: bool,
                   security: Security) -> None:
     """Run the dominator: keep every sub of the MDB on its required image.
@@ -84,4 +109,5 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
                         update_slots=update_slots)
     url = mdb_url or f"sqlite:///{state_dir.resolve() / 'mdb.sqlite'}"
-    asyncio.run(serve(state_dir, url, config, generators, port, host, security))
+    asyncio.run(serve(state_dir, url, config, generators, port, http_port, host,
+                      api_token(state_dir, token), security))

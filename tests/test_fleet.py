@@ -18,6 +18,7 @@ from tests.trees import make_tree
 
 HOSTS = 5
 POLL = "0.3"
+TOKEN = "test-token"
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> object:
@@ -38,6 +39,7 @@ class FleetUnderTest:
                  start_subd: Callable[..., Daemon]) -> None:
         self.tmp = tmp_path
         self.ca = ca
+        self.http_port = free_port()
         self.generators = tmp_path / "generators"
         self.generators.mkdir()
         (self.generators / "hostname.j2").write_text("{{ hostname }} {{ tags['rack'] }}\n")
@@ -45,12 +47,15 @@ class FleetUnderTest:
             "dominator.cli", ["serve", "--state-dir", str(tmp_path / "dominator"),
                               "--imageserver", imageserver.address, "--generators",
                               str(self.generators), "--poll-interval", POLL,
+                              "--http-port", str(self.http_port), "--token", TOKEN,
                               "--tls-dir", str(ca / "dominator")],
             "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
             tmp_path / "dominator.log")
         self.env = {"DOMINATOR_TLS_DIR": str(ca / "admin"),
                     "DOMINATOR_IMAGESERVER": imageserver.address,
-                    "DOMINATOR_ADDRESS": self.dominator.address}
+                    "DOMINATOR_ADDRESS": self.dominator.address,
+                    "DOMINATOR_URL": f"http://127.0.0.1:{self.http_port}",
+                    "DOMINATOR_TOKEN": TOKEN}
         self.roots = [tmp_path / f"host-{i}" for i in range(1, HOSTS + 1)]
         self.subs = []
         for root in self.roots:

@@ -1,0 +1,126 @@
+"""The dominator's HTTP side (FastAPI, on the same event loop as the gRPC server):
+the deploy stage API under /v1 (bearer token), the dashboard, and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Annotated
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from dominator.herd import Herd
+from dominator.images import ImageCache
+from dominator.state import DominatorState
+from fstree.errors import FleetError
+from mdb.store import Mdb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HttpContext:
+    """What the HTTP handlers reach: the herd, its stores, and the API token."""
+
+    herd: Herd
+    state: DominatorState
+    mdb: Mdb
+    images: ImageCache
+    token: str
+
+
+def context(request: Request) -> HttpContext:
+    """The app's context (a FastAPI dependency)."""
+    return request.app.state.context
+
+
+def require_token(request: Request,
+                  ctx: Annotated[HttpContext, Depends(context)]) -> None:
+    """401 unless the request carries `Authorization: Bearer <the token>`."""
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise HTTPException(401, "missing bearer token (Authorization: Bearer ...)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), ctx.token.encode()):
+        raise HTTPException(401, "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def make_app(ctx: HttpContext) -> FastAPI:
+    """The whole HTTP application."""
+    app = FastAPI(title="dominator", version="1",
+                  description="Deploy stage, dashboard and metrics of a dominator.")
+    app.state.context = ctx
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """One clear message for a malformed request (400, not FastAPI's 422)."""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
+            for err in exc.errors())
+        return JSONResponse({"error": problems}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Errors as {"error": message}."""
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict:
+        return {"status": "ok", "hosts": len(ctx.herd.subs)}
+
+    return app
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our own event loop: signals stay ours (serve_until_stopped)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # noqa: D102 - uvicorn's hook
+        yield
+
+
+@dataclass
+class RunningHttp:
+    """A started HTTP server: its port, and how to stop it."""
+
+    server: EmbeddedServer
+    task: asyncio.Task
+    port: int
+
+    async def stop(self) -> None:
+        """Finish requests in flight and close."""
+        self.server.should_exit = True
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def serve_http(app: FastAPI, host: str, port: int) -> RunningHttp:
+    """Bind HOST:PORT (FleetError when taken: the socket is ours, so uvicorn never
+    exits the process) and serve `app` in this event loop."""
+    bind_host = host.strip("[]") or "::"
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind_host, port))
+    except OSError as err:
+        sock.close()
+        raise FleetError(f"cannot listen on {host}:{port} (HTTP): {err.strerror}") from None
+    sock.listen(128)
+    server = EmbeddedServer(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()
+    bound = sock.getsockname()[1]
+    log.info("HTTP API, dashboard and /metrics on %s:%d", host, bound)
+    return RunningHttp(server, task, bound)
