@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dominator.certs_cli import certs
+from dominator.deploy_cli import deploy
 from dominator.fleet_cli import fleet, mdb
 from dominator.image_cli import image
 from dominator.quickstart import quickstart
@@ -29,6 +30,7 @@ cli.add_command(sub)
 cli.add_command(fleet)
 cli.add_command(mdb)
 cli.add_command(serve_command)
+cli.add_command(deploy)
 
 
 def main() -> None:
