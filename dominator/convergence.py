@@ -66,13 +66,12 @@ def plan_update(sub_tree: Tree, image: Image, exclusions: list[str],
     `computed` (rendered files) those paths get this host's content, carried in
     the update itself; without, a direct push leaves computed paths alone."""
     scan_excluded = excluder(exclusions)
-    if computed is None:
-        is_computed = computed_paths(image)
-        excluded = lambda path: scan_excluded(path) or is_computed(path)  # noqa: E731
-        target = image.tree
-    else:
-        excluded = scan_excluded
-        target = with_computed_files(image.tree, computed)
+    left_alone = computed_paths(image) if computed is None else (lambda path: False)
+
+    def excluded(path: str) -> bool:
+        return scan_excluded(path) or left_alone(path)
+
+    target = image.tree if computed is None else with_computed_files(image.tree, computed)
     diff = diff_trees(sub_tree, target, image.filter, excluded=excluded)
     needed = diff.objects_needed()
     inline = [data for data in (computed or {}).values()

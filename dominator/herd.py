@@ -16,14 +16,15 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
 from dominator.computed import ComputedFileError, Renderer, content_key, render_image_files
-from dominator.convergence import objects_to_fetch, plan_update
+from dominator.convergence import PlanSummary, objects_to_fetch, plan_update, summarize
 from dominator.images import ImageCache
 from dominator.intrusion import classify, history
+from dominator.metrics import HerdMetrics
 from dominator.state import DominatorState
 from fstree.diff import too_many_deletes
 from fstree.errors import FleetError
@@ -152,6 +153,8 @@ class Herd:
         self.config = config
         self.subs: dict[str, Sub] = {}
         self.cache = DiffCache(config.diff_cache_size)
+        self.metrics = HerdMetrics()
+        self._planning: dict[tuple, asyncio.Future[Planned | None]] = {}
         self._poll_slots = asyncio.Semaphore(config.poll_slots)
         self._fetch_slots = asyncio.Semaphore(config.fetch_slots)
         self._update_slots = asyncio.Semaphore(config.update_slots)
@@ -227,7 +230,7 @@ class Herd:
         machine = sub.machine
         client = self._client(sub)
         try:
-            async with self._poll_slots:
+            async with self._poll_slots, self.metrics.timed("poll"):
                 status, _ = await client.poll(short=True, timeout=30)
         except grpc.RpcError as err:
             sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
@@ -246,7 +249,8 @@ class Herd:
             sub.set_status(Status.IMAGE_NOT_READY, f"image {machine.required_image} not found")
             return
         try:
-            computed = await asyncio.to_thread(render_image_files, image, machine, self.renderer)
+            computed = await asyncio.to_thread(render_image_files, image, machine,
+                                               self.renderer) if image.computed_files else {}
         except ComputedFileError as err:
             sub.set_status(Status.MISSING_COMPUTED, str(err))
             return
@@ -264,8 +268,20 @@ class Herd:
         planned = self.cache.get(key)
         if planned is not None:
             return planned
+        pending = self._planning.get(key)
+        if pending is not None:  # another sub of this fingerprint is planning it now
+            return await asyncio.shield(pending)
+        self._planning[key] = asyncio.get_running_loop().create_future()
         try:
-            async with self._poll_slots:
+            planned = await self._plan_now(sub, client, image, computed, key)
+        finally:
+            self._planning.pop(key).set_result(planned)
+        return planned
+
+    async def _plan_now(self, sub: Sub, client: AsyncSubClient, image: Image,
+                        computed: dict[str, bytes], key: tuple) -> Planned | None:
+        try:
+            async with self._poll_slots, self.metrics.timed("poll"):
                 status, tree = await client.poll(timeout=120)
         except grpc.RpcError as err:
             sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
@@ -276,7 +292,8 @@ class Herd:
         plan = await asyncio.to_thread(plan_update, tree, image, list(status.scan_exclusions),
                                        old, False, False, computed)
         planned = Planned(plan, len(tree.inodes))
-        self.cache.put((image.name, status.fingerprint, content_key(computed)), planned)
+        if status.fingerprint == key[1]:  # else it changed meanwhile: plan again next cycle
+            self.cache.put(key, planned)
         return planned
 
     async def _previous_image(self, sub: Sub, image: Image) -> Image | None:
@@ -291,8 +308,7 @@ class Herd:
         hostname = sub.machine.hostname
         await asyncio.to_thread(self.state.record_sync, hostname, image.name,
                                 rendered_versions(computed))
-        intrusion = await asyncio.to_thread(self.state.intrusion, hostname)
-        sub.set_status(Status.INTRUSION if intrusion else Status.SYNCED)
+        sub.set_status(Status.INTRUSION if self.state.intrusion(hostname) else Status.SYNCED)
         await self._prefetch(sub, client, status)
 
     async def _prefetch(self, sub: Sub, client: AsyncSubClient, status) -> None:
@@ -304,7 +320,7 @@ class Herd:
             image = await self.images.get(planned_name)
             if image is None:
                 return
-            async with self._poll_slots:
+            async with self._poll_slots, self.metrics.timed("poll"):
                 status, tree = await client.poll(timeout=120)
             if tree is None:
                 return
@@ -312,6 +328,7 @@ class Herd:
                                            list(status.scan_exclusions))
             needed = list(objects_to_fetch(plan))
             if needed:
+                self.metrics.prefetches.inc()
                 async with self._fetch_slots:
                     await client.fetch(self.config.imageserver, needed)
             sub.prefetched = (planned_name, status.fingerprint)
@@ -357,7 +374,7 @@ class Herd:
     async def _fetch(self, sub: Sub, client: AsyncSubClient, needed: dict[bytes, int]) -> bool:
         sub.set_status(Status.FETCHING)
         try:
-            async with self._fetch_slots:
+            async with self._fetch_slots, self.metrics.timed("fetch"):
                 await client.fetch(self.config.imageserver, list(needed))
                 while True:
                     await asyncio.sleep(0.2)
@@ -367,7 +384,10 @@ class Herd:
         except grpc.RpcError as err:
             sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
             return False
+        self.metrics.fetched_bytes.inc(
+            max(0, status.fetch.bytes_done - status.fetch.bytes_copied_locally))
         if status.fetch.error:
+            self.metrics.fetch_failures.inc()
             kind = Status.NO_SPACE if "insufficient space" in status.fetch.error \
                 else Status.FAILED
             sub.set_status(kind, f"fetch: {status.fetch.error}")
@@ -378,9 +398,9 @@ class Herd:
                       computed: dict[str, bytes], plan: UpdatePlan, cleared: bool) -> None:
         hostname = sub.machine.hostname
         sub.set_status(Status.UPDATING)
-        plan.disable_safety_check = cleared
+        plan = replace(plan, disable_safety_check=cleared)  # cached plans are shared
         try:
-            async with self._update_slots:
+            async with self._update_slots, self.metrics.timed("update"):
                 await client.update(plan)
                 after, _ = await client.poll(short=True, timeout=30)
         except grpc.RpcError as err:
@@ -401,6 +421,50 @@ class Herd:
                 break
             await asyncio.sleep(0.2)
         sub.wake.set()
+
+    async def plan_for(self, hostname: str, image_name: str
+                       ) -> tuple[UpdatePlan, PlanSummary, str]:
+        """A dry run: what converging the host to that image would change, planned
+        as a cycle plans it (the sub's tree now, its computed files rendered for
+        that image, the previous image's triggers), and why the herd would stop
+        the update ("" when it would go ahead). Changes nothing; FleetError when
+        the host cannot be planned (unknown, unreachable, no scan, bad computed file)."""
+        sub = self.find(hostname)
+        image = await self.images.get(image_name)
+        if image is None:
+            raise FleetError(f"{Status.IMAGE_NOT_READY.value}: image {image_name} not found")
+        machine = replace(sub.machine, required_image=image_name)
+        try:
+            computed = await asyncio.to_thread(render_image_files, image, machine, self.renderer)
+        except ComputedFileError as err:
+            raise FleetError(f"{Status.MISSING_COMPUTED.value}: {err}") from None
+        try:
+            async with self._poll_slots:
+                status, tree = await self._client(sub).poll(timeout=120)
+        except grpc.RpcError as err:
+            raise FleetError(f"{Status.UNREACHABLE.value}: {describe_rpc_error(err)}") from None
+        if tree is None or not status.scan_count:
+            raise FleetError("waiting for the sub's first scan")
+        old = await self._previous_image(sub, image)
+        plan = await asyncio.to_thread(plan_update, tree, image, list(status.scan_exclusions),
+                                       old, False, False, computed)
+        summary = summarize(plan, tree)
+        stop = ""
+        disabled = await asyncio.to_thread(self.state.updates_disabled)
+        if not plan.diff:
+            pass
+        elif disabled is not None:
+            stop = f"{Status.UPDATES_DISABLED.value}: fleet-wide: {disabled.reason}"
+        elif machine.disable_updates:
+            stop = f"{Status.UPDATES_DISABLED.value}: disabled for this host in the MDB"
+        elif summary.unsafe and not await asyncio.to_thread(self.state.safety_cleared,
+                                                            hostname):
+            stop = (f"{Status.UNSAFE.value}: it would delete more than half the host's "
+                    "inodes; `dominator fleet clear-safety` allows it once")
+        elif summary.bytes_to_write > status.free_bytes:
+            stop = (f"{Status.NO_SPACE.value}: needs {summary.bytes_to_write} bytes, "
+                    f"{status.free_bytes} free")
+        return plan, summary, stop
 
     def find(self, hostname: str) -> Sub:
         """The sub of that name; FleetError when the MDB has no such host."""

@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import logging
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -16,8 +17,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from dominator.dashboard import dashboard_router
+from dominator.deploy import DeployEngine
 from dominator.herd import Herd
 from dominator.images import ImageCache
+from dominator.metrics import metrics_router
 from dominator.state import DominatorState
 from fstree.errors import FleetError
 from mdb.store import Mdb
@@ -34,6 +38,7 @@ class HttpContext:
     mdb: Mdb
     images: ImageCache
     token: str
+    deploys: DeployEngine | None = None  # the deploy stage (dominator/deploy.py)
 
 
 def context(request: Request) -> HttpContext:
@@ -77,6 +82,11 @@ def make_app(ctx: HttpContext) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok", "hosts": len(ctx.herd.subs)}
 
+    app.include_router(dashboard_router(ctx))  # /, /hosts, /images, /deploys (+ .json)
+    app.include_router(metrics_router(ctx))  # /metrics
+    from dominator.deploy_api import router as deploy_router  # it imports this module
+    app.include_router(deploy_router)  # /v1/deploys
+
     return app
 
 
@@ -84,7 +94,8 @@ class EmbeddedServer(uvicorn.Server):
     """uvicorn inside our own event loop: signals stay ours (serve_until_stopped)."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # noqa: D102 - uvicorn's hook
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's hook for installing signal handlers: install none."""
         yield
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from dominator.computed import Renderer
+from dominator.deploy import DeployEngine
 from dominator.herd import Herd, HerdConfig
 from dominator.http_app import HttpContext, make_app, serve_http
 from dominator.images import ImageCache
@@ -51,14 +52,17 @@ async def serve(state_dir: Path, mdb_url: str, config: HerdConfig, generators: P
     running = await start_server(
         [(dominator_pb2_grpc.add_DominatorServicer_to_server,
           DominatorService(herd, state, mdb), "fleet.Dominator")], port, security, host)
-    http = await serve_http(make_app(HttpContext(herd, state, mdb, images, token)), host,
-                            http_port)
+    deploys = DeployEngine(herd, state, mdb, images)
+    await deploys.start()  # resumes the deploys a stop interrupted
+    http = await serve_http(make_app(HttpContext(herd, state, mdb, images, token,
+                                                 deploys=deploys)), host, http_port)
     log.info("dominator on port %d (HTTP %d): MDB %s, image server %s", running.port,
              http.port, mdb_url, config.imageserver)
     herding = asyncio.create_task(herd.run(), name="herd")
     try:
         await serve_until_stopped(running)
     finally:
+        await deploys.stop()
         herding.cancel()
         await asyncio.gather(herding, return_exceptions=True)
         await http.stop()

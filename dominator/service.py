@@ -14,6 +14,7 @@ import grpc
 from dominator.herd import Herd, Status, Sub
 from dominator.state import DominatorState
 from fstree.errors import FleetError, NotFoundError
+from fstree.listing import quote
 from mdb.machine import Machine, parse_machines_json
 from mdb.store import Mdb
 from proto import dominator_pb2, dominator_pb2_grpc
@@ -43,10 +44,11 @@ def sub_info(sub: Sub, state: DominatorState) -> dominator_pb2.SubInfo:
         required_image=machine.required_image, planned_image=machine.planned_image,
         current_image=record.current_image, last_poll_unix=int(sub.last_poll_unix),
         last_sync_unix=record.last_sync_unix, last_scan_unix=int(sub.last_scan_unix),
-        last_error=sub.last_error, intrusion_paths=list(record.intrusion_paths),
+        last_error=quote(sub.last_error),
+        intrusion_paths=[quote(path) for path in record.intrusion_paths],
         intrusion_unix=record.intrusion_unix, change_window_ns=sub.change_window_ns,
         updates_disabled=machine.disable_updates, safety_cleared=record.safety_cleared,
-        history=[f"{int(unix)} {status}{': ' + error if error else ''}"
+        history=[quote(f"{int(unix)} {status}{': ' + error if error else ''}")
                  for unix, status, error in sub.history])
 
 
@@ -132,7 +134,10 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         except FleetError as err:
             await abort(context, NotFoundError(str(err)))
         changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        listener = lambda status, error: changes.put_nowait((status, error))  # noqa: E731
+
+        def listener(status: str, error: str) -> None:
+            changes.put_nowait((status, error))
+
         sub.listeners.append(listener)
         try:
             sub.wake.set()

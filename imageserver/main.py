@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from fstree.errors import FleetError
 from imageserver.service import ImageService, ObjectService, expire_images
 from imageserver.store import ImageStore
 from proto import imageserver_pb2_grpc, objectserver_pb2_grpc
@@ -21,12 +26,67 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 6971
 
 
-async def serve(state_dir: Path, port: int, security: Security, host: str = "[::]") -> None:
+class ImageServerCollector(Collector):
+    """The image server's metrics, read at scrape time from its store and service."""
+
+    def __init__(self, store: ImageStore, objects: ObjectService) -> None:
+        self.store = store
+        self.objects = objects
+
+    def collect(self) -> Iterator[Metric]:
+        store, objects = self.store, self.objects
+        images = list(store.images.values())
+        yield GaugeMetricFamily("imageserver_images", "Images stored.", value=len(images))
+        yield GaugeMetricFamily("imageserver_objects_stored",
+                                "Distinct objects the stored images reference.",
+                                value=len(store.refcounts))
+        yield GaugeMetricFamily("imageserver_image_bytes",
+                                "Bytes of file content of every image (shared objects count "
+                                "once per image).", value=sum(i.total_bytes for i in images))
+        yield CounterMetricFamily("imageserver_received_bytes",
+                                  "Object bytes received by AddObjects (as sent).",
+                                  value=objects.received_bytes)
+        yield CounterMetricFamily("imageserver_added_bytes",
+                                  "Bytes of objects new to the store.", value=objects.added_bytes)
+        yield CounterMetricFamily("imageserver_served_objects", "Objects sent by GetObjects.",
+                                  value=objects.served_objects)
+        yield CounterMetricFamily("imageserver_served_bytes",
+                                  "Object bytes sent by GetObjects (before compression).",
+                                  value=objects.served_bytes)
+        yield CounterMetricFamily("imageserver_served_wire_bytes",
+                                  "Object bytes sent by GetObjects (as sent, compressed where "
+                                  "asked).", value=objects.served_wire_bytes)
+
+
+def serve_metrics(collector: Collector, host: str, port: int) -> Callable[[], None]:
+    """Serve `collector` at http://HOST:PORT/metrics (plain HTTP, read-only) in a
+    thread; returns how to stop it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    try:
+        server, thread = start_http_server(port, addr=host.strip("[]") or "::",
+                                           registry=registry)
+    except OSError as err:
+        raise FleetError(f"cannot listen on {host}:{port} (metrics): {err.strerror}") from None
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    return stop
+
+
+async def serve(state_dir: Path, port: int, security: Security, host: str = "[::]",
+                metrics_port: int = 0) -> None:
     """Load the store and serve until cancelled."""
     store = ImageStore(state_dir)
     store.load()
+    objects = ObjectService(store)
+    stop_metrics = serve_metrics(ImageServerCollector(store, objects), host, metrics_port) \
+        if metrics_port else None
     running = await start_server(
-        [(objectserver_pb2_grpc.add_ObjectServerServicer_to_server, ObjectService(store),
+        [(objectserver_pb2_grpc.add_ObjectServerServicer_to_server, objects,
           "fleet.ObjectServer"),
          (imageserver_pb2_grpc.add_ImageServerServicer_to_server, ImageService(store),
           "fleet.ImageServer")],
@@ -37,6 +97,8 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
         await serve_until_stopped(running)
     finally:
         expiry.cancel()
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,16 +107,20 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
               help="gRPC port (0 picks a free one).")
 @click.option("--host", default="[::]", show_default=True, help="Address to listen on.")
+@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics (images, objects stored, bytes served and "
+                   "received) over plain HTTP at :PORT/metrics on --host; 0: off.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
-def command(state_dir: Path, port: int, host: str, verbose: bool, security: Security) -> None:
+def command(state_dir: Path, port: int, host: str, metrics_port: int, verbose: bool,
+            security: Security) -> None:
     """Serve images and their content-addressed objects over gRPC (mutual TLS).
 
     Images are immutable trees added with `dominator image add`; objects are
     verified against their SHA-256 on arrival and stored crash-safely.
     """
     setup_logging(verbose)
-    asyncio.run(serve(state_dir, port, security, host))
+    asyncio.run(serve(state_dir, port, security, host, metrics_port))
 
 
 def main() -> None:

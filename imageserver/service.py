@@ -38,6 +38,12 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
 
     def __init__(self, store: ImageStore) -> None:
         self.store = store
+        # Totals since start, for metrics.
+        self.received_bytes = 0  # object bytes arriving in AddObjects (as sent)
+        self.added_bytes = 0  # bytes of objects new to the store
+        self.served_objects = 0
+        self.served_bytes = 0  # object bytes sent by GetObjects (before compression)
+        self.served_wire_bytes = 0  # as sent (compressed where asked)
 
     async def AddObjects(self, request_iterator: AsyncIterator[objectserver_pb2.ObjectChunks],
                          context: grpc.aio.ServicerContext) -> objectserver_pb2.AddObjectsResponse:
@@ -50,6 +56,8 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
             await abort(context, err)
         finally:
             receiver.close(strict=False)  # keep what arrived whole: a retry resumes
+            self.received_bytes += receiver.stats.wire_bytes
+            self.added_bytes += receiver.stats.bytes_added
         stats = receiver.stats
         return objectserver_pb2.AddObjectsResponse(
             added=stats.added, already_present=stats.already_present,
@@ -86,7 +94,11 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
         for digest in hashes:
             with self.store.objects.open(digest) as reader:
                 size = os.fstat(reader.fileno()).st_size
-                yield from object_chunks(digest, size, reader, compressor)
+                for chunk in object_chunks(digest, size, reader, compressor):
+                    self.served_wire_bytes += len(chunk.data)
+                    yield chunk
+                self.served_objects += 1
+                self.served_bytes += size
 
 
 class ImageService(imageserver_pb2_grpc.ImageServerServicer):

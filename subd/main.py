@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from fstree.errors import FleetError
 from fstree.objectstore import ObjectStore
 from proto import subd_pb2_grpc
 from rpc.cli import run, setup_logging
@@ -28,8 +33,62 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 6969
 
 
+class SubdCollector(Collector):
+    """subd's metrics, read at scrape time from the scanner and the service."""
+
+    def __init__(self, scanner: Scanner, service: SubdService) -> None:
+        self.scanner = scanner
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        scanner, status = self.scanner, self.service.status()
+        yield CounterMetricFamily("subd_scans", "Scan passes completed.",
+                                  value=scanner.scan_count)
+        yield GaugeMetricFamily("subd_scan_duration_seconds", "How long the last pass took.",
+                                value=scanner.last_scan_seconds)
+        yield CounterMetricFamily("subd_scan_seconds", "Time spent scanning, in all.",
+                                  value=scanner.scan_seconds_total)
+        yield CounterMetricFamily("subd_scan_bytes_read", "Content bytes scan passes read.",
+                                  value=scanner.bytes_hashed_total)
+        yield GaugeMetricFamily("subd_last_scan_timestamp_seconds",
+                                "When the last pass started (Unix time).",
+                                value=scanner.last_scan_unix)
+        yield GaugeMetricFamily("subd_generation",
+                                "Rises whenever the tree or the object cache changes.",
+                                value=scanner.generation)
+        yield GaugeMetricFamily("subd_inodes", "Inodes in the last scanned tree.",
+                                value=status.inodes)
+        yield GaugeMetricFamily("subd_cached_objects", "Objects in the fetch cache.",
+                                value=status.cached_objects)
+        yield GaugeMetricFamily("subd_free_bytes", "Free bytes on ROOT's filesystem.",
+                                value=status.free_bytes)
+        yield CounterMetricFamily("subd_fetch_bytes",
+                                  "Bytes the last (or current) fetch has fetched or copied.",
+                                  value=status.fetch.bytes_done)
+
+
+def serve_metrics(collector: Collector, host: str, port: int) -> Callable[[], None]:
+    """Serve `collector` at http://HOST:PORT/metrics (plain HTTP, read-only) in a
+    thread; returns how to stop it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    try:
+        server, thread = start_http_server(port, addr=host.strip("[]") or "::",
+                                           registry=registry)
+    except OSError as err:
+        raise FleetError(f"cannot listen on {host}:{port} (metrics): {err.strerror}") from None
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    return stop
+
+
 async def serve(root: Path, port: int, security: Security, config: ScanConfig,
-                network_speed_percent: float, trigger_command: str, host: str) -> None:
+                network_speed_percent: float, trigger_command: str, host: str,
+                metrics_port: int = 0) -> None:
     """Recover from any crash, start scanning, and serve until cancelled."""
     state_dir = root / SUBD_DIR
     state_dir.mkdir(mode=0o700, exist_ok=True)
@@ -43,6 +102,8 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
     fetcher = Fetcher(root, cache, security, network_speed_percent, lambda: scanner.tree,
                       scanner.bump_generation)
     service = SubdService(root, scanner, cache, fetcher, updater, state)
+    stop_metrics = serve_metrics(SubdCollector(scanner, service), host, metrics_port) \
+        if metrics_port else None
     running = await start_server(
         [(subd_pb2_grpc.add_SubdServicer_to_server, service, "fleet.Subd")],
         port, security, host)
@@ -53,6 +114,8 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
         await serve_until_stopped(running)
     finally:
         scanner.stop()
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,12 +145,15 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
                    + ", ".join(DEFAULT_EXCLUSIONS) + ").")
 @click.option("--trigger-command", default="systemctl {action} {service}", show_default=True,
               help="How to stop/start/reload a service; {action} and {service} are filled in.")
+@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics (scans, bytes read, generation, cached objects) "
+                   "over plain HTTP at :PORT/metrics on --host; 0: off.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def command(root: Path, port: int, host: str, scan_speed_percent: float, cpu_percent: float,
             background_cpu_percent: float, network_speed_percent: float, verify_period: int,
-            scan_exclusions: tuple[str, ...], trigger_command: str, verbose: bool,
-            security: Security) -> None:
+            scan_exclusions: tuple[str, ...], trigger_command: str, metrics_port: int,
+            verbose: bool, security: Security) -> None:
     """Scan ROOT continuously and converge it onto images when the dominator asks.
 
     Private state lives in ROOT/.subd (same filesystem, so installs are renames);
@@ -99,7 +165,7 @@ def command(root: Path, port: int, host: str, scan_speed_percent: float, cpu_per
                         verify_period_seconds=verify_period,
                         exclusions=list(scan_exclusions or DEFAULT_EXCLUSIONS))
     asyncio.run(serve(root.resolve(), port, security, config, network_speed_percent,
-                      trigger_command, host))
+                      trigger_command, host, metrics_port))
 
 
 def main() -> None:

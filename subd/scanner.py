@@ -145,6 +145,8 @@ class Scanner:
         self._last_scan_seconds = 0.0
         self._last_scan_unix = 0.0
         self._bytes_hashed = 0
+        self._bytes_hashed_total = 0  # over every pass since start (for metrics)
+        self._scan_seconds_total = 0.0
         self._pauses = 0  # updates in progress (see paused())
         self._wanted = False
         self._stopping = False
@@ -204,6 +206,18 @@ class Scanner:
         """Content bytes the latest pass read (0 for a fast pass over an unchanged tree)."""
         with self._cond:
             return self._bytes_hashed
+
+    @property
+    def bytes_hashed_total(self) -> int:
+        """Content bytes every completed pass read, in all."""
+        with self._cond:
+            return self._bytes_hashed_total
+
+    @property
+    def scan_seconds_total(self) -> float:
+        """Time every completed pass took, in all."""
+        with self._cond:
+            return self._scan_seconds_total
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -355,6 +369,8 @@ class Scanner:
             self._scan_count += 1
             self._last_scan_seconds, self._last_scan_unix = seconds, started_unix
             self._bytes_hashed = hashed
+            self._bytes_hashed_total += hashed
+            self._scan_seconds_total += seconds
             self._cond.notify_all()
 
     # The background thread.

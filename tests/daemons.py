@@ -21,11 +21,19 @@ from rpc.tls import Security, open_channel
 PROJECT = Path(__file__).resolve().parent.parent
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nobody listens on right now, and not handed out before by this
+    process (the kernel may offer the same free port twice in a row)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_healthy(address: str, security: Security, role: str, timeout: float = 20.0) -> None:
