@@ -65,8 +65,8 @@ class HerdConfig:
     imageserver: str
     poll_interval: float = 5.0     # between cycles of one sub
     poll_slots: int = 200
-    fetch_slots: int = 20
-    update_slots: int = 20
+    fetch_slots: int = 50
+    update_slots: int = 50
     diff_cache_size: int = 20_000
     history_images: int = 10      # earlier images consulted for the intrusion signal
     mdb_check_interval: float = 1.0
@@ -376,11 +376,13 @@ class Herd:
         try:
             async with self._fetch_slots, self.metrics.timed("fetch"):
                 await client.fetch(self.config.imageserver, list(needed))
+                pause = 0.01  # small fetches end at once: do not hold the slot for long
                 while True:
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(pause)
                     status, _ = await client.poll(short=True, timeout=30)
                     if not status.fetch.in_progress:
                         break
+                    pause = min(pause * 2, 0.2)
         except grpc.RpcError as err:
             sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
             return False

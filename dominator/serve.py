@@ -91,9 +91,9 @@ async def serve(state_dir: Path, mdb_url: str, config: HerdConfig, generators: P
               help="Seconds between two convergence cycles of one sub.")
 @click.option("--poll-slots", default=200, show_default=True, type=click.IntRange(1),
               help="Polls in flight at once.")
-@click.option("--fetch-slots", default=20, show_default=True, type=click.IntRange(1),
+@click.option("--fetch-slots", default=50, show_default=True, type=click.IntRange(1),
               help="Fetches in flight at once.")
-@click.option("--update-slots", default=20, show_default=True, type=click.IntRange(1),
+@click.option("--update-slots", default=50, show_default=True, type=click.IntRange(1),
               help="Updates in flight at once.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
