@@ -160,11 +160,6 @@ class Fleet:
         self.t0 = time.monotonic()
         self.unix0 = time.time()
         self.applied: dict[tuple[bytes, bytes], TreeState] = {}
-        self.polls = [0] * count
-        self.tree_polls = 0
-        self.last_poll = [0.0] * count
-        self.max_gap = [0.0] * count
-        self.window_start = self.t0
         self.fetches = 0
         self.updates = 0
         self.cleanups = 0
@@ -174,7 +169,9 @@ class Fleet:
         self.reset()
 
     def reset(self) -> None:
-        """Start a new measuring window."""
+        """Start a new measuring window: poll counts, the largest gap between two polls
+        of each sub (the window's start counts as a poll), intervals between two polls
+        both inside the window, polls per second of the window."""
         now = time.monotonic()
         self.window_start = now
         self.polls = [0] * self.count
@@ -186,6 +183,7 @@ class Fleet:
         self.per_second: dict[int, int] = {}
 
     def polled(self, index: int) -> None:
+        """Count a poll of sub `index`."""
         now = time.monotonic()
         gap = now - self.last_poll[index]
         if gap > self.max_gap[index]:
@@ -199,6 +197,7 @@ class Fleet:
         self.per_second[second] = self.per_second.get(second, 0) + 1
 
     def apply(self, state: TreeState, request: subd_pb2.UpdateRequest) -> TreeState:
+        """The state after an update, computed once per (tree, request)."""
         key = (state.fingerprint, xxhash.xxh3_128_digest(request.SerializeToString()))
         new = self.applied.get(key)
         if new is None:
@@ -214,6 +213,7 @@ class Fleet:
                 "last_update_unix": max((s.updated_unix for s in self.subs), default=0.0)}
 
     def stats(self) -> dict:
+        """Everything counted since the last reset, as plain data."""
         now = time.monotonic()
         gaps = sorted(max(gap, now - last) for gap, last in zip(self.max_gap, self.last_poll,
                                                                   strict=True))

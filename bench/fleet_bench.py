@@ -12,9 +12,10 @@ For each fleet size (default 1,000 and 10,000), with a real image server, a real
   until `fleet status` shows every host synced. The fake subs do not transfer the
   file: a fetch completes at once (see fake_subd.py), so this is the dominator's own
   pace, not the network's;
-- the ceiling: a plain grpc.aio unary echo on the same number of addresses, called
-  by one client process in a loop with the herd's poll concurrency (200): calls/s,
-  CPU and memory of that client.
+- the ceilings, one client process calling every address in a loop with the herd's
+  poll concurrency (200): the herd's short Poll through AsyncSubClient against the
+  same fake subs with no herd around it, and a plain grpc.aio unary echo on as many
+  addresses: calls/s, CPU and memory of that client.
 
 The subs' processes run on the same two cores as the dominator; their CPU is
 reported too. `--security mtls|both` runs with mutual TLS (`rpc.certs.init_ca`
@@ -558,6 +559,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-client", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.window < 3 * POLL_INTERVAL and not (args.echo_client or args.poll_client):
+        parser.error(f"--window must be at least {3 * POLL_INTERVAL:g} s: the largest interval "
+                     "between two polls is only seen in a window of several intervals")
     if args.echo_client or args.poll_client:
         raise_nofile()
         security = Security(Identity.load(Path(args.tls_dir)) if args.tls_dir else None)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -205,7 +207,12 @@ class Herd:
                 sub.wake.set()
 
     async def _loop(self, sub: Sub) -> None:
+        delay = random.uniform(0, self.config.poll_interval)  # spread the subs' polls
         while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await sub.wake.wait()  # an MDB change or a fast update cuts it short
+            sub.wake.clear()
             try:
                 await self.cycle(sub)
             except asyncio.CancelledError:
@@ -213,11 +220,7 @@ class Herd:
             except Exception as err:  # noqa: BLE001 - one sub must never stop the herd
                 log.exception("%s: cycle failed", sub.machine.hostname)
                 sub.set_status(Status.FAILED, f"internal error: {err}")
-            try:
-                await asyncio.wait_for(sub.wake.wait(), self.config.poll_interval)
-            except TimeoutError:
-                pass
-            sub.wake.clear()
+            delay = self.config.poll_interval * random.uniform(0.9, 1.1)
 
     def _client(self, sub: Sub) -> AsyncSubClient:
         if sub.client is None:
@@ -265,12 +268,13 @@ class Herd:
     async def _plan(self, sub: Sub, client: AsyncSubClient, image: Image,
                     computed: dict[str, bytes], status) -> Planned | None:
         key = (image.name, status.fingerprint, content_key(computed))
+        pending = self._planning.get(key)
+        if pending is not None:  # another sub of this fingerprint is planning it now: a hit
+            self.cache.hits += 1
+            return await asyncio.shield(pending)
         planned = self.cache.get(key)
         if planned is not None:
             return planned
-        pending = self._planning.get(key)
-        if pending is not None:  # another sub of this fingerprint is planning it now
-            return await asyncio.shield(pending)
         self._planning[key] = asyncio.get_running_loop().create_future()
         try:
             planned = await self._plan_now(sub, client, image, computed, key)
