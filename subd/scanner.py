@@ -225,6 +225,7 @@ class Scanner:
         abandoned, and new ones wait until the block ends."""
         with self._cond:
             self._pauses += 1
+            self._cond.notify_all()  # wakes a pass sleeping in its limiters
         try:
             with self._pass_lock:  # the pass in flight, if any, has quit
                 pass
@@ -446,7 +447,8 @@ class Scanner:
             return False
 
     def _pause(self, seconds: float) -> None:
-        """The limiters' sleep: interrupted, with _Stopping, by stop()."""
+        """The limiters' sleep: cut short by stop() (_Stopping) or by an update
+        pausing scans (_Abandoned), so neither waits for a throttled pass."""
         with self._cond:
-            if self._cond.wait_for(lambda: self._stopping, seconds):
-                raise _Stopping
+            if self._cond.wait_for(lambda: self._stopping or self._pauses, seconds):
+                raise _Stopping if self._stopping else _Abandoned
