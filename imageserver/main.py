@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fstree.errors import FleetError
 from imageserver.service import ImageService, ObjectService, expire_images
 from imageserver.store import ImageStore
 from proto import imageserver_pb2_grpc, objectserver_pb2_grpc
 from rpc.cli import run, setup_logging
 from rpc.options import security_options
-from rpc.server import serve_until_stopped, start_server
+from rpc.server import serve_metrics, serve_until_stopped, start_server
 from rpc.tls import Security
 
 log = logging.getLogger(__name__)
@@ -56,25 +54,6 @@ class ImageServerCollector(Collector):
         yield CounterMetricFamily("imageserver_served_wire_bytes",
                                   "Object bytes sent by GetObjects (as sent, compressed where "
                                   "asked).", value=objects.served_wire_bytes)
-
-
-def serve_metrics(collector: Collector, host: str, port: int) -> Callable[[], None]:
-    """Serve `collector` at http://HOST:PORT/metrics (plain HTTP, read-only) in a
-    thread; returns how to stop it."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    try:
-        server, thread = start_http_server(port, addr=host.strip("[]") or "::",
-                                           registry=registry)
-    except OSError as err:
-        raise FleetError(f"cannot listen on {host}:{port} (metrics): {err.strerror}") from None
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-    return stop
 
 
 async def serve(state_dir: Path, port: int, security: Security, host: str = "[::]",

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.registry import Collector
 
 from fstree.errors import FleetError
 from rpc.auth import MethodAuthorizer
@@ -90,3 +92,22 @@ async def serve_until_stopped(running: RunningServer, grace: float = 2.0) -> Non
     finally:
         await running.server.stop(grace)
         log.info("stopped")
+
+
+def serve_metrics(collector: Collector, host: str, port: int) -> Callable[[], None]:
+    """Serve `collector` at http://HOST:PORT/metrics (plain HTTP, read-only) in a
+    thread; returns how to stop it."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    try:
+        server, thread = start_http_server(port, addr=host.strip("[]") or "::",
+                                           registry=registry)
+    except OSError as err:
+        raise FleetError(f"cannot listen on {host}:{port} (metrics): {err.strerror}") from None
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    return stop
