@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fstree.errors import FleetError
 from rpc.certs import init_ca
-from rpc.tls import Security, open_channel
+from rpc.health import wait_serving
+from rpc.tls import Security
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +48,6 @@ def build_sample_root(root: Path) -> None:
     hello.write_text("#!/bin/sh\necho hello from $(cat /etc/hostname)\n")
     hello.chmod(0o755)
     (root / "etc/hostname").write_text("rendered per host by the dominator\n")
-
-
-def wait_serving(address: str, security: Security, role: str, process: subprocess.Popen,
-                 timeout: float = 30.0) -> None:
-    """Wait for a started daemon's health check; FleetError if it died or hangs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise FleetError(f"{role} exited with status {process.returncode}")
-        channel = open_channel(address, security, role)
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            time.sleep(0.2)
-        finally:
-            channel.close()
-    raise FleetError(f"{role} did not become healthy within {timeout:.0f} s")
 
 
 def wait_for_interrupt() -> None:
@@ -96,7 +75,7 @@ class Fleet:
                                    stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
         self.processes.append((name, process))
-        wait_serving(address, self.admin, role, process)
+        wait_serving(address, self.admin, role, alive=lambda: process.poll() is None)
         click.echo(f"  {name} up on {address} (log: {self.state / name}.log)", err=True)
 
     def dominator(self, *args: str) -> str:

@@ -9,14 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from rpc.tls import Security, open_channel
+from fstree.errors import FleetError
+from rpc.health import wait_serving
+from rpc.tls import Security
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -34,24 +32,6 @@ def free_port() -> int:
         if port not in _handed_out:
             _handed_out.add(port)
             return port
-
-
-def wait_healthy(address: str, security: Security, role: str, timeout: float = 20.0) -> None:
-    """Block until the server at `address` answers a standard health check."""
-    deadline = time.monotonic() + timeout
-    while True:
-        channel = open_channel(address, security, role)
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-        finally:
-            channel.close()
 
 
 @dataclass
@@ -85,8 +65,9 @@ class Daemon:
             env={**os.environ, **self.env})
         log.close()
         try:
-            wait_healthy(self.address, self.security, self.role)
-        except grpc.RpcError:
+            wait_serving(self.address, self.security, self.role, timeout=20,
+                         alive=lambda: self.process is not None and self.process.poll() is None)
+        except FleetError:
             self.stop()
             raise RuntimeError(f"{self.module} did not start:\n{self.log()}") from None
         return self
