@@ -206,8 +206,7 @@ class ObjectStore:
         self.root = Path(root)
         self.durable = not scratch
         self._fanout = not scratch
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="object-io")
-        self._room = threading.Semaphore(QUEUED_JOBS)
+        self._start_io()
         self._names = itertools.count()
         self.tmp_dir = self.root / TMP_DIR
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -215,9 +214,16 @@ class ObjectStore:
         self._prefix = os.fspath(self.root) + "/"
         self._folders: set[str] = set()
 
+    def _start_io(self) -> None:
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="object-io")
+        self._room = threading.Semaphore(QUEUED_JOBS)
+        self._io_pid = os.getpid()
+
     def queue(self, job: Callable[[], T]) -> Future[T]:
         """Run `job` on the store's I/O thread, after every job queued before it.
         Blocks while too many jobs wait (the disk sets the pace)."""
+        if self._io_pid != os.getpid():  # a forked child has no copy of the thread
+            self._start_io()
         self._room.acquire()
         future = self._io.submit(job)
         future.add_done_callback(lambda _: self._room.release())

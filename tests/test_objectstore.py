@@ -120,7 +120,8 @@ def test_writer_rejects_bad_content(store: ObjectStore, case: str) -> None:
 def test_recover_removes_leftovers(store: ObjectStore) -> None:
     batch = store.batch()
     writer = batch.begin(sha(b"partial!"), 8)
-    writer.write(b"part")  # the process "dies" here
+    writer.write(b"part")
+    store.drain()  # its partial file is on disk when the process "dies" here
     (store.root / TMP_DIR / "stray").write_bytes(b"x")
     assert len(list((store.root / TMP_DIR).iterdir())) == 2
     reopened = ObjectStore(store.root)
