@@ -24,7 +24,7 @@ lint: install
 
 # Regenerate the committed gRPC modules from proto/*.proto.
 proto:
-	$(BIN)/python -m proto.generate
+	$(BIN)/python -m fleetlib.wire.generate
 
 bench: install
 	$(BIN)/python -m bench.run

@@ -48,11 +48,11 @@ from pathlib import Path
 import grpc
 import xxhash
 
-from fstree.codec import inode_from_proto, tree_to_proto
-from fstree.tree import Kind, Tree, TreeBuilder, directory, regular, split
-from proto import subd_pb2, subd_pb2_grpc
-from rpc.chunks import split_message
-from rpc.tls import MESSAGE_SIZE_OPTIONS, Identity, server_credentials
+from fleetlib.fstree.tree import Kind, Tree, TreeBuilder, directory, regular, split
+from fleetlib.rpc.chunks import split_message
+from fleetlib.rpc.tls import MESSAGE_SIZE_OPTIONS, Identity, server_credentials
+from fleetlib.wire import subd_pb2, subd_pb2_grpc
+from fleetlib.wire.codec import inode_from_proto, tree_to_proto
 
 FREE_BYTES = 1 << 40
 ECHO_SERVICE = "bench.Echo"
@@ -380,8 +380,8 @@ async def control(fleet: Fleet, reader: asyncio.StreamReader,
 def initial_state(args: argparse.Namespace) -> tuple[TreeState, str]:
     if not args.image:
         return TreeState.of(sample_tree()), ""
+    from fleetlib.rpc.tls import Security
     from imageserver.client import ImageServerClient
-    from rpc.tls import Security
     tls_dir = args.client_tls_dir or args.tls_dir
     security = Security(None if args.insecure else Identity.load(Path(tls_dir)))
     with ImageServerClient(args.imageserver, security) as client:

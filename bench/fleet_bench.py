@@ -47,10 +47,10 @@ from pathlib import Path
 from bench.fake_subd import ECHO_SERVICE, address
 from bench.timing import RESULTS
 from dominator.fleet_cli import connect
-from proto import dominator_pb2
-from rpc.certs import init_ca
-from rpc.tls import Identity, Security, open_channel
-from tests.daemons import PROJECT, Daemon, free_port
+from fleetlib.rpc.certs import init_ca
+from fleetlib.rpc.tls import Identity, Security, open_channel
+from fleetlib.testing.daemons import PROJECT, Daemon, free_port
+from fleetlib.wire import dominator_pb2
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PER_PROCESS = 5000        # subs per fake_subd process: a listener + a connection each

@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 from bench.timing import Report, fresh_dir, shell, timed
-from rpc.certs import init_ca
-from rpc.tls import Security
-from tests.daemons import PROJECT, Daemon, free_port
-from tests.debootstrap import debootstrap_tree
+from fleetlib.rpc.certs import init_ca
+from fleetlib.rpc.tls import Security
+from fleetlib.testing.daemons import PROJECT, Daemon, free_port
+from fleetlib.testing.debootstrap import debootstrap_tree
 
 
 def dominator(env: dict[str, str], *args: str) -> None:

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from bench.timing import Report, shell, timed
-from rpc.certs import init_ca
-from rpc.tls import Security
+from fleetlib.rpc.certs import init_ca
+from fleetlib.rpc.tls import Security
+from fleetlib.testing.daemons import PROJECT, Daemon, free_port
+from fleetlib.testing.debootstrap import debootstrap_tree
 from subd.scanner import ScanConfig, Scanner
-from tests.daemons import PROJECT, Daemon, free_port
-from tests.debootstrap import debootstrap_tree
 
 CPU_SECONDS = 60
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from fstree.errors import FleetError
-from rpc.certs import CA_CERT, CA_KEY, CERT, KEY, ROLE_METHODS, init_ca, issue
+from fleetlib.errors import FleetError
+from fleetlib.rpc.certs import CA_CERT, CA_KEY, CERT, KEY, ROLE_METHODS, init_ca, issue
 
 
 @click.group(name="certs")

@@ -11,7 +11,7 @@ from dominator.image_cli import image
 from dominator.quickstart import quickstart
 from dominator.serve import serve_command
 from dominator.sub_cli import sub
-from rpc.cli import run
+from fleetlib.cli.run import run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

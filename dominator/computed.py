@@ -26,8 +26,8 @@ import jinja2
 import jinja2.sandbox
 import xxhash
 
-from fstree.errors import FleetError
-from fstree.image import Image
+from fleetlib.errors import FleetError
+from fleetlib.fstree.image import Image
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from fstree.diff import Change, DiffEntry, diff_trees, too_many_deletes
-from fstree.errors import FleetError
-from fstree.image import Image
-from fstree.tree import Inode, Tree
-from fstree.triggers import fired
+from fleetlib.errors import FleetError
+from fleetlib.fstree.diff import Change, DiffEntry, diff_trees, too_many_deletes
+from fleetlib.fstree.exclusions import excluder
+from fleetlib.fstree.image import Image
+from fleetlib.fstree.tree import Inode, Tree
+from fleetlib.fstree.triggers import fired
 from subd.changes import UpdatePlan
-from subd.scanner import excluder
 
 
 @dataclass

@@ -37,12 +37,12 @@ from dominator.fleet_cli import info_json
 from dominator.herd import Status, Sub
 from dominator.service import sub_info
 from dominator.state import HostRecord
-from fstree.errors import FleetError
-from fstree.image import Image
-from fstree.listing import quote
-from fstree.tree import Kind
+from fleetlib.errors import FleetError
+from fleetlib.fstree.image import Image
+from fleetlib.fstree.listing import quote
+from fleetlib.fstree.tree import Kind
+from fleetlib.rpc.status import describe_rpc_error
 from imageserver.client import ImageServerClient
-from rpc.cli import describe_rpc_error
 
 if TYPE_CHECKING:
     from dominator.http_app import HttpContext

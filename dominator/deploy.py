@@ -38,13 +38,13 @@ from sqlalchemy.engine import Connection
 from dominator.herd import Herd, Status, Sub
 from dominator.images import ImageCache
 from dominator.state import DominatorState
-from fstree.diff import Change
-from fstree.errors import FleetError
-from fstree.image import check_image_name
+from fleetlib.errors import FleetError
+from fleetlib.fstree.diff import Change
+from fleetlib.fstree.image import check_image_name
+from fleetlib.rpc.status import describe_rpc_error
+from fleetlib.sql.migrate import Migration, migrate
 from mdb.machine import BRACKETED_ADDRESS_RE, Machine
-from mdb.schema import Migration, migrate
 from mdb.store import Mdb
-from rpc.cli import describe_rpc_error
 
 log = logging.getLogger(__name__)
 

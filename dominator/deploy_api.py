@@ -30,8 +30,8 @@ from dominator.deploy import (
     check_waves,
 )
 from dominator.http_app import HttpContext, context, require_token
-from fstree.errors import FleetError
-from fstree.image import check_image_name
+from fleetlib.errors import FleetError
+from fleetlib.fstree.image import check_image_name
 
 MAX_KEY_LENGTH = 200
 RETRY_AFTER_SECONDS = "5"

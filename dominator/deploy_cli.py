@@ -11,9 +11,9 @@ import uuid
 import click
 import httpx
 
-from dominator.display import echo_json
 from dominator.image_cli import json_option
-from fstree.errors import FleetError
+from fleetlib.cli.display import echo_json
+from fleetlib.errors import FleetError
 
 POLL_SECONDS = 1.0
 

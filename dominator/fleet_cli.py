@@ -10,12 +10,12 @@ from pathlib import Path
 import click
 import grpc
 
-from dominator.display import echo_json
 from dominator.image_cli import json_option
-from fstree.errors import FleetError
-from proto import dominator_pb2, dominator_pb2_grpc
-from rpc.options import address_option, security_options
-from rpc.tls import Security, open_channel, parse_address
+from fleetlib.cli.display import echo_json
+from fleetlib.cli.options import address_option, security_options
+from fleetlib.errors import FleetError
+from fleetlib.rpc.tls import Security, open_channel, parse_address
+from fleetlib.wire import dominator_pb2, dominator_pb2_grpc
 
 DEFAULT_PORT = 6970
 dominator_option = address_option("dominator", "DOMINATOR_ADDRESS", "localhost:6970",

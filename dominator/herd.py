@@ -28,14 +28,14 @@ from dominator.images import ImageCache
 from dominator.intrusion import classify, history
 from dominator.metrics import HerdMetrics
 from dominator.state import DominatorState
-from fstree.diff import too_many_deletes
-from fstree.errors import FleetError
-from fstree.hashing import hash_bytes
-from fstree.image import Image
+from fleetlib.errors import FleetError
+from fleetlib.fstree.diff import too_many_deletes
+from fleetlib.fstree.hashing import hash_bytes
+from fleetlib.fstree.image import Image
+from fleetlib.rpc.status import describe_rpc_error
+from fleetlib.rpc.tls import Security
 from mdb.machine import Machine
 from mdb.store import Mdb
-from rpc.cli import describe_rpc_error
-from rpc.tls import Security
 from subd.changes import UpdatePlan
 from subd.client import AsyncSubClient
 

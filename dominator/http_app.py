@@ -23,7 +23,7 @@ from dominator.herd import Herd
 from dominator.images import ImageCache
 from dominator.metrics import metrics_router
 from dominator.state import DominatorState
-from fstree.errors import FleetError
+from fleetlib.errors import FleetError
 from mdb.store import Mdb
 
 log = logging.getLogger(__name__)

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import click
 
-from dominator.display import echo_json, format_bytes, progress_bar
-from fstree.diff import Change, diff_trees
-from fstree.errors import FleetError
-from fstree.filter import EMPTY, Filter, prune
-from fstree.image import Image, check_image_name, parse_computed_files
-from fstree.listing import format_inode, listing
-from fstree.objectstore import ObjectStore
-from fstree.source import open_source
-from fstree.triggers import load_triggers
-from fstree.unpack import check_empty_destination, unpack_tree
+from fleetlib.cli.display import echo_json, format_bytes, progress_bar
+from fleetlib.cli.options import address_option, security_options
+from fleetlib.errors import FleetError
+from fleetlib.fstree.diff import Change, diff_trees
+from fleetlib.fstree.filter import EMPTY, Filter, prune
+from fleetlib.fstree.image import Image, check_image_name, parse_computed_files
+from fleetlib.fstree.listing import format_inode, listing
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.source import open_source
+from fleetlib.fstree.triggers import load_triggers
+from fleetlib.fstree.unpack import check_empty_destination, unpack_tree
+from fleetlib.rpc.tls import Security
 from imageserver.client import ImageServerClient
-from rpc.options import address_option, security_options
-from rpc.tls import Security
 
 imageserver_option = address_option(
     "imageserver", "DOMINATOR_IMAGESERVER", "localhost:6971", "The image server.")

@@ -11,9 +11,9 @@ from collections import OrderedDict
 
 import grpc
 
-from fstree.image import Image
+from fleetlib.fstree.image import Image
+from fleetlib.rpc.tls import Security
 from imageserver.client import ImageServerClient
-from rpc.tls import Security
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from fstree.diff import DiffEntry
-from fstree.tree import Inode, Tree
+from fleetlib.fstree.diff import DiffEntry
+from fleetlib.fstree.tree import Inode, Tree
 
 # path -> every state once desired there (None: the path was desired absent)
 DesiredBefore = Callable[[str], list[Inode | None]]

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import click
 
-from fstree.errors import FleetError
-from rpc.certs import init_ca
-from rpc.health import wait_serving
-from rpc.tls import Security
+from fleetlib.errors import FleetError
+from fleetlib.rpc.certs import init_ca
+from fleetlib.rpc.health import wait_serving
+from fleetlib.rpc.tls import Security
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from dominator.http_app import HttpContext, make_app, serve_http
 from dominator.images import ImageCache
 from dominator.service import DominatorService
 from dominator.state import DominatorState
-from fstree.objectstore import write_file_atomically
+from fleetlib.cli.options import address_option, security_options
+from fleetlib.cli.run import setup_logging
+from fleetlib.fstree.objectstore import write_file_atomically
+from fleetlib.rpc.server import serve_until_stopped, start_server
+from fleetlib.rpc.tls import Security
+from fleetlib.wire import dominator_pb2_grpc
 from mdb.store import Mdb
-from proto import dominator_pb2_grpc
-from rpc.cli import setup_logging
-from rpc.options import address_option, security_options
-from rpc.server import serve_until_stopped, start_server
-from rpc.tls import Security
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ import grpc
 
 from dominator.herd import Herd, Status, Sub
 from dominator.state import DominatorState
-from fstree.errors import FleetError, NotFoundError
-from fstree.listing import quote
+from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.fstree.listing import quote
+from fleetlib.rpc.status import abort
+from fleetlib.wire import dominator_pb2, dominator_pb2_grpc
 from mdb.machine import Machine, parse_machines_json
 from mdb.store import Mdb
-from proto import dominator_pb2, dominator_pb2_grpc
-from rpc.status import abort
 
 log = logging.getLogger(__name__)
 

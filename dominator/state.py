@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from mdb.schema import Migration, migrate
+from fleetlib.sql.migrate import Migration, migrate
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ from dominator.convergence import (
     summarize,
     unreachable_for,
 )
-from dominator.display import echo_json, format_bytes, progress_bar
 from dominator.image_cli import imageserver_option, json_option
-from fstree.errors import FleetError
-from fstree.image import Image
-from fstree.tree import Tree
+from fleetlib.cli.display import echo_json, format_bytes, progress_bar
+from fleetlib.cli.options import security_options
+from fleetlib.errors import FleetError
+from fleetlib.fstree.image import Image
+from fleetlib.fstree.tree import Tree
+from fleetlib.rpc.tls import Security
+from fleetlib.wire import subd_pb2
 from imageserver.client import ImageServerClient
-from proto import subd_pb2
-from rpc.options import security_options
-from rpc.tls import Security
 from subd.changes import UpdatePlan
 from subd.client import SubClient
 

@@ -7,14 +7,19 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Iterator
 
-from fstree.codec import image_from_proto, image_to_proto
-from fstree.image import Image
-from fstree.objectstore import ObjectStore
-from fstree.source import Source
-from proto import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
-from rpc.chunks import join_chunks, split_message
-from rpc.objects import ObjectReceiver, ReceiveStats, object_chunks, pack
-from rpc.tls import Security, open_channel, parse_address
+from fleetlib.fstree.image import Image
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.source import Source
+from fleetlib.rpc.chunks import join_chunks, split_message
+from fleetlib.rpc.objects import ObjectReceiver, ReceiveStats, object_chunks, pack
+from fleetlib.rpc.tls import Security, open_channel, parse_address
+from fleetlib.wire import (
+    imageserver_pb2,
+    imageserver_pb2_grpc,
+    objectserver_pb2,
+    objectserver_pb2_grpc,
+)
+from fleetlib.wire.codec import image_from_proto, image_to_proto
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ import click
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fleetlib.cli.options import security_options
+from fleetlib.cli.run import run, setup_logging
+from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
+from fleetlib.rpc.tls import Security
+from fleetlib.wire import imageserver_pb2_grpc, objectserver_pb2_grpc
 from imageserver.service import ImageService, ObjectService, expire_images
 from imageserver.store import ImageStore
-from proto import imageserver_pb2_grpc, objectserver_pb2_grpc
-from rpc.cli import run, setup_logging
-from rpc.options import security_options
-from rpc.server import serve_metrics, serve_until_stopped, start_server
-from rpc.tls import Security
 
 log = logging.getLogger(__name__)
 

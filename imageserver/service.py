@@ -11,15 +11,20 @@ import grpc
 import zstandard
 from google.protobuf.message import DecodeError
 
-from fstree.codec import image_from_proto
-from fstree.errors import FleetError, NotFoundError
-from fstree.hashing import check_hash, format_hash
+from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.fstree.hashing import check_hash, format_hash
+from fleetlib.rpc.chunks import join_chunks_async, split_message
+from fleetlib.rpc.objects import ObjectReceiver, object_chunks, pack
+from fleetlib.rpc.status import abort
+from fleetlib.wire import (
+    imageserver_pb2,
+    imageserver_pb2_grpc,
+    objectserver_pb2,
+    objectserver_pb2_grpc,
+)
+from fleetlib.wire.codec import image_from_proto
+from fleetlib.wire.tree_pb2 import Chunk
 from imageserver.store import ImageStore
-from proto import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
-from proto.tree_pb2 import Chunk
-from rpc.chunks import join_chunks_async, split_message
-from rpc.objects import ObjectReceiver, object_chunks, pack
-from rpc.status import abort
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from fstree.codec import image_from_proto, image_to_proto
-from fstree.errors import ExistsError, FleetError, NotFoundError, PreconditionError
-from fstree.hashing import format_hash
-from fstree.image import Image, check_image_name
-from fstree.objectstore import ObjectStore, fsync_directory, write_file_atomically
-from proto import imageserver_pb2
+from fleetlib.errors import ExistsError, FleetError, NotFoundError, PreconditionError
+from fleetlib.fstree.hashing import format_hash
+from fleetlib.fstree.image import Image, check_image_name
+from fleetlib.fstree.objectstore import ObjectStore, fsync_directory, write_file_atomically
+from fleetlib.wire import imageserver_pb2
+from fleetlib.wire.codec import image_from_proto, image_to_proto
 
 log = logging.getLogger(__name__)
 

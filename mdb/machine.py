@@ -9,8 +9,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fstree.errors import FleetError
-from fstree.image import check_image_name
+from fleetlib.errors import FleetError
+from fleetlib.fstree.image import check_image_name
 
 HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAX_HOSTNAME_LENGTH = 253

@@ -17,7 +17,7 @@ from sqlalchemy import (
     text,
 )
 
-from mdb.schema import Migration
+from fleetlib.sql.migrate import Migration
 
 
 def create_machines(connection: Connection) -> None:

@@ -14,12 +14,12 @@ from typing import Any, Literal, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from fstree.errors import FleetError, NotFoundError
-from mdb.engine import database_errors, describe_url, open_engine, writer
+from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.sql.engine import database_errors, describe_url, open_engine, writer
+from fleetlib.sql.migrate import migrate
 from mdb.machine import Machine, check_unique_hostnames
 from mdb.migrations import MIGRATIONS
 from mdb.models import MachineRow, RevisionRow
-from mdb.schema import migrate
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from fstree.codec import inode_from_proto, inode_to_proto
-from fstree.diff import Change, DiffEntry, TreeDiff
-from fstree.errors import FleetError
-from fstree.filter import Filter
-from fstree.tree import check_clean_path
-from fstree.triggers import Trigger, make_trigger
-from proto import imageserver_pb2, subd_pb2
+from fleetlib.errors import FleetError
+from fleetlib.fstree.diff import Change, DiffEntry, TreeDiff
+from fleetlib.fstree.filter import Filter
+from fleetlib.fstree.tree import check_clean_path
+from fleetlib.fstree.triggers import Trigger, make_trigger
+from fleetlib.wire import imageserver_pb2, subd_pb2
+from fleetlib.wire.codec import inode_from_proto, inode_to_proto
 
 MAX_INLINE_BYTES = 64 << 20
 _KIND_TO_WIRE = {Change.ADD: subd_pb2.ADD, Change.REPLACE: subd_pb2.REPLACE,

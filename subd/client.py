@@ -7,12 +7,12 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-from fstree.codec import tree_from_proto
-from fstree.errors import FleetError
-from fstree.tree import Tree
-from proto import subd_pb2, subd_pb2_grpc, tree_pb2
-from rpc.chunks import join_chunks
-from rpc.tls import Security, open_channel, parse_address
+from fleetlib.errors import FleetError
+from fleetlib.fstree.tree import Tree
+from fleetlib.rpc.chunks import join_chunks
+from fleetlib.rpc.tls import Security, open_channel, parse_address
+from fleetlib.wire import subd_pb2, subd_pb2_grpc, tree_pb2
+from fleetlib.wire.codec import tree_from_proto
 from subd.changes import UpdatePlan, plan_to_proto
 
 log = logging.getLogger(__name__)

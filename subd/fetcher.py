@@ -19,15 +19,15 @@ from pathlib import Path
 
 import grpc
 
-from fstree.errors import FleetError, PreconditionError
-from fstree.hashing import format_hash
-from fstree.listing import quote
-from fstree.objectstore import ObjectStore
-from fstree.tree import Kind, Tree
-from proto import objectserver_pb2, objectserver_pb2_grpc, subd_pb2
-from rpc.cli import describe_rpc_error
-from rpc.objects import ObjectReceiver
-from rpc.tls import Security, open_channel, parse_address
+from fleetlib.errors import FleetError, PreconditionError
+from fleetlib.fstree.hashing import format_hash
+from fleetlib.fstree.listing import quote
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.tree import Kind, Tree
+from fleetlib.rpc.objects import ObjectReceiver
+from fleetlib.rpc.status import describe_rpc_error
+from fleetlib.rpc.tls import Security, open_channel, parse_address
+from fleetlib.wire import objectserver_pb2, objectserver_pb2_grpc, subd_pb2
 
 log = logging.getLogger(__name__)
 

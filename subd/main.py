@@ -13,14 +13,15 @@ import click
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fstree.objectstore import ObjectStore
-from proto import subd_pb2_grpc
-from rpc.cli import run, setup_logging
-from rpc.options import security_options
-from rpc.server import serve_metrics, serve_until_stopped, start_server
-from rpc.tls import Security
+from fleetlib.cli.options import security_options
+from fleetlib.cli.run import run, setup_logging
+from fleetlib.fstree.exclusions import DEFAULT_EXCLUSIONS, SUBD_DIR
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
+from fleetlib.rpc.tls import Security
+from fleetlib.wire import subd_pb2_grpc
 from subd.fetcher import Fetcher
-from subd.scanner import DEFAULT_EXCLUSIONS, SUBD_DIR, ScanConfig, Scanner
+from subd.scanner import ScanConfig, Scanner
 from subd.service import SubdService
 from subd.state import SubdState
 from subd.trigger_runner import TriggerRunner

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fstree.errors import FleetError
-from fstree.objectstore import write_file_atomically
-from fstree.scan import scan_directory
+from fleetlib.errors import FleetError
+from fleetlib.fstree.objectstore import write_file_atomically
+from fleetlib.fstree.scan import scan_directory
 
 log = logging.getLogger(__name__)
 

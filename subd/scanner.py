@@ -18,15 +18,15 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fstree.errors import FleetError
-from fstree.filter import Filter
-from fstree.scan import inode_from_stat, scan_directory
-from fstree.tree import Inode, Tree
+from fleetlib.errors import FleetError
+from fleetlib.fstree.exclusions import DEFAULT_EXCLUSIONS, SUBD_DIR, excluder
+from fleetlib.fstree.scan import inode_from_stat, scan_directory
+from fleetlib.fstree.tree import Inode, Tree
 from subd.ratelimit import (
     HASH_UNIT,
     CpuLimiter,
@@ -37,18 +37,10 @@ from subd.ratelimit import (
 
 log = logging.getLogger(__name__)
 
-SUBD_DIR = ".subd"
-DEFAULT_EXCLUSIONS = [
-    r"/tmp/.*", r"/var/tmp/.*", r"/var/log/.*", r"/home/.*", r"/data/.*",
-    r"/var/mail/.*", r"/var/spool/.*",
-]
 SCAN_FLOOR_SECONDS = 1.0  # the shortest pause between two passes
 # Verification budget charged per inode on top of its size: re-reading its
 # metadata costs about one block, and empty files and directories need re-reads too.
 _INODE_COST = 4096
-_SUBD_PATH = "/" + SUBD_DIR
-_SUBD_INSIDE = _SUBD_PATH + "/"
-_REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()")
 
 
 @dataclass
@@ -68,36 +60,6 @@ class ScanConfig:
             raise FleetError("scan limits must be percents of 0 or more")
         if self.verify_period_seconds <= 0:
             raise FleetError("the verify period must be positive")
-
-
-def literal_prefix(pattern: str) -> str:
-    """Text that every start-anchored match of `pattern` begins with ("" when the
-    regex is too clever to tell), so most paths skip the regex engine."""
-    if "|" in pattern:
-        return ""
-    end = 0
-    while end < len(pattern) and pattern[end] not in _REGEX_SPECIAL:
-        end += 1
-    if end < len(pattern) and pattern[end] in "*?{":  # the last letter is optional
-        end -= 1
-    return pattern[:end]
-
-
-def excluder(exclusions: list[str]) -> Callable[[str], bool]:
-    """Whether a sub with these scan exclusions leaves a path unscanned: ROOT/.subd
-    and whatever an exclusion regex matches (start-anchored, like filter lines).
-    The dominator treats such paths as filtered. FleetError for a bad regex."""
-    flt = Filter.from_lines(exclusions, "scan exclusions")
-    if flt.inverted:
-        prefixes: tuple[str, ...] = ("",)
-    else:
-        prefixes = (_SUBD_PATH, *{literal_prefix(line) for line in flt.lines})
-
-    def excluded(path: str) -> bool:
-        return path.startswith(prefixes) and (
-            path == _SUBD_PATH or path.startswith(_SUBD_INSIDE) or flt.matches(path))
-
-    return excluded
 
 
 @dataclass(slots=True)

@@ -12,19 +12,20 @@ from pathlib import Path
 
 import grpc
 
-from fstree.codec import tree_to_proto
-from fstree.errors import FleetError, NotFoundError, PreconditionError
-from fstree.filter import Filter
-from fstree.hashing import check_hash
-from fstree.listing import quote
-from fstree.objectstore import ObjectStore
-from fstree.tree import Kind, Tree, check_clean_path
-from proto import subd_pb2, subd_pb2_grpc
-from rpc.chunks import CHUNK_SIZE, split_message
-from rpc.status import abort
+from fleetlib.errors import FleetError, NotFoundError, PreconditionError
+from fleetlib.fstree.exclusions import SUBD_DIR
+from fleetlib.fstree.filter import Filter
+from fleetlib.fstree.hashing import check_hash
+from fleetlib.fstree.listing import quote
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.tree import Kind, Tree, check_clean_path
+from fleetlib.rpc.chunks import CHUNK_SIZE, split_message
+from fleetlib.rpc.status import abort
+from fleetlib.wire import subd_pb2, subd_pb2_grpc
+from fleetlib.wire.codec import tree_to_proto
 from subd.changes import UpdatePlan, plan_from_proto
 from subd.fetcher import Fetcher, free_bytes
-from subd.scanner import SUBD_DIR, Scanner
+from subd.scanner import Scanner
 from subd.state import SubdState, UpdateOutcome
 from subd.updater import Updater
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fstree.objectstore import write_file_atomically
+from fleetlib.fstree.objectstore import write_file_atomically
 from subd.trigger_runner import Action, TriggerRunner
 
 log = logging.getLogger(__name__)

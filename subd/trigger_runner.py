@@ -15,8 +15,8 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fstree.errors import FleetError
-from fstree.triggers import SERVICE_RE, Trigger, fired
+from fleetlib.errors import FleetError
+from fleetlib.fstree.triggers import SERVICE_RE, Trigger, fired
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fstree.diff import Change, DiffEntry
-from fstree.errors import FleetError, PreconditionError
-from fstree.filter import is_filtered
-from fstree.objectstore import ObjectStore
-from fstree.scan import Exclude
-from fstree.tree import Inode, Kind, Tree, check_clean_path, split
-from fstree.unpack import apply_metadata, make_node, stage_regular
+from fleetlib.errors import FleetError, PreconditionError
+from fleetlib.fstree.diff import Change, DiffEntry
+from fleetlib.fstree.filter import is_filtered
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.scan import Exclude
+from fleetlib.fstree.tree import Inode, Kind, Tree, check_clean_path, split
+from fleetlib.fstree.unpack import apply_metadata, make_node, stage_regular
 from subd.changes import UpdatePlan
 from subd.state import SubdState, UpdateOutcome
 from subd.trigger_runner import Action, TriggerActions, TriggerRunner, plan_actions

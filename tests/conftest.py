@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rpc.certs import init_ca
-from rpc.tls import Security
-from tests.daemons import Daemon, free_port
+from fleetlib.rpc.certs import init_ca
+from fleetlib.rpc.tls import Security
+from fleetlib.testing.daemons import Daemon, free_port
 
 
 @pytest.fixture(scope="session")

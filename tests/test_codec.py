@@ -1,4 +1,4 @@
-"""Tests of fstree.codec and fstree.image: round trips, and validation of untrusted
+"""Tests of fleetlib.wire.codec and fleetlib.fstree.image: round trips, and validation of untrusted
 trees and images."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fstree.codec import image_from_proto, image_to_proto, tree_from_proto, tree_to_proto
-from fstree.errors import FleetError
-from fstree.filter import EMPTY, Filter
-from fstree.image import ComputedFile, Image, check_image_name, parse_computed_files
-from fstree.tree import Kind, Tree, TreeBuilder, directory, regular, special, symlink
-from fstree.triggers import make_trigger, parse_triggers
-from proto import imageserver_pb2, tree_pb2
+from fleetlib.errors import FleetError
+from fleetlib.fstree.filter import EMPTY, Filter
+from fleetlib.fstree.image import ComputedFile, Image, check_image_name, parse_computed_files
+from fleetlib.fstree.tree import Kind, Tree, TreeBuilder, directory, regular, special, symlink
+from fleetlib.fstree.triggers import make_trigger, parse_triggers
+from fleetlib.wire import imageserver_pb2, tree_pb2
+from fleetlib.wire.codec import image_from_proto, image_to_proto, tree_from_proto, tree_to_proto
 
 T = 1_650_000_000_987_654_321
 

@@ -19,9 +19,9 @@ from dominator.computed import (
     content_key,
     render_image_files,
 )
-from fstree.errors import FleetError
-from fstree.image import ComputedFile, Image
-from fstree.tree import TreeBuilder, regular
+from fleetlib.errors import FleetError
+from fleetlib.fstree.image import ComputedFile, Image
+from fleetlib.fstree.tree import TreeBuilder, regular
 
 
 @dataclasses.dataclass(frozen=True)

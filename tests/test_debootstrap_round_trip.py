@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import cli
-from tests.debootstrap import debootstrap_tree
-from tests.trees import rsync_differences
+from fleetlib.testing.daemons import cli
+from fleetlib.testing.debootstrap import debootstrap_tree
+from fleetlib.testing.trees import rsync_differences
 
 pytestmark = pytest.mark.slow
 

@@ -23,13 +23,13 @@ from dominator.deploy import DeployEngine, HealthCheck, check_waves, wave_target
 from dominator.herd import Status, Sub
 from dominator.http_app import HttpContext, make_app
 from dominator.state import DominatorState
-from fstree.errors import FleetError
+from fleetlib.errors import FleetError
+from fleetlib.rpc.tls import Security
+from fleetlib.testing.daemons import Daemon, cli, free_port
+from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
 from mdb.store import Mdb
-from rpc.tls import Security
-from tests.daemons import Daemon, cli, free_port
 from tests.test_fleet import POLL, TOKEN, wait_for
-from tests.trees import make_tree
 
 
 class HealthServer:

@@ -13,12 +13,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fstree.diff import Change, TreeDiff, diff_trees
-from fstree.filter import EMPTY, Filter, prune
-from fstree.objectstore import ObjectStore
-from fstree.scan import scan_directory
-from fstree.tree import Inode, Kind, Tree, TreeBuilder, directory, regular, special, symlink
-from fstree.unpack import apply_metadata, make_node, unpack_tree
+from fleetlib.fstree.diff import Change, TreeDiff, diff_trees
+from fleetlib.fstree.filter import EMPTY, Filter, prune
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.scan import scan_directory
+from fleetlib.fstree.tree import (
+    Inode,
+    Kind,
+    Tree,
+    TreeBuilder,
+    directory,
+    regular,
+    special,
+    symlink,
+)
+from fleetlib.fstree.unpack import apply_metadata, make_node, unpack_tree
 
 T = 1_600_000_000_000_000_000
 

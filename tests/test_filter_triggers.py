@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fstree.errors import FleetError
-from fstree.filter import EMPTY, Filter, is_filtered, prune
-from fstree.tree import Inode, Tree, TreeBuilder, directory, regular
-from fstree.triggers import Trigger, fired, load_triggers, make_trigger, parse_triggers
+from fleetlib.errors import FleetError
+from fleetlib.fstree.filter import EMPTY, Filter, is_filtered, prune
+from fleetlib.fstree.tree import Inode, Tree, TreeBuilder, directory, regular
+from fleetlib.fstree.triggers import Trigger, fired, load_triggers, make_trigger, parse_triggers
 
 
 def reg(data: bytes) -> Inode:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from rpc.tls import Security
+from fleetlib.rpc.tls import Security
+from fleetlib.testing.daemons import Daemon, cli, free_port
+from fleetlib.testing.trees import make_tree
 from subd.client import SubClient
-from tests.daemons import Daemon, cli, free_port
-from tests.trees import make_tree
 
 HOSTS = 5
 POLL = "0.3"

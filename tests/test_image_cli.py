@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemons import Daemon, assert_one_line_error, cli
-from tests.trees import make_tree, rsync_differences
+from fleetlib.testing.daemons import Daemon, assert_one_line_error, cli
+from fleetlib.testing.trees import make_tree, rsync_differences
 
 needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
 

@@ -15,14 +15,19 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fstree.codec import image_to_proto
-from fstree.filter import EMPTY
-from fstree.image import Image
-from fstree.tree import TreeBuilder, regular
-from proto import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
-from rpc.chunks import split_message
-from rpc.tls import Security, open_channel
-from tests.daemons import PROJECT, Daemon, cli
+from fleetlib.fstree.filter import EMPTY
+from fleetlib.fstree.image import Image
+from fleetlib.fstree.tree import TreeBuilder, regular
+from fleetlib.rpc.chunks import split_message
+from fleetlib.rpc.tls import Security, open_channel
+from fleetlib.testing.daemons import PROJECT, Daemon, cli
+from fleetlib.wire import (
+    imageserver_pb2,
+    imageserver_pb2_grpc,
+    objectserver_pb2,
+    objectserver_pb2_grpc,
+)
+from fleetlib.wire.codec import image_to_proto
 
 
 def stubs(daemon: Daemon, security: Security):

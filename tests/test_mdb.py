@@ -18,12 +18,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 import mdb.store
-from fstree.errors import FleetError, NotFoundError
-from mdb.engine import open_engine
+from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.sql.engine import open_engine
+from fleetlib.sql.migrate import Migration, migrate
 from mdb.machine import Machine, check_address, machines_json, parse_machines_json
 from mdb.migrations import MIGRATIONS
 from mdb.models import Base
-from mdb.schema import Migration, migrate
 from mdb.store import Mdb
 
 POSTGRES_URL = os.environ.get("FLEET_TEST_POSTGRES_URL", "")

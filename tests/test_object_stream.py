@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from fstree.errors import FleetError
-from fstree.objectstore import ObjectStore
-from proto import objectserver_pb2
-from rpc.chunks import CHUNK_SIZE, join_chunks, join_chunks_async, split_message
-from rpc.objects import NONE, PIECE_SIZE, ZSTD, ObjectReceiver, object_chunks, pack
+from fleetlib.errors import FleetError
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.rpc.chunks import CHUNK_SIZE, join_chunks, join_chunks_async, split_message
+from fleetlib.rpc.objects import NONE, PIECE_SIZE, ZSTD, ObjectReceiver, object_chunks, pack
+from fleetlib.wire import objectserver_pb2
 
 MiB = 1 << 20
 BIG = os.urandom(3 * MiB)

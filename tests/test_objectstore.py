@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fstree.errors import FleetError, NotFoundError
-from fstree.hashing import check_hash, format_hash, hash_bytes, hash_fd, parse_hash
-from fstree.objectstore import TMP_DIR, ObjectStore, write_file_atomically
+from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.fstree.hashing import check_hash, format_hash, hash_bytes, hash_fd, parse_hash
+from fleetlib.fstree.objectstore import TMP_DIR, ObjectStore, write_file_atomically
 
 
 def sha(data: bytes) -> bytes:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.daemons import PROJECT, cli
+from fleetlib.testing.daemons import PROJECT, cli
 
 SUBS = 3
 

@@ -19,11 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dominator.certs_cli import certs
-from fstree.errors import FleetError
-from proto import objectserver_pb2 as pb
-from proto import objectserver_pb2_grpc as pb_grpc
-from rpc.auth import method_permitted
-from rpc.certs import (
+from fleetlib.cli.options import security_options
+from fleetlib.errors import FleetError
+from fleetlib.rpc.auth import method_permitted
+from fleetlib.rpc.certs import (
     PERMITTED_METHODS_OID,
     ROLE_METHODS,
     common_name,
@@ -31,9 +30,10 @@ from rpc.certs import (
     issue,
     permitted_methods,
 )
-from rpc.options import security_options
-from rpc.server import RunningServer, start_server
-from rpc.tls import Identity, Security, open_channel, parse_address
+from fleetlib.rpc.server import RunningServer, start_server
+from fleetlib.rpc.tls import Identity, Security, open_channel, parse_address
+from fleetlib.wire import objectserver_pb2 as pb
+from fleetlib.wire import objectserver_pb2_grpc as pb_grpc
 
 HASHES = [b"\x01" * 32, b"\x02" * 32]
 

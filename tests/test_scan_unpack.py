@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from fstree.errors import FleetError
-from fstree.hashing import hash_bytes
-from fstree.objectstore import ObjectStore
-from fstree.scan import scan_directory
-from fstree.tree import Kind, Tree
-from fstree.unpack import check_empty_destination, unpack_tree
+from fleetlib.errors import FleetError
+from fleetlib.fstree.hashing import hash_bytes
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.scan import scan_directory
+from fleetlib.fstree.tree import Kind, Tree
+from fleetlib.fstree.unpack import check_empty_destination, unpack_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod)")
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from fstree.errors import FleetError
-from fstree.scan import scan_directory
-from fstree.tree import Kind, Tree
+from fleetlib.errors import FleetError
+from fleetlib.fstree.exclusions import DEFAULT_EXCLUSIONS, SUBD_DIR, excluder, literal_prefix
+from fleetlib.fstree.scan import scan_directory
+from fleetlib.fstree.tree import Kind, Tree
+from fleetlib.testing.trees import make_tree
 from subd.ratelimit import (
     DEFAULT_READ_SPEED,
     SPEED_FILE,
@@ -30,15 +32,7 @@ from subd.ratelimit import (
     ReadLimiter,
     measure_read_speed,
 )
-from subd.scanner import (
-    DEFAULT_EXCLUSIONS,
-    SUBD_DIR,
-    ScanConfig,
-    Scanner,
-    excluder,
-    literal_prefix,
-)
-from tests.trees import make_tree
+from subd.scanner import ScanConfig, Scanner
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod)")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.daemons import PROJECT, Daemon
+from fleetlib.testing.daemons import PROJECT, Daemon
 from tests.test_fleet import FleetUnderTest, add_images, names
 
 STAGE = yaml.safe_load((PROJECT / "spinnaker" / "orca-local.yml").read_text())[

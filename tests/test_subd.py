@@ -19,13 +19,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fstree.diff import Change, DiffEntry, TreeDiff
-from fstree.scan import scan_directory
-from fstree.tree import Kind, regular
+from fleetlib.fstree.diff import Change, DiffEntry, TreeDiff
+from fleetlib.fstree.scan import scan_directory
+from fleetlib.fstree.tree import Kind, regular
+from fleetlib.testing.daemons import PROJECT, Daemon, assert_one_line_error, cli
+from fleetlib.testing.trees import make_tree, rsync_differences
 from subd.changes import UpdatePlan
 from subd.client import SubClient
-from tests.daemons import PROJECT, Daemon, assert_one_line_error, cli
-from tests.trees import make_tree, rsync_differences
 
 needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
 

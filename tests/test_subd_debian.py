@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from subd.scanner import DEFAULT_EXCLUSIONS
-from tests.daemons import Daemon, cli
-from tests.debootstrap import debootstrap_tree
-from tests.trees import rsync_differences
+from fleetlib.fstree.exclusions import DEFAULT_EXCLUSIONS
+from fleetlib.testing.daemons import Daemon, cli
+from fleetlib.testing.debootstrap import debootstrap_tree
+from fleetlib.testing.trees import rsync_differences
 
 pytestmark = pytest.mark.slow
 

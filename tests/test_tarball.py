@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from fstree.errors import FleetError
-from fstree.tarball import Tarball, iter_tarball_objects, read_tarball
-from fstree.tree import Inode, Kind, Tree, directory, regular, special, symlink
+from fleetlib.errors import FleetError
+from fleetlib.fstree.tarball import Tarball, iter_tarball_objects, read_tarball
+from fleetlib.fstree.tree import Inode, Kind, Tree, directory, regular, special, symlink
 
 UID = 1234
 BIG = random.Random(0).randbytes(3 * (1 << 20) + 1)  # more than one 1 MiB read

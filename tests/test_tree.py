@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from fstree.errors import FleetError
-from fstree.listing import format_inode, listing, quote
-from fstree.tree import (
+from fleetlib.errors import FleetError
+from fleetlib.fstree.listing import format_inode, listing, quote
+from fleetlib.fstree.tree import (
     Inode,
     Kind,
     Tree,

@@ -24,18 +24,18 @@ from pathlib import Path
 
 import pytest
 
-from fstree.diff import Change, DiffEntry, TreeDiff, diff_trees
-from fstree.errors import FleetError
-from fstree.filter import EMPTY, Filter
-from fstree.objectstore import ObjectStore
-from fstree.scan import scan_directory
-from fstree.tree import Inode, Kind, Tree, regular, symlink
-from fstree.triggers import make_trigger
+from fleetlib.errors import FleetError
+from fleetlib.fstree.diff import Change, DiffEntry, TreeDiff, diff_trees
+from fleetlib.fstree.filter import EMPTY, Filter
+from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.scan import scan_directory
+from fleetlib.fstree.tree import Inode, Kind, Tree, regular, symlink
+from fleetlib.fstree.triggers import make_trigger
+from fleetlib.testing.trees import make_tree, rsync_differences
 from subd.changes import UpdatePlan, plan_to_proto
 from subd.state import SubdState, UpdateOutcome
 from subd.trigger_runner import TriggerRunner, plan_actions
 from subd.updater import Updater
-from tests.trees import make_tree, rsync_differences
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, mount)")
 
@@ -591,9 +591,9 @@ NON_ROOT_SCRIPT = textwrap.dedent("""
     import json, os, sys
     from dataclasses import asdict
     from pathlib import Path
-    from fstree.objectstore import ObjectStore
-    from fstree.scan import scan_directory
-    from proto.subd_pb2 import UpdateRequest
+    from fleetlib.fstree.objectstore import ObjectStore
+    from fleetlib.fstree.scan import scan_directory
+    from fleetlib.wire.subd_pb2 import UpdateRequest
     from subd.changes import plan_from_proto
     from subd.state import SubdState
     from subd.trigger_runner import TriggerRunner

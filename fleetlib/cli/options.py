@@ -1,0 +1,53 @@
+"""Click options every program shares: the TLS identity (or --insecure) and server
+addresses, so each daemon and CLI command spells them the same way."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from fleetlib.rpc.tls import Security
+
+
+def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --tls-dir/--insecure to a click command, handing it one `security` argument.
+
+    Apply below @click.command. The identity is loaded when the command runs, so a
+    missing or bad folder is a one-line FleetError, and --help never needs one.
+    """
+
+    @click.option(
+        "--tls-dir",
+        envvar="DOMINATOR_TLS_DIR",
+        type=click.Path(file_okay=False, path_type=str),
+        show_envvar=True,
+        help="Identity folder holding ca.pem, cert.pem and key.pem (see `dominator certs`).",
+    )
+    @click.option(
+        "--insecure",
+        is_flag=True,
+        help="Turn TLS off: no encryption, no authentication. Development only.",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, tls_dir: str | None, insecure: bool, **kwargs: Any) -> Any:
+        return func(*args, security=Security.from_options(tls_dir, insecure), **kwargs)
+
+    return wrapper
+
+
+def address_option(
+    name: str, envvar: str, default: str, help: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A `--NAME HOST:PORT` option read from ENVVAR when not given, defaulting to DEFAULT."""
+    return click.option(
+        f"--{name}",
+        envvar=envvar,
+        default=default,
+        show_default=True,
+        show_envvar=True,
+        metavar="HOST:PORT",
+        help=help,
+    )

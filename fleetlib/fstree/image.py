@@ -1,0 +1,72 @@
+"""Images: an immutable named tree plus its filter, triggers and computed files."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from fleetlib.errors import FleetError
+from fleetlib.fstree.filter import Filter
+from fleetlib.fstree.tree import Tree, check_clean_path
+from fleetlib.fstree.triggers import Trigger
+
+NAME_COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=,:-]*")
+MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class ComputedFile:
+    """A path whose content the dominator renders per host from `source`."""
+
+    path: str
+    source: str
+
+
+@dataclass
+class Image:
+    """An image as stored by the image server. `filter` None means sparse."""
+
+    name: str
+    tree: Tree
+    filter: Filter | None
+    triggers: list[Trigger] = field(default_factory=list)
+    computed_files: list[ComputedFile] = field(default_factory=list)
+    created_unix: int = 0
+    expires_unix: int = 0
+
+
+def check_image_name(name: str) -> str:
+    """Validate an image name: `/`-separated components (streams), no `..`, no
+    leading or trailing `/`, each component starting with a letter or digit."""
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise FleetError(f"invalid image name {name!r}: must be 1 to {MAX_NAME_LENGTH} characters")
+    for component in name.split("/"):
+        if not NAME_COMPONENT_RE.fullmatch(component):
+            raise FleetError(
+                f"invalid image name {name!r}: components are letters, digits and ._+@=,:- "
+                "and start with a letter or digit")
+    return name
+
+
+def parse_computed_files(text: str, origin: str = "computed files") -> list[ComputedFile]:
+    """Dominator's computed-files JSON: `[{"Filename": "/etc/x", "Source": "gen"}]`."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FleetError(f"{origin}: malformed JSON: {err}") from None
+    if not isinstance(data, list):
+        raise FleetError(f"{origin}: expected a JSON array")
+    result = []
+    for index, item in enumerate(data):
+        if not isinstance(item, dict) or set(item) - {"Filename", "Source"} \
+                or not isinstance(item.get("Filename"), str) \
+                or not isinstance(item.get("Source", ""), str):
+            raise FleetError(f"{origin}: entry {index} must be "
+                             '{"Filename": "/absolute/path", "Source": "generator"}')
+        try:
+            path = check_clean_path(item["Filename"])
+        except FleetError as err:
+            raise FleetError(f"{origin}: entry {index}: {err}") from None
+        result.append(ComputedFile(path, item.get("Source", "")))
+    return result

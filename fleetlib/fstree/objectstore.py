@@ -1,0 +1,333 @@
+"""The content-addressed object store shared by the image server and subd's cache.
+
+Objects live at `ROOT/ab/cd/<rest of hex>` named by the SHA-256 of their bytes.
+Every object is written under a temporary name in `ROOT/.tmp`, verified against
+its declared hash and size, made durable, and only then renamed into place, so
+a final path never holds a partial or wrong object, whenever the process dies.
+Durability is batched: one `syncfs` covers every object of a batch (fsync per
+object costs 0.25 ms each here; syncfs of 2,000 new files costs 40 ms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.fstree.hashing import HASH_SIZE, check_hash, format_hash
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+QUEUED_JOBS = 256  # pieces of up to 1 MiB waiting for the I/O thread
+
+TMP_DIR = ".tmp"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every dirty page of the filesystem holding `path` to stable storage."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` via a temporary name in the same folder: fsync, rename,
+    fsync the folder. Readers see the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make renames and unlinks inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ObjectWriter:
+    """One object being written: feed it bytes, then `finish` verifies them.
+
+    Hashing happens here, on the caller's thread; creating and writing the file
+    happen in order on the store's I/O thread, so receiving the next piece and
+    the disk work overlap. I/O errors surface when the batch commits.
+    """
+
+    def __init__(self, batch: Batch, digest: bytes, size: int) -> None:
+        self.digest = digest
+        self.size = size
+        self.received = 0
+        self.error: OSError | None = None
+        self.tmp = batch.store.new_tmp_path()
+        self._batch = batch
+        self._hash = hashlib.sha256()
+        self._fd = -1
+        batch.store.queue(self._open)
+
+    def _open(self) -> None:
+        try:
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600)
+        except OSError as err:
+            self.error = err
+
+    def _write(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as err:
+            self.error = err
+
+    def _close(self, discard: bool) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if discard:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+    def write(self, data: bytes) -> None:
+        """Append content; FleetError past the declared size."""
+        self.received += len(data)
+        if self.received > self.size:
+            self.abort()
+            raise FleetError(
+                f"object {format_hash(self.digest)}: more than the declared {self.size} bytes")
+        self._hash.update(data)
+        self._batch.store.queue(functools.partial(self._write, bytes(data)))
+
+    def finish(self) -> None:
+        """Verify size and hash; on success the object joins its batch for commit."""
+        if self.received != self.size:
+            self.abort()
+            raise FleetError(f"object {format_hash(self.digest)}: got {self.received} bytes, "
+                             f"declared {self.size}")
+        if self._hash.digest() != self.digest:
+            self.abort()
+            raise FleetError(f"object {format_hash(self.digest)}: content does not match its "
+                             "hash (corrupt or forged)")
+        self._batch.store.queue(functools.partial(self._close, False))
+        self._batch.pending.append(self)
+
+    def abort(self) -> None:
+        """Drop the partial object."""
+        self._batch.store.queue(functools.partial(self._close, True))
+
+
+class Batch:
+    """Objects written together and made durable by one filesystem sync."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.pending: list[ObjectWriter] = []
+
+    def begin(self, digest: bytes, size: int) -> ObjectWriter:
+        """Start writing one object whose hash and size are declared up front."""
+        check_hash(digest)
+        if size <= 0:
+            raise FleetError("empty files are not objects")
+        return ObjectWriter(self, digest, size)
+
+    def commit(self) -> int:
+        """Sync, then rename every verified object into place; returns how many.
+        OSError if writing any of them failed (the others are still committed)."""
+        return self.commit_later().result()
+
+    def commit_later(self) -> Future[int]:
+        """`commit`, queued behind the batch's writes; the future gives its result."""
+        pending, self.pending = self.pending, []
+        return self.store.queue(functools.partial(self._commit, pending))
+
+    def _commit(self, pending: list[ObjectWriter]) -> int:
+        failed = [writer for writer in pending if writer.error is not None]
+        for writer in failed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(writer.tmp)
+        good = [writer for writer in pending if writer.error is None]
+        if good and self.store.durable:
+            sync_filesystem(self.store.tmp_dir)
+        for writer in good:
+            os.rename(writer.tmp, self.store.path_for_writing(writer.digest))
+        if good and self.store.durable:
+            sync_filesystem(self.store.tmp_dir)
+        if failed:
+            raise failed[0].error  # type: ignore[misc]
+        return len(good)
+
+    def abort(self) -> None:
+        """Forget every uncommitted object."""
+        pending, self.pending = self.pending, []
+        for writer in pending:
+            writer.abort()
+        self.store.drain()
+
+
+class ObjectStore:
+    """A folder of objects named by content hash.
+
+    A `scratch` store (a staging area its user empties, such as `image get`'s)
+    keeps objects flat in one folder and skips the syncs; its renames still
+    protect against a killed process, though not against a power cut.
+    """
+
+    def __init__(self, root: Path, scratch: bool = False) -> None:
+        self.root = Path(root)
+        self.durable = not scratch
+        self._fanout = not scratch
+        self._start_io()
+        self._names = itertools.count()
+        self.tmp_dir = self.root / TMP_DIR
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_prefix = f"{self.tmp_dir}/{os.getpid()}.{os.urandom(4).hex()}."
+        self._prefix = os.fspath(self.root) + "/"
+        self._folders: set[str] = set()
+
+    def _start_io(self) -> None:
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="object-io")
+        self._room = threading.Semaphore(QUEUED_JOBS)
+        self._io_pid = os.getpid()
+
+    def queue(self, job: Callable[[], T]) -> Future[T]:
+        """Run `job` on the store's I/O thread, after every job queued before it.
+        Blocks while too many jobs wait (the disk sets the pace)."""
+        if self._io_pid != os.getpid():  # a forked child has no copy of the thread
+            self._start_io()
+        self._room.acquire()
+        future = self._io.submit(job)
+        future.add_done_callback(lambda _: self._room.release())
+        return future
+
+    def drain(self) -> None:
+        """Wait for every queued job."""
+        self.queue(lambda: None).result()
+
+    def new_tmp_path(self) -> str:
+        """A fresh temporary name in the store's scratch folder."""
+        return f"{self._tmp_prefix}{next(self._names)}"
+
+    def recover(self) -> int:
+        """Remove temporary files a killed process left behind; returns how many."""
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        if removed:
+            log.info("removed %d partial object(s) left by an interrupted write", removed)
+        return removed
+
+    def path_of(self, digest: bytes) -> str:
+        """Where the object with this hash lives."""
+        hexa = check_hash(digest).hex()
+        if not self._fanout:
+            return self._prefix + hexa
+        return f"{self._prefix}{hexa[:2]}/{hexa[2:4]}/{hexa[4:]}"
+
+    def path_for_writing(self, digest: bytes) -> str:
+        """`path_of`, with its folders made if needed."""
+        path = self.path_of(digest)
+        folder = path[:len(self._prefix) + 5]
+        if self._fanout and folder not in self._folders:
+            try:
+                os.mkdir(folder)
+            except FileNotFoundError:
+                os.makedirs(folder, exist_ok=True)
+            except FileExistsError:
+                pass
+            self._folders.add(folder)
+        return path
+
+    def size_of(self, digest: bytes) -> int | None:
+        """Size of a stored object, or None when absent."""
+        try:
+            return os.stat(self.path_of(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def has(self, digest: bytes) -> bool:
+        """Whether the object is stored."""
+        return self.size_of(digest) is not None
+
+    def open(self, digest: bytes) -> BinaryIO:
+        """Open a stored object for reading; FleetError when absent."""
+        try:
+            return open(self.path_of(digest), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"object {format_hash(digest)} is not stored") from None
+
+    def batch(self) -> Batch:
+        """A new batch of objects to write."""
+        return Batch(self)
+
+    def add_bytes(self, data: bytes) -> bytes:
+        """Store `data` (non-empty) and return its hash; for small objects and tests."""
+        digest = hashlib.sha256(data).digest()
+        if not self.has(digest):
+            batch = self.batch()
+            writer = batch.begin(digest, len(data))
+            writer.write(data)
+            writer.finish()
+            batch.commit()
+        return digest
+
+    def remove(self, digest: bytes) -> int:
+        """Delete an object; returns the bytes freed (0 when it was absent)."""
+        path = self.path_of(digest)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Every stored object's hash."""
+        if not self._fanout:
+            for entry in os.scandir(self.root):
+                if len(entry.name) == 2 * HASH_SIZE and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(ValueError):
+                        yield bytes.fromhex(entry.name)
+            return
+        for top in os.scandir(self.root):
+            if len(top.name) != 2 or not top.is_dir(follow_symlinks=False):
+                continue
+            for mid in os.scandir(top.path):
+                for leaf in os.scandir(mid.path):
+                    hexa = top.name + mid.name + leaf.name
+                    if len(hexa) == 2 * HASH_SIZE:
+                        try:
+                            yield bytes.fromhex(hexa)
+                        except ValueError:
+                            continue

@@ -1,0 +1,74 @@
+"""Where an image's tree and content come from: a directory or a tarball.
+
+A source gives the tree and, for the objects an upload needs, a way to read
+each one. Directory sources can be read by several uploads at once; a
+tarball is one stream and is read in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from fleetlib.errors import FleetError
+from fleetlib.fstree.scan import ReadHook, scan_directory
+from fleetlib.fstree.tarball import Tarball
+from fleetlib.fstree.tree import Kind, Tree
+
+# (hash, size, open the content) for one object; a tarball's opener is only
+# valid until the iterator advances.
+ObjectItem = tuple[bytes, int, Callable[[], contextlib.AbstractContextManager[BinaryIO]]]
+
+
+class Source(Protocol):
+    """A tree and its content."""
+
+    tree: Tree
+    parallel: bool
+
+    def iter_objects(self, wanted: Collection[bytes]) -> Iterator[ObjectItem]:
+        """Each wanted object once, with a way to read its bytes."""
+        ...
+
+
+class DirectorySource:
+    """A scanned directory; objects are read from the first path holding them."""
+
+    parallel = True
+
+    def __init__(self, root: Path, on_read: ReadHook | None = None) -> None:
+        self.root = root
+        self.tree = scan_directory(root, on_read=on_read)
+
+    def iter_objects(self, wanted: Collection[bytes]) -> Iterator[ObjectItem]:
+        remaining = set(wanted)
+        for path, _, inode in self.tree.walk():
+            if inode.kind == Kind.REGULAR and inode.hash in remaining:
+                remaining.discard(inode.hash)
+                real = self.root / path.lstrip("/")
+                yield inode.hash, inode.size, lambda real=real: open(real, "rb")
+
+
+class TarballSource:
+    """A tarball read without unpacking it: once for the tree, again for content."""
+
+    parallel = False
+
+    def __init__(self, path: Path) -> None:
+        self._tarball = Tarball(path)
+        self.tree = self._tarball.read()
+
+    def iter_objects(self, wanted: Collection[bytes]) -> Iterator[ObjectItem]:
+        for digest, size, reader in self._tarball.iter_objects(set(wanted)):
+            yield digest, size, lambda reader=reader: contextlib.nullcontext(reader)
+
+
+def open_source(path: Path, on_read: ReadHook | None = None) -> Source:
+    """A directory or a .tar/.tar.gz/.tar.zst file as a source."""
+    if path.is_dir():
+        return DirectorySource(path, on_read)
+    if path.is_file():
+        return TarballSource(path)
+    raise FleetError(f"{path}: not a directory or a tarball")

@@ -1,0 +1,313 @@
+"""Reading a tarball (plain, gzip or zstd) into a Tree without unpacking it.
+
+Tar members come from users and are untrusted (DESIGN.md "Security"): every name,
+link and number is validated, and a bad or damaged archive gives a one-line
+FleetError and no partial tree. The archive is streamed twice at most: `Tarball.read`
+builds the tree and hashes each regular member; `Tarball.iter_objects` then hands out
+the content of the members holding the objects the image server lacks, using the
+hashes recorded by the first pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+import zstandard
+
+from fleetlib.errors import FleetError
+from fleetlib.fstree.hashing import READ_SIZE
+from fleetlib.fstree.tree import (
+    Inode,
+    Kind,
+    Tree,
+    TreeBuilder,
+    Xattrs,
+    directory,
+    regular,
+    special,
+    symlink,
+)
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# What a damaged archive raises from tarfile or a decompressor (tarfile lets
+# ValueError escape from malformed pax sparse maps and hdrcharset records).
+_DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, zstandard.ZstdError)
+_XATTR_PREFIX = "SCHILY.xattr."
+# GNU tar writes `=` and `%` in xattr names as %3D and %25 (pax keywords end at `=`).
+_XATTR_ESCAPE = re.compile("%(25|3D)")
+_PAX_TIME = re.compile(r"(-?)(\d{1,30})(?:\.(\d*))?")
+_NS = 10**9
+# Fields a later consumer packs into fixed-width integers, with their bounds.
+_LIMITS = (("uid", 2**32), ("gid", 2**32), ("size", 2**63), ("devmajor", 2**31),
+           ("devminor", 2**31))
+
+
+class _Stored(NamedTuple):
+    """Where the first pass found a regular member's content."""
+
+    digest: bytes
+    size: int
+    name: str
+
+
+class _StrictInfo(tarfile.TarInfo):
+    """TarInfo that reports a missing or damaged header after the first one, where
+    tarfile would silently end the archive: a tarball cut at a block boundary must
+    not pass for a shorter, complete one."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        offset = tarfile_.fileobj.tell()
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EmptyHeaderError:
+            raise tarfile.ReadError(
+                f"data ends at byte {offset} without an end-of-archive marker") from None
+        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            raise tarfile.ReadError(f"{e} at byte {offset}") from None
+
+
+class Tarball:
+    """A tarball file on disk, read in streaming passes (never unpacked, never
+    loaded whole): `read` builds the Tree, `iter_objects` yields member contents."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._member_hashes: dict[int, _Stored] | None = None
+
+    def read(self) -> Tree:
+        """The tree the tarball holds, as `tar -x` as root would make it; also
+        records which member holds which content hash, for `iter_objects`."""
+        builder = TreeBuilder()
+        hashes: dict[int, _Stored] = {}
+        with self._open() as (tar, stream):
+            for index, member in enumerate(_members(tar)):
+                path = self._tree_path(member, member.name)
+                if member.islnk():
+                    number = self._link_target(builder, member)
+                    self._add(builder, member, path, builder.tree.inodes[number], number)
+                    continue
+                inode = self._inode(tar, member)
+                if inode.kind == Kind.REGULAR and inode.size:
+                    hashes[index] = _Stored(inode.hash, inode.size, member.name)
+                self._add(builder, member, path, inode)
+            # Read to the end so the decompressor checks its trailer (gzip CRC and
+            # length, zstd checksum) past the end-of-archive marker.
+            while stream.read(READ_SIZE):
+                pass
+        self._member_hashes = hashes
+        return builder.tree
+
+    def iter_objects(self, wanted: set[bytes]) -> Iterator[tuple[bytes, int, BinaryIO]]:
+        """Yield (digest, size, reader) once for each wanted hash, from the first
+        member holding it, so an uploader can send just the objects a server lacks.
+
+        Reads the archive again without hashing (after a first `read` if none was
+        done); the caller reads each reader fully before advancing. A member that
+        changed since `read` (other name or size) is skipped; the content itself is
+        not re-verified, so the object store must check hashes as it always does."""
+        if self._member_hashes is None:
+            self.read()
+        stored = self._member_hashes
+        pending = set(wanted)
+        with self._open() as (tar, _):
+            for index, member in enumerate(_members(tar)):
+                if not pending:
+                    return
+                found = stored.get(index)
+                if found is None or found.digest not in pending:
+                    continue
+                if not member.isreg() or member.name != found.name or member.size != found.size:
+                    continue
+                pending.discard(found.digest)
+                yield found.digest, found.size, _MemberReader(self.path, tar.extractfile(member))
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[tuple[tarfile.TarFile, BinaryIO]]:
+        """The archive as a streaming TarFile over its decompressed bytes (also
+        given, to read past the tar end), compression told by magic bytes."""
+        try:
+            raw = open(self.path, "rb")
+        except OSError as e:
+            raise FleetError(f"cannot read tarball {self.path}: {e.strerror or e}") from None
+        with raw:
+            try:
+                magic = raw.read(len(_ZSTD_MAGIC))
+                raw.seek(0)
+                stream: BinaryIO
+                if magic.startswith(_GZIP_MAGIC):
+                    stream = gzip.GzipFile(fileobj=raw, mode="rb")
+                elif magic == _ZSTD_MAGIC:
+                    stream = zstandard.ZstdDecompressor().stream_reader(
+                        raw, read_across_frames=True, closefd=False)
+                else:
+                    stream = raw
+                with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictInfo,
+                                  encoding="utf-8", errors="surrogateescape") as tar:
+                    yield tar, stream
+            except _DAMAGE as e:
+                raise _damaged(self.path, e) from None
+
+    def _bad(self, member: tarfile.TarInfo, reason: str) -> FleetError:
+        """The error for one unacceptable member."""
+        return FleetError(f"bad tarball {self.path}: member {member.name!r}: {reason}")
+
+    def _tree_path(self, member: tarfile.TarInfo, name: str, label: str = "") -> str:
+        """Absolute tree path of a member's name (or of the `label`led name it links
+        to): leading `./`, `.` components and repeated `/` dropped; absolute names,
+        NUL and `..` refused."""
+        parts = [part for part in name.split("/") if part not in ("", ".")]
+        if name.startswith("/"):
+            reason = "absolute path"
+        elif "\0" in name:
+            reason = "NUL byte in name"
+        elif ".." in parts:
+            reason = "'..' in path"
+        else:
+            return "/" + "/".join(parts)
+        raise self._bad(member, f"{label} {name!r}: {reason}" if label else reason)
+
+    def _link_target(self, builder: TreeBuilder, member: tarfile.TarInfo) -> int:
+        """Inode number a hard link member names: what an earlier member put at that
+        path, which must not be a directory."""
+        target = self._tree_path(member, member.linkname, "hard link target")
+        number = builder.tree.lookup(target)
+        if number is None:
+            raise self._bad(member, f"hard link to {member.linkname!r}, "
+                                    "which no earlier member holds")
+        if builder.tree.inodes[number].kind == Kind.DIRECTORY:
+            raise self._bad(member, f"hard link to directory {member.linkname!r}")
+        return number
+
+    def _add(self, builder: TreeBuilder, member: tarfile.TarInfo, path: str, inode: Inode,
+             number: int | None = None) -> None:
+        """Put one member in the tree, naming the member when the tree refuses it."""
+        try:
+            builder.add(path, inode, number)
+        except FleetError as e:
+            raise self._bad(member, str(e)) from None
+
+    def _inode(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> Inode:
+        """The inode a (non hard link) member describes; regular members are hashed."""
+        for field, limit in _LIMITS:
+            value = getattr(member, field)
+            if not 0 <= value < limit:
+                raise self._bad(member, f"{field} {value} out of range")
+        mode, uid, gid = member.mode, member.uid, member.gid
+        if member.issym():
+            target = _raw(member.linkname)
+            if not target or b"\0" in target:
+                raise self._bad(member, f"invalid symlink target {member.linkname!r}")
+            return symlink(uid, gid, target)
+        xattrs = self._xattrs(member)
+        if member.isdir():
+            return directory(mode, uid, gid, xattrs)
+        mtime_ns = self._mtime_ns(member)
+        if member.isreg():
+            digest = _hash(tar, member) if member.size else b""
+            return regular(mode, uid, gid, mtime_ns, member.size, digest, xattrs)
+        if member.ischr() or member.isblk():
+            kind = Kind.CHAR_DEVICE if member.ischr() else Kind.BLOCK_DEVICE
+            rdev = os.makedev(member.devmajor, member.devminor)
+            return special(kind, mode, uid, gid, mtime_ns, rdev, xattrs)
+        if member.isfifo():
+            return special(Kind.FIFO, mode, uid, gid, mtime_ns, 0, xattrs)
+        raise self._bad(member, f"unsupported member type {member.type!r}")
+
+    def _mtime_ns(self, member: tarfile.TarInfo) -> int:
+        """Modification time in ns: exact from a pax `mtime` (tarfile makes it a float,
+        which loses the last digits), else the header's whole seconds."""
+        text = member.pax_headers.get("mtime")
+        if text is None:
+            ns = member.mtime * _NS
+        else:
+            match = _PAX_TIME.fullmatch(text)
+            if match is None:
+                raise self._bad(member, f"malformed pax mtime {text!r}")
+            sign, seconds, fraction = match.groups()
+            ns = int(seconds) * _NS + int((fraction or "")[:9].ljust(9, "0"))
+            ns = -ns if sign else ns
+        if not -(2**63) <= ns < 2**63:
+            raise self._bad(member, "mtime out of range")
+        return ns
+
+    def _xattrs(self, member: tarfile.TarInfo) -> Xattrs:
+        """Extended attributes from `SCHILY.xattr.<name>` pax records, sorted by name,
+        as the raw bytes tar stored (tarfile decoded them with surrogate escapes)."""
+        xattrs = []
+        for key, value in member.pax_headers.items():
+            if key.startswith(_XATTR_PREFIX):
+                name = _XATTR_ESCAPE.sub(
+                    lambda m: "%" if m[1] == "25" else "=", key[len(_XATTR_PREFIX):])
+                if not name or "\0" in name:
+                    raise self._bad(member, f"invalid extended attribute name {name!r}")
+                xattrs.append((_raw(name), _raw(value)))
+        return tuple(sorted(xattrs))
+
+
+class _MemberReader(io.RawIOBase):
+    """One member's content, whose read errors are FleetErrors (the archive may have
+    been cut or damaged since the first pass)."""
+
+    def __init__(self, path: Path, member_file: BinaryIO) -> None:
+        super().__init__()
+        self._path = path
+        self._file = member_file
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        try:
+            return self._file.readinto(buffer)
+        except _DAMAGE as e:
+            raise _damaged(self._path, e) from None
+
+
+def _damaged(path: Path, error: Exception) -> FleetError:
+    """The error for an archive that cannot be read through."""
+    return FleetError(f"truncated or corrupt tarball {path}: {str(error) or type(error).__name__}")
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Members in archive order, each forgotten by the TarFile once handed out, so
+    memory stays flat however many members the archive holds."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
+
+
+def _hash(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """SHA-256 of a regular member's content, streamed in 1 MiB reads."""
+    digest = hashlib.sha256()
+    content = tar.extractfile(member)
+    while chunk := content.read(READ_SIZE):
+        digest.update(chunk)
+    return digest.digest()
+
+
+def _raw(text: str) -> bytes:
+    """The bytes tarfile decoded into `text` (UTF-8, surrogate escapes for the rest)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def read_tarball(path: Path) -> Tree:
+    """The tree a .tar, .tar.gz or .tar.zst file holds, read without unpacking it."""
+    return Tarball(path).read()
+
+
+def iter_tarball_objects(path: Path, wanted: set[bytes]) -> Iterator[tuple[bytes, int, BinaryIO]]:
+    """(digest, size, reader) for each wanted content hash the tarball holds, once
+    each; see `Tarball.iter_objects` (this reads the archive twice)."""
+    return Tarball(path).iter_objects(wanted)

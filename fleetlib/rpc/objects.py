@@ -1,0 +1,177 @@
+"""The object stream of the ObjectServer protocol: each object is a run of
+ObjectChunk pieces, the first carrying hash and size, each at most 1 MiB,
+optionally zstd-compressed piece by piece. Both ends of AddObjects and
+GetObjects use these two halves."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import zstandard
+
+from fleetlib.errors import FleetError
+from fleetlib.fstree.hashing import check_hash, format_hash
+from fleetlib.fstree.objectstore import Batch, ObjectStore, ObjectWriter
+from fleetlib.wire import objectserver_pb2
+
+log = logging.getLogger(__name__)
+
+PIECE_SIZE = 1 << 20
+ZSTD = objectserver_pb2.COMPRESSION_ZSTD
+NONE = objectserver_pb2.COMPRESSION_NONE
+BATCH_BYTES = 16 << 20
+BATCH_OBJECTS = 1024
+
+
+def object_chunks(digest: bytes, size: int, reader: BinaryIO,
+                  compressor: zstandard.ZstdCompressor | None = None
+                  ) -> Iterator[objectserver_pb2.ObjectChunk]:
+    """The pieces of one object read from `reader` (exactly `size` bytes)."""
+    remaining = size
+    first = True
+    while remaining:
+        data = reader.read(min(PIECE_SIZE, remaining))
+        if not data:
+            raise FleetError(f"object {format_hash(digest)}: source ended {remaining} bytes early")
+        remaining -= len(data)
+        compression = NONE
+        if compressor is not None:
+            packed = compressor.compress(data)
+            if len(packed) < len(data):
+                data, compression = packed, ZSTD
+        if first:
+            yield objectserver_pb2.ObjectChunk(hash=digest, size=size, data=data,
+                                               compression=compression)
+            first = False
+        else:
+            yield objectserver_pb2.ObjectChunk(data=data, compression=compression)
+
+
+def pack(chunks: Iterable[objectserver_pb2.ObjectChunk]
+         ) -> Iterator[objectserver_pb2.ObjectChunks]:
+    """Group consecutive pieces into messages of about PIECE_SIZE bytes of data."""
+    batch: list[objectserver_pb2.ObjectChunk] = []
+    size = 0
+    for chunk in chunks:
+        if batch and size + len(chunk.data) > PIECE_SIZE:
+            yield objectserver_pb2.ObjectChunks(chunks=batch)
+            batch, size = [], 0
+        batch.append(chunk)
+        size += len(chunk.data)
+    if batch:
+        yield objectserver_pb2.ObjectChunks(chunks=batch)
+
+
+@dataclass
+class ReceiveStats:
+    """What a receiver did with an object stream."""
+
+    added: int = 0
+    already_present: int = 0
+    bytes_added: int = 0
+    wire_bytes: int = 0
+
+
+class ObjectReceiver:
+    """Consumes ObjectChunk pieces into an ObjectStore, verifying each object.
+
+    Objects already stored are read past, not rewritten. Verified objects are
+    committed in batches (and by `close`), so an interrupted stream keeps every
+    object that arrived whole: a retry resumes instead of starting over.
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._commits: list[Future[int]] = []  # batches syncing behind the receiving
+        self.stats = ReceiveStats()
+        self._batch: Batch = store.batch()
+        self._batch_bytes = 0
+        self._writer: ObjectWriter | None = None
+        self._digest = b""
+        self._remaining = 0
+        self._size = 0
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def feed_message(self, message: objectserver_pb2.ObjectChunks) -> None:
+        """Take every piece of one stream message."""
+        for chunk in message.chunks:
+            self.feed(chunk)
+
+    def feed(self, chunk: objectserver_pb2.ObjectChunk) -> bytes | None:
+        """Take one piece; returns the hash of an object it completed, else None."""
+        self.stats.wire_bytes += len(chunk.data)
+        if self._remaining == 0:
+            self._start(chunk)
+        elif chunk.hash:
+            raise FleetError(f"object {format_hash(self._digest)}: next object began "
+                             f"{self._remaining} bytes early")
+        data = chunk.data
+        if chunk.compression == ZSTD:
+            try:
+                declared = zstandard.frame_content_size(data)
+            except zstandard.ZstdError:
+                declared = -1
+            if declared > self._remaining:  # refuse a bomb before inflating it
+                raise FleetError(f"object {format_hash(self._digest)}: more bytes than declared")
+            try:
+                data = self._decompressor.decompress(data, max_output_size=self._remaining)
+            except zstandard.ZstdError as err:
+                raise FleetError(f"object {format_hash(self._digest)}: bad zstd piece: {err}") \
+                    from None
+        elif chunk.compression != NONE:
+            raise FleetError(f"unknown compression {chunk.compression}")
+        if len(data) > self._remaining:
+            raise FleetError(f"object {format_hash(self._digest)}: more bytes than declared")
+        self._remaining -= len(data)
+        if self._writer is not None:
+            self._writer.write(data)
+        if self._remaining:
+            return None
+        if self._writer is not None:
+            self._writer.finish()
+            self._writer = None
+            self.stats.added += 1
+            self._batch_bytes += self._size
+            self.stats.bytes_added += self._size
+            if self._batch_bytes >= BATCH_BYTES or len(self._batch.pending) >= BATCH_OBJECTS:
+                self.commit()
+        return self._digest
+
+    def _start(self, chunk: objectserver_pb2.ObjectChunk) -> None:
+        if not chunk.hash:
+            raise FleetError("object stream piece without a hash where an object begins")
+        self._digest = check_hash(chunk.hash)
+        if chunk.size <= 0:
+            raise FleetError(f"object {format_hash(self._digest)}: invalid size {chunk.size}")
+        self._size = self._remaining = chunk.size
+        if self.store.has(self._digest):
+            self.stats.already_present += 1
+            self._writer = None
+        else:
+            self._writer = self._batch.begin(self._digest, chunk.size)
+
+    def commit(self) -> None:
+        """Make every object verified so far durable and visible, on the store's I/O
+        thread while more arrive; `close` waits for it."""
+        self._commits.append(self._batch.commit_later())
+        self._batch_bytes = 0
+
+    def close(self, strict: bool = True) -> None:
+        """Commit what arrived whole and drop a partial object; when `strict`,
+        FleetError if the stream stopped mid-object."""
+        partial = self._remaining
+        self._remaining = 0
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self.commit()
+        commits, self._commits = self._commits, []
+        for commit in commits:
+            commit.result()
+        if partial and strict:
+            raise FleetError(f"object {format_hash(self._digest)}: stream ended {partial} "
+                             "bytes early")

@@ -1,0 +1,37 @@
+"""Mapping FleetError kinds to gRPC status codes, on both sides of a call, and one
+line of text for a failed call."""
+
+from __future__ import annotations
+
+import grpc
+
+from fleetlib.errors import ExistsError, FleetError, NotFoundError, PreconditionError
+from fleetlib.fstree.listing import quote
+
+
+def status_for(err: FleetError) -> grpc.StatusCode:
+    """The gRPC status a server answers with for a refused request."""
+    if isinstance(err, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(err, ExistsError):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(err, PreconditionError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> None:
+    """End the call with the status and one-line message of `err`."""
+    await context.abort(status_for(err), quote(str(err)))  # paths may not be UTF-8
+
+
+def describe_rpc_error(err: grpc.RpcError) -> str:
+    """One line for a failed RPC: the server's message or why it was unreachable."""
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"server unavailable: {details}"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"permission denied: {details}"
+    name = code.name.lower().replace("_", " ") if code else "rpc failed"
+    return f"{name}: {details}"

@@ -1,0 +1,180 @@
+"""TLS identities (one folder: ca.pem, cert.pem, key.pem) and the channels and server
+credentials built from them: mutual TLS everywhere unless `--insecure`."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from fleetlib.errors import FleetError
+from fleetlib.rpc.certs import CA_CERT, CERT, KEY, common_name
+
+log = logging.getLogger(__name__)
+
+# Streams carry 1 MiB chunks; leave generous room for framing and metadata.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MESSAGE_SIZE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+
+INSECURE_WARNING = (
+    "TLS is OFF: --insecure means no encryption and no authentication, any caller may "
+    "call any method; development only, never run a fleet like this"
+)
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who we are on the wire: our certificate and key, and the CA we trust."""
+
+    name: str
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def load(cls, tls_dir: Path) -> Identity:
+        """Read and check an identity folder, failing with one line naming the bad file."""
+        tls_dir = Path(tls_dir)
+        ca_pem, cert_pem, key_pem = (_read(tls_dir / name) for name in (CA_CERT, CERT, KEY))
+        try:
+            x509.load_pem_x509_certificates(ca_pem)
+        except ValueError:
+            raise FleetError(f"{tls_dir / CA_CERT} is not a PEM certificate") from None
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise FleetError(f"{tls_dir / CERT} is not a PEM certificate") from None
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError):
+            raise FleetError(f"{tls_dir / KEY} is not an unencrypted PEM private key") from None
+        if _public_der(key.public_key()) != _public_der(cert.public_key()):
+            raise FleetError(f"{tls_dir / KEY} does not match {tls_dir / CERT}")
+        if cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
+            raise FleetError(
+                f"{tls_dir / CERT} expired on {cert.not_valid_after_utc:%Y-%m-%d}: issue a new one"
+            )
+        return cls(common_name(cert_pem), ca_pem, cert_pem, key_pem)
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a program talks on the wire: with an identity (mutual TLS) or None (insecure)."""
+
+    identity: Identity | None
+
+    @classmethod
+    def from_options(cls, tls_dir: str | None, insecure: bool) -> Security:
+        """Turn `--tls-dir` / `--insecure` into a Security, refusing to guess between them."""
+        if insecure:
+            log.warning(INSECURE_WARNING)
+            return cls(None)
+        if tls_dir is None:
+            raise FleetError(
+                "no TLS identity: pass --tls-dir DIR (or set DOMINATOR_TLS_DIR), "
+                "or --insecure for development"
+            )
+        return cls(Identity.load(Path(tls_dir)))
+
+
+def server_credentials(identity: Identity) -> grpc.ServerCredentials:
+    """Server credentials that demand a client certificate signed by our CA."""
+    return grpc.ssl_server_credentials(
+        [(identity.key_pem, identity.cert_pem)],
+        root_certificates=identity.ca_pem,
+        require_client_auth=True,
+    )
+
+
+def open_channel(
+    address: str,
+    security: Security,
+    server_role: str,
+    aio: bool = False,
+    options: Sequence[tuple[str, object]] = (),
+) -> grpc.Channel | grpc.aio.Channel:
+    """A channel to ADDRESS (HOST:PORT) that expects a server certificate for SERVER_ROLE.
+
+    The server's certificate is checked against our CA and against the role name
+    (e.g. "subd"), not the address, so one certificate serves every host of a role.
+    """
+    all_options = [*MESSAGE_SIZE_OPTIONS, *options]
+    if security.identity is None:
+        if aio:
+            return grpc.aio.insecure_channel(address, options=all_options)
+        return grpc.insecure_channel(address, options=all_options)
+    identity = security.identity
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=identity.ca_pem,
+        private_key=identity.key_pem,
+        certificate_chain=identity.cert_pem,
+    )
+    all_options.append(("grpc.ssl_target_name_override", server_role))
+    if aio:
+        return grpc.aio.secure_channel(address, credentials, options=all_options)
+    return grpc.secure_channel(address, credentials, options=all_options)
+
+
+def parse_address(text: str, default_port: int) -> str:
+    """Normalize "HOST", "HOST:PORT", "[V6]:PORT" (or a bare IPv6) into a gRPC target."""
+    text = text.strip()
+    if not text:
+        raise FleetError("empty address: expected HOST or HOST:PORT")
+    port_text: str | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise FleetError(f"bad address {text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:] if rest else None
+        _check_ipv6(host, text)
+    elif text.count(":") > 1:
+        host = text
+        _check_ipv6(host, text)
+    else:
+        host, sep, port_text = text.partition(":")
+        if not sep:
+            port_text = None
+        if not _HOSTNAME.match(host):
+            raise FleetError(f"bad address {text!r}: {host!r} is not a host name or address")
+    port = default_port if port_text is None else _parse_port(port_text, text)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_port(port_text: str, text: str) -> int:
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise FleetError(f"bad address {text!r}: port must be a number from 1 to 65535")
+    return int(port_text)
+
+
+def _check_ipv6(host: str, text: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise FleetError(f"bad address {text!r}: {host!r} is not an IPv6 address") from None
+
+
+def _public_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise FleetError(f"cannot read TLS identity file {path}: {err.strerror}") from None

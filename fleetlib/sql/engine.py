@@ -1,0 +1,108 @@
+"""Open a service database from a SQLAlchemy URL, with the settings each backend
+needs: SQLite (the default, one file) or PostgreSQL (large fleets). Shared by every
+store built on SQLAlchemy (the MDB, the dominator's state), with `migrate()`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+from fleetlib.errors import FleetError
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 30
+CONNECT_TIMEOUT_SECONDS = 10
+# Drivers that take libpq's `connect_timeout` connection parameter.
+LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2"})
+# Execution option marking a transaction that will write (see `writer`).
+WRITE_OPTION = "fleet_write"
+
+
+def parse_url(url: str) -> URL:
+    """A SQLAlchemy URL; a bare filesystem path means a SQLite file there."""
+    if not url:
+        raise FleetError("empty database URL")
+    if "://" not in url:
+        return URL.create("sqlite", database=url)
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        # The text may hold a password: do not echo it.
+        raise FleetError("invalid database URL: expected dialect+driver://user:password@host/"
+                         "database (e.g. postgresql+psycopg://...) or a SQLite file path") from None
+
+
+def describe_url(url: URL) -> str:
+    """The URL for messages and logs, password hidden."""
+    return url.render_as_string(hide_password=True)
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for `url`. SQLite: a file (in-memory databases are refused, as
+    every thread would get its own), write-ahead log, foreign keys, transactional
+    DDL. Other backends: connections checked before use (`pool_pre_ping`, for
+    databases that restart) and a connect timeout."""
+    parsed = parse_url(url)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            return _sqlite_engine(parsed)
+        if parsed.get_driver_name() in LIBPQ_DRIVERS and "connect_timeout" not in parsed.query:
+            parsed = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_SECONDS)})
+        return create_engine(parsed, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as err:
+        raise FleetError(f"cannot use database {describe_url(parsed)}: {err}") from None
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    """SQLite with SQLAlchemy, not the sqlite3 module, deciding where transactions
+    begin: sqlite3's legacy mode would run DDL outside them (so a failed migration
+    would be half applied)."""
+    if url.database in (None, "", ":memory:"):
+        raise FleetError(f"{describe_url(url)}: in-memory SQLite cannot be shared between "
+                         "threads; give a file path")
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
+    """Per new connection: hand transaction control to SQLAlchemy; WAL lets readers
+    (the dominator polling the revision) run while a writer imports."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    """BEGIN IMMEDIATE for writers: taking the write lock up front means two
+    read-then-write transactions queue (busy timeout) instead of one failing when
+    it tries to upgrade its read lock."""
+    write = connection.get_execution_options().get(WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine (and pool) for transactions that will write."""
+    return engine.execution_options(**{WRITE_OPTION: True})
+
+
+@contextmanager
+def database_errors(url: URL) -> Iterator[None]:
+    """Turn a driver failure (unreachable server, bad credentials, locked or
+    unreadable file) into a one-line FleetError naming the database."""
+    try:
+        yield
+    except DBAPIError as err:
+        lines = str(err.orig).strip().splitlines() or [type(err.orig).__name__]
+        log.debug("database %s failed", describe_url(url), exc_info=True)
+        raise FleetError(f"database {describe_url(url)}: {lines[0]}") from None

@@ -1,0 +1,213 @@
+from fleetlib.wire import imageserver_pb2 as _imageserver_pb2
+from fleetlib.wire import tree_pb2 as _tree_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANGE_UNSPECIFIED: _ClassVar[ChangeKind]
+    ADD: _ClassVar[ChangeKind]
+    REPLACE: _ClassVar[ChangeKind]
+    METADATA: _ClassVar[ChangeKind]
+    DELETE: _ClassVar[ChangeKind]
+CHANGE_UNSPECIFIED: ChangeKind
+ADD: ChangeKind
+REPLACE: ChangeKind
+METADATA: ChangeKind
+DELETE: ChangeKind
+
+class PollRequest(_message.Message):
+    __slots__ = ("have_generation", "short")
+    HAVE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SHORT_FIELD_NUMBER: _ClassVar[int]
+    have_generation: int
+    short: bool
+    def __init__(self, have_generation: _Optional[int] = ..., short: _Optional[bool] = ...) -> None: ...
+
+class FetchStatus(_message.Message):
+    __slots__ = ("in_progress", "objects_total", "objects_done", "bytes_total", "bytes_done", "bytes_copied_locally", "error")
+    IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_COPIED_LOCALLY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    in_progress: bool
+    objects_total: int
+    objects_done: int
+    bytes_total: int
+    bytes_done: int
+    bytes_copied_locally: int
+    error: str
+    def __init__(self, in_progress: _Optional[bool] = ..., objects_total: _Optional[int] = ..., objects_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_copied_locally: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class UpdateResult(_message.Message):
+    __slots__ = ("in_progress", "image_name", "success", "error", "finished_unix", "change_window_ns", "paths_changed", "triggers_run", "warnings")
+    IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_WINDOW_NS_FIELD_NUMBER: _ClassVar[int]
+    PATHS_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    TRIGGERS_RUN_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    in_progress: bool
+    image_name: str
+    success: bool
+    error: str
+    finished_unix: int
+    change_window_ns: int
+    paths_changed: int
+    triggers_run: _containers.RepeatedScalarFieldContainer[str]
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, in_progress: _Optional[bool] = ..., image_name: _Optional[str] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., finished_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., paths_changed: _Optional[int] = ..., triggers_run: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SubStatus(_message.Message):
+    __slots__ = ("generation", "fingerprint", "scan_count", "last_scan_ns", "last_scan_unix", "free_bytes", "fetch", "last_update", "last_successful_image", "cached_objects", "inodes", "is_root", "scan_exclusions", "start_error")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SCAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCAN_NS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCAN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SUCCESSFUL_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    INODES_FIELD_NUMBER: _ClassVar[int]
+    IS_ROOT_FIELD_NUMBER: _ClassVar[int]
+    SCAN_EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
+    START_ERROR_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    fingerprint: bytes
+    scan_count: int
+    last_scan_ns: int
+    last_scan_unix: int
+    free_bytes: int
+    fetch: FetchStatus
+    last_update: UpdateResult
+    last_successful_image: str
+    cached_objects: int
+    inodes: int
+    is_root: bool
+    scan_exclusions: _containers.RepeatedScalarFieldContainer[str]
+    start_error: str
+    def __init__(self, generation: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., scan_count: _Optional[int] = ..., last_scan_ns: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., free_bytes: _Optional[int] = ..., fetch: _Optional[_Union[FetchStatus, _Mapping]] = ..., last_update: _Optional[_Union[UpdateResult, _Mapping]] = ..., last_successful_image: _Optional[str] = ..., cached_objects: _Optional[int] = ..., inodes: _Optional[int] = ..., is_root: _Optional[bool] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., start_error: _Optional[str] = ...) -> None: ...
+
+class PollResponse(_message.Message):
+    __slots__ = ("status", "tree_follows", "tree_chunk")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TREE_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
+    TREE_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    status: SubStatus
+    tree_follows: bool
+    tree_chunk: _tree_pb2.Chunk
+    def __init__(self, status: _Optional[_Union[SubStatus, _Mapping]] = ..., tree_follows: _Optional[bool] = ..., tree_chunk: _Optional[_Union[_tree_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("server", "hashes")
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    server: str
+    hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, server: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class FetchResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Change(_message.Message):
+    __slots__ = ("path", "kind", "inode", "link_to")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INODE_FIELD_NUMBER: _ClassVar[int]
+    LINK_TO_FIELD_NUMBER: _ClassVar[int]
+    path: bytes
+    kind: ChangeKind
+    inode: _tree_pb2.Inode
+    link_to: bytes
+    def __init__(self, path: _Optional[bytes] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., inode: _Optional[_Union[_tree_pb2.Inode, _Mapping]] = ..., link_to: _Optional[bytes] = ...) -> None: ...
+
+class UpdateRequest(_message.Message):
+    __slots__ = ("image_name", "changes", "filter", "triggers", "old_triggers", "disable_safety_check", "disruption_permitted", "inline_objects")
+    IMAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    TRIGGERS_FIELD_NUMBER: _ClassVar[int]
+    OLD_TRIGGERS_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_SAFETY_CHECK_FIELD_NUMBER: _ClassVar[int]
+    DISRUPTION_PERMITTED_FIELD_NUMBER: _ClassVar[int]
+    INLINE_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    image_name: str
+    changes: _containers.RepeatedCompositeFieldContainer[Change]
+    filter: _imageserver_pb2.Filter
+    triggers: _containers.RepeatedCompositeFieldContainer[_imageserver_pb2.Trigger]
+    old_triggers: _containers.RepeatedCompositeFieldContainer[_imageserver_pb2.Trigger]
+    disable_safety_check: bool
+    disruption_permitted: bool
+    inline_objects: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, image_name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., filter: _Optional[_Union[_imageserver_pb2.Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., old_triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., disable_safety_check: _Optional[bool] = ..., disruption_permitted: _Optional[bool] = ..., inline_objects: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class UpdateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CleanupRequest(_message.Message):
+    __slots__ = ("hashes", "all_but_keep", "keep")
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    ALL_BUT_KEEP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    all_but_keep: bool
+    keep: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., all_but_keep: _Optional[bool] = ..., keep: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class CleanupResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    def __init__(self, removed: _Optional[int] = ...) -> None: ...
+
+class GetFilesRequest(_message.Message):
+    __slots__ = ("paths",)
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    paths: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, paths: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class GetFilesResponse(_message.Message):
+    __slots__ = ("path", "data", "missing", "last")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    path: bytes
+    data: bytes
+    missing: bool
+    last: bool
+    def __init__(self, path: _Optional[bytes] = ..., data: _Optional[bytes] = ..., missing: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class Configuration(_message.Message):
+    __slots__ = ("scan_speed_percent", "cpu_percent", "network_speed_percent", "scan_exclusions", "verify_period_seconds")
+    SCAN_SPEED_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_SPEED_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SCAN_EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    scan_speed_percent: int
+    cpu_percent: int
+    network_speed_percent: int
+    scan_exclusions: _containers.RepeatedScalarFieldContainer[str]
+    verify_period_seconds: int
+    def __init__(self, scan_speed_percent: _Optional[int] = ..., cpu_percent: _Optional[int] = ..., network_speed_percent: _Optional[int] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., verify_period_seconds: _Optional[int] = ...) -> None: ...
+
+class GetConfigurationRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
