@@ -29,7 +29,7 @@ from fleetlib.testing.daemons import Daemon, cli, free_port
 from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
 from mdb.store import Mdb
-from tests.test_fleet import POLL, TOKEN, wait_for
+from tests.integration.test_fleet import POLL, TOKEN, wait_for
 
 
 class HealthServer:

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetlib.testing.daemons import Daemon, free_port
 from fleetlib.testing.trees import make_tree
-from tests import test_fleet
-from tests.test_fleet import HOSTS, FleetUnderTest, wait_for
+from tests.integration import test_fleet
+from tests.integration.test_fleet import HOSTS, FleetUnderTest, wait_for
 
 fleet = test_fleet.fleet  # the fixture: a real fleet (image server, dominator, five subd)
 

@@ -16,7 +16,7 @@ import httpx
 import yaml
 
 from fleetlib.testing.daemons import PROJECT, Daemon
-from tests.test_fleet import FleetUnderTest, add_images, names
+from tests.integration.test_fleet import FleetUnderTest, add_images, names
 
 STAGE = yaml.safe_load((PROJECT / "spinnaker" / "orca-local.yml").read_text())[
     "webhook"]["preconfigured"][0]

@@ -1,0 +1,1 @@
+"""Acceptance tests on real Debian trees (debootstrap), skipped where unavailable."""

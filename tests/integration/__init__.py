@@ -1,0 +1,1 @@
+"""Integration tests: real daemons on loopback ports, real TLS, real databases."""
