@@ -13,30 +13,78 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from fleetlib.testing.daemons import PROJECT, Daemon
 from tests.integration.test_fleet import FleetUnderTest, add_images, names
 
-STAGE = yaml.safe_load((PROJECT / "spinnaker" / "orca-local.yml").read_text())[
-    "webhook"]["preconfigured"][0]
-SPEL = re.compile(r"\$\{([^}]*)\}")
+STAGE_FILE = PROJECT / "spinnaker" / "orca-local.yml"
+PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
+# The functions kork's ExpressionsSupport registers for SpEL (Orca's pipeline helpers
+# are not needed by a webhook stage); `#environment` is not among them.
+SPEL_FUNCTIONS = frozenset({"toJson", "toInt", "toFloat", "toBoolean", "toBase64",
+                            "fromBase64", "alphanumerical"})
+SPRING_PROPERTY = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def render(template: str, values: dict[str, str], environment: dict[str, str],
-           context: dict[str, object]) -> str:
-    """The few SpEL forms the stage uses, evaluated as Orca would."""
+def load_stage(environment: dict[str, str]) -> dict:
+    """The preconfigured stage as Orca holds it after start-up: Spring Boot replaces
+    each ${NAME} whose NAME is a property (environment variables are) and keeps
+    the placeholders it cannot resolve for SpEL (ignoreUnresolvablePlaceholders)."""
+    def resolve(value: object) -> object:
+        if isinstance(value, str):
+            def spring(match: re.Match[str]) -> str:
+                name = match.group(1)
+                if SPRING_PROPERTY.fullmatch(name) and name in environment:
+                    return environment[name]
+                return match.group(0)
+            return PLACEHOLDER.sub(spring, value)
+        if isinstance(value, list):
+            return [resolve(item) for item in value]
+        if isinstance(value, dict):
+            return {key: resolve(item) for key, item in value.items()}
+        return value
+    stage = resolve(yaml.safe_load(STAGE_FILE.read_text())["webhook"]["preconfigured"][0])
+    assert isinstance(stage, dict)
+    return stage
+
+
+def render(template: str, values: dict[str, str], context: dict[str, object]) -> str:
+    """Orca's SpEL evaluation of one stage field: parameter values, paths into the
+    stage context and kork's functions; anything else fails as it would in Orca."""
     def evaluate(match: re.Match[str]) -> str:
         expression = match.group(1)
         if found := re.fullmatch(r"parameterValues\['(\w+)'\]", expression):
             return values[found.group(1)]
-        if found := re.fullmatch(r"#environment\['(\w+)'\]", expression):
-            return environment[found.group(1)]
+        if found := re.match(r"#(\w+)", expression):
+            if found.group(1) not in SPEL_FUNCTIONS:
+                raise AssertionError(f"Orca cannot evaluate ${{{expression}}}: SpEL has no "
+                                     f"function or variable #{found.group(1)}")
+            raise AssertionError(f"not emulated (the stage needs no function): ${{{expression}}}")
         value: object = context
         for part in expression.split("."):
-            value = value[part]  # type: ignore[index]
+            if not isinstance(value, dict) or part not in value:
+                raise AssertionError(f"Orca cannot evaluate ${{{expression}}}: "
+                                     f"no {part!r} in the stage context")
+            value = value[part]
         return str(value)
-    return SPEL.sub(evaluate, template)
+    return PLACEHOLDER.sub(evaluate, template)
+
+
+def test_stage_uses_only_what_orca_evaluates() -> None:
+    """Every ${...} left after Spring's start-up resolution is SpEL Orca can evaluate,
+    and the old `#environment` form is refused by this emulator as by Orca."""
+    stage = load_stage({"DOMINATOR_URL": "http://d:6980", "DOMINATOR_TOKEN": "t"})
+    assert stage["url"] == "http://d:6980/v1/deploys"
+    assert stage["customHeaders"]["Authorization"] == ["Bearer t"]
+    context: dict[str, object] = {"execution": {"id": "e"}, "stage": {"refId": "1"},
+                                  "webhook": {"body": {"id": "d1"}}}
+    values = {"image": "i", "selector": "{}", "waves": "[]", "maxFailures": "0"}
+    for field in ("url", "payload", "cancelEndpoint"):
+        assert "${" not in render(stage[field], values, context)
+    with pytest.raises(AssertionError, match="no function or variable #environment"):
+        render("${#environment['DOMINATOR_URL']}", values, context)
 
 
 def json_path(document: dict, path: str) -> object:
@@ -52,26 +100,25 @@ class OrcaWebhookStage:
 
     def __init__(self, values: dict[str, str], environment: dict[str, str]) -> None:
         self.values = values
-        self.environment = environment
+        self.stage = load_stage(environment)
         self.context: dict[str, object] = {"execution": {"id": "01HEXECUTION"},
                                            "stage": {"refId": "3"}}
         self.http = httpx.Client(timeout=30)
         self.status_url = ""
 
     def headers(self) -> dict[str, str]:
-        return {name: render(values[0], self.values, self.environment, self.context)
-                for name, values in STAGE["customHeaders"].items()}
+        return {name: render(values[0], self.values, self.context)
+                for name, values in self.stage["customHeaders"].items()}
 
     def start(self) -> httpx.Response:
         """CreateWebhookTask: the POST, then the status URL from the Location header."""
-        assert STAGE["method"] == "POST"
-        url = render(STAGE["url"], self.values, self.environment, self.context)
-        payload = json.loads(render(STAGE["payload"], self.values, self.environment,
-                                    self.context))
+        assert self.stage["method"] == "POST"
+        url = render(self.stage["url"], self.values, self.context)
+        payload = json.loads(render(self.stage["payload"], self.values, self.context))
         response = self.http.post(url, json=payload, headers=self.headers())
         if response.status_code < 300:
             self.context["webhook"] = {"body": response.json()}
-            assert STAGE["statusUrlResolution"] == "locationHeader"
+            assert self.stage["statusUrlResolution"] == "locationHeader"
             self.status_url = response.headers["Location"]
         return response
 
@@ -80,16 +127,16 @@ class OrcaWebhookStage:
         """MonitorWebhookTask: poll until a success, terminal or canceled status."""
         outcomes = {status: outcome for outcome, key in (
             ("SUCCEEDED", "successStatuses"), ("TERMINAL", "terminalStatuses"),
-            ("CANCELED", "canceledStatuses")) for status in STAGE[key].split(",")}
+            ("CANCELED", "canceledStatuses")) for status in self.stage[key].split(",")}
         progress: list[str] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             response = self.http.get(self.status_url, headers=self.headers())
             assert response.status_code == 200, response.text
             state = response.json()
-            progress.append(str(json_path(state, STAGE["progressJsonPath"])))
+            progress.append(str(json_path(state, self.stage["progressJsonPath"])))
             on_poll(state)
-            status = str(json_path(state, STAGE["statusJsonPath"]))
+            status = str(json_path(state, self.stage["statusJsonPath"]))
             if status in outcomes:
                 return outcomes[status], progress
             time.sleep(1)
@@ -97,9 +144,9 @@ class OrcaWebhookStage:
 
     def cancel(self) -> httpx.Response:
         """What Orca calls when the pipeline is canceled."""
-        url = render(STAGE["cancelEndpoint"], self.values, self.environment, self.context)
-        return self.http.request(STAGE["cancelMethod"], url, headers=self.headers(),
-                                 content=STAGE["cancelPayload"])
+        url = render(self.stage["cancelEndpoint"], self.values, self.context)
+        return self.http.request(self.stage["cancelMethod"], url, headers=self.headers(),
+                                 content=self.stage["cancelPayload"])
 
 
 def set_up(tmp_path: Path, ca: Path, imageserver: Daemon,
