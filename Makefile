@@ -19,8 +19,10 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Style and types: ruff, then mypy (its files and settings are in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Regenerate the committed gRPC modules from proto/*.proto.
 proto:

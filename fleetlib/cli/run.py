@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 
 import click
 import grpc
@@ -21,10 +20,10 @@ log = logging.getLogger(__name__)
 EXIT_ERROR = 2
 
 
-def run(command: Callable[..., object], **kwargs: object) -> None:
+def run(command: click.Command) -> None:
     """Run a click command, turning every expected failure into a one-line error."""
     try:
-        command.main(standalone_mode=False, **kwargs)
+        command.main(standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.UsageError as err:

@@ -49,8 +49,9 @@ def version_table(name: str) -> Table:
 
 def current_version(connection: Connection, versions: Table) -> int:
     """The highest applied version, 0 for a new database."""
-    return connection.execute(
+    version: int = connection.execute(
         select(func.coalesce(func.max(versions.c.version), 0))).scalar_one()
+    return version
 
 
 def _serialize(connection: Connection, table: str) -> None:

@@ -28,7 +28,7 @@ def free_port() -> int:
     while True:
         with socket.socket() as sock:
             sock.bind(("", 0))
-            port = sock.getsockname()[1]
+            port: int = sock.getsockname()[1]
         if port not in _handed_out:
             _handed_out.add(port)
             return port

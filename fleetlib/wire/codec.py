@@ -4,6 +4,7 @@ tree from the network or disk is untrusted until this module accepts it."""
 from __future__ import annotations
 
 import os
+from typing import cast
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import Filter
@@ -38,7 +39,9 @@ def tree_to_proto(tree: Tree) -> tree_pb2.Tree:
 def inode_to_proto(number: int, inode: Inode) -> tree_pb2.Inode:
     """Encode one inode."""
     return tree_pb2.Inode(
-        number=number, kind=inode.kind, mode=inode.mode, uid=inode.uid, gid=inode.gid,
+        # Kind is an IntEnum whose values are InodeKind's (the stub types them apart).
+        number=number, kind=cast(tree_pb2.InodeKind, inode.kind), mode=inode.mode,
+        uid=inode.uid, gid=inode.gid,
         mtime_ns=inode.mtime_ns, size=inode.size, hash=inode.hash,
         symlink_target=inode.target, rdev=inode.rdev,
         xattrs=[tree_pb2.Xattr(name=n, value=v) for n, v in inode.xattrs],
