@@ -4,9 +4,12 @@
 Paths are compared, never inode numbers. A path is `filtered` when the image
 does not own it (its filter matches it, or the sub does not scan it): such paths
 are never added, changed or deleted. A sparse image (filter None) deletes
-nothing. Hard links: every path of a new inode but the first becomes a link to
-that first path, and a path whose old link group differs from its new one is
-re-placed so the groups come out exactly as in `new`.
+nothing. A directory the image lacks is kept, not deleted, while it holds filtered
+content (Dominator's Debian filter has `/var/lib/dhcp/.*`: a host's leases must
+survive an image without /var/lib/dhcp); the diff lists such paths as `kept`.
+Hard links: every path of a new inode but the first becomes a link to that first
+path, and a path whose old link group differs from its new one is re-placed so
+the groups come out exactly as in `new`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class TreeDiff:
     """Every change, in walk order of the new tree, then deletions deepest first."""
 
     entries: list[DiffEntry] = field(default_factory=list)
+    # Paths the image lacks that stay because filtered content lies below them.
+    kept: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -117,8 +122,8 @@ def diff_trees(old: Tree, new: Tree, flt: Filter | None,
     first_path: dict[int, str] = {}
     result = TreeDiff()
     for path, ino, inode in new_walk:
-        link_to = first_path.setdefault(ino, path)
-        link_to = None if link_to == path else link_to
+        first = first_path.setdefault(ino, path)
+        link_to = None if first == path else first
         old_ino = old_paths.get(path)
         if old_ino is None:
             result.entries.append(DiffEntry(path, Change.ADD, None, inode, link_to))
@@ -129,11 +134,38 @@ def diff_trees(old: Tree, new: Tree, flt: Filter | None,
         elif not old_inode.same_metadata(inode) and link_to is None:
             result.entries.append(DiffEntry(path, Change.METADATA, old_inode, inode))
     if flt is not None:
-        deleted = [p for p in old_paths if p not in new_paths]
+        gone = [p for p in old_paths if p not in new_paths]
+        holders = _holders_of_filtered(gone, all_old, old_paths, filtered)
+        result.kept = sorted(holders)
+        deleted = [p for p in gone if p not in holders]
         deleted.sort(key=lambda p: (-p.count("/"), p))
         result.entries.extend(
             DiffEntry(p, Change.DELETE, old.inodes[old_paths[p]], None) for p in deleted)
     return result
+
+
+def _holders_of_filtered(gone: list[str], all_old: dict[str, int], owned: dict[str, int],
+                         filtered: Callable[[str], bool]) -> set[str]:
+    """The paths of `gone` (owned, absent from the image) that must stay because
+    filtered content lies below them: a filtered path the sub holds there, or a
+    filter or scan exclusion that owns everything inside (`/var/log/.*` matches
+    `/var/log/`), whose content the sub's tree may not even show. Their ancestors
+    stay with them."""
+    gone_set = set(gone)
+    holders: set[str] = set()
+
+    def hold(path: str) -> None:
+        while path != "/" and path in gone_set and path not in holders:
+            holders.add(path)
+            path = split(path)[0]
+
+    for path in all_old:
+        if path not in owned:  # filtered: everything above it that would go, stays
+            hold(split(path)[0])
+    for path in gone:
+        if path not in holders and filtered(path + "/"):
+            hold(path)
+    return holders
 
 
 def too_many_deletes(diff: TreeDiff, inodes: int) -> bool:

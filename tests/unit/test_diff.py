@@ -216,6 +216,33 @@ def test_excluded_directory_in_image_is_not_added() -> None:
     assert changes(diff_trees(old, new, EMPTY, excluded)) == []
 
 
+def test_directory_holding_filtered_content_is_kept_not_deleted() -> None:
+    """Dominator's Debian filter: leases under a /var/lib/dhcp the image lacks stay,
+    with /var/lib/dhcp itself, and everything else still converges."""
+    flt = Filter.from_lines([r"/var/lib/dhcp/.*", r"/etc/udev/rules[.]d/.*"])
+    old = tree_of({**BASE, "/var/lib/dhcp": directory(0o755, 0, 0),
+                   "/var/lib/dhcp/dhclient.leases": reg(b"lease"),
+                   "/etc/udev/rules.d/70-net.rules": reg(b"rule"),
+                   "/srv/old": directory(0o755, 0, 0), "/srv/old/file": reg(b"gone")})
+    new = tree_of({**BASE, "/etc/motd": reg(b"motd2")})
+    diff = diff_trees(old, new, flt)
+    assert changes(diff) == [("/etc/motd", "M", None), ("/srv/old/file", "-", None),
+                             ("/srv/old", "-", None), ("/srv", "-", None)]
+    assert diff.kept == ["/etc/udev", "/etc/udev/rules.d", "/var/lib/dhcp"]
+
+
+def test_directory_whose_content_is_all_excluded_is_kept() -> None:
+    """An exclusion like `/var/log/.*` owns whatever is inside, though the sub's tree
+    shows none of it: the directory is kept, its parent too."""
+    def excluded(path: str) -> bool:
+        return path.startswith("/var/log/")
+
+    old = tree_of({**BASE, "/var/log": directory(0o755, 0, 0)})
+    diff = diff_trees(old, tree_of(BASE), EMPTY, excluded)
+    assert changes(diff) == []
+    assert diff.kept == ["/var/log"]
+
+
 def test_excluded_callable_protects_paths() -> None:
     def excluded(path: str) -> bool:
         return path.startswith("/var/lib/")
