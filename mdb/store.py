@@ -31,8 +31,24 @@ Outcome = Literal["added", "changed", "same"]
 
 
 def _machine(row: MachineRow) -> Machine:
-    return Machine(**{name: getattr(row, name) for name in PLAIN_FIELDS},
-                   tags=json.loads(row.tags))
+    """The machine a row holds; FleetError naming the host when the row is invalid
+    (written by another tool, or valid under older rules)."""
+    try:
+        return Machine(**{name: getattr(row, name) for name in PLAIN_FIELDS},
+                       tags=json.loads(row.tags))
+    except FleetError as err:
+        raise FleetError(f"MDB row {row.hostname!r}: {err}") from None
+    except (ValueError, TypeError) as err:  # tags that are not a JSON object
+        raise FleetError(f"MDB row {row.hostname!r}: Tags: not a JSON object of "
+                         f"strings ({err})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class InvalidRow:
+    """A row of the machines table that is not a valid machine, and why."""
+
+    hostname: str
+    reason: str
 
 
 def _store(session: Session, machine: Machine, row: MachineRow | None) -> Outcome:
@@ -165,6 +181,22 @@ class Mdb:
     def export_machines(self) -> list[Machine]:
         """Every machine, sorted by hostname (for `mdb export`)."""
         return self.list()
+
+    def load(self) -> tuple[list[Machine], list[InvalidRow]]:
+        """Every valid machine (sorted by hostname) and every invalid row: what the
+        dominator follows, so that one bad row marks its own host and no other."""
+        def query(session: Session) -> tuple[list[Machine], list[InvalidRow]]:
+            valid: list[Machine] = []
+            invalid: list[InvalidRow] = []
+            for row in session.scalars(sa.select(MachineRow)):
+                try:
+                    valid.append(_machine(row))
+                except FleetError as err:
+                    invalid.append(InvalidRow(row.hostname, str(err)))
+            return valid, invalid
+        valid, invalid = self._read(query)
+        return (sorted(valid, key=lambda machine: machine.hostname),
+                sorted(invalid, key=lambda row: row.hostname))
 
     # Last, so that the `list[...]` annotations above mean the builtin.
     def list(self, select: Callable[[Machine], bool] | None = None) -> list[Machine]:

@@ -205,6 +205,26 @@ def test_list_is_sorted_and_selectable(store: Mdb) -> None:
     assert [m.hostname for m in web] == ["web1.example.com", "web2.example.com"]
 
 
+def test_an_invalid_row_marks_its_host_and_no_other(store: Mdb, url: str) -> None:
+    """A row another tool wrote (bad image name, tags that are not JSON) is reported
+    by `load` with its reason; every valid machine still loads, and `list` names it."""
+    store.import_machines(machines("good-1", "good-2", required_image="web/1"))
+    engine = open_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO machines (hostname, address, required_image, planned_image, "
+            "disable_updates, owner_group, tags, updated_unix) VALUES "
+            "('bad-image', '', '../etc', '', false, '', '{}', 0), "
+            "('bad-tags', '', '', '', false, '', 'not json', 0)"))
+    engine.dispose()
+    valid, invalid = store.load()
+    assert [m.hostname for m in valid] == ["good-1", "good-2"]
+    assert [row.hostname for row in invalid] == ["bad-image", "bad-tags"]
+    assert "RequiredImage" in invalid[0].reason and "Tags" in invalid[1].reason
+    with pytest.raises(FleetError, match="MDB row 'bad-image'"):
+        store.list()
+
+
 def test_revision_moves_on_every_change_and_only_then(store: Mdb) -> None:
     start = store.revision()
     store.set(Machine("a"))
