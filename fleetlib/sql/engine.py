@@ -5,6 +5,8 @@ store built on SQLAlchemy (the MDB, the dominator's state), with `migrate()`."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -67,10 +69,26 @@ def _sqlite_engine(url: URL) -> Engine:
     if url.database in (None, "", ":memory:"):
         raise FleetError(f"{describe_url(url)}: in-memory SQLite cannot be shared between "
                          "threads; give a file path")
+    _private_file(url.database)
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def _private_file(path: str) -> None:
+    """Make the database file readable by its owner only (0600), creating it empty
+    if need be: it holds who did what and deploy settings, and SQLite would create it
+    (and its -wal and -shm files, which copy its permissions) world-readable."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return  # no such folder, or not ours to write: SQLite's own error says so
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:

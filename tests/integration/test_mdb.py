@@ -428,6 +428,21 @@ def test_bad_urls_are_one_line_errors(url: str, message: str) -> None:
     assert "\n" not in str(raised.value) and "s3cret" not in str(raised.value)
 
 
+def test_sqlite_files_are_private(tmp_path: Path) -> None:
+    """The state databases hold who did what: owner-only, new or already there."""
+    fresh = tmp_path / "fresh.db"
+    Mdb(str(fresh)).close()
+    assert fresh.stat().st_mode & 0o777 == 0o600
+    loose = tmp_path / "loose.db"
+    Mdb(str(loose)).close()
+    loose.chmod(0o644)
+    with Mdb(str(loose)) as store:
+        store.set(Machine("h1"))
+    assert loose.stat().st_mode & 0o777 == 0o600
+    for companion in tmp_path.glob("loose.db-*"):  # -wal and -shm copy the file's mode
+        assert companion.stat().st_mode & 0o077 == 0, companion
+
+
 def test_sqlite_url_and_bare_path_are_the_same_file(tmp_path: Path) -> None:
     path = tmp_path / "mdb.sqlite"
     with Mdb(str(path)) as by_path:
