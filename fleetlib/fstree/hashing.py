@@ -2,12 +2,21 @@
 
 import hashlib
 import os
+from typing import Protocol
 
 from fleetlib.errors import FleetError
 
 HASH_SIZE = 32
 PREFIX = "sha256:"
 READ_SIZE = 1 << 20
+
+
+class Reader(Protocol):
+    """Where an object's bytes are read from: a file, or a member of a tarball."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to `size` bytes (all that is left when negative); b"" at the end."""
+        ...
 
 
 def format_hash(digest: bytes) -> str:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from fleetlib.errors import FleetError
+from fleetlib.fstree.hashing import Reader
 from fleetlib.fstree.scan import ReadHook, scan_directory
 from fleetlib.fstree.tarball import Tarball
 from fleetlib.fstree.tree import Kind, Tree
 
 # (hash, size, open the content) for one object; a tarball's opener is only
 # valid until the iterator advances.
-ObjectItem = tuple[bytes, int, Callable[[], contextlib.AbstractContextManager[BinaryIO]]]
+ObjectItem = tuple[bytes, int, Callable[[], contextlib.AbstractContextManager[Reader]]]
 
 
 class Source(Protocol):
@@ -48,7 +49,7 @@ class DirectorySource:
             if inode.kind == Kind.REGULAR and inode.hash in remaining:
                 remaining.discard(inode.hash)
                 real = self.root / path.lstrip("/")
-                yield inode.hash, inode.size, lambda real=real: open(real, "rb")
+                yield inode.hash, inode.size, _opener(real)
 
 
 class TarballSource:
@@ -62,7 +63,17 @@ class TarballSource:
 
     def iter_objects(self, wanted: Collection[bytes]) -> Iterator[ObjectItem]:
         for digest, size, reader in self._tarball.iter_objects(set(wanted)):
-            yield digest, size, lambda reader=reader: contextlib.nullcontext(reader)
+            yield digest, size, _given(reader)
+
+
+def _opener(path: Path) -> Callable[[], BinaryIO]:
+    """Opens `path` for reading when called (bound now: the loop moves on)."""
+    return lambda: open(path, "rb")
+
+
+def _given(reader: Reader) -> Callable[[], contextlib.nullcontext[Reader]]:
+    """Hands out `reader` as it is when called (bound now: the loop moves on)."""
+    return lambda: contextlib.nullcontext(reader)
 
 
 def open_source(path: Path, on_read: ReadHook | None = None) -> Source:

@@ -13,19 +13,18 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import io
 import os
 import re
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import IO, BinaryIO, NamedTuple, Self
 
 import zstandard
 
 from fleetlib.errors import FleetError
-from fleetlib.fstree.hashing import READ_SIZE
+from fleetlib.fstree.hashing import READ_SIZE, Reader
 from fleetlib.fstree.tree import (
     Inode,
     Kind,
@@ -67,14 +66,16 @@ class _StrictInfo(tarfile.TarInfo):
     not pass for a shorter, complete one."""
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
         offset = tarfile_.fileobj.tell()
         try:
             return super().fromtarfile(tarfile_)
-        except tarfile.EmptyHeaderError:
+        # tarfile's header errors are internal: typeshed leaves them out.
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]
             raise tarfile.ReadError(
                 f"data ends at byte {offset} without an end-of-archive marker") from None
-        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+        except (tarfile.TruncatedHeaderError,  # type: ignore[attr-defined]
+                tarfile.InvalidHeaderError) as e:  # type: ignore[attr-defined]
             raise tarfile.ReadError(f"{e} at byte {offset}") from None
 
 
@@ -89,6 +90,11 @@ class Tarball:
     def read(self) -> Tree:
         """The tree the tarball holds, as `tar -x` as root would make it; also
         records which member holds which content hash, for `iter_objects`."""
+        tree, self._member_hashes = self._first_pass()
+        return tree
+
+    def _first_pass(self) -> tuple[Tree, dict[int, _Stored]]:
+        """The tree, and where each regular member's content is (by member index)."""
         builder = TreeBuilder()
         hashes: dict[int, _Stored] = {}
         with self._open() as (tar, stream):
@@ -106,10 +112,9 @@ class Tarball:
             # length, zstd checksum) past the end-of-archive marker.
             while stream.read(READ_SIZE):
                 pass
-        self._member_hashes = hashes
-        return builder.tree
+        return builder.tree, hashes
 
-    def iter_objects(self, wanted: set[bytes]) -> Iterator[tuple[bytes, int, BinaryIO]]:
+    def iter_objects(self, wanted: set[bytes]) -> Iterator[tuple[bytes, int, Reader]]:
         """Yield (digest, size, reader) once for each wanted hash, from the first
         member holding it, so an uploader can send just the objects a server lacks.
 
@@ -118,7 +123,7 @@ class Tarball:
         changed since `read` (other name or size) is skipped; the content itself is
         not re-verified, so the object store must check hashes as it always does."""
         if self._member_hashes is None:
-            self.read()
+            _, self._member_hashes = self._first_pass()
         stored = self._member_hashes
         pending = set(wanted)
         with self._open() as (tar, _):
@@ -131,10 +136,10 @@ class Tarball:
                 if not member.isreg() or member.name != found.name or member.size != found.size:
                     continue
                 pending.discard(found.digest)
-                yield found.digest, found.size, _MemberReader(self.path, tar.extractfile(member))
+                yield found.digest, found.size, _MemberReader(self.path, _content(tar, member))
 
     @contextlib.contextmanager
-    def _open(self) -> Iterator[tuple[tarfile.TarFile, BinaryIO]]:
+    def _open(self) -> Iterator[tuple[tarfile.TarFile, Reader]]:
         """The archive as a streaming TarFile over its decompressed bytes (also
         given, to read past the tar end), compression told by magic bytes."""
         try:
@@ -145,7 +150,7 @@ class Tarball:
             try:
                 magic = raw.read(len(_ZSTD_MAGIC))
                 raw.seek(0)
-                stream: BinaryIO
+                stream: BinaryIO | gzip.GzipFile
                 if magic.startswith(_GZIP_MAGIC):
                     stream = gzip.GzipFile(fileobj=raw, mode="rb")
                 elif magic == _ZSTD_MAGIC:
@@ -230,7 +235,7 @@ class Tarball:
         which loses the last digits), else the header's whole seconds."""
         text = member.pax_headers.get("mtime")
         if text is None:
-            ns = member.mtime * _NS
+            ns = int(member.mtime) * _NS  # whole seconds here (a float only from pax)
         else:
             match = _PAX_TIME.fullmatch(text)
             if match is None:
@@ -256,21 +261,18 @@ class Tarball:
         return tuple(sorted(xattrs))
 
 
-class _MemberReader(io.RawIOBase):
+class _MemberReader:
     """One member's content, whose read errors are FleetErrors (the archive may have
     been cut or damaged since the first pass)."""
 
-    def __init__(self, path: Path, member_file: BinaryIO) -> None:
-        super().__init__()
+    def __init__(self, path: Path, member_file: IO[bytes]) -> None:
         self._path = path
         self._file = member_file
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to `size` bytes of the member (the rest when negative)."""
         try:
-            return self._file.readinto(buffer)
+            return self._file.read(size)
         except _DAMAGE as e:
             raise _damaged(self._path, e) from None
 
@@ -284,17 +286,24 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """Members in archive order, each forgotten by the TarFile once handed out, so
     memory stays flat however many members the archive holds."""
     while (member := tar.next()) is not None:
-        tar.members.clear()
+        tar.members.clear()  # type: ignore[attr-defined]  # real, but typeshed omits it
         yield member
 
 
 def _hash(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     """SHA-256 of a regular member's content, streamed in 1 MiB reads."""
     digest = hashlib.sha256()
-    content = tar.extractfile(member)
+    content = _content(tar, member)
     while chunk := content.read(READ_SIZE):
         digest.update(chunk)
     return digest.digest()
+
+
+def _content(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """A regular member's content stream."""
+    content = tar.extractfile(member)
+    assert content is not None, "tarfile gives content for every regular member"
+    return content
 
 
 def _raw(text: str) -> bytes:
@@ -307,7 +316,7 @@ def read_tarball(path: Path) -> Tree:
     return Tarball(path).read()
 
 
-def iter_tarball_objects(path: Path, wanted: set[bytes]) -> Iterator[tuple[bytes, int, BinaryIO]]:
+def iter_tarball_objects(path: Path, wanted: set[bytes]) -> Iterator[tuple[bytes, int, Reader]]:
     """(digest, size, reader) for each wanted content hash the tarball holds, once
     each; see `Tarball.iter_objects` (this reads the archive twice)."""
     return Tarball(path).iter_objects(wanted)

@@ -9,12 +9,11 @@ import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import zstandard
 
 from fleetlib.errors import FleetError
-from fleetlib.fstree.hashing import check_hash, format_hash
+from fleetlib.fstree.hashing import Reader, check_hash, format_hash
 from fleetlib.fstree.objectstore import Batch, ObjectStore, ObjectWriter
 from fleetlib.wire import objectserver_pb2
 
@@ -27,7 +26,7 @@ BATCH_BYTES = 16 << 20
 BATCH_OBJECTS = 1024
 
 
-def object_chunks(digest: bytes, size: int, reader: BinaryIO,
+def object_chunks(digest: bytes, size: int, reader: Reader,
                   compressor: zstandard.ZstdCompressor | None = None
                   ) -> Iterator[objectserver_pb2.ObjectChunk]:
     """The pieces of one object read from `reader` (exactly `size` bytes)."""
