@@ -33,10 +33,9 @@ import jinja2
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from dominator.fleet_cli import info_json
-from dominator.herd import Status, Sub
-from dominator.service import sub_info
-from dominator.state import HostRecord
+from dominator.herd.herd import Sub
+from dominator.herd.state import HostRecord
+from dominator.herd.status import Status, SubReport
 from fleetlib.errors import FleetError
 from fleetlib.fstree.image import Image
 from fleetlib.fstree.listing import quote
@@ -132,16 +131,6 @@ def make_environment() -> jinja2.Environment:
 
 # The per-host view.
 
-class _Records:
-    """sub_info's state store, answering from host records read in one go."""
-
-    def __init__(self, records: dict[str, HostRecord]) -> None:
-        self.records = records
-
-    def host(self, hostname: str) -> HostRecord:
-        return self.records.get(hostname) or HostRecord()
-
-
 def unreachable_within(sub: Sub, now: float) -> dict[str, bool]:
     """Whether the sub was unreachable at any time in the last minute, hour and day,
     from its status transitions (history keeps the last 50)."""
@@ -157,10 +146,10 @@ def unreachable_within(sub: Sub, now: float) -> dict[str, bool]:
             for name, seconds in WINDOWS.items()}
 
 
-def host_view(sub: Sub, records: _Records, now: float) -> dict:
+def host_view(sub: Sub, record: HostRecord, now: float) -> dict:
     """One host as the dashboard shows it: `dominator fleet list --json`'s fields
-    (from service.sub_info) plus tags, compliance, reachability and events."""
-    view = info_json(sub_info(sub, records))
+    (its SubReport) plus tags, compliance, reachability and events."""
+    view = SubReport.of(sub, record).to_json()
     machine = sub.machine
     view["intrusion_paths"] = [quote(path) for path in view["intrusion_paths"]]
     view["tags"] = dict(machine.tags)
@@ -180,7 +169,7 @@ async def host_views(ctx: HttpContext) -> list[dict]:
     names = [name for name, _ in subs]
     records = await asyncio.to_thread(lambda: {name: ctx.state.host(name) for name in names})
     now = time.time()
-    return [host_view(sub, _Records(records), now) for _, sub in subs]
+    return [host_view(sub, records.get(name) or HostRecord(), now) for name, sub in subs]
 
 
 # The overview.
@@ -507,7 +496,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
         if sub is None:
             return missing(request, as_json, f"unknown host {hostname}")
         record = await asyncio.to_thread(ctx.state.host, hostname)
-        data = host_view(sub, _Records({hostname: record}), time.time())
+        data = host_view(sub, record, time.time())
         data["generation"] = sub.generation
         data["live"] = await live_status(sub)
         if as_json:

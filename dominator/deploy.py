@@ -35,9 +35,10 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from dominator.herd import Herd, Status, Sub
-from dominator.images import ImageCache
-from dominator.state import DominatorState
+from dominator.herd.herd import Herd, Sub
+from dominator.herd.images import ImageCache
+from dominator.herd.state import DominatorState
+from dominator.herd.status import Status
 from fleetlib.errors import FleetError
 from fleetlib.fstree.diff import Change
 from fleetlib.fstree.image import check_image_name

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import grpc
 
+from dominator.herd.status import SubReport
 from dominator.image_cli import json_option
 from fleetlib.cli.display import echo_json
 from fleetlib.cli.options import address_option, security_options
@@ -35,15 +36,7 @@ def when(unix: int) -> str:
 
 def info_json(info: dominator_pb2.SubInfo) -> dict:
     """One sub as plain data."""
-    return {"hostname": info.hostname, "address": info.address, "status": info.status,
-            "required_image": info.required_image, "planned_image": info.planned_image,
-            "current_image": info.current_image, "last_poll_unix": info.last_poll_unix,
-            "last_sync_unix": info.last_sync_unix, "last_scan_unix": info.last_scan_unix,
-            "last_error": info.last_error, "intrusion_paths": list(info.intrusion_paths),
-            "intrusion_unix": info.intrusion_unix,
-            "change_window_ms": info.change_window_ns / 1e6,
-            "updates_disabled": info.updates_disabled, "safety_cleared": info.safety_cleared,
-            "history": list(info.history)}
+    return SubReport.from_wire(info).to_json()
 
 
 @click.group(name="fleet")

@@ -19,10 +19,10 @@ from fastapi.responses import JSONResponse
 
 from dominator.dashboard import dashboard_router
 from dominator.deploy import DeployEngine
-from dominator.herd import Herd
-from dominator.images import ImageCache
+from dominator.herd.herd import Herd
+from dominator.herd.images import ImageCache
+from dominator.herd.state import DominatorState
 from dominator.metrics import metrics_router
-from dominator.state import DominatorState
 from fleetlib.errors import FleetError
 from mdb.store import Mdb
 

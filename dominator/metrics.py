@@ -12,100 +12,21 @@ Two kinds of metrics:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from dominator.herd.instruments import HerdMetrics
+from dominator.herd.status import Status
+
 if TYPE_CHECKING:
     from dominator.http_app import HttpContext
-
-# Seconds: from a short poll on loopback (a millisecond) to a fetch of gigabytes.
-RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-TRANSFER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
-
-
-class Timed:
-    """A block counted in `total`, timed into `seconds`, and counted in `failures`
-    when it raises an error (a cancellation is no failure). Both a context manager
-    and an async one, so it joins an `async with` of semaphores."""
-
-    def __init__(self, total: Counter, failures: Counter, seconds: Histogram) -> None:
-        self.total, self.failures, self.seconds = total, failures, seconds
-        self.started = 0.0
-
-    def __enter__(self) -> Timed:
-        self.started = time.perf_counter()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        self.total.inc()
-        self.seconds.observe(time.perf_counter() - self.started)
-        if kind is not None and issubclass(kind, Exception):
-            self.failures.inc()
-
-    async def __aenter__(self) -> Timed:
-        return self.__enter__()
-
-    async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        self.__exit__(kind, *rest)
-
-
-class HerdMetrics:
-    """What the herd counts: polls, fetches and updates, their failures and latencies,
-    and the bytes subs fetched. The metrics are registered nowhere by themselves: a
-    FleetCollector exports them."""
-
-    def __init__(self) -> None:
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, registry=None)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, buckets=buckets, registry=None)
-
-        self.polls = counter("dominator_polls", "Polls of subs (short and full).")
-        self.poll_errors = counter("dominator_poll_errors", "Polls that failed (RPC error).")
-        self.poll_seconds = histogram("dominator_poll_duration_seconds",
-                                      "Latency of one poll RPC.", RPC_BUCKETS)
-        self.fetches = counter("dominator_fetches",
-                               "Fetches a sub was asked to make before an update.")
-        self.fetch_failures = counter("dominator_fetch_failures",
-                                      "Fetches that failed (RPC error or the sub's error).")
-        self.fetch_seconds = histogram("dominator_fetch_duration_seconds",
-                                       "Time from asking a sub to fetch until it is done.",
-                                       TRANSFER_BUCKETS)
-        self.fetched_bytes = counter("dominator_fetched_bytes",
-                                     "Object bytes subs fetched for updates that succeeded.")
-        self.prefetches = counter("dominator_prefetches",
-                                  "Pre-fetches of planned images started on synced subs.")
-        self.updates = counter("dominator_updates", "Update RPCs sent to subs.")
-        self.update_failures = counter("dominator_update_failures",
-                                       "Updates a sub refused or failed.")
-        self.update_seconds = histogram("dominator_update_duration_seconds",
-                                        "Latency of one update RPC.", TRANSFER_BUCKETS)
-
-    def timed(self, kind: str) -> Timed:
-        """Count one `kind` ("poll", "fetch" or "update") around a block (`with` or
-        `async with`), its duration, and a failure when the block raises."""
-        total, failures, seconds = {
-            "poll": (self.polls, self.poll_errors, self.poll_seconds),
-            "fetch": (self.fetches, self.fetch_failures, self.fetch_seconds),
-            "update": (self.updates, self.update_failures, self.update_seconds),
-        }[kind]
-        return Timed(total, failures, seconds)
-
-    def collectors(self) -> list[Counter | Histogram]:
-        """Every metric, for a collector to export."""
-        return [self.polls, self.poll_errors, self.poll_seconds, self.fetches,
-                self.fetch_failures, self.fetch_seconds, self.fetched_bytes, self.prefetches,
-                self.updates, self.update_failures, self.update_seconds]
-
 
 def count_deploys(engine: Any) -> dict[str, int]:
     """Deploys by status, every status present: counted in the deploy engine's table
@@ -136,8 +57,6 @@ class FleetCollector(Collector):
             count_deploys, engine)
 
     def collect(self) -> Iterable[Metric]:
-        from dominator.herd import Status  # the herd imports this module
-
         herd = self.ctx.herd
         subs = list(herd.subs.values())
         by_status = {status.value: 0 for status in Status}

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import click
 
-from dominator.computed import Renderer
 from dominator.deploy import DeployEngine
-from dominator.herd import Herd, HerdConfig
+from dominator.herd.computed import Renderer
+from dominator.herd.herd import Herd, HerdConfig
+from dominator.herd.images import ImageCache
+from dominator.herd.state import DominatorState
 from dominator.http_app import HttpContext, make_app, serve_http
-from dominator.images import ImageCache
 from dominator.service import DominatorService
-from dominator.state import DominatorState
 from fleetlib.cli.options import address_option, security_options
 from fleetlib.cli.run import setup_logging
 from fleetlib.fstree.objectstore import write_file_atomically

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from dominator.herd import Herd, Status, Sub
-from dominator.state import DominatorState
+from dominator.herd.herd import Herd, Sub
+from dominator.herd.state import DominatorState
+from dominator.herd.status import Status, SubReport
 from fleetlib.errors import FleetError, NotFoundError
-from fleetlib.fstree.listing import quote
 from fleetlib.rpc.status import abort
 from fleetlib.wire import dominator_pb2, dominator_pb2_grpc
 from mdb.machine import Machine, parse_machines_json
@@ -37,19 +37,7 @@ def caller(context: grpc.aio.ServicerContext) -> str:
 
 def sub_info(sub: Sub, state: DominatorState) -> dominator_pb2.SubInfo:
     """The wire view of one sub, with what the state store remembers of it."""
-    machine = sub.machine
-    record = state.host(machine.hostname)
-    return dominator_pb2.SubInfo(
-        hostname=machine.hostname, address=machine.address, status=sub.status.value,
-        required_image=machine.required_image, planned_image=machine.planned_image,
-        current_image=record.current_image, last_poll_unix=int(sub.last_poll_unix),
-        last_sync_unix=record.last_sync_unix, last_scan_unix=int(sub.last_scan_unix),
-        last_error=quote(sub.last_error),
-        intrusion_paths=[quote(path) for path in record.intrusion_paths],
-        intrusion_unix=record.intrusion_unix, change_window_ns=sub.change_window_ns,
-        updates_disabled=machine.disable_updates, safety_cleared=record.safety_cleared,
-        history=[quote(f"{int(unix)} {status}{': ' + error if error else ''}")
-                 for unix, status, error in sub.history])
+    return SubReport.of(sub, state.host(sub.machine.hostname)).to_wire()
 
 
 class DominatorService(dominator_pb2_grpc.DominatorServicer):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import click
 import grpc
 
-from dominator.convergence import (
+from dominator.herd.convergence import (
     describe_entries,
     objects_to_fetch,
     plan_update,

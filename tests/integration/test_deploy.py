@@ -20,9 +20,10 @@ import httpx
 import pytest
 
 from dominator.deploy import DeployEngine, HealthCheck, check_waves, wave_targets
-from dominator.herd import Status, Sub
+from dominator.herd.herd import Sub
+from dominator.herd.state import DominatorState
+from dominator.herd.status import Status
 from dominator.http_app import HttpContext, make_app
-from dominator.state import DominatorState
 from fleetlib.errors import FleetError
 from fleetlib.rpc.tls import Security
 from fleetlib.testing.daemons import Daemon, cli, free_port

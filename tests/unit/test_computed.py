@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dominator.computed import (
+from dominator.herd.computed import (
     MAX_OUTPUT_BYTES,
     ComputedFileError,
     Renderer,

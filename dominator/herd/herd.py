@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import logging
 import random
 import time
@@ -22,12 +21,18 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from dominator.computed import ComputedFileError, Renderer, content_key, render_image_files
-from dominator.convergence import PlanSummary, objects_to_fetch, plan_update, summarize
-from dominator.images import ImageCache
-from dominator.intrusion import classify, history
-from dominator.metrics import HerdMetrics
-from dominator.state import DominatorState
+from dominator.herd.computed import (
+    ComputedFileError,
+    Renderer,
+    content_key,
+    render_image_files,
+)
+from dominator.herd.convergence import PlanSummary, objects_to_fetch, plan_update, summarize
+from dominator.herd.images import ImageCache
+from dominator.herd.instruments import HerdMetrics
+from dominator.herd.intrusion import classify, history
+from dominator.herd.state import DominatorState
+from dominator.herd.status import Status
 from fleetlib.errors import FleetError
 from fleetlib.fstree.diff import too_many_deletes
 from fleetlib.fstree.hashing import hash_bytes
@@ -40,24 +45,6 @@ from subd.changes import UpdatePlan
 from subd.client import AsyncSubClient
 
 log = logging.getLogger(__name__)
-
-
-class Status(enum.StrEnum):
-    """What an operator sees for a sub."""
-
-    UNREACHABLE = "unreachable"
-    POLLING = "polling"
-    FETCHING = "fetching"
-    UPDATING = "updating"
-    SYNCED = "synced"
-    UPDATES_DISABLED = "updates disabled"
-    UNSAFE = "unsafe update"
-    NO_SPACE = "insufficient space"
-    IMAGE_NOT_READY = "image not ready"
-    MISSING_COMPUTED = "missing computed file"
-    FAILED = "update failed"
-    INTRUSION = "intrusion"
-    NO_IMAGE = "no image"
 
 
 @dataclass

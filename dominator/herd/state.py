@@ -13,14 +13,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy import BigInteger, Integer, Text
+from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fleetlib.sql.migrate import Migration, migrate
 
 log = logging.getLogger(__name__)
 
 
-def _create(conn: Connection) -> None:
+def _create(conn: Connection) -> None:  # frozen history: the tables the models map
     conn.execute(sa.text("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)"))
     conn.execute(sa.text(
         "CREATE TABLE hosts (hostname TEXT PRIMARY KEY, safety_cleared INTEGER NOT NULL "
@@ -35,6 +38,53 @@ def _create(conn: Connection) -> None:
 
 
 MIGRATIONS = [Migration(1, "settings, hosts and desired states", _create)]
+
+
+class Base(DeclarativeBase):
+    """The state store's tables (created by MIGRATIONS, never by create_all)."""
+
+
+class SettingRow(Base):
+    """A named setting (the fleet-wide switch, as JSON)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class HostRow(Base):
+    """What the dominator remembers of one host (intrusion paths as JSON text)."""
+
+    __tablename__ = "hosts"
+
+    hostname: Mapped[str] = mapped_column(Text, primary_key=True)
+    safety_cleared: Mapped[int] = mapped_column(Integer, default=0)
+    intrusion_paths: Mapped[str | None] = mapped_column(Text)
+    intrusion_unix: Mapped[int | None] = mapped_column(BigInteger)
+    last_sync_unix: Mapped[int | None] = mapped_column(BigInteger)
+    current_image: Mapped[str | None] = mapped_column(Text)
+
+
+class DesiredImageRow(Base):
+    """An image a host was asked to hold, and when last."""
+
+    __tablename__ = "desired_images"
+
+    hostname: Mapped[str] = mapped_column(Text, primary_key=True)
+    image: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_unix: Mapped[int] = mapped_column(BigInteger)
+
+
+class DesiredComputedRow(Base):
+    """A computed file version a host was asked to hold (hash in hex)."""
+
+    __tablename__ = "desired_computed"
+
+    hostname: Mapped[str] = mapped_column(Text, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
 DISABLED_KEY = "updates_disabled"
 
 
@@ -74,30 +124,41 @@ class DominatorState:
             conn.execute(sa.text("PRAGMA journal_mode=WAL"))
         migrate(self.engine, MIGRATIONS)
         self._lock = threading.Lock()
-        self._hosts = {row[0]: self._record(row[1:]) for row in self._run(
-            "SELECT hostname, safety_cleared, intrusion_paths, intrusion_unix, last_sync_unix, "
-            "current_image FROM hosts")}
-        rows = self._run("SELECT value FROM settings WHERE key = :k", k=DISABLED_KEY)
-        self._disabled = Disabled(**json.loads(rows[0][0])) if rows else None
+        with Session(self.engine) as session:
+            self._hosts = {row.hostname: self._record(row)
+                           for row in session.scalars(sa.select(HostRow))}
+            switch = session.get(SettingRow, DISABLED_KEY)
+            self._disabled = Disabled(**json.loads(switch.value)) if switch else None
         self._desired_seen: set[tuple[str, str, frozenset]] = set()
         self._sync_stored: dict[str, int] = {}  # when each host's last sync was stored
 
     @staticmethod
-    def _record(row: tuple) -> HostRecord:
-        cleared, paths, intrusion_unix, sync_unix, image = row
-        return HostRecord(bool(cleared), tuple(json.loads(paths)) if paths else (),
-                          intrusion_unix or 0, sync_unix or 0, image or "")
+    def _record(row: HostRow) -> HostRecord:
+        paths = row.intrusion_paths
+        return HostRecord(bool(row.safety_cleared), tuple(json.loads(paths)) if paths else (),
+                          row.intrusion_unix or 0, row.last_sync_unix or 0,
+                          row.current_image or "")
 
     def _remember(self, hostname: str, **changes: object) -> None:
         self._hosts[hostname] = replace(self.host(hostname), **changes)
 
-    def _run(self, sql: str, **params: object) -> list[sa.Row]:
+    def _write(self, *statements: sa.Executable) -> None:
         with self._lock, self.engine.begin() as conn:
-            result = conn.execute(sa.text(sql), params)
-            return list(result) if result.returns_rows else []
+            for statement in statements:
+                conn.execute(statement)
 
-    def _ensure_host(self, hostname: str) -> None:
-        self._run("INSERT OR IGNORE INTO hosts (hostname) VALUES (:h)", h=hostname)
+    def _read(self, statement: sa.Select) -> list[sa.Row]:
+        with self._lock, self.engine.connect() as conn:
+            return list(conn.execute(statement))
+
+    def _update_host(self, hostname: str, ensure: bool = False, **values: object) -> None:
+        """Set columns of the host's row (made first when `ensure`)."""
+        update = sa.update(HostRow).where(HostRow.hostname == hostname).values(**values)
+        if ensure:
+            self._write(insert(HostRow).values(hostname=hostname).on_conflict_do_nothing(),
+                        update)
+        else:
+            self._write(update)
 
     # Fleet-wide switch.
 
@@ -108,14 +169,16 @@ class DominatorState:
     def disable_updates(self, by: str, reason: str) -> Disabled:
         """Stop every update (persists across restarts)."""
         disabled = Disabled(by, reason, int(time.time()))
-        self._run("INSERT OR REPLACE INTO settings (key, value) VALUES (:k, :v)",
-                  k=DISABLED_KEY, v=json.dumps(disabled.__dict__))
+        value = json.dumps(disabled.__dict__)
+        self._write(insert(SettingRow).values(key=DISABLED_KEY, value=value)
+                    .on_conflict_do_update(index_elements=[SettingRow.key],
+                                           set_={"value": value}))
         self._disabled = disabled
         return disabled
 
     def enable_updates(self) -> None:
         """Allow updates again."""
-        self._run("DELETE FROM settings WHERE key = :k", k=DISABLED_KEY)
+        self._write(sa.delete(SettingRow).where(SettingRow.key == DISABLED_KEY))
         self._disabled = None
 
     # Per host.
@@ -130,13 +193,12 @@ class DominatorState:
 
     def clear_safety(self, hostname: str) -> None:
         """Let the host's next update through the unsafe-update check, once."""
-        self._ensure_host(hostname)
-        self._run("UPDATE hosts SET safety_cleared = 1 WHERE hostname = :h", h=hostname)
+        self._update_host(hostname, ensure=True, safety_cleared=1)
         self._remember(hostname, safety_cleared=True)
 
     def consume_safety(self, hostname: str) -> None:
         """The cleared update happened: the check applies again."""
-        self._run("UPDATE hosts SET safety_cleared = 0 WHERE hostname = :h", h=hostname)
+        self._update_host(hostname, safety_cleared=0)
         self._remember(hostname, safety_cleared=False)
 
     def intrusion(self, hostname: str) -> tuple[str, ...]:
@@ -149,18 +211,16 @@ class DominatorState:
         merged = sorted(known | set(paths))
         if merged == sorted(known):
             return
-        self._ensure_host(hostname)
         now = int(time.time())
-        self._run("UPDATE hosts SET intrusion_paths = :p, intrusion_unix = :t "
-                  "WHERE hostname = :h", p=json.dumps(merged), t=now, h=hostname)
+        self._update_host(hostname, ensure=True, intrusion_paths=json.dumps(merged),
+                          intrusion_unix=now)
         self._remember(hostname, intrusion_paths=tuple(merged), intrusion_unix=now)
         log.warning("%s: intrusion: %d path(s) in a state never desired, e.g. %s",
                     hostname, len(merged), merged[0])
 
     def acknowledge_intrusion(self, hostname: str) -> None:
         """An operator saw the report: drop it."""
-        self._run("UPDATE hosts SET intrusion_paths = NULL, intrusion_unix = NULL "
-                  "WHERE hostname = :h", h=hostname)
+        self._update_host(hostname, intrusion_paths=None, intrusion_unix=None)
         self._remember(hostname, intrusion_paths=(), intrusion_unix=0)
 
     # Desired states.
@@ -172,15 +232,16 @@ class DominatorState:
         if seen in self._desired_seen:
             return
         now = int(time.time())
-        with self._lock, self.engine.begin() as conn:
-            conn.execute(sa.text(
-                "INSERT OR REPLACE INTO desired_images (hostname, image, last_unix) "
-                "VALUES (:h, :i, :t)"), {"h": hostname, "i": image, "t": now})
-            for path, (digest, size) in computed.items():
-                conn.execute(sa.text(
-                    "INSERT OR IGNORE INTO desired_computed (hostname, path, hash, size) "
-                    "VALUES (:h, :p, :d, :s)"),
-                    {"h": hostname, "p": path, "d": digest.hex(), "s": size})
+        statements: list[sa.Executable] = [
+            insert(DesiredImageRow).values(hostname=hostname, image=image, last_unix=now)
+            .on_conflict_do_update(index_elements=[DesiredImageRow.hostname,
+                                                   DesiredImageRow.image],
+                                   set_={"last_unix": now})]
+        statements += [insert(DesiredComputedRow).values(hostname=hostname, path=path,
+                                                         hash=digest.hex(), size=size)
+                       .on_conflict_do_nothing()
+                       for path, (digest, size) in computed.items()]
+        self._write(*statements)
         self._desired_seen.add(seen)
 
     def record_sync(self, hostname: str, image: str,
@@ -191,22 +252,22 @@ class DominatorState:
         now = int(time.time())
         stored = self._sync_stored.get(hostname, 0)
         if self.host(hostname).current_image != image or now - stored >= SYNC_PERSIST_SECONDS:
-            self._ensure_host(hostname)
-            self._run("UPDATE hosts SET last_sync_unix = :t, current_image = :i "
-                      "WHERE hostname = :h", t=now, i=image, h=hostname)
+            self._update_host(hostname, ensure=True, last_sync_unix=now, current_image=image)
             self._sync_stored[hostname] = now
         self._remember(hostname, last_sync_unix=now, current_image=image)
 
     def desired_images(self, hostname: str) -> list[str]:
         """Images the host was ever asked to hold, most recent first."""
-        rows = self._run("SELECT image FROM desired_images WHERE hostname = :h "
-                         "ORDER BY last_unix DESC, image", h=hostname)
-        return [row[0] for row in rows]
+        rows = self._read(sa.select(DesiredImageRow.image)
+                          .where(DesiredImageRow.hostname == hostname)
+                          .order_by(DesiredImageRow.last_unix.desc(), DesiredImageRow.image))
+        return [row.image for row in rows]
 
     def desired_computed(self, hostname: str) -> dict[str, dict[bytes, int]]:
         """Every computed file version the host was asked to hold: path -> {hash: size}."""
-        rows = self._run("SELECT path, hash, size FROM desired_computed WHERE hostname = :h",
-                         h=hostname)
+        rows = self._read(sa.select(DesiredComputedRow.path, DesiredComputedRow.hash,
+                                    DesiredComputedRow.size)
+                          .where(DesiredComputedRow.hostname == hostname))
         versions: dict[str, dict[bytes, int]] = {}
         for path, digest, size in rows:
             versions.setdefault(path, {})[bytes.fromhex(digest)] = size

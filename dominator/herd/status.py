@@ -1,0 +1,127 @@
+"""What an operator sees of a sub: its status, and one report of it that every view
+converts from (the gRPC API's SubInfo, the CLI's JSON, the dashboard's host rows)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fleetlib.fstree.listing import quote
+from fleetlib.wire import dominator_pb2
+from mdb.machine import Machine
+
+
+class Status(enum.StrEnum):
+    """What an operator sees for a sub."""
+
+    UNREACHABLE = "unreachable"
+    POLLING = "polling"
+    FETCHING = "fetching"
+    UPDATING = "updating"
+    SYNCED = "synced"
+    UPDATES_DISABLED = "updates disabled"
+    UNSAFE = "unsafe update"
+    NO_SPACE = "insufficient space"
+    IMAGE_NOT_READY = "image not ready"
+    MISSING_COMPUTED = "missing computed file"
+    FAILED = "update failed"
+    INTRUSION = "intrusion"
+    NO_IMAGE = "no image"
+
+
+class Remembered(Protocol):
+    """What the state store remembers of a host (state.HostRecord)."""
+
+    safety_cleared: bool
+    intrusion_paths: tuple[str, ...]
+    intrusion_unix: int
+    last_sync_unix: int
+    current_image: str
+
+
+class Observed(Protocol):
+    """What the herd knows of a sub now (herd.Sub)."""
+
+    machine: Machine
+    status: Status
+    last_error: str
+    last_poll_unix: float
+    last_scan_unix: float
+    change_window_ns: int
+    history: Any  # (unix, status, error) transitions, oldest first
+
+
+@dataclass(frozen=True)
+class SubReport:
+    """One sub as operators see it; text made printable (listing.quote)."""
+
+    hostname: str
+    address: str
+    status: str
+    required_image: str
+    planned_image: str
+    current_image: str
+    last_poll_unix: int
+    last_sync_unix: int
+    last_scan_unix: int
+    last_error: str
+    intrusion_paths: tuple[str, ...]
+    intrusion_unix: int
+    change_window_ns: int
+    updates_disabled: bool
+    safety_cleared: bool
+    history: tuple[str, ...]  # "UNIX STATUS[: ERROR]", oldest first
+
+    @classmethod
+    def of(cls, sub: Observed, record: Remembered) -> SubReport:
+        """The report of a sub of the herd, with what the state store remembers of it."""
+        machine = sub.machine
+        return cls(
+            hostname=machine.hostname, address=machine.address, status=sub.status.value,
+            required_image=machine.required_image, planned_image=machine.planned_image,
+            current_image=record.current_image, last_poll_unix=int(sub.last_poll_unix),
+            last_sync_unix=record.last_sync_unix, last_scan_unix=int(sub.last_scan_unix),
+            last_error=quote(sub.last_error),
+            intrusion_paths=tuple(quote(path) for path in record.intrusion_paths),
+            intrusion_unix=record.intrusion_unix, change_window_ns=sub.change_window_ns,
+            updates_disabled=machine.disable_updates, safety_cleared=record.safety_cleared,
+            history=tuple(quote(f"{int(unix)} {status}{': ' + error if error else ''}")
+                          for unix, status, error in sub.history))
+
+    @classmethod
+    def from_wire(cls, info: dominator_pb2.SubInfo) -> SubReport:
+        """The report a SubInfo carries."""
+        return cls(
+            hostname=info.hostname, address=info.address, status=info.status,
+            required_image=info.required_image, planned_image=info.planned_image,
+            current_image=info.current_image, last_poll_unix=info.last_poll_unix,
+            last_sync_unix=info.last_sync_unix, last_scan_unix=info.last_scan_unix,
+            last_error=info.last_error, intrusion_paths=tuple(info.intrusion_paths),
+            intrusion_unix=info.intrusion_unix, change_window_ns=info.change_window_ns,
+            updates_disabled=info.updates_disabled, safety_cleared=info.safety_cleared,
+            history=tuple(info.history))
+
+    def to_wire(self) -> dominator_pb2.SubInfo:
+        """The gRPC API's SubInfo."""
+        return dominator_pb2.SubInfo(
+            hostname=self.hostname, address=self.address, status=self.status,
+            required_image=self.required_image, planned_image=self.planned_image,
+            current_image=self.current_image, last_poll_unix=self.last_poll_unix,
+            last_sync_unix=self.last_sync_unix, last_scan_unix=self.last_scan_unix,
+            last_error=self.last_error, intrusion_paths=list(self.intrusion_paths),
+            intrusion_unix=self.intrusion_unix, change_window_ns=self.change_window_ns,
+            updates_disabled=self.updates_disabled, safety_cleared=self.safety_cleared,
+            history=list(self.history))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data (`dominator fleet list --json`, the dashboard's host rows)."""
+        return {"hostname": self.hostname, "address": self.address, "status": self.status,
+                "required_image": self.required_image, "planned_image": self.planned_image,
+                "current_image": self.current_image, "last_poll_unix": self.last_poll_unix,
+                "last_sync_unix": self.last_sync_unix, "last_scan_unix": self.last_scan_unix,
+                "last_error": self.last_error, "intrusion_paths": list(self.intrusion_paths),
+                "intrusion_unix": self.intrusion_unix,
+                "change_window_ms": self.change_window_ns / 1e6,
+                "updates_disabled": self.updates_disabled,
+                "safety_cleared": self.safety_cleared, "history": list(self.history)}
