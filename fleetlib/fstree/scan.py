@@ -125,8 +125,8 @@ def scan_directory(
     if not stat.S_ISDIR(root_st.st_mode):
         raise FleetError(f"cannot scan {top}: not a directory")
     device = root_st.st_dev
-    tree = Tree(root_st.st_ino, {root_st.st_ino: inode_from_stat(top, root_st)},
-                {root_st.st_ino: {}})
+    root_inode = directory(root_st.st_mode, root_st.st_uid, root_st.st_gid, read_xattrs(top))
+    tree = Tree(root_st.st_ino, {root_st.st_ino: root_inode}, {root_st.st_ino: {}})
     stack = [("/", top, root_st.st_ino)]
     while stack:
         path, real, ino = stack.pop()
@@ -175,8 +175,10 @@ def _read_inode(entry: os.DirEntry[str], path: str, st: os.stat_result,
     catches it)."""
     digest = b""
     if stat.S_ISREG(st.st_mode) and st.st_size:
-        digest = known_hash(path, st) if known_hash else None
-        if digest is None:
+        known = known_hash(path, st) if known_hash else None
+        if known is not None:
+            digest = known
+        else:
             digest, size = hash_file(entry.path)
             if on_read is not None:
                 on_read(size)

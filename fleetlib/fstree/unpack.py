@@ -35,8 +35,8 @@ def set_xattrs(path: str, wanted: tuple[tuple[bytes, bytes], ...]) -> None:
     keep = {os.fsdecode(name) for name, _ in wanted}
     for name in present - keep:
         os.removexattr(path, name, follow_symlinks=False)
-    for name, value in wanted:
-        os.setxattr(path, name, value, follow_symlinks=False)
+    for attr, value in wanted:
+        os.setxattr(path, attr, value, follow_symlinks=False)
 
 
 def apply_metadata(path: str, inode: Inode, *, dir_fd: int | None = None,
