@@ -116,9 +116,13 @@ class ImageServerClient:
 
     def delete_image(self, name: str) -> imageserver_pb2.DeleteImageResponse:
         """Delete an image; the server frees objects no other image needs."""
-        return self.images.DeleteImage(imageserver_pb2.DeleteImageRequest(name=name))
+        reply: imageserver_pb2.DeleteImageResponse = self.images.DeleteImage(
+            imageserver_pb2.DeleteImageRequest(name=name))
+        return reply
 
     def image_exists(self, name: str) -> bool:
         """Whether the server holds an image of that name."""
-        return self.images.CheckImage(imageserver_pb2.CheckImageRequest(name=name)).exists
+        reply: imageserver_pb2.CheckImageResponse = self.images.CheckImage(
+            imageserver_pb2.CheckImageRequest(name=name))
+        return reply.exists
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 import zstandard
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 MAX_HASHES_PER_REQUEST = 1 << 20
 
 
-def _check_hashes(hashes: list[bytes]) -> None:
+def _check_hashes(hashes: Sequence[bytes]) -> None:
     if len(hashes) > MAX_HASHES_PER_REQUEST:
         raise FleetError(f"too many hashes in one request ({len(hashes)})")
     for digest in hashes:
@@ -94,7 +94,7 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
         for message in pack(self._pieces(request.hashes, compressor)):
             yield message
 
-    def _pieces(self, hashes: list[bytes], compressor: zstandard.ZstdCompressor | None
+    def _pieces(self, hashes: Sequence[bytes], compressor: zstandard.ZstdCompressor | None
                 ) -> Iterator[objectserver_pb2.ObjectChunk]:
         for digest in hashes:
             with self.store.objects.open(digest) as reader:

@@ -171,7 +171,7 @@ class ImageStore:
         """Stop delivering events to `queue`."""
         self._watchers.discard(queue)
 
-    def _notify(self, kind: int, name: str) -> None:
+    def _notify(self, kind: imageserver_pb2.ImageEvent.Kind, name: str) -> None:
         event = imageserver_pb2.ImageEvent(kind=kind, name=name)
         for queue in self._watchers:
             queue.put_nowait(event)
