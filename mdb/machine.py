@@ -11,10 +11,11 @@ from typing import Any
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.image import check_image_name
+from fleetlib.jsoninput import load_json
 
 HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAX_HOSTNAME_LENGTH = 253
-BRACKETED_ADDRESS_RE = re.compile(r"\[(?P<host>[^\]]+)\](?::(?P<port>\d{1,5}))?")
+BRACKETED_ADDRESS_RE = re.compile(r"\[(?P<host>[^\]]+)\](?::(?P<port>[0-9]{1,5}))?")
 
 
 class Tags(Mapping[str, str]):
@@ -84,7 +85,8 @@ def check_address(address: str) -> str:
     elif address.count(":") == 1:
         host, port = address.split(":")
     invalid = f"invalid address {address!r}"
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+    # ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and "١".
+    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise FleetError(f"{invalid}: port {port!r} is not 1 to 65535")
     try:
         ipaddress.ip_address(host)
@@ -174,10 +176,7 @@ class Machine:
 
 def parse_machines_json(text: str, origin: str) -> list[Machine]:
     """Dominator's MDB JSON: an array of machine objects with unique hostnames."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise FleetError(f"{origin}: malformed JSON: {err}") from None
+    data = load_json(text, origin)
     if not isinstance(data, list):
         raise FleetError(f"{origin}: expected a JSON array of machines, got {describe_type(data)}")
     machines = [Machine.from_json(item, f"{origin}: entry {index}")

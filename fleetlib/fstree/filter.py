@@ -83,22 +83,27 @@ def prune(tree: Tree, flt: Filter | None) -> Tree:
     subtree goes. Hard links among kept paths are preserved."""
     if flt is None or (not flt._patterns and not flt.inverted):
         return tree
+    # Parents before children, then decided children first: no recursion, as a
+    # hostile tree may nest deeper than Python's stack.
+    order: list[tuple[str, int, int, str]] = []
+    stack = [("/", tree.root, 0, "")]
+    while stack:
+        path, ino, parent, name = stack.pop()
+        order.append((path, ino, parent, name))
+        if tree.inodes[ino].kind == Kind.DIRECTORY:
+            stack.extend((join(path, kid), child, ino, kid)
+                         for kid, child in tree.children.get(ino, {}).items())
     inodes: dict = {}
     children: dict[int, dict[str, int]] = {}
-
-    def keep(path: str, ino: int) -> bool:
+    for path, ino, parent, name in reversed(order):
         inode = tree.inodes[ino]
-        kept_kids: dict[str, int] = {}
-        if inode.kind == Kind.DIRECTORY:
-            for name, child in tree.children.get(ino, {}).items():
-                if keep(join(path, name), child):
-                    kept_kids[name] = child
+        kept_kids = children.get(ino, {})
         if path != "/" and flt.matches(path) and not kept_kids:
-            return False
+            children.pop(ino, None)
+            continue
         inodes[ino] = inode
         if inode.kind == Kind.DIRECTORY:
             children[ino] = kept_kids
-        return True
-
-    keep("/", tree.root)
+        if path != "/":
+            children.setdefault(parent, {})[name] = ino
     return Tree(tree.root, inodes, children)

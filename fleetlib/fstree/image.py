@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -10,6 +9,7 @@ from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import Filter
 from fleetlib.fstree.tree import Tree, check_clean_path
 from fleetlib.fstree.triggers import Trigger
+from fleetlib.jsoninput import load_json
 
 NAME_COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=,:-]*")
 MAX_NAME_LENGTH = 255
@@ -51,10 +51,7 @@ def check_image_name(name: str) -> str:
 
 def parse_computed_files(text: str, origin: str = "computed files") -> list[ComputedFile]:
     """Dominator's computed-files JSON: `[{"Filename": "/etc/x", "Source": "gen"}]`."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise FleetError(f"{origin}: malformed JSON: {err}") from None
+    data = load_json(text, origin)
     if not isinstance(data, list):
         raise FleetError(f"{origin}: expected a JSON array")
     result = []

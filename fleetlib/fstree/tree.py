@@ -1,4 +1,4 @@
-"""The file tree of DESIGN.md: inodes keyed by number plus directory entries.
+"""The file tree of docs/DESIGN.md: inodes keyed by number plus directory entries.
 
 A hard link is two entries naming one inode number. Inode numbers are opaque:
 two trees are compared by path, never by number. Paths are `str` with
@@ -52,7 +52,7 @@ Xattrs = tuple[tuple[bytes, bytes], ...]
 
 @dataclass(frozen=True, slots=True)
 class Inode:
-    """One inode. Fields a kind does not carry are zero (see DESIGN.md)."""
+    """One inode. Fields a kind does not carry are zero (see docs/DESIGN.md)."""
 
     kind: Kind
     mode: int
@@ -114,7 +114,7 @@ def special(kind: Kind, mode: int, uid: int, gid: int, mtime_ns: int, rdev: int,
 
 
 def name_key(name: str) -> bytes:
-    """Sort key of an entry name: the raw bytes, as DESIGN.md orders entries."""
+    """Sort key of an entry name: the raw bytes, as docs/DESIGN.md orders entries."""
     return os.fsencode(name)
 
 
@@ -296,9 +296,12 @@ class TreeBuilder:
         return number
 
     def _unlink(self, ino: int) -> None:
-        """Forget an inode replaced by a later entry, unless still linked elsewhere."""
-        if any(ino in kids.values() for kids in self.tree.children.values()):
-            return
-        self.tree.inodes.pop(ino, None)
-        for child in self.tree.children.pop(ino, {}).values():
-            self._unlink(child)
+        """Forget an inode replaced by a later entry, unless still linked elsewhere,
+        and its subtree (without recursion: a tarball may nest very deep)."""
+        pending = [ino]
+        while pending:
+            ino = pending.pop()
+            if any(ino in kids.values() for kids in self.tree.children.values()):
+                continue
+            self.tree.inodes.pop(ino, None)
+            pending.extend(self.tree.children.pop(ino, {}).values())

@@ -8,7 +8,6 @@ filter lines.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import compile_patterns, match_any
+from fleetlib.jsoninput import load_json
 
 _FIELDS = {"MatchLines": list, "Service": str, "DoReload": bool, "DoReboot": bool,
            "HighImpact": bool}
@@ -60,10 +60,7 @@ def make_trigger(match_lines: Iterable[str], service: str, do_reload: bool = Fal
 def parse_triggers(text: str, origin: str = "triggers") -> list[Trigger]:
     """Parse Dominator trigger JSON (with `#` comment lines); FleetError when malformed."""
     body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    try:
-        data = json.loads(body) if body.strip() else []
-    except json.JSONDecodeError as err:
-        raise FleetError(f"{origin}: malformed JSON: {err}") from None
+    data = load_json(body, origin) if body.strip() else []
     if not isinstance(data, list):
         raise FleetError(f"{origin}: expected a JSON array of triggers")
     triggers = []

@@ -116,7 +116,24 @@ def tree_from_proto(msg: tree_pb2.Tree) -> Tree:
                 if child == msg.root or child in parents:
                     raise FleetError(f"tree: directory inode {child} is linked twice")
                 parents.add(child)
+    check_reachable(msg.root, inodes, children)
     return Tree(msg.root, inodes, children)
+
+
+def check_reachable(root: int, inodes: dict[int, Inode], children: dict[int, dict[str, int]]
+                    ) -> None:
+    """Refuse inodes the root does not reach (a detached directory cycle, say): they
+    would be counted and fetched but never placed."""
+    reached = {root}
+    pending = [root]
+    while pending:
+        for child in children.get(pending.pop(), {}).values():
+            if child not in reached:
+                reached.add(child)
+                pending.append(child)
+    stray = set(inodes) - reached
+    if stray:
+        raise FleetError(f"tree: inode {min(stray)} is not reachable from the root")
 
 
 def image_to_proto(image: Image) -> imageserver_pb2.Image:
