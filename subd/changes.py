@@ -22,7 +22,7 @@ _KIND_FROM_WIRE = {wire: kind for kind, wire in _KIND_TO_WIRE.items()}
 
 @dataclass
 class UpdatePlan:
-    """Everything subd needs to make its tree match an image (DESIGN.md step 3)."""
+    """Everything subd needs to make its tree match an image (docs/DESIGN.md step 3)."""
 
     image_name: str
     diff: TreeDiff

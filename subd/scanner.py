@@ -1,5 +1,5 @@
 """subd's scanner: a continuous, rate-limited scan of ROOT into the tree of
-DESIGN.md, with the generation count and fingerprint that Poll reports.
+docs/DESIGN.md, with the generation count and fingerprint that Poll reports.
 
 Each pass walks ROOT with `fstree.scan.scan_directory`, leaving out ROOT/.subd,
 the scan-exclusion list, sockets and other mount points. A change cache keyed

@@ -1,4 +1,4 @@
-"""What subd remembers across restarts (DESIGN.md step 5): the last update's
+"""What subd remembers across restarts (docs/DESIGN.md step 5): the last update's
 result, the last image it converged to, and the service starts an update owes.
 
 Stored as JSON at ROOT/.subd/state.json, replaced atomically. `pending_starts`

@@ -1,4 +1,4 @@
-"""Running trigger actions (DESIGN.md "How an update works", steps 3): which
+"""Running trigger actions (docs/DESIGN.md "How an update works", steps 3): which
 services to stop before an update and start, reload or reboot after it, and the
 command that does it (`systemctl {action} {service}` by default).
 

@@ -1,4 +1,4 @@
-"""Applying an update to ROOT exactly as DESIGN.md's safety contract says.
+"""Applying an update to ROOT exactly as docs/DESIGN.md's safety contract says.
 
 `check` refuses an unsafe plan before anything changes: paths escaping ROOT
 (`..`, symlinked parents, paths under what the update makes a non-directory),
@@ -384,7 +384,7 @@ class _Run:
         self.first_ns = self.first_ns or self.last_ns
 
     def carry_out(self, work: _Work) -> None:
-        """Stage, stop, change the tree in DESIGN.md's order, start."""
+        """Stage, stop, change the tree in docs/DESIGN.md's order, start."""
         staged = self.stage(work.entries)
         state = self.updater.state
         state.pending_starts = list(dict.fromkeys(state.pending_starts + work.actions.after))

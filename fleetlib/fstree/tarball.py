@@ -1,6 +1,6 @@
 """Reading a tarball (plain, gzip or zstd) into a Tree without unpacking it.
 
-Tar members come from users and are untrusted (DESIGN.md "Security"): every name,
+Tar members come from users and are untrusted (docs/DESIGN.md "Security"): every name,
 link and number is validated, and a bad or damaged archive gives a one-line
 FleetError and no partial tree. The archive is streamed twice at most: `Tarball.read`
 builds the tree and hashes each regular member; `Tarball.iter_objects` then hands out

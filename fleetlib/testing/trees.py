@@ -1,4 +1,4 @@
-"""Synthetic root trees that exercise every inode kind and odd corner DESIGN.md names."""
+"""Synthetic root trees that exercise every inode kind and odd corner docs/DESIGN.md names."""
 
 from __future__ import annotations
 
