@@ -4,6 +4,7 @@ and triggers, and its wire form (`fleet.UpdateRequest`), validated on decode."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fleetlib.errors import FleetError
@@ -40,7 +41,7 @@ def _triggers_to_wire(triggers: list[Trigger]) -> list[imageserver_pb2.Trigger]:
                                     high_impact=t.high_impact) for t in triggers]
 
 
-def _triggers_from_wire(triggers) -> list[Trigger]:
+def _triggers_from_wire(triggers: Iterable[imageserver_pb2.Trigger]) -> list[Trigger]:
     return [make_trigger(t.match_lines, t.service, t.do_reload, t.do_reboot, t.high_impact)
             for t in triggers]
 

@@ -65,13 +65,13 @@ def measure_read_speed(root: Path, state_dir: Path) -> float:
         log.info("nothing to read under %s to measure its device: assuming %.0f MB/s",
                  root, DEFAULT_READ_SPEED / 1e6)
         return DEFAULT_READ_SPEED
-    speed = _direct_read_speed(files)
-    method = "o_direct"
-    if speed is None:
+    measured = _direct_read_speed(files)
+    if measured is None:
         log.info("%s does not support O_DIRECT reads: assuming %.0f MB/s for its device",
                  root, DEFAULT_READ_SPEED / 1e6)
         speed, method = DEFAULT_READ_SPEED, "default"
     else:
+        speed, method = measured, "o_direct"
         log.info("device of %s reads %.0f MB/s", root, speed / 1e6)
     record = {"bytes_per_second": speed, "method": method, "measured_unix": time.time()}
     write_file_atomically(path, json.dumps(record).encode() + b"\n")

@@ -213,6 +213,7 @@ class Scanner:
                     inode = inode_from_stat(real, st, digest)
                 except OSError:
                     continue
+                assert inode is not None, "a regular file always makes an inode"
                 self._cache.pop(st.st_ino, None)
                 self._cache[st.st_ino] = CacheEntry(
                     (st.st_size, st.st_mtime_ns, st.st_ctime_ns), inode, now)

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from fleetlib.errors import FleetError, PreconditionError
 from fleetlib.fstree.diff import Change, DiffEntry
@@ -80,7 +81,7 @@ def _ancestors(path: str) -> Iterator[str]:
         index = path.find("/", index + 1)
 
 
-def _is_dir(st: os.stat_result | None) -> bool:
+def _is_dir(st: os.stat_result | None) -> TypeGuard[os.stat_result]:
     return st is not None and stat.S_ISDIR(st.st_mode)
 
 
