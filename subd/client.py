@@ -96,11 +96,15 @@ class SubClient:
 
     def cleanup(self, hashes: list[bytes]) -> int:
         """Remove cached objects; returns how many were removed."""
-        return self.stub.Cleanup(subd_pb2.CleanupRequest(hashes=hashes)).removed
+        reply: subd_pb2.CleanupResponse = self.stub.Cleanup(
+            subd_pb2.CleanupRequest(hashes=hashes))
+        return reply.removed
 
     def cleanup_all_but(self, keep: list[bytes]) -> int:
         """Remove every cached object not in `keep`; returns how many were removed."""
-        return self.stub.Cleanup(subd_pb2.CleanupRequest(all_but_keep=True, keep=keep)).removed
+        reply: subd_pb2.CleanupResponse = self.stub.Cleanup(
+            subd_pb2.CleanupRequest(all_but_keep=True, keep=keep))
+        return reply.removed
 
     def get_files(self, paths: list[str]) -> dict[str, bytes | None]:
         """Contents of files on the host (None where missing)."""
@@ -149,4 +153,5 @@ class AsyncSubClient:
     async def cleanup_all_but(self, keep: list[bytes]) -> int:
         """Remove every cached object not in `keep`."""
         request = subd_pb2.CleanupRequest(all_but_keep=True, keep=keep)
-        return (await self.stub.Cleanup(request, timeout=60)).removed
+        reply: subd_pb2.CleanupResponse = await self.stub.Cleanup(request, timeout=60)
+        return reply.removed

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 
@@ -219,7 +220,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             verify_period_seconds=int(config.verify_period_seconds))
 
 
-def open_no_follow(root: Path, path: str):
+def open_no_follow(root: Path, path: str) -> BinaryIO:
     """Open ROOT/path for reading without following a symlink anywhere below ROOT."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
