@@ -3,6 +3,8 @@ line of text for a failed call."""
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import grpc
 
 from fleetlib.errors import ExistsError, FleetError, NotFoundError, PreconditionError
@@ -20,9 +22,11 @@ def status_for(err: FleetError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> None:
-    """End the call with the status and one-line message of `err`."""
+async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> NoReturn:
+    """End the call with the status and one-line message of `err` (this raises)."""
     await context.abort(status_for(err), quote(str(err)))  # paths may not be UTF-8
+    # grpc's abort always raises; the raise tells mypy so, grpc having no type stubs.
+    raise AssertionError("grpc.aio context.abort returned")
 
 
 def describe_rpc_error(err: grpc.RpcError) -> str:
