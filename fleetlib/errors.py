@@ -15,3 +15,7 @@ class ExistsError(FleetError):
 
 class PreconditionError(FleetError):
     """The request is well-formed but the state does not allow it now."""
+
+
+class NoSpaceError(FleetError):
+    """The filesystem lacks the room the work needs (gRPC: RESOURCE_EXHAUSTED)."""

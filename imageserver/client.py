@@ -82,7 +82,11 @@ class ImageServerClient:
 
         calls = [self.objects.AddObjects.future(pack(pieces()))
                  for _ in range(streams if source.parallel else 1)]
-        return sum(call.result().added for call in calls)
+        try:
+            return sum(call.result().added for call in calls)
+        finally:
+            for call in calls:  # after a refusal, stop the other streams too
+                call.cancel()
 
     def fetch(self, hashes: list[bytes], store: ObjectStore,
               progress: Progress | None = None) -> ReceiveStats:

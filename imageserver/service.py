@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -58,9 +59,11 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
                 receiver.feed_message(message)
             receiver.close()
         except FleetError as err:
+            log.warning("refused objects from %s: %s", context.peer(), err)
             await abort(context, err)
         finally:
-            receiver.close(strict=False)  # keep what arrived whole: a retry resumes
+            with contextlib.suppress(FleetError):  # the call failed already: say why once
+                receiver.close(strict=False)  # keep what arrived whole: a retry resumes
             self.received_bytes += receiver.stats.wire_bytes
             self.added_bytes += receiver.stats.bytes_added
         stats = receiver.stats

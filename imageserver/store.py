@@ -23,7 +23,13 @@ from pathlib import Path
 from fleetlib.errors import ExistsError, FleetError, NotFoundError, PreconditionError
 from fleetlib.fstree.hashing import format_hash
 from fleetlib.fstree.image import Image, check_image_name
-from fleetlib.fstree.objectstore import ObjectStore, fsync_directory, write_file_atomically
+from fleetlib.fstree.objectstore import (
+    ObjectStore,
+    check_free_space,
+    fsync_directory,
+    space_error,
+    write_file_atomically,
+)
 from fleetlib.wire import imageserver_pb2
 from fleetlib.wire.codec import image_from_proto, image_to_proto
 
@@ -108,8 +114,13 @@ class ImageStore:
                                  "the tree")
         if not image.created_unix:
             image.created_unix = int(time.time())
-        write_file_atomically(self._path(image.name),
-                              image_to_proto(image).SerializeToString(deterministic=True))
+        data = image_to_proto(image).SerializeToString(deterministic=True)
+        check_free_space(self.state_dir, len(data))
+        try:
+            write_file_atomically(self._path(image.name), data)
+        except OSError as err:
+            raise space_error(err, self.state_dir, f"image {image.name} ({len(data)} bytes)") \
+                from None
         self._remember(_info(image))
         self._notify(imageserver_pb2.ImageEvent.ADDED, image.name)
         log.info("added image %s", image.name)

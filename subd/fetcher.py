@@ -22,7 +22,8 @@ import grpc
 from fleetlib.errors import FleetError, PreconditionError
 from fleetlib.fstree.hashing import format_hash
 from fleetlib.fstree.listing import quote
-from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.objectstore import ObjectStore, check_free_space
+from fleetlib.fstree.objectstore import free_bytes as free_bytes  # subd.service uses it
 from fleetlib.fstree.tree import Kind, Tree
 from fleetlib.rpc.objects import ObjectReceiver
 from fleetlib.rpc.status import describe_rpc_error
@@ -32,7 +33,6 @@ from fleetlib.wire import objectserver_pb2, objectserver_pb2_grpc, subd_pb2
 log = logging.getLogger(__name__)
 
 IMAGESERVER_PORT = 6971
-SPACE_MARGIN = 0.02  # keep this share of the filesystem free
 
 
 @dataclass
@@ -50,21 +50,6 @@ class FetchProgress:
     def to_proto(self) -> subd_pb2.FetchStatus:
         """The wire form."""
         return subd_pb2.FetchStatus(**{**self.__dict__, "error": quote(self.error)})
-
-
-def free_bytes(path: Path) -> int:
-    """Bytes an unprivileged user may still write on the filesystem of `path`."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def check_free_space(path: Path, needed: int) -> None:
-    """PreconditionError when writing `needed` bytes would leave less than the margin."""
-    st = os.statvfs(path)
-    available = st.f_bavail * st.f_frsize - int(st.f_blocks * st.f_frsize * SPACE_MARGIN)
-    if needed > available:
-        raise PreconditionError(f"insufficient space: need {needed} bytes, "
-                                f"{max(available, 0)} available on {path}")
 
 
 class RateLimiter:

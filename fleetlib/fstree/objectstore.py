@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import itertools
@@ -24,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.errors import FleetError, NoSpaceError, NotFoundError
 from fleetlib.fstree.hashing import HASH_SIZE, check_hash, format_hash
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,32 @@ T = TypeVar("T")
 QUEUED_JOBS = 256  # pieces of up to 1 MiB waiting for the I/O thread
 
 TMP_DIR = ".tmp"
+SPACE_MARGIN = 0.02  # keep this share of a filesystem free
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def free_bytes(path: Path | str) -> int:
+    """Bytes an unprivileged user may still write on the filesystem of `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(path: Path | str, needed: int) -> None:
+    """NoSpaceError when writing `needed` bytes would leave less than the margin."""
+    st = os.statvfs(path)
+    available = st.f_bavail * st.f_frsize - int(st.f_blocks * st.f_frsize * SPACE_MARGIN)
+    if needed > available:
+        raise NoSpaceError(f"insufficient space on {path}: need {needed} bytes, "
+                           f"{max(available, 0)} available")
+
+
+def space_error(err: OSError, path: Path | str, what: str) -> Exception:
+    """For a full filesystem or quota (ENOSPC, EDQUOT) while writing `what`, a
+    NoSpaceError naming `path` and its free bytes; any other error as it is."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return err
+    return NoSpaceError(f"insufficient space on {path}: {os.strerror(err.errno).lower()} "
+                        f"writing {what}, {free_bytes(path)} bytes free")
 
 
 def sync_filesystem(path: Path) -> None:
@@ -63,6 +89,11 @@ def write_file_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(tmp)
         raise
     fsync_directory(path.parent)
+
+
+def _discard(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def fsync_directory(path: Path) -> None:
@@ -101,22 +132,23 @@ class ObjectWriter:
             self.error = err
 
     def _write(self, data: bytes) -> None:
-        if self.error is not None:
-            return
-        view = memoryview(data)
         try:
+            if self.error is not None:
+                return
+            view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError as err:
             self.error = err
+        finally:
+            self._batch.store.account(-len(data))
 
     def _close(self, discard: bool) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if discard:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp)
+            _discard(self.tmp)
 
     def write(self, data: bytes) -> None:
         """Append content; FleetError past the declared size."""
@@ -126,6 +158,7 @@ class ObjectWriter:
             raise FleetError(
                 f"object {format_hash(self.digest)}: more than the declared {self.size} bytes")
         self._hash.update(data)
+        self._batch.store.account(len(data))
         self._batch.store.queue(functools.partial(self._write, bytes(data)))
 
     def finish(self) -> None:
@@ -154,10 +187,12 @@ class Batch:
         self.pending: list[ObjectWriter] = []
 
     def begin(self, digest: bytes, size: int) -> ObjectWriter:
-        """Start writing one object whose hash and size are declared up front."""
+        """Start writing one object whose hash and size are declared up front;
+        NoSpaceError when the store's filesystem has no room for it."""
         check_hash(digest)
         if size <= 0:
             raise FleetError("empty files are not objects")
+        self.store.check_space(size)
         return ObjectWriter(self, digest, size)
 
     def commit(self) -> int:
@@ -173,17 +208,25 @@ class Batch:
     def _commit(self, pending: list[ObjectWriter]) -> int:
         failed = [writer for writer in pending if writer.error is not None]
         for writer in failed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(writer.tmp)
+            _discard(writer.tmp)
         good = [writer for writer in pending if writer.error is None]
-        if good and self.store.durable:
-            sync_filesystem(self.store.tmp_dir)
-        for writer in good:
-            os.rename(writer.tmp, self.store.path_for_writing(writer.digest))
-        if good and self.store.durable:
-            sync_filesystem(self.store.tmp_dir)
+        renamed = 0
+        try:
+            if good and self.store.durable:
+                sync_filesystem(self.store.tmp_dir)
+            for writer in good:
+                os.rename(writer.tmp, self.store.path_for_writing(writer.digest))
+                renamed += 1
+            if good and self.store.durable:
+                sync_filesystem(self.store.tmp_dir)
+        except OSError as err:
+            for writer in good[renamed:]:
+                _discard(writer.tmp)
+            raise self.store.write_failure(err, good[min(renamed, len(good) - 1)]) from None
         if failed:
-            raise failed[0].error  # type: ignore[misc]
+            first = failed[0]
+            assert first.error is not None
+            raise self.store.write_failure(first.error, first) from None
         return len(good)
 
     def abort(self) -> None:
@@ -206,6 +249,8 @@ class ObjectStore:
         self.root = Path(root)
         self.durable = not scratch
         self._fanout = not scratch
+        self.unwritten = 0  # bytes queued for the I/O thread, not yet written
+        self._unwritten_lock = threading.Lock()
         self._start_io()
         self._names = itertools.count()
         self.tmp_dir = self.root / TMP_DIR
@@ -213,6 +258,20 @@ class ObjectStore:
         self._tmp_prefix = f"{self.tmp_dir}/{os.getpid()}.{os.urandom(4).hex()}."
         self._prefix = os.fspath(self.root) + "/"
         self._folders: set[str] = set()
+
+    def account(self, queued: int) -> None:
+        """Count bytes queued for the I/O thread (positive) or written (negative)."""
+        with self._unwritten_lock:
+            self.unwritten += queued
+
+    def check_space(self, size: int) -> None:
+        """NoSpaceError unless `size` more bytes fit, counting queued writes."""
+        check_free_space(self.root, size + self.unwritten)
+
+    def write_failure(self, err: OSError, writer: ObjectWriter) -> Exception:
+        """What to raise for `err` while writing the object of `writer`."""
+        return space_error(err, self.root,
+                           f"object {format_hash(writer.digest)} ({writer.size} bytes)")
 
     def _start_io(self) -> None:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="object-io")

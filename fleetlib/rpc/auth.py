@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import grpc
 
 from fleetlib.rpc.certs import common_name, permitted_methods
+from fleetlib.rpc.guard import guard, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,6 @@ OPEN_SERVICES = frozenset(
         "grpc.reflection.v1.ServerReflection",
     }
 )
-
-Behavior = Callable[[Any, Any], Any]
 
 
 class MethodAuthorizer(grpc.aio.ServerInterceptor):
@@ -82,60 +80,11 @@ def _refusal(context: grpc.ServicerContext, method: str) -> str | None:
     return f"certificate {name!r} does not permit {wanted} (it permits {allowed})"
 
 
-def _guard(behavior: Behavior, method: str) -> Behavior:
-    """Wrap BEHAVIOR so it checks first, keeping its kind (sync, coroutine, generator)."""
-    if inspect.isasyncgenfunction(behavior):
-
-        async def guarded_async_gen(request: Any, context: Any) -> Any:
-            if (reason := _refusal(context, method)) is not None:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-            async for response in behavior(request, context):
-                yield response
-
-        return guarded_async_gen
-    if inspect.iscoroutinefunction(behavior):
-
-        async def guarded_coroutine(request: Any, context: Any) -> Any:
-            if (reason := _refusal(context, method)) is not None:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-            return await behavior(request, context)
-
-        return guarded_coroutine
-    if inspect.isgeneratorfunction(behavior):
-
-        def guarded_generator(request: Any, context: Any) -> Any:
-            if (reason := _refusal(context, method)) is not None:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-            yield from behavior(request, context)
-
-        return guarded_generator
-
-    def guarded(request: Any, context: Any) -> Any:
-        if (reason := _refusal(context, method)) is not None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
-        return behavior(request, context)
-
-    return guarded
-
-
 def _guard_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """The same handler, with its behavior guarded by the method check."""
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            _guard(handler.unary_unary, method), **serializers
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            _guard(handler.unary_stream, method), **serializers
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            _guard(handler.stream_unary, method), **serializers
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        _guard(handler.stream_stream, method), **serializers
-    )
+
+    def check(_request: Any, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+        reason = _refusal(context, method)
+        return None if reason is None else (grpc.StatusCode.PERMISSION_DENIED, reason)
+
+    return wrap_handler(handler, lambda behavior: guard(behavior, check))

@@ -4,12 +4,15 @@ reflection, mutual TLS with method authorization (or loudly insecure)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -17,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from fleetlib.errors import FleetError
 from fleetlib.rpc.auth import MethodAuthorizer
+from fleetlib.rpc.guard import Behavior, guard, wrap_handler
 from fleetlib.rpc.tls import INSECURE_WARNING, MESSAGE_SIZE_OPTIONS, Security, server_credentials
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,87 @@ log = logging.getLogger(__name__)
 # gRPC shares a port between processes by default (SO_REUSEPORT): a second daemon
 # on a busy port must fail, not silently take half the connections.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (*MESSAGE_SIZE_OPTIONS, ("grpc.so_reuseport", 0))
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Stands in for a request message whose bytes did not parse."""
+
+    error: str
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Refuse a request whose bytes are not the method's message with
+    INVALID_ARGUMENT and one log line, instead of gRPC's UNKNOWN and a traceback:
+    the deserializer hands a `Malformed` over, the wrapped servicer aborts on it."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        deserializer = _tolerant(handler.request_deserializer)
+        if not handler.request_streaming:
+            return wrap_handler(handler, lambda behavior: guard(behavior, _refusal(method)),
+                                request_deserializer=deserializer)
+        behavior = handler.stream_unary or handler.stream_stream
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler  # only asyncio servicers here; a plain one keeps gRPC's handling
+        return wrap_handler(handler, lambda behavior: _checking_stream(behavior, method),
+                            request_deserializer=deserializer)
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as err:
+            return Malformed(str(err))
+    return deserialize
+
+
+def _refuse(context: grpc.aio.ServicerContext, method: str,
+            request: Malformed) -> tuple[grpc.StatusCode, str]:
+    log.warning("refused a malformed request to %s from %s: %s", method, context.peer(),
+                request.error)
+    return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request to {method}: {request.error}"
+
+
+def _refusal(method: str) -> Callable[[Any, grpc.aio.ServicerContext],
+                                      tuple[grpc.StatusCode, str] | None]:
+    def check(request: Any, context: grpc.aio.ServicerContext
+              ) -> tuple[grpc.StatusCode, str] | None:
+        return _refuse(context, method, request) if isinstance(request, Malformed) else None
+    return check
+
+
+def _checking_stream(behavior: Behavior, method: str) -> Behavior:
+    """An asyncio request-stream BEHAVIOR whose stream aborts at a malformed message."""
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Malformed):
+                await context.abort(*_refuse(context, method, request))
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streaming(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[Any]:
+            async for response in behavior(checked(requests, context), context):
+                yield response
+
+        return streaming
+
+    async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(checked(requests, context), context)
+
+    return unary
 
 
 @dataclass(frozen=True)
@@ -45,7 +130,10 @@ async def start_server(
     Adds the standard health service (everything SERVING) and server reflection.
     PORT 0 picks a free port; the returned RunningServer says which.
     """
-    interceptors = [MethodAuthorizer()] if security.identity is not None else []
+    # The first listed runs its check first: authorization before anything else.
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequests()]
+    if security.identity is not None:
+        interceptors.insert(0, MethodAuthorizer())
     server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS))
     names = [name for _, _, name in services]
     for add_servicer, servicer, _ in services:

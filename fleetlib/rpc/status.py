@@ -7,7 +7,13 @@ from typing import NoReturn
 
 import grpc
 
-from fleetlib.errors import ExistsError, FleetError, NotFoundError, PreconditionError
+from fleetlib.errors import (
+    ExistsError,
+    FleetError,
+    NoSpaceError,
+    NotFoundError,
+    PreconditionError,
+)
 from fleetlib.fstree.listing import quote
 
 
@@ -17,6 +23,8 @@ def status_for(err: FleetError) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(err, ExistsError):
         return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(err, NoSpaceError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, PreconditionError):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INVALID_ARGUMENT

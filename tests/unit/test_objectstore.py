@@ -3,14 +3,16 @@ and fstree.hashing."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
-from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.errors import FleetError, NoSpaceError, NotFoundError
 from fleetlib.fstree.hashing import check_hash, format_hash, hash_bytes, hash_fd, parse_hash
 from fleetlib.fstree.objectstore import TMP_DIR, ObjectStore, write_file_atomically
 
@@ -267,3 +269,50 @@ def test_hashing(tmp_path: Path) -> None:
         assert hash_fd(fd) == (sha(data), len(data))
     finally:
         os.close(fd)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 4 MiB tmpfs (needs root to mount; skipped otherwise)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_object_larger_than_the_free_space_is_refused_up_front(small_fs: Path) -> None:
+    store = ObjectStore(small_fs / "objects")
+    batch = store.batch()
+    with pytest.raises(NoSpaceError, match=f"insufficient space on {small_fs}/objects: need "
+                                           f"{5 << 20} bytes, [0-9]+ available"):
+        batch.begin(sha(b"x"), 5 << 20)
+    writer = batch.begin(sha(b"y" * (3 << 20)), 3 << 20)  # fits, but its queued bytes count
+    writer.write(b"y" * (3 << 20))
+    with pytest.raises(NoSpaceError):
+        batch.begin(sha(b"z" * (1 << 20)), 1 << 20)
+    writer.finish()
+    assert batch.commit() == 1
+
+
+def test_disk_filling_while_writing_is_no_space_and_leaves_nothing(small_fs: Path) -> None:
+    store = ObjectStore(small_fs / "objects")
+    kept = store.add_bytes(b"kept")
+    data = os.urandom(2 << 20)
+    batch = store.batch()
+    writer = batch.begin(sha(data), len(data))  # room now...
+    with contextlib.suppress(OSError):  # ...taken by someone else meanwhile
+        with open(small_fs / "filler", "wb") as filler:
+            filler.write(b"\0" * (4 << 20))
+    writer.write(data)
+    writer.finish()
+    with pytest.raises(NoSpaceError, match=f"insufficient space on {small_fs}/objects: no space "
+                                           f"left on device writing object .* \\(2097152 bytes\\)"
+                                           ", [0-9]+ bytes free"):
+        batch.commit()
+    assert not store.has(sha(data))
+    assert list(store) == [kept]
+    assert list(store.tmp_dir.iterdir()) == []
