@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 
+import grpc
+
 from fleetlib.errors import FleetError
 from fleetlib.fstree.tree import Tree
-from fleetlib.rpc.chunks import join_chunks
+from fleetlib.rpc.chunks import join_chunks, parse_in_pieces, split_message
 from fleetlib.rpc.tls import Security, open_channel, parse_address
 from fleetlib.wire import subd_pb2, subd_pb2_grpc, tree_pb2
 from fleetlib.wire.codec import tree_from_proto
@@ -19,6 +22,20 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 6969
 POLL_INTERVAL = 0.2
+# The most tree the dominator takes from one host per poll. A Debian install (~40k
+# inodes) serializes to a few MiB and 300k inodes to about 30 MiB; 512 MiB is millions of
+# inodes, beyond any real host, while it bounds what one broken or hostile sub can make
+# the dominator buffer (decoded, a tree takes several times its wire size).
+DEFAULT_MAX_TREE_BYTES = 512 << 20
+
+
+class TreeTooLarge(FleetError):
+    """A sub's tree is larger than the caller accepts: nothing past the limit was read."""
+
+
+def decode_tree(data: bytes) -> Tree:
+    """A tree from its serialized form (seconds of CPU for a few hundred thousand inodes)."""
+    return tree_from_proto(parse_in_pieces(tree_pb2.Tree, data))
 
 
 def read_poll(responses: Iterable[subd_pb2.PollResponse]
@@ -28,8 +45,12 @@ def read_poll(responses: Iterable[subd_pb2.PollResponse]
     first = next(stream)
     if not first.tree_follows:
         return first.status, None
-    data = join_chunks(r.tree_chunk for r in stream)
-    return first.status, tree_from_proto(tree_pb2.Tree.FromString(data))
+    return first.status, decode_tree(join_chunks(r.tree_chunk for r in stream))
+
+
+def encode_update(plan: UpdatePlan) -> bytes:
+    """An update serialized, to travel in 1 MiB chunks of an UpdateStream call."""
+    return plan_to_proto(plan).SerializeToString()
 
 
 class SubClient:
@@ -78,8 +99,8 @@ class SubClient:
             time.sleep(POLL_INTERVAL)
 
     def update(self, plan: UpdatePlan) -> subd_pb2.UpdateResult:
-        """Apply an update and return its result (the sub refuses unsafe ones)."""
-        self.stub.Update(plan_to_proto(plan))
+        """Apply an update of any size and return its result (the sub refuses unsafe ones)."""
+        self.stub.UpdateStream(split_message(encode_update(plan)))
         status, _ = self.poll(short=True)
         return status.last_update
 
@@ -135,20 +156,46 @@ class AsyncSubClient:
         """Close the connection."""
         await self.channel.close()
 
-    async def poll(self, have_generation: int = 0, short: bool = False, timeout: float = 60
+    async def poll(self, have_generation: int = 0, short: bool = False, timeout: float = 60,
+                   max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES
                    ) -> tuple[subd_pb2.SubStatus, Tree | None]:
-        """Status, and the tree when the sub's generation differs from ours."""
+        """Status, and the tree when the sub's generation differs from ours.
+
+        A tree over `max_tree_bytes` raises TreeTooLarge and the call is cancelled
+        before more arrives; decoding runs in a thread so the event loop stays free.
+        """
         request = subd_pb2.PollRequest(have_generation=have_generation, short=short)
-        responses = [r async for r in self.stub.Poll(request, timeout=timeout)]
-        return read_poll(responses)
+        call = self.stub.Poll(request, timeout=timeout)
+        try:
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise FleetError(f"{self.address}: poll ended without a status")
+            if not first.tree_follows:
+                return first.status, None
+            if first.tree_bytes > max_tree_bytes:  # announced by subds that know it
+                raise TreeTooLarge(f"tree too large: {self.address} sends "
+                                   f"{first.tree_bytes} bytes, the limit is {max_tree_bytes}")
+            parts: list[bytes] = []
+            total = 0
+            while (response := await call.read()) is not grpc.aio.EOF:
+                total += len(response.tree_chunk.data)
+                if total > max_tree_bytes:
+                    raise TreeTooLarge(f"tree too large: {self.address} sent at least "
+                                       f"{total} bytes, the limit is {max_tree_bytes}")
+                parts.append(response.tree_chunk.data)
+        finally:
+            call.cancel()  # stops the transfer when we stopped reading; else a no-op
+        tree = await asyncio.to_thread(lambda: decode_tree(b"".join(parts)))
+        return first.status, tree
 
     async def fetch(self, server: str, hashes: list[bytes]) -> None:
         """Start a fetch on the sub."""
         await self.stub.Fetch(subd_pb2.FetchRequest(server=server, hashes=hashes), timeout=60)
 
     async def update(self, plan: UpdatePlan, timeout: float = 600) -> None:
-        """Apply an update (raises grpc.aio.AioRpcError when refused or failed)."""
-        await self.stub.Update(plan_to_proto(plan), timeout=timeout)
+        """Apply an update of any size (raises grpc.aio.AioRpcError when refused or failed)."""
+        data = await asyncio.to_thread(encode_update, plan)  # 100k paths take a while
+        await self.stub.UpdateStream(split_message(data), timeout=timeout)
 
     async def cleanup_all_but(self, keep: list[bytes]) -> int:
         """Remove every cached object not in `keep`."""

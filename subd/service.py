@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError
 from fleetlib.fstree.exclusions import SUBD_DIR
@@ -20,9 +21,9 @@ from fleetlib.fstree.hashing import check_hash
 from fleetlib.fstree.listing import quote
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.tree import Kind, Tree, check_clean_path
-from fleetlib.rpc.chunks import CHUNK_SIZE, split_message
+from fleetlib.rpc.chunks import CHUNK_SIZE, join_chunks_async, split_message
 from fleetlib.rpc.status import abort
-from fleetlib.wire import subd_pb2, subd_pb2_grpc
+from fleetlib.wire import subd_pb2, subd_pb2_grpc, tree_pb2
 from fleetlib.wire.codec import tree_to_proto
 from subd.changes import UpdatePlan, plan_from_proto
 from subd.fetcher import Fetcher, free_bytes
@@ -33,6 +34,10 @@ from subd.updater import Updater
 log = logging.getLogger(__name__)
 
 MAX_GET_FILES = 10_000
+# The most a streamed update may carry: protobuf cannot encode a message of 2 GiB, and a
+# first sync of a large host (a few hundred thousand paths) plus 64 MiB of computed
+# files is well below 1 GiB; the bound stops a caller making subd buffer without end.
+MAX_UPDATE_BYTES = 2 << 30
 
 
 def installed_files(plan: UpdatePlan) -> list[tuple[str, bytes]]:
@@ -101,7 +106,8 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         status = self.status()
         send_tree = not request.short and request.have_generation != status.generation
         encoded = self._tree_bytes() if send_tree else None
-        yield subd_pb2.PollResponse(status=status, tree_follows=encoded is not None)
+        yield subd_pb2.PollResponse(status=status, tree_follows=encoded is not None,
+                                    tree_bytes=len(encoded[1]) if encoded is not None else 0)
         if encoded is not None:
             for chunk in split_message(encoded[1]):
                 yield subd_pb2.PollResponse(tree_chunk=chunk)
@@ -117,8 +123,24 @@ class SubdService(subd_pb2_grpc.SubdServicer):
 
     async def Update(self, request: subd_pb2.UpdateRequest, context: grpc.aio.ServicerContext
                      ) -> subd_pb2.UpdateResponse:
+        return await self._update(request, context)
+
+    async def UpdateStream(self, request_iterator: AsyncIterator[tree_pb2.Chunk],
+                           context: grpc.aio.ServicerContext) -> subd_pb2.UpdateResponse:
         try:
-            plan = plan_from_proto(request)
+            data = await join_chunks_async(request_iterator, MAX_UPDATE_BYTES)
+            request = await asyncio.to_thread(subd_pb2.UpdateRequest.FromString, data)
+        except FleetError as err:
+            await abort(context, err)
+        except DecodeError:
+            await abort(context, FleetError("update stream is not a valid UpdateRequest"))
+        return await self._update(request, context)
+
+    async def _update(self, request: subd_pb2.UpdateRequest, context: grpc.aio.ServicerContext
+                      ) -> subd_pb2.UpdateResponse:
+        """Validate and apply one update, however it arrived."""
+        try:
+            plan = await asyncio.to_thread(plan_from_proto, request)  # 100k paths take a while
             if self._update_lock.locked():
                 raise PreconditionError("an update is already in progress")
             if self.fetcher.progress.in_progress:

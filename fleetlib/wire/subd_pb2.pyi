@@ -103,14 +103,16 @@ class SubStatus(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., scan_count: _Optional[int] = ..., last_scan_ns: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., free_bytes: _Optional[int] = ..., fetch: _Optional[_Union[FetchStatus, _Mapping]] = ..., last_update: _Optional[_Union[UpdateResult, _Mapping]] = ..., last_successful_image: _Optional[str] = ..., cached_objects: _Optional[int] = ..., inodes: _Optional[int] = ..., is_root: _Optional[bool] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., start_error: _Optional[str] = ...) -> None: ...
 
 class PollResponse(_message.Message):
-    __slots__ = ("status", "tree_follows", "tree_chunk")
+    __slots__ = ("status", "tree_follows", "tree_chunk", "tree_bytes")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TREE_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     TREE_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     status: SubStatus
     tree_follows: bool
     tree_chunk: _tree_pb2.Chunk
-    def __init__(self, status: _Optional[_Union[SubStatus, _Mapping]] = ..., tree_follows: _Optional[bool] = ..., tree_chunk: _Optional[_Union[_tree_pb2.Chunk, _Mapping]] = ...) -> None: ...
+    tree_bytes: int
+    def __init__(self, status: _Optional[_Union[SubStatus, _Mapping]] = ..., tree_follows: _Optional[bool] = ..., tree_chunk: _Optional[_Union[_tree_pb2.Chunk, _Mapping]] = ..., tree_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("server", "hashes")

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from fleetlib.wire import subd_pb2 as fleetlib_dot_wire_dot_subd__pb2
+from fleetlib.wire import tree_pb2 as fleetlib_dot_wire_dot_tree__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -49,6 +50,11 @@ class SubdStub:
                 request_serializer=fleetlib_dot_wire_dot_subd__pb2.UpdateRequest.SerializeToString,
                 response_deserializer=fleetlib_dot_wire_dot_subd__pb2.UpdateResponse.FromString,
                 _registered_method=True)
+        self.UpdateStream = channel.stream_unary(
+                '/fleet.Subd/UpdateStream',
+                request_serializer=fleetlib_dot_wire_dot_tree__pb2.Chunk.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_subd__pb2.UpdateResponse.FromString,
+                _registered_method=True)
         self.Cleanup = channel.unary_unary(
                 '/fleet.Subd/Cleanup',
                 request_serializer=fleetlib_dot_wire_dot_subd__pb2.CleanupRequest.SerializeToString,
@@ -88,6 +94,13 @@ class SubdServicer:
 
     def Update(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateStream(self, request_iterator, context):
+        """The same update for any size: a serialized UpdateRequest in chunks of at most 1 MiB.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -132,6 +145,11 @@ def add_SubdServicer_to_server(servicer, server):
             'Update': grpc.unary_unary_rpc_method_handler(
                     servicer.Update,
                     request_deserializer=fleetlib_dot_wire_dot_subd__pb2.UpdateRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_subd__pb2.UpdateResponse.SerializeToString,
+            ),
+            'UpdateStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.UpdateStream,
+                    request_deserializer=fleetlib_dot_wire_dot_tree__pb2.Chunk.FromString,
                     response_serializer=fleetlib_dot_wire_dot_subd__pb2.UpdateResponse.SerializeToString,
             ),
             'Cleanup': grpc.unary_unary_rpc_method_handler(
@@ -235,6 +253,33 @@ class Subd:
             target,
             '/fleet.Subd/Update',
             fleetlib_dot_wire_dot_subd__pb2.UpdateRequest.SerializeToString,
+            fleetlib_dot_wire_dot_subd__pb2.UpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fleet.Subd/UpdateStream',
+            fleetlib_dot_wire_dot_tree__pb2.Chunk.SerializeToString,
             fleetlib_dot_wire_dot_subd__pb2.UpdateResponse.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,96 @@
+"""Updates larger than one gRPC message (issue 9, defect 2): a first sync of a
+120,000-file image and a 20 MiB computed file, both through Subd.UpdateStream against
+a real subd, where the unary Update (capped at 8 MiB) fails."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fleetlib.fstree.diff import Change, DiffEntry, TreeDiff, diff_trees
+from fleetlib.fstree.scan import scan_directory
+from fleetlib.fstree.tree import Tree, regular
+from fleetlib.rpc.tls import MAX_MESSAGE_BYTES
+from fleetlib.testing.daemons import Daemon, cli
+from fleetlib.testing.trees import rsync_differences
+from fleetlib.wire.tree_pb2 import Chunk
+from subd.changes import UpdatePlan, plan_to_proto
+from subd.client import SubClient, encode_update
+
+DIRS, FILES_PER_DIR = 400, 300  # 120,000 files
+
+
+def many_files(root: Path) -> Path:
+    """DIRS folders of FILES_PER_DIR distinct files of about 50 bytes each."""
+    for d in range(DIRS):
+        folder = root / f"directory-{d:04d}"
+        folder.mkdir(parents=True)
+        for f in range(FILES_PER_DIR):
+            (folder / f"file-number-{f:04d}.conf").write_bytes(
+                b"setting-%04d-%04d = some fifty bytes of value\n" % (d, f))
+    return root
+
+
+def test_first_sync_of_120000_files_converges(tmp_path: Path, cli_env: dict[str, str],
+                                              start_subd: Callable[..., Daemon]) -> None:
+    started = time.monotonic()
+    image_root = many_files(tmp_path / "image")
+    image_tree = scan_directory(image_root)
+    first_sync = diff_trees(Tree.empty(image_tree.inodes[image_tree.root]), image_tree, None)
+    assert len(first_sync.entries) > 120_000
+    size = len(encode_update(UpdatePlan("many", first_sync, None)))
+    assert size > MAX_MESSAGE_BYTES, size  # more than one unary Update could carry
+    cli("image", "add", "many", str(image_root), env=cli_env, check=True, timeout=900)
+    root = tmp_path / "host"
+    root.mkdir()
+    sub = start_subd(root)
+    pushed = cli("sub", "push-image", sub.address, "many", env=cli_env, timeout=900)
+    assert pushed.returncode == 0, pushed.stderr
+    if shutil.which("rsync"):
+        assert rsync_differences(image_root, root, "/.subd") == ""
+    else:
+        assert scan_directory(root, exclude=lambda p: p == "/.subd").fingerprint() \
+            == image_tree.fingerprint()
+    print(f"120,000-file first sync: {time.monotonic() - started:.0f} s")
+
+
+def test_20_mib_computed_file_travels_in_the_stream(tmp_path: Path, admin,
+                                                    start_subd: Callable[..., Daemon]) -> None:
+    root = tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    sub = start_subd(root)
+    data = os.urandom(20 << 20)
+    inode = regular(0o600, 0, 0, 1_700_000_000_000_000_000, len(data),
+                    hashlib.sha256(data).digest())
+    plan = UpdatePlan("computed", TreeDiff([
+        DiffEntry("/etc/rendered.bin", Change.ADD, None, inode)]), None, inline_objects=[data])
+    with SubClient(sub.address, admin) as client:
+        client.wait_for_scan(0)
+        with pytest.raises(grpc.RpcError) as unary:  # the defect: one message, 8 MiB at most
+            client.stub.Update(plan_to_proto(plan))
+        assert unary.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not (root / "etc" / "rendered.bin").exists()
+        result = client.update(plan)
+    assert result.success, result.error
+    assert (root / "etc" / "rendered.bin").read_bytes() == data
+    assert (root / "etc" / "rendered.bin").stat().st_mode & 0o7777 == 0o600
+
+
+def test_garbage_update_stream_is_refused_in_one_line(tmp_path: Path, admin,
+                                                      start_subd: Callable[..., Daemon]) -> None:
+    root = tmp_path / "host"
+    root.mkdir()
+    sub = start_subd(root)
+    with SubClient(sub.address, admin) as client:
+        client.wait_for_scan(0)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.stub.UpdateStream(iter([Chunk(data=b"\xff" * 100)]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "update stream is not a valid UpdateRequest"
