@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleetlib.errors import FleetError
-from fleetlib.fstree.tree import Kind, Tree, join
+from fleetlib.fstree.tree import Inode, Kind, Tree, join
 
 INVERT_LINE = "!"
 
@@ -93,7 +93,7 @@ def prune(tree: Tree, flt: Filter | None) -> Tree:
         if tree.inodes[ino].kind == Kind.DIRECTORY:
             stack.extend((join(path, kid), child, ino, kid)
                          for kid, child in tree.children.get(ino, {}).items())
-    inodes: dict = {}
+    inodes: dict[int, Inode] = {}
     children: dict[int, dict[str, int]] = {}
     for path, ino, parent, name in reversed(order):
         inode = tree.inodes[ino]

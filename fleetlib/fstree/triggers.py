@@ -37,7 +37,7 @@ class Trigger:
         """Whether a changed path fires this trigger."""
         return match_any(self._patterns, path)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         """The Dominator JSON form of this rule."""
         return {"MatchLines": list(self.match_lines), "Service": self.service,
                 "DoReload": self.do_reload, "DoReboot": self.do_reboot,

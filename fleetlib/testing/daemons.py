@@ -46,7 +46,7 @@ class Daemon:
     log_path: Path
     state_dir: Path | None = None
     user: int | None = None  # run as this uid instead of root (see tests/run_as.py)
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
 
     @property
