@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,9 +20,10 @@ from subd.client import SubClient
 HOSTS = 5
 POLL = "0.3"
 TOKEN = "test-token"
+T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> object:
+def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
     """Poll `condition` until it returns something true; fail with `what` on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -77,7 +79,7 @@ class FleetUnderTest:
                      and (image is None or hosts[name]["current_image"] == image)
                      for name in names)
             return hosts if ok else None
-        return wait_for(reached, f"{names} are {status}", timeout)  # type: ignore[return-value]
+        return wait_for(reached, f"{names} are {status}", timeout)
 
 
 @pytest.fixture

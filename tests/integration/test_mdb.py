@@ -44,6 +44,7 @@ SAMPLE: list[dict[str, Any]] = [
 
 
 def machines(*hostnames: str, **fields: object) -> list[Machine]:
+    # `fields` are Machine's keyword arguments, whose types differ: each test gives the right ones.
     return [Machine(hostname, **fields) for hostname in hostnames]  # type: ignore[arg-type]
 
 
@@ -106,16 +107,16 @@ def test_machine_is_frozen_hashable_and_compares_by_value() -> None:
     assert len({one, Machine("a", tags={"role": "web"})}) == 1
     assert one.tags == {"role": "web"}
     with pytest.raises(dataclasses.FrozenInstanceError):
-        one.hostname = "b"  # type: ignore[misc]
+        one.hostname = "b"  # type: ignore[misc]  # on purpose: Machine is frozen
     with pytest.raises(TypeError):
-        one.tags["role"] = "db"  # type: ignore[index]
+        one.tags["role"] = "db"  # type: ignore[index]  # on purpose: tags are read-only
 
 
 def test_constructor_validates_like_the_json_reader() -> None:
     with pytest.raises(FleetError, match="machine 'a': PlannedImage: invalid image name"):
         Machine("a", planned_image="/abs")
     with pytest.raises(FleetError, match="DisableUpdates: expected true or false, got a string"):
-        Machine("a", disable_updates="yes")  # type: ignore[arg-type]
+        Machine("a", disable_updates="yes")  # type: ignore[arg-type]  # a wrong type on purpose
 
 
 BAD_JSON = [
@@ -279,6 +280,7 @@ def test_import_is_one_transaction(store: Mdb, monkeypatch: pytest.MonkeyPatch) 
     real_store = mdb.store._store
     calls = 0
 
+    # Stands in for the store's private row writer, whatever its signature.
     def failing_store(session, machine, row):  # type: ignore[no-untyped-def]
         nonlocal calls
         calls += 1

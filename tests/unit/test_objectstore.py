@@ -219,7 +219,7 @@ def test_write_file_atomically(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o7777 == 0o644
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
     with pytest.raises(TypeError):
-        write_file_atomically(path, "not bytes")  # type: ignore[arg-type]
+        write_file_atomically(path, "not bytes")  # type: ignore[arg-type]  # on purpose
     assert path.read_bytes() == b"two"
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
 

@@ -62,6 +62,7 @@ def root(tmp_path: Path) -> Path:
 def make_scanner(root: Path, tmp_path: Path, **config: object) -> Scanner:
     """A scanner with no limits unless `config` sets them, its state outside ROOT."""
     settings = {**UNLIMITED, **config}
+    # `settings` mixes ScanConfig's field types (float limits, exclusion lists).
     return Scanner(root, ScanConfig(**settings), tmp_path / "state")  # type: ignore[arg-type]
 
 
