@@ -188,7 +188,7 @@ class DeployFleet:
         def check() -> dict | None:
             state = self.status(deploy_id)
             return state if test(state) else None
-        return wait_for(check, f"deploy {deploy_id}: {what}", timeout)  # type: ignore
+        return wait_for(check, f"deploy {deploy_id}: {what}", timeout)
 
     def wait_end(self, deploy_id: str, timeout: float = 90) -> dict:
         return self.wait_until(deploy_id, lambda s: s["status"] != "RUNNING", "ended", timeout)
@@ -548,8 +548,10 @@ async def test_engine_refusals_and_outcomes_in_process(tmp_path: Path) -> None:
         state.record_sync(name, "v1", {})
     herd = FakeHerd()
     images = FakeImages()
+    # FakeHerd and FakeImages stand in for Herd and ImageCache (duck-typed).
     engine = DeployEngine(herd, state, mdb, images,  # type: ignore[arg-type]
                           max_running=2, tick=0.02)
+    # FakeHerd and FakeImages stand in for Herd and ImageCache (duck-typed).
     app = make_app(HttpContext(herd, state, mdb, images, TOKEN,  # type: ignore[arg-type]
                                deploys=engine))
 
