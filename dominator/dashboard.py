@@ -33,6 +33,7 @@ import jinja2
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from dominator.deploy.views import deploy_summary, relative_view
 from dominator.herd.herd import Sub
 from dominator.herd.state import HostRecord
 from dominator.herd.status import Status, SubReport
@@ -375,7 +376,7 @@ async def deploy_summaries(ctx: HttpContext, limit: int = DEPLOYS_LISTED) -> lis
     engine = _engine(ctx)
     if engine is None:
         return None
-    return [{**deploy.summary(f"/v1/deploys/{deploy.id}"), "url": f"/deploys/{deploy.id}"}
+    return [{**deploy_summary(deploy, f"/v1/deploys/{deploy.id}"), "url": f"/deploys/{deploy.id}"}
             for deploy in await engine.newest(limit)]
 
 
@@ -389,7 +390,7 @@ async def deploy_detail(ctx: HttpContext, deploy_id: str) -> dict | None:
         deploy = await engine.lookup(deploy_id)
     except FleetError:  # the engine's UnknownDeploy
         return None
-    view = deploy.to_json()
+    view = relative_view(deploy)
     hosts = view["hosts"]
     for wave in view["waves"]:
         states = collections.Counter(hosts[name]["status"] for name in wave["hosts"]

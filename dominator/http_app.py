@@ -18,7 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from dominator.dashboard import dashboard_router
-from dominator.deploy import DeployEngine
+from dominator.deploy.engine import DeployEngine
+from dominator.deploy.model import describe_invalid
 from dominator.herd.herd import Herd
 from dominator.herd.images import ImageCache
 from dominator.herd.state import DominatorState
@@ -38,7 +39,7 @@ class HttpContext:
     mdb: Mdb
     images: ImageCache
     token: str
-    deploys: DeployEngine | None = None  # the deploy stage (dominator/deploy.py)
+    deploys: DeployEngine | None = None  # the deploy stage (dominator/deploy/)
 
 
 def context(request: Request) -> HttpContext:
@@ -67,10 +68,7 @@ def make_app(ctx: HttpContext) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         """One clear message for a malformed request (400, not FastAPI's 422)."""
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
-            for err in exc.errors())
-        return JSONResponse({"error": problems}, status_code=400)
+        return JSONResponse({"error": describe_invalid(exc.errors())}, status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,18 +26,6 @@ from dominator.herd.status import Status
 
 if TYPE_CHECKING:
     from dominator.http_app import HttpContext
-
-def count_deploys(engine: Any) -> dict[str, int]:
-    """Deploys by status, every status present: counted in the deploy engine's table
-    (dominator/deploy.py keeps one row per deploy with its status)."""
-    from dominator.deploy import CANCELED, RUNNING, SUCCEEDED, TERMINAL  # it imports the herd
-
-    counts = dict.fromkeys((RUNNING, SUCCEEDED, TERMINAL, CANCELED), 0)
-    with engine.store.engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT status, COUNT(*) FROM deploys GROUP BY status"))
-        counts.update({status: count for status, count in rows})
-    return counts
-
 
 class FleetCollector(Collector):
     """Scrape-time metrics of one dominator, plus the herd's counters."""
@@ -54,7 +41,7 @@ class FleetCollector(Collector):
         self._updates_disabled = disabled is not None
         engine = getattr(self.ctx, "deploys", None)
         self._deploys = None if engine is None else await asyncio.to_thread(
-            count_deploys, engine)
+            engine.store.counts)
 
     def collect(self) -> Iterable[Metric]:
         herd = self.ctx.herd

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from dominator.deploy import DeployEngine
+from dominator.deploy.engine import DeployEngine
 from dominator.herd.computed import Renderer
 from dominator.herd.herd import Herd, HerdConfig
 from dominator.herd.images import ImageCache

@@ -19,7 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dominator.deploy import DeployEngine, HealthCheck, check_waves, wave_targets
+from dominator.deploy.engine import DeployEngine
+from dominator.deploy.health import HealthCheck
+from dominator.deploy.waves import check_waves, wave_targets
+from dominator.herd.convergence import PlanSummary
 from dominator.herd.herd import Sub
 from dominator.herd.state import DominatorState
 from dominator.herd.status import Status
@@ -30,6 +33,7 @@ from fleetlib.testing.daemons import Daemon, cli, free_port
 from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
 from mdb.store import Mdb
+from subd.changes import UpdatePlan
 from tests.integration.test_fleet import POLL, TOKEN, wait_for
 
 
@@ -529,6 +533,10 @@ class FakeHerd:
     def __init__(self) -> None:
         self.subs: dict[str, Sub] = {}
 
+    async def plan_for(self, hostname: str, image_name: str
+                       ) -> tuple[UpdatePlan, PlanSummary, str]:
+        raise FleetError("this herd plans no dry run")
+
 
 async def until(condition: Callable[[], object], what: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
@@ -548,9 +556,7 @@ async def test_engine_refusals_and_outcomes_in_process(tmp_path: Path) -> None:
         state.record_sync(name, "v1", {})
     herd = FakeHerd()
     images = FakeImages()
-    # FakeHerd and FakeImages stand in for Herd and ImageCache (duck-typed).
-    engine = DeployEngine(herd, state, mdb, images,  # type: ignore[arg-type]
-                          max_running=2, tick=0.02)
+    engine = DeployEngine(herd, state, mdb, images, max_running=2, tick=0.02)
     # FakeHerd and FakeImages stand in for Herd and ImageCache (duck-typed).
     app = make_app(HttpContext(herd, state, mdb, images, TOKEN,  # type: ignore[arg-type]
                                deploys=engine))
@@ -616,6 +622,8 @@ async def test_engine_refusals_and_outcomes_in_process(tmp_path: Path) -> None:
         reply = await start({"image": "v3", "select": {"hosts": ["h2"]}})
         fourth = reply.json()["id"]
         await until(lambda: mdb.get("h2").required_image == "v3", "h2 is told v3")
+        # The herd gives a verdict every cycle; these two must come once the engine listens.
+        await until(lambda: herd.subs["h2"].listeners, "the engine watches h2")
         herd.subs["h2"].machine = mdb.get("h2")
         herd.subs["h2"].set_status(Status.UNSAFE, "would delete too much")
         herd.subs["h2"].set_status(Status.UNSAFE, "would delete too much")
