@@ -24,6 +24,7 @@ from fleetlib.fstree.hashing import format_hash
 from fleetlib.fstree.listing import quote
 from fleetlib.fstree.objectstore import ObjectStore, check_free_space
 from fleetlib.fstree.objectstore import free_bytes as free_bytes  # subd.service uses it
+from fleetlib.fstree.safeopen import open_under
 from fleetlib.fstree.tree import Kind, Tree
 from fleetlib.rpc.objects import ObjectReceiver
 from fleetlib.rpc.status import describe_rpc_error
@@ -174,8 +175,11 @@ class Fetcher:
         remaining = dict(sizes)
         batch = self.cache.batch()
         for digest, path in paths.items():
-            try:
-                with open(os.path.join(self.root, path.lstrip("/")), "rb") as source:
+            try:  # never a FIFO, device or symlink swapped in since the scan
+                fd, st = open_under(self.root, path)
+                with os.fdopen(fd, "rb") as source:
+                    if st.st_size != sizes[digest]:
+                        raise FleetError(f"{path}: {st.st_size} bytes, not {sizes[digest]}")
                     writer = batch.begin(digest, sizes[digest])
                     while data := source.read(1 << 20):
                         writer.write(data)

@@ -109,6 +109,7 @@ class Scanner:
         self._bytes_hashed = 0
         self._bytes_hashed_total = 0  # over every pass since start (for metrics)
         self._scan_seconds_total = 0.0
+        self._scan_error = ""  # why background passes fail, "" once one completes
         self._pauses = 0  # updates in progress (see paused())
         self._wanted = False
         self._stopping = False
@@ -174,6 +175,12 @@ class Scanner:
         """Content bytes every completed pass read, in all."""
         with self._cond:
             return self._bytes_hashed_total
+
+    @property
+    def scan_error(self) -> str:
+        """One line saying why the background passes fail, or "" (the last completed)."""
+        with self._cond:
+            return self._scan_error
 
     @property
     def scan_seconds_total(self) -> float:
@@ -335,6 +342,7 @@ class Scanner:
             self._bytes_hashed = hashed
             self._bytes_hashed_total += hashed
             self._scan_seconds_total += seconds
+            self._scan_error = ""
             self._cond.notify_all()
 
     # The background thread.
@@ -383,6 +391,8 @@ class Scanner:
                     log.warning("scan of %s failed, retrying: %s", self.root, err,
                                 exc_info=not isinstance(err, FleetError))
                 last_error = repr(err)
+                with self._cond:  # Poll tells the dominator why the tree is stale
+                    self._scan_error = _one_line(err)
             if not self._rest(self._pause_after(time.thread_time() - cpu_before,
                                                 time.monotonic() - wall_before)):
                 return
@@ -415,3 +425,9 @@ class Scanner:
         with self._cond:
             if self._cond.wait_for(lambda: self._stopping or self._pauses, seconds):
                 raise _Stopping if self._stopping else _Abandoned
+
+
+def _one_line(err: Exception) -> str:
+    """An exception as one line of text for Poll."""
+    text = str(err) if isinstance(err, FleetError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split()) or type(err).__name__

@@ -9,7 +9,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -20,6 +19,7 @@ from fleetlib.fstree.filter import Filter
 from fleetlib.fstree.hashing import check_hash
 from fleetlib.fstree.listing import quote
 from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.safeopen import open_under
 from fleetlib.fstree.tree import Kind, Tree, check_clean_path
 from fleetlib.rpc.chunks import CHUNK_SIZE, join_chunks_async, split_message
 from fleetlib.rpc.status import abort
@@ -79,13 +79,22 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         return subd_pb2.SubStatus(
             generation=scanner.generation, fingerprint=scanner.fingerprint,
             scan_count=scanner.scan_count, last_scan_ns=int(scanner.last_scan_seconds * 1e9),
-            last_scan_unix=int(scanner.last_scan_unix), free_bytes=free_bytes(self.root),
+            last_scan_unix=int(scanner.last_scan_unix), free_bytes=self._free_bytes(),
             fetch=self.fetcher.progress.to_proto(),
             last_update=outcome_to_proto(self.state.last_update, self._update_lock.locked()),
             last_successful_image=self.state.last_successful_image,
             cached_objects=self._cached_objects(),
             inodes=len(tree.inodes) if tree is not None else 0,
-            is_root=os.geteuid() == 0, scan_exclusions=scanner.config.exclusions)
+            is_root=os.geteuid() == 0, scan_exclusions=scanner.config.exclusions,
+            scan_error=quote(scanner.scan_error))
+
+    def _free_bytes(self) -> int:
+        """Free bytes on ROOT's filesystem; 0 while ROOT cannot be reached (Poll still
+        answers, its scan_error saying why)."""
+        try:
+            return free_bytes(self.root)
+        except OSError:
+            return 0
 
     def _cached_objects(self) -> int:
         generation = self.scanner.generation  # rises whenever the cache changes
@@ -195,7 +204,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
                 path = check_clean_path(os.fsdecode(raw))
                 if path == f"/{SUBD_DIR}" or path.startswith(f"/{SUBD_DIR}/"):
                     raise NotFoundError(f"{path} is subd's own state")
-                reader = open_no_follow(self.root, path)
+                reader = os.fdopen(open_under(self.root, path)[0], "rb")  # no FIFO, device
             except FleetError as err:
                 await abort(context, err)
             except OSError:
@@ -240,18 +249,3 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             network_speed_percent=int(self.fetcher.network_speed_percent),
             scan_exclusions=config.exclusions,
             verify_period_seconds=int(config.verify_period_seconds))
-
-
-def open_no_follow(root: Path, path: str) -> BinaryIO:
-    """Open ROOT/path for reading without following a symlink anywhere below ROOT."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        parts = path.strip("/").split("/")
-        for part in parts[:-1]:
-            next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = next_fd
-        file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
-    finally:
-        os.close(fd)
-    return os.fdopen(file_fd, "rb")

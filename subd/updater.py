@@ -27,7 +27,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
@@ -36,6 +36,7 @@ from fleetlib.errors import FleetError, PreconditionError
 from fleetlib.fstree.diff import Change, DiffEntry
 from fleetlib.fstree.filter import is_filtered
 from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.safeopen import Directories
 from fleetlib.fstree.scan import Exclude
 from fleetlib.fstree.tree import Inode, Kind, Tree, check_clean_path, split
 from fleetlib.fstree.unpack import apply_metadata, make_node, stage_regular
@@ -49,9 +50,7 @@ SUBD_PATH = "/.subd"
 TMP_PREFIX = ".subd-tmp-"
 INTERRUPTED = "interrupted: subd stopped before the update finished"
 _INSTALLS = (Change.ADD, Change.REPLACE)
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # missing, or not a real directory
-_MAX_OPEN_DIRS = 256
 
 
 def _readable(message: str) -> str:
@@ -108,49 +107,6 @@ def _makes_other(entry: DiffEntry) -> bool:
     return entry.change in _INSTALLS and _new(entry).kind != Kind.DIRECTORY
 
 
-class _Dirs:
-    """Directories under ROOT, opened one component at a time without following
-    symlinks, and kept open while an update runs."""
-
-    def __init__(self, root: Path) -> None:
-        self._fds = {"/": os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
-
-    def __enter__(self) -> _Dirs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._close(lambda _: True)
-
-    def fd(self, path: str) -> int:
-        """The directory at tree path `path`; OSError (ENOENT, ENOTDIR) when a
-        component is missing, a symlink or not a directory. Use it before the next
-        call: a full cache closes what it holds."""
-        found = self._fds.get(path)
-        if found is not None:
-            return found
-        if len(self._fds) >= _MAX_OPEN_DIRS:
-            self._close(lambda p: p != "/")
-        parent, name = split(path)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd(parent))
-        self._fds[path] = fd
-        return fd
-
-    def parent(self, path: str) -> tuple[int, str]:
-        """(parent directory, name) of a tree path; the root is (root, ".")."""
-        if path == "/":
-            return self._fds["/"], "."
-        parent, name = split(path)
-        return self.fd(parent), name
-
-    def forget(self, path: str) -> None:
-        """Close `path` and what lies below it: it is being removed."""
-        self._close(lambda p: p == path or p.startswith(path + "/"))
-
-    def _close(self, which: Callable[[str], bool]) -> None:
-        for path in [p for p in self._fds if which(p)]:
-            os.close(self._fds.pop(path))
-
-
 @dataclass
 class _Work:
     """A checked plan: the entries to carry out and the service actions around them."""
@@ -163,7 +119,7 @@ class _PlanCheck:
     """Every refusal of the safety contract, decided before any change."""
 
     def __init__(self, updater: Updater, plan: UpdatePlan, tree: Tree,
-                 excluded: Exclude | None, dirs: _Dirs) -> None:
+                 excluded: Exclude | None, dirs: Directories) -> None:
         self.plan = plan
         self.tree = tree
         self.excluded = excluded
@@ -372,7 +328,7 @@ def _object_uses(entries: list[DiffEntry]) -> dict[bytes, list[DiffEntry]]:
 class _Run:
     """One checked update being carried out; fills in its outcome."""
 
-    def __init__(self, updater: Updater, dirs: _Dirs, outcome: UpdateOutcome) -> None:
+    def __init__(self, updater: Updater, dirs: Directories, outcome: UpdateOutcome) -> None:
         self.updater = updater
         self.dirs = dirs
         self.outcome = outcome
@@ -558,7 +514,7 @@ class Updater:
     def check(self, plan: UpdatePlan, tree: Tree, excluded: Exclude | None = None) -> None:
         """Refuse (FleetError) a plan that is unsafe for this sub, changing nothing.
         `tree` is the sub's current scan; `excluded` the paths it does not scan."""
-        with self._lock, _about(os.fspath(self.root)), _Dirs(self.root) as dirs:
+        with self._lock, _about(os.fspath(self.root)), Directories(self.root) as dirs:
             _PlanCheck(self, plan, tree, excluded, dirs).run()
 
     def apply(self, plan: UpdatePlan, tree: Tree, excluded: Exclude | None = None
@@ -566,7 +522,7 @@ class Updater:
         """Check, then carry out the plan. A refusal raises FleetError having
         changed nothing; a failure part way is reported in the outcome (success
         False). Either way the outcome is persisted."""
-        with self._lock, _Dirs(self.root) as dirs:
+        with self._lock, Directories(self.root) as dirs:
             outcome = UpdateOutcome(plan.image_name)
             try:
                 with _about(os.fspath(self.root)):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.fstree.safeopen import Directories, pinned
 from fleetlib.fstree.tree import Inode, Kind, Tree
 
 log = logging.getLogger(__name__)
@@ -24,19 +25,22 @@ log = logging.getLogger(__name__)
 IS_ROOT = os.geteuid() == 0
 
 
-def set_xattrs(path: str, wanted: tuple[tuple[bytes, bytes], ...]) -> None:
-    """Make the extended attributes of `path` exactly `wanted`."""
+def set_xattrs(path: str, wanted: tuple[tuple[bytes, bytes], ...],
+               follow_symlinks: bool = False) -> None:
+    """Make the extended attributes of `path` exactly `wanted` (following a symlink
+    at `path` only when told: a /proc/self/fd path of a pinned inode)."""
+    follow = follow_symlinks
     try:
-        present = set(os.listxattr(path, follow_symlinks=False))
+        present = set(os.listxattr(path, follow_symlinks=follow))
     except OSError as err:
         if err.errno == errno.ENOTSUP and not wanted:
             return
         raise
     keep = {os.fsdecode(name) for name, _ in wanted}
     for name in present - keep:
-        os.removexattr(path, name, follow_symlinks=False)
+        os.removexattr(path, name, follow_symlinks=follow)
     for attr, value in wanted:
-        os.setxattr(path, attr, value, follow_symlinks=False)
+        os.setxattr(path, attr, value, follow_symlinks=follow)
 
 
 def apply_metadata(path: str, inode: Inode, *, dir_fd: int | None = None,
@@ -45,38 +49,47 @@ def apply_metadata(path: str, inode: Inode, *, dir_fd: int | None = None,
     setuid bits and file capabilities). Returns what could not be set for lack of
     privilege (ownership when not root), instead of failing.
 
-    With `dir_fd`, `path` is a name relative to that open directory (openat-style,
-    so no symlink among its parents is followed); `shown` is how problems name the
-    path (default: `path`)."""
+    Nothing is followed: the inode at `path` is held by an O_PATH descriptor and
+    changed through it, and FleetError says so when it is not of the inode's kind
+    (a symlink swapped in for a file, say), changing nothing. With `dir_fd`, `path`
+    is a name relative to that open directory (openat-style, so no symlink among
+    its parents is followed); `shown` is how problems name the path (default: `path`)."""
     shown = shown or path
     problems = []
-    try:
-        os.chown(path, inode.uid, inode.gid, dir_fd=dir_fd, follow_symlinks=False)
-    except PermissionError:
-        problems.append(f"{shown}: cannot set owner {inode.uid}:{inode.gid} (not root)")
-    if inode.kind == Kind.SYMLINK:
+    owner = f"{shown}: cannot set owner {inode.uid}:{inode.gid} (not root)"
+    if inode.kind == Kind.SYMLINK:  # only its owner: lchown, which follows nothing
+        with pinned(path, dir_fd, inode.kind.type_bits, shown):
+            try:
+                os.chown(path, inode.uid, inode.gid, dir_fd=dir_fd, follow_symlinks=False)
+            except PermissionError:
+                problems.append(owner)
         return problems
-    os.chmod(path, inode.mode, dir_fd=dir_fd)
-    try:  # the xattr calls take no dir_fd: /proc names the file through the open directory
-        set_xattrs(path if dir_fd is None else f"/proc/self/fd/{dir_fd}/{path}", inode.xattrs)
-    except PermissionError:
-        problems.append(f"{shown}: cannot set extended attributes (not root)")
-    if inode.kind != Kind.DIRECTORY:
-        os.utime(path, ns=(inode.mtime_ns, inode.mtime_ns), dir_fd=dir_fd,
-                 follow_symlinks=False)
+    with pinned(path, dir_fd, inode.kind.type_bits, shown) as target:
+        try:
+            os.chown(target, inode.uid, inode.gid)
+        except PermissionError:
+            problems.append(owner)
+        os.chmod(target, inode.mode)
+        try:
+            set_xattrs(target, inode.xattrs, follow_symlinks=True)
+        except PermissionError:
+            problems.append(f"{shown}: cannot set extended attributes (not root)")
+        if inode.kind != Kind.DIRECTORY:
+            os.utime(target, ns=(inode.mtime_ns, inode.mtime_ns))
     return problems
 
 
-def make_node(path: str, inode: Inode) -> None:
-    """Create a directory, symlink, device node or fifo (not a regular file)."""
+def make_node(path: str, inode: Inode, dir_fd: int | None = None) -> None:
+    """Create a directory, symlink, device node or fifo (not a regular file), at a
+    name relative to `dir_fd` if given."""
     if inode.kind == Kind.DIRECTORY:
-        os.mkdir(path, 0o700)
+        os.mkdir(path, 0o700, dir_fd=dir_fd)
     elif inode.kind == Kind.SYMLINK:
-        os.symlink(inode.target, path)
+        os.symlink(inode.target, path, dir_fd=dir_fd)
     elif inode.kind == Kind.FIFO:
-        os.mkfifo(path, 0o600)
+        os.mkfifo(path, 0o600, dir_fd=dir_fd)
     elif inode.kind in (Kind.CHAR_DEVICE, Kind.BLOCK_DEVICE):
-        os.mknod(path, inode.kind.type_bits | 0o600, inode.rdev)
+        os.mknod(path, inode.kind.type_bits | 0o600, inode.rdev, dir_fd=dir_fd)
     else:
         raise FleetError(f"{path}: cannot make a {inode.kind.name.lower()} with make_node")
 
@@ -106,35 +119,41 @@ def stage_regular(store: ObjectStore, inode: Inode, consume: bool,
 def unpack_tree(tree: Tree, dest: Path, store: ObjectStore) -> list[str]:
     """Build `tree` in the empty folder `dest` from objects in `store` (which must
     live on the same filesystem; objects are moved out of it). Returns what could
-    not be set for lack of privilege."""
+    not be set for lack of privilege. Every call is relative to a directory opened
+    without following symlinks: a path of any length, and nothing swapped into
+    `dest` meanwhile can redirect a change outside it."""
     uses = Counter(i.hash for i in tree.inodes.values() if i.kind == Kind.REGULAR and i.size)
     made: dict[int, str] = {}
     directories: list[tuple[str, Inode]] = []
     problems: list[str] = []
-    for path, ino, inode in tree.walk():
-        real = os.path.join(dest, path.lstrip("/")) if path != "/" else os.fspath(dest)
-        if ino in made:
-            os.link(made[ino], real, follow_symlinks=False)
-            continue
-        made[ino] = real
-        if inode.kind == Kind.DIRECTORY:
-            if path != "/":
-                make_node(real, inode)
-            directories.append((real, inode))
-            continue
-        if inode.kind == Kind.REGULAR:
-            last_use = False
-            if inode.size:
-                uses[inode.hash] -= 1
-                last_use = uses[inode.hash] == 0
-            tmp = stage_regular(store, inode, consume=last_use)
-            problems += apply_metadata(tmp, inode)
-            os.rename(tmp, real)
-            continue
-        make_node(real, inode)
-        problems += apply_metadata(real, inode)
-    for real, inode in reversed(directories):  # children first: modes may forbid writes
-        problems += apply_metadata(real, inode)
+    with Directories(dest) as dirs:
+        for path, ino, inode in tree.walk():
+            if ino in made:
+                (source_fd, source), (fd, name) = dirs.parents(made[ino], path)
+                os.link(source, name, src_dir_fd=source_fd, dst_dir_fd=fd,
+                        follow_symlinks=False)
+                continue
+            made[ino] = path
+            fd, name = dirs.parent(path)
+            if inode.kind == Kind.DIRECTORY:
+                if path != "/":
+                    make_node(name, inode, dir_fd=fd)
+                directories.append((path, inode))
+                continue
+            if inode.kind == Kind.REGULAR:
+                last_use = False
+                if inode.size:
+                    uses[inode.hash] -= 1
+                    last_use = uses[inode.hash] == 0
+                tmp = stage_regular(store, inode, consume=last_use)
+                problems += apply_metadata(tmp, inode, shown=path)
+                os.rename(tmp, name, dst_dir_fd=fd)
+                continue
+            make_node(name, inode, dir_fd=fd)
+            problems += apply_metadata(name, inode, dir_fd=fd, shown=path)
+        for path, inode in reversed(directories):  # children first: modes may forbid writes
+            fd, name = dirs.parent(path)
+            problems += apply_metadata(name, inode, dir_fd=fd, shown=path)
     return problems
 
 
