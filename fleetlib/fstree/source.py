@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from fleetlib.errors import FleetError
+from fleetlib.fstree.exclusions import excluder
 from fleetlib.fstree.hashing import Reader
 from fleetlib.fstree.scan import ReadHook, scan_directory
 from fleetlib.fstree.tarball import Tarball
@@ -35,13 +36,17 @@ class Source(Protocol):
 
 
 class DirectorySource:
-    """A scanned directory; objects are read from the first path holding them."""
+    """A scanned directory; objects are read from the first path holding them.
+
+    A top-level `.subd` (a live host root's subd state: its object cache) is
+    never part of the tree, as subd itself never scans it.
+    """
 
     parallel = True
 
     def __init__(self, root: Path, on_read: ReadHook | None = None) -> None:
         self.root = root
-        self.tree = scan_directory(root, on_read=on_read)
+        self.tree = scan_directory(root, exclude=excluder([]), on_read=on_read)
 
     def iter_objects(self, wanted: Collection[bytes]) -> Iterator[ObjectItem]:
         remaining = set(wanted)
