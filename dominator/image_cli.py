@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import click
 
 from fleetlib.cli.display import echo_json, format_bytes, progress_bar
-from fleetlib.cli.options import address_option, security_options
+from fleetlib.cli.options import address_option, parse_duration, security_options
 from fleetlib.errors import FleetError
 from fleetlib.fstree.diff import Change, diff_trees
 from fleetlib.fstree.filter import EMPTY, Filter, prune
@@ -27,17 +26,7 @@ from imageserver.client import ImageServerClient
 imageserver_option = address_option(
     "imageserver", "DOMINATOR_IMAGESERVER", "localhost:6971", "The image server.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
-SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 GET_SCRATCH = ".image-get.tmp"
-
-
-def parse_duration(text: str) -> int:
-    """'90', '30m', '12h', '7d' -> seconds."""
-    match = DURATION_RE.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise FleetError(f"invalid duration {text!r}: use e.g. 3600, 30m, 12h or 7d")
-    return int(match.group(1)) * SECONDS[match.group(2)]
 
 
 @click.group(name="image")

@@ -11,17 +11,19 @@ import click
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fleetlib.cli.options import security_options
+from fleetlib.cli.options import Duration, parse_duration, security_options
 from fleetlib.cli.run import run, setup_logging
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
 from fleetlib.wire import imageserver_pb2_grpc, objectserver_pb2_grpc
-from imageserver.service import ImageService, ObjectService, expire_images
+from imageserver.service import ImageService, ObjectService, collect_orphans, expire_images
 from imageserver.store import ImageStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 6971
+ORPHAN_GRACE = "6h"
+ORPHAN_INTERVAL = "1h"
 
 
 class ImageServerCollector(Collector):
@@ -57,10 +59,12 @@ class ImageServerCollector(Collector):
 
 
 async def serve(state_dir: Path, port: int, security: Security, host: str = "[::]",
-                metrics_port: int = 0) -> None:
-    """Load the store and serve until cancelled."""
+                metrics_port: int = 0, orphan_grace: float = parse_duration(ORPHAN_GRACE),
+                orphan_interval: float = parse_duration(ORPHAN_INTERVAL)) -> None:
+    """Load the store, collect orphaned objects, and serve until cancelled."""
     store = ImageStore(state_dir)
     store.load()
+    store.collect_orphans(orphan_grace)
     objects = ObjectService(store)
     stop_metrics = serve_metrics(ImageServerCollector(store, objects), host, metrics_port) \
         if metrics_port else None
@@ -71,11 +75,13 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
           "fleet.ImageServer")],
         port, security, host)
     log.info("image server listening on port %d, state in %s", running.port, state_dir)
-    expiry = asyncio.create_task(expire_images(store))
+    tasks = [asyncio.create_task(expire_images(store)),
+             asyncio.create_task(collect_orphans(store, orphan_grace, orphan_interval))]
     try:
         await serve_until_stopped(running)
     finally:
-        expiry.cancel()
+        for task in tasks:
+            task.cancel()
         if stop_metrics is not None:
             stop_metrics()
 
@@ -89,17 +95,24 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
 @click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="Serve Prometheus metrics (images, objects stored, bytes served and "
                    "received) over plain HTTP at :PORT/metrics on --host; 0: off.")
+@click.option("--orphan-grace", default=ORPHAN_GRACE, show_default=True, type=Duration(),
+              help="Delete objects no image references once untouched this long (e.g. 90, "
+                   "30m, 6h, 2d): uploads whose image was never added. Keep it longer than "
+                   "the longest upload.")
+@click.option("--orphan-interval", default=ORPHAN_INTERVAL, show_default=True,
+              type=Duration(), help="How often to look for such objects (also at start-up).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
-def command(state_dir: Path, port: int, host: str, metrics_port: int, verbose: bool,
-            security: Security) -> None:
+def command(state_dir: Path, port: int, host: str, metrics_port: int, orphan_grace: int,
+            orphan_interval: int, verbose: bool, security: Security) -> None:
     """Serve images and their content-addressed objects over gRPC (mutual TLS).
 
     Images are immutable trees added with `dominator image add`; objects are
     verified against their SHA-256 on arrival and stored crash-safely.
     """
     setup_logging(verbose)
-    asyncio.run(serve(state_dir, port, security, host, metrics_port))
+    asyncio.run(serve(state_dir, port, security, host, metrics_port, orphan_grace,
+                      orphan_interval))
 
 
 def main() -> None:

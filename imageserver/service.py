@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -79,6 +80,8 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
         except FleetError as err:
             await abort(context, err)
         sizes = [self.store.objects.size_of(digest) or 0 for digest in request.hashes]
+        self.store.keep_alive([digest for digest, size in zip(request.hashes, sizes,
+                                                              strict=True) if size])
         return objectserver_pb2.CheckObjectsResponse(
             present=[size > 0 for size in sizes], sizes=sizes)
 
@@ -177,3 +180,14 @@ async def expire_images(store: ImageStore, interval: float = 1.0) -> None:
         for name in store.expire():
             log.info("image %s expired", name)
         await asyncio.sleep(interval)
+
+
+async def collect_orphans(store: ImageStore, grace: float, interval: float) -> None:
+    """Every `interval` seconds, delete the objects no image references that are
+    untouched for `grace` seconds: found on a worker thread, removed here, where
+    images are added."""
+    while True:
+        await asyncio.sleep(interval)
+        older_than = time.time() - grace
+        candidates = await asyncio.to_thread(store.orphans, older_than)
+        store.remove_orphans(candidates, older_than)

@@ -8,11 +8,16 @@ Layout under the state directory:
                               hold `/` (image streams), and no name component
                               starts with ".", so no image file collides with a
                               stream's folder
+
+Objects no image references (uploaded for an image never committed) are
+collected once untouched for a grace period; an upload that finds one present
+(CheckObjects) restarts its grace period, so the image it then adds is whole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -72,6 +77,7 @@ class ImageStore:
         self.images_dir.mkdir(parents=True, exist_ok=True)
         self.images: dict[str, ImageInfo] = {}
         self.refcounts: Counter[bytes] = Counter()
+        self.unreadable = 0  # image files `load` skipped: their objects are not orphans
         self._watchers: set[asyncio.Queue[imageserver_pb2.ImageEvent]] = set()
 
     def load(self) -> None:
@@ -87,6 +93,7 @@ class ImageStore:
                 image = image_from_proto(imageserver_pb2.Image.FromString(path.read_bytes()))
             except Exception as err:  # noqa: BLE001 - one bad file must not stop the server
                 log.error("skipping unreadable image file %s: %s", path, err)
+                self.unreadable += 1
                 continue
             self._remember(_info(image))
         log.info("loaded %d image(s) referencing %d object(s)", len(self.images),
@@ -167,6 +174,57 @@ class ImageStore:
         for name in expired:
             self.delete(name)
         return expired
+
+    def orphans(self, older_than: float) -> list[bytes]:
+        """Objects no image references whose last write (or `keep_alive`) is older than
+        the unix time `older_than`. Reads only: may run on another thread than the
+        one changing images, as `remove_orphans` checks again."""
+        found = []
+        for digest in self.objects:
+            if self.refcounts.get(digest, 0) > 0:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.objects.path_of(digest)).st_mtime < older_than:
+                    found.append(digest)
+        return found
+
+    def remove_orphans(self, candidates: list[bytes], older_than: float) -> tuple[int, int]:
+        """Delete those `orphans` still unreferenced and untouched since `older_than`:
+        (objects, bytes) freed. Runs where images are added, so none can claim one
+        of them meanwhile."""
+        if self.unreadable:
+            log.warning("not collecting orphaned objects: %d image file(s) could not be read "
+                        "and may reference them", self.unreadable)
+            return 0, 0
+        freed = freed_bytes = 0
+        for digest in candidates:
+            if self.refcounts.get(digest, 0) > 0:
+                continue
+            try:
+                if os.stat(self.objects.path_of(digest)).st_mtime >= older_than:
+                    continue
+            except FileNotFoundError:
+                continue
+            freed_bytes += self.objects.remove(digest)
+            freed += 1
+        if freed:
+            log.info("freed %d orphaned object(s), %d bytes (referenced by no image, "
+                     "untouched since %s)", freed, freed_bytes,
+                     time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(older_than)))
+        return freed, freed_bytes
+
+    def collect_orphans(self, grace: float, now: float | None = None) -> tuple[int, int]:
+        """Delete every object no image references, untouched for `grace` seconds."""
+        older_than = (time.time() if now is None else now) - grace
+        return self.remove_orphans(self.orphans(older_than), older_than)
+
+    def keep_alive(self, hashes: list[bytes]) -> None:
+        """Restart the grace period of the stored objects among `hashes` that no image
+        references: an upload found them present and will not send them again."""
+        for digest in hashes:
+            if self.refcounts.get(digest, 0) <= 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(self.objects.path_of(digest))
 
     def list(self, prefix: str = "") -> list[ImageInfo]:
         """Images whose names start with `prefix`, sorted by name."""

@@ -4,12 +4,40 @@ addresses, so each daemon and CLI command spells them the same way."""
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from fleetlib.errors import FleetError
 from fleetlib.rpc.tls import Security
+
+DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
+SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90', '30m', '12h', '7d' -> seconds."""
+    match = DURATION_RE.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise FleetError(f"invalid duration {text!r}: use e.g. 3600, 30m, 12h or 7d")
+    return int(match.group(1)) * SECONDS[match.group(2)]
+
+
+class Duration(click.ParamType[int]):
+    """A click option value such as 90, 30m, 12h or 7d, as seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_duration(str(value))
+        except FleetError as err:
+            self.fail(str(err), param, ctx)
 
 
 def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
