@@ -53,6 +53,15 @@ def encode_update(plan: UpdatePlan) -> bytes:
     return plan_to_proto(plan).SerializeToString()
 
 
+def older_subd(err: grpc.RpcError, address: str) -> bool:
+    """Whether a failed UpdateStream means a subd from before it existed (which takes
+    updates that fit one message): an image carrying a newer subd must still reach it."""
+    if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+        return False
+    log.info("%s has no UpdateStream (an older subd): sending one Update message", address)
+    return True
+
+
 class SubClient:
     """One connection to a subd (`HOST` or `HOST:PORT`, default port 6969)."""
 
@@ -100,7 +109,13 @@ class SubClient:
 
     def update(self, plan: UpdatePlan) -> subd_pb2.UpdateResult:
         """Apply an update of any size and return its result (the sub refuses unsafe ones)."""
-        self.stub.UpdateStream(split_message(encode_update(plan)))
+        data = encode_update(plan)
+        try:
+            self.stub.UpdateStream(split_message(data))
+        except grpc.RpcError as err:
+            if not older_subd(err, self.address):
+                raise
+            self.stub.Update(subd_pb2.UpdateRequest.FromString(data))
         status, _ = self.poll(short=True)
         return status.last_update
 
@@ -195,7 +210,12 @@ class AsyncSubClient:
     async def update(self, plan: UpdatePlan, timeout: float = 600) -> None:
         """Apply an update of any size (raises grpc.aio.AioRpcError when refused or failed)."""
         data = await asyncio.to_thread(encode_update, plan)  # 100k paths take a while
-        await self.stub.UpdateStream(split_message(data), timeout=timeout)
+        try:
+            await self.stub.UpdateStream(split_message(data), timeout=timeout)
+        except grpc.RpcError as err:
+            if not older_subd(err, self.address):
+                raise
+            await self.stub.Update(subd_pb2.UpdateRequest.FromString(data), timeout=timeout)
 
     async def cleanup_all_but(self, keep: list[bytes]) -> int:
         """Remove every cached object not in `keep`."""

@@ -4,6 +4,7 @@ a real subd, where the unary Update (capped at 8 MiB) fails."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -20,9 +21,11 @@ from fleetlib.fstree.tree import Tree, regular
 from fleetlib.rpc.tls import MAX_MESSAGE_BYTES
 from fleetlib.testing.daemons import Daemon, cli
 from fleetlib.testing.trees import rsync_differences
+from fleetlib.wire import subd_pb2, subd_pb2_grpc
 from fleetlib.wire.tree_pb2 import Chunk
 from subd.changes import UpdatePlan, plan_to_proto
-from subd.client import SubClient, encode_update
+from subd.client import AsyncSubClient, SubClient, encode_update
+from tests.integration.test_tree_limits import serving
 
 DIRS, FILES_PER_DIR = 400, 300  # 120,000 files
 
@@ -38,6 +41,8 @@ def many_files(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # about 7 minutes on a busy 2-core machine (image add, then the push)
+@pytest.mark.timeout(1800)
 def test_first_sync_of_120000_files_converges(tmp_path: Path, cli_env: dict[str, str],
                                               start_subd: Callable[..., Daemon]) -> None:
     started = time.monotonic()
@@ -48,6 +53,7 @@ def test_first_sync_of_120000_files_converges(tmp_path: Path, cli_env: dict[str,
     size = len(encode_update(UpdatePlan("many", first_sync, None)))
     assert size > MAX_MESSAGE_BYTES, size  # more than one unary Update could carry
     cli("image", "add", "many", str(image_root), env=cli_env, check=True, timeout=900)
+    added = time.monotonic()
     root = tmp_path / "host"
     root.mkdir()
     sub = start_subd(root)
@@ -58,7 +64,8 @@ def test_first_sync_of_120000_files_converges(tmp_path: Path, cli_env: dict[str,
     else:
         assert scan_directory(root, exclude=lambda p: p == "/.subd").fingerprint() \
             == image_tree.fingerprint()
-    print(f"120,000-file first sync: {time.monotonic() - started:.0f} s")
+    print(f"120,000 files: image added in {added - started:.0f} s, "
+          f"pushed in {time.monotonic() - added:.0f} s")
 
 
 def test_20_mib_computed_file_travels_in_the_stream(tmp_path: Path, admin,
@@ -94,3 +101,41 @@ def test_garbage_update_stream_is_refused_in_one_line(tmp_path: Path, admin,
             client.stub.UpdateStream(iter([Chunk(data=b"\xff" * 100)]))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details() == "update stream is not a valid UpdateRequest"
+
+
+class OlderSubd(subd_pb2_grpc.SubdServicer):
+    """A subd from before UpdateStream: the unary Update only (UpdateStream is
+    UNIMPLEMENTED, as the generated base class answers)."""
+
+    def __init__(self) -> None:
+        self.updates: list[subd_pb2.UpdateRequest] = []
+
+    def Update(self, request: subd_pb2.UpdateRequest, context: grpc.ServicerContext
+               ) -> subd_pb2.UpdateResponse:
+        self.updates.append(request)
+        return subd_pb2.UpdateResponse()
+
+    def Poll(self, request: subd_pb2.PollRequest, context: grpc.ServicerContext):
+        yield subd_pb2.PollResponse(status=subd_pb2.SubStatus(
+            last_update=subd_pb2.UpdateResult(image_name="old", success=True)))
+
+
+def test_an_older_subd_still_gets_updates_that_fit_one_message(ca: Path, admin) -> None:
+    inode = regular(0o644, 0, 0, 0, 3, hashlib.sha256(b"new").digest())
+    plan = UpdatePlan("with-new-subd", TreeDiff([
+        DiffEntry("/usr/sbin/subd", Change.REPLACE, None, inode)]), None,
+        inline_objects=[b"new"])
+    older = OlderSubd()
+    with serving(older, ca) as address:
+        with SubClient(address, admin) as client:
+            assert client.update(plan).success
+
+        async def update() -> None:
+            client = AsyncSubClient(address, admin)
+            try:
+                await client.update(plan)
+            finally:
+                await client.close()
+
+        asyncio.run(update())
+    assert older.updates == [plan_to_proto(plan)] * 2

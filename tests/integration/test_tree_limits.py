@@ -42,7 +42,7 @@ class FakeSubd(subd_pb2_grpc.SubdServicer):
 
 
 @contextmanager
-def serving(servicer: FakeSubd, ca: Path) -> Iterator[str]:
+def serving(servicer: subd_pb2_grpc.SubdServicer, ca: Path) -> Iterator[str]:
     """Serve `servicer` over mutual TLS as subd, in threads of its own."""
     server = grpc.server(ThreadPoolExecutor(2), options=list(MESSAGE_SIZE_OPTIONS))
     subd_pb2_grpc.add_SubdServicer_to_server(servicer, server)
