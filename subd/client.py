@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 6969
 POLL_INTERVAL = 0.2
 # The most tree the dominator takes from one host per poll. A Debian install (~40k
-# inodes) serializes to a few MiB and 300k inodes to about 30 MiB; 512 MiB is millions of
+# inodes) serializes to about 5 MiB and 300k inodes to about 40 MiB; 512 MiB is millions of
 # inodes, beyond any real host, while it bounds what one broken or hostile sub can make
 # the dominator buffer (decoded, a tree takes several times its wire size).
 DEFAULT_MAX_TREE_BYTES = 512 << 20
