@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.objectstore import write_file_atomically
+from fleetlib.fstree.safeopen import NotRegularFile, open_regular
 from fleetlib.fstree.scan import scan_directory
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,10 @@ def _direct_read_speed(files: list[str]) -> float | None:
 def _read_direct(real: str, buf: mmap.mmap, deadline: float, limit: int) -> int:
     """Bytes read from one file with O_DIRECT, up to `limit` or `deadline`, as far
     as it can be read (it may vanish); OSError(EINVAL) without O_DIRECT support."""
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # never blocks on a FIFO or reads a device swapped in since the walk
+        fd, _ = open_regular(real, extra_flags=os.O_DIRECT)
+    except NotRegularFile:
+        return 0
     except OSError as err:
         if err.errno == errno.EINVAL:
             raise

@@ -13,6 +13,7 @@ everything at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.exclusions import DEFAULT_EXCLUSIONS, SUBD_DIR, excluder
+from fleetlib.fstree.safeopen import Directories
 from fleetlib.fstree.scan import inode_from_stat, scan_directory
 from fleetlib.fstree.tree import Inode, Tree
 from subd.ratelimit import (
@@ -209,15 +211,19 @@ class Scanner:
         when fetched), so the next pass need not re-read them at the scan rate.
         A file changed again since `since_unix` (its ctime is later) is not trusted."""
         limit = int(since_unix * 1e9)
-        with self._pass_lock:
+        with self._pass_lock, contextlib.ExitStack() as stack:
+            try:  # by descriptor, as the scan reads: no symlinked parent, any path length
+                dirs = stack.enter_context(Directories(self.root))
+            except OSError:
+                return
             now = time.monotonic()
             for path, digest in installed:
-                real = os.path.join(self.root, path.lstrip("/"))
                 try:
-                    st = os.lstat(real)
+                    fd, name = dirs.parent(path)
+                    st = os.lstat(name, dir_fd=fd)
                     if not stat.S_ISREG(st.st_mode) or st.st_ctime_ns > limit:
                         continue
-                    inode = inode_from_stat(real, st, digest)
+                    inode = inode_from_stat(name, st, digest, dir_fd=fd)
                 except OSError:
                     continue
                 assert inode is not None, "a regular file always makes an inode"

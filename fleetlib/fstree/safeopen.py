@@ -53,21 +53,22 @@ class NotRegularFile(FleetError):
 
 
 def open_regular(name: str | bytes, dir_fd: int | None = None, *, shown: str | None = None,
-                 noatime: bool = False) -> tuple[int, os.stat_result]:
+                 noatime: bool = False, extra_flags: int = 0) -> tuple[int, os.stat_result]:
     """(descriptor, its fstat) of the regular file `name` (relative to `dir_fd` if
     given), opened for reading without following a symlink, without blocking on a
     FIFO and without becoming a controlling tty; `noatime` also leaves its access
-    time alone where permitted. NotRegularFile for anything else (the caller must
-    not read it); OSError (ELOOP for a symlink, ENOENT, ...) when it cannot be opened."""
+    time alone where permitted; `extra_flags` adds open flags (O_DIRECT, say).
+    NotRegularFile for anything else (the caller must not read it); OSError (ELOOP
+    for a symlink, ENOENT, ...) when it cannot be opened."""
     global _noatime_allowed
     fd = -1
     if noatime and _noatime_allowed:
         try:
-            fd = os.open(name, READ_FLAGS | _NOATIME, dir_fd=dir_fd)
+            fd = os.open(name, READ_FLAGS | _NOATIME | extra_flags, dir_fd=dir_fd)
         except PermissionError:
             _noatime_allowed = False
     if fd < 0:
-        fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, READ_FLAGS | extra_flags, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -12,10 +12,12 @@ import dataclasses
 import hashlib
 import os
 import resource
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -24,10 +26,11 @@ from fleetlib.fstree.diff import Change, DiffEntry, TreeDiff
 from fleetlib.fstree.filter import EMPTY
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.scan import scan_directory
-from fleetlib.fstree.tree import Kind, Tree, regular
+from fleetlib.fstree.tree import Kind, regular
 from fleetlib.fstree.triggers import make_trigger
 from fleetlib.fstree.unpack import apply_metadata, unpack_tree
 from subd.changes import UpdatePlan
+from subd.ratelimit import _direct_read_speed
 from subd.scanner import ScanConfig, Scanner
 from subd.state import SubdState
 from subd.trigger_runner import TriggerRunner
@@ -36,6 +39,7 @@ from subd.updater import Updater
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod)")
 
 VICTIM = "/home/user/victim"
+R = TypeVar("R")
 T = 1_600_000_000_000_000_000
 
 
@@ -204,9 +208,9 @@ def unblock(fifo: Path) -> None:
         pass
 
 
-def run_briefly(work: Callable[[], Tree], fifo: Path, seconds: float = 20) -> Tree:
+def run_briefly(work: Callable[[], R], fifo: Path, seconds: float = 20) -> R:
     """`work()` in a thread; fails the test if it blocks for `seconds`."""
-    result: list[Tree] = []
+    result: list[R] = []
     thread = threading.Thread(target=lambda: result.append(work()), daemon=True)
     thread.start()
     thread.join(seconds)
@@ -257,3 +261,56 @@ def test_a_file_made_a_fifo_between_passes_is_recorded(tmp_path: Path) -> None:
     os.mkfifo(target)
     tree = run_briefly(lambda: scanner.scan_once(verify_all=True), target)
     assert tree.inodes[tree.lookup("/file")].kind == Kind.FIFO
+
+
+def test_entries_swapped_for_a_symlink_or_socket_mid_scan_never_fail_the_pass(
+        tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("a-file", "b-file", "c-file"):
+        (root / name).write_text(name)
+
+    def swap(path: str, st: os.stat_result) -> bytes | None:
+        target = root / path.lstrip("/")
+        target.unlink()
+        if path == "/a-file":
+            target.symlink_to("/etc/hostname")  # opened with O_NOFOLLOW: ELOOP
+        elif path == "/b-file":
+            sock = socket.socket(socket.AF_UNIX)  # opening a socket: ENXIO
+            sock.bind(os.fspath(target))
+            sock.close()
+        else:
+            target.write_text("replaced")  # another inode, read as what it is
+        return None
+
+    tree = scan_directory(root, known_hash=swap)
+    assert tree.inodes[tree.lookup("/c-file")].hash == sha(b"replaced")
+
+
+def test_a_directory_swapped_for_a_symlink_before_it_is_entered_is_not_followed(
+        tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private").write_text("not ROOT's")
+    root = tmp_path / "root"
+    (root / "zdir").mkdir(parents=True)
+
+    def swap(path: str, st: os.stat_result) -> None:
+        if path == "/zdir":  # after its lstat, before the walk enters it
+            (root / "zdir").rmdir()
+            (root / "zdir").symlink_to(outside)
+        return None
+
+    tree = scan_directory(root, known_inode=swap)
+    assert tree.lookup("/zdir/private") is None
+
+
+def test_the_read_speed_measurement_never_blocks_on_a_fifo_swapped_in(tmp_path: Path) -> None:
+    fifo = tmp_path / "was-the-largest-file"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero"
+    make_zero(zero)
+    (tmp_path / "real").write_bytes(os.urandom(1 << 20))
+    files = [os.fspath(p) for p in (fifo, zero, tmp_path / "real")]
+    speed = run_briefly(lambda: _direct_read_speed(files), fifo)
+    assert speed is None or speed > 0
