@@ -90,6 +90,22 @@ def test_20_mib_computed_file_travels_in_the_stream(tmp_path: Path, admin,
     assert (root / "etc" / "rendered.bin").stat().st_mode & 0o7777 == 0o600
 
 
+def test_unary_update_still_serves_old_clients(tmp_path: Path, admin,
+                                               start_subd: Callable[..., Daemon]) -> None:
+    root = tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    sub = start_subd(root)
+    data = b"rendered by an old dominator\n"
+    inode = regular(0o644, 0, 0, 0, len(data), hashlib.sha256(data).digest())
+    plan = UpdatePlan("old", TreeDiff([DiffEntry("/etc/motd", Change.ADD, None, inode)]), None,
+                      inline_objects=[data])
+    with SubClient(sub.address, admin) as client:
+        client.wait_for_scan(0)
+        client.stub.Update(plan_to_proto(plan))
+        assert client.poll(short=True)[0].last_update.success
+    assert (root / "etc" / "motd").read_bytes() == data
+
+
 def test_garbage_update_stream_is_refused_in_one_line(tmp_path: Path, admin,
                                                       start_subd: Callable[..., Daemon]) -> None:
     root = tmp_path / "host"
