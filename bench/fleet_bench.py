@@ -46,7 +46,7 @@ from pathlib import Path
 
 from bench.fake_subd import ECHO_SERVICE, address
 from bench.timing import RESULTS
-from dominator.fleet_cli import connect
+from dominator.client import DominatorClient
 from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Identity, Security, open_channel
 from fleetlib.testing.daemons import PROJECT, Daemon, free_port
@@ -240,8 +240,8 @@ def mdb_json(path: Path, addresses: list[str], image: str) -> Path:
     return path
 
 
-def fleet_status(stub) -> dominator_pb2.FleetStatus:
-    return stub.GetFleetStatus(dominator_pb2.GetFleetStatusRequest(), timeout=60)
+def fleet_status(client: DominatorClient) -> dominator_pb2.FleetStatus:
+    return client.fleet_status(timeout=60)
 
 
 def wait_synced(stub, count: int, timeout: float, fakes: FakeFleet | None = None,
@@ -302,7 +302,7 @@ def herd(setup: Setup, count: int, window: float, imageserver: str,
         dominator.start()
         pid = dominator.process.pid
         setup.env["DOMINATOR_ADDRESS"] = dominator.address
-        stub = connect(dominator.address, setup.admin)
+        stub = DominatorClient(dominator.address, setup.admin)
         started = time.perf_counter()
         cli(setup, "mdb", "import", str(mdb_json(work / "mdb.json", fakes.addresses(), "base")))
         _, synced = wait_synced(stub, count, max(120, count * 0.05))

@@ -1,8 +1,9 @@
-"""Shared fixtures: a certificate authority, and real image server daemons."""
+"""Shared fixtures: a certificate authority, real image server and subd daemons, and a
+whole fleet."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Security
 from fleetlib.testing.daemons import Daemon, free_port
+from fleetlib.testing.fleet import FleetUnderTest
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +78,12 @@ def start_subd(tmp_path: Path, ca: Path, trigger_log: Path) -> Iterator:
     yield start
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, ca: Path, imageserver: Daemon,
+          start_subd: Callable[..., Daemon]) -> Iterator[FleetUnderTest]:
+    """A real fleet: the image server, a dominator and five subd."""
+    under_test = FleetUnderTest(tmp_path, ca, imageserver, start_subd)
+    yield under_test
+    under_test.stop()

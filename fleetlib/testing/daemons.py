@@ -1,5 +1,6 @@
-"""Real daemons and real CLI runs for integration tests: each daemon is started
-as its own process on a loopback port, exactly as an operator would run it."""
+"""Real daemons and real CLI runs for integration tests (and the benchmarks and
+`dominator quickstart`): each daemon is started as its own process on a loopback
+port, exactly as an operator would run it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from fleetlib.rpc.health import wait_serving
 from fleetlib.rpc.tls import Security
 
 PROJECT = Path(__file__).resolve().parents[2]
+
+
+class DidNotStart(FleetError):
+    """A daemon exited or never became healthy (its log is attached as a note)."""
 
 
 _handed_out: set[int] = set()
@@ -48,6 +53,8 @@ class Daemon:
     user: int | None = None  # run as this uid instead of root (see tests/run_as.py)
     process: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    new_session: bool = False  # its own session: a terminal's Ctrl-C reaches only its starter
+    start_timeout: float = 20.0
 
     @property
     def address(self) -> str:
@@ -62,14 +69,16 @@ class Daemon:
         self.process = subprocess.Popen(
             [sys.executable, "-m", *program, *self.args, "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT,
-            env={**os.environ, **self.env})
+            env={**os.environ, **self.env}, start_new_session=self.new_session)
         log.close()
         try:
-            wait_serving(self.address, self.security, self.role, timeout=20,
+            wait_serving(self.address, self.security, self.role, timeout=self.start_timeout,
                          alive=lambda: self.process is not None and self.process.poll() is None)
-        except FleetError:
+        except FleetError as err:
             self.stop()
-            raise RuntimeError(f"{self.module} did not start:\n{self.log()}") from None
+            failed = DidNotStart(f"{self.module} did not start: {err} (log: {self.log_path})")
+            failed.add_note(self.log())
+            raise failed from None
         return self
 
     def kill(self) -> None:

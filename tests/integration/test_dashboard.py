@@ -16,8 +16,8 @@ import pytest
 
 from fleetlib.rpc.tls import Security
 from fleetlib.testing.daemons import PROJECT, Daemon, free_port
+from fleetlib.testing.fleet import TOKEN, FleetUnderTest, wait_for
 from fleetlib.testing.trees import make_tree
-from tests.integration.test_fleet import TOKEN, FleetUnderTest, wait_for
 
 HOSTILE = '<script>alert("owned")</script>'
 SYNCED = [f"host-{i}" for i in range(1, 5)]  # host-5 has no required image

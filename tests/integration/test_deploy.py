@@ -26,15 +26,15 @@ from dominator.herd.convergence import PlanSummary
 from dominator.herd.herd import Sub
 from dominator.herd.state import DominatorState
 from dominator.herd.status import Status
-from dominator.http_app import HttpContext, make_app
+from dominator.server.http.app import make_app
+from dominator.server.http.context import HttpContext
 from fleetlib.errors import FleetError
-from fleetlib.rpc.tls import Security
-from fleetlib.testing.daemons import Daemon, cli, free_port
+from fleetlib.testing.daemons import Daemon
+from fleetlib.testing.fleet import TOKEN, FleetUnderTest, wait_for
 from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
 from mdb.store import Mdb
 from subd.changes import UpdatePlan
-from tests.integration.test_fleet import POLL, TOKEN, wait_for
 
 
 class HealthServer:
@@ -78,35 +78,12 @@ class HealthServer:
         self.server.server_close()
 
 
-class DeployFleet:
-    """An image server, N subd and a dominator (HTTP API on), plus the API client."""
+class DeployFleet(FleetUnderTest):
+    """A fleet of N hosts (fleetlib.testing.fleet's), plus the deploy API's client."""
 
     def __init__(self, tmp_path: Path, ca: Path, imageserver: Daemon,
                  start_subd: Callable[..., Daemon], hosts: int) -> None:
-        self.tmp = tmp_path
-        self.http_port = free_port()
-        generators = tmp_path / "generators"
-        generators.mkdir()
-        (generators / "hostname.j2").write_text("{{ hostname }} {{ tags['rack'] }}\n")
-        self.dominator = Daemon(
-            "dominator.cli", ["serve", "--state-dir", str(tmp_path / "dominator"),
-                              "--imageserver", imageserver.address, "--generators",
-                              str(generators), "--poll-interval", POLL,
-                              "--http-port", str(self.http_port), "--token", TOKEN,
-                              "--tls-dir", str(ca / "dominator")],
-            "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
-            tmp_path / "dominator.log")
-        self.env = {"DOMINATOR_TLS_DIR": str(ca / "admin"),
-                    "DOMINATOR_IMAGESERVER": imageserver.address,
-                    "DOMINATOR_ADDRESS": self.dominator.address}
-        self.names = [f"host-{i}" for i in range(1, hosts + 1)]
-        self.roots = {name: tmp_path / name for name in self.names}
-        self.subs = {}
-        for name, root in self.roots.items():
-            root.mkdir()
-            self.subs[name] = start_subd(root)
-        self.dominator.start()
-        self.base = f"http://127.0.0.1:{self.http_port}"
+        super().__init__(tmp_path, ca, imageserver, start_subd, hosts)
         self.api = httpx.Client(base_url=self.base, timeout=30,
                                 headers={"Authorization": f"Bearer {TOKEN}"})
         self.wait_http()
@@ -121,10 +98,7 @@ class DeployFleet:
 
     def close(self) -> None:
         self.api.close()
-        self.dominator.stop()
-
-    def run(self, *args: str) -> str:
-        return cli(*args, env=self.env, check=True).stdout
+        self.stop()
 
     def add_images(self) -> None:
         """v1 (every inode kind, a computed /etc/hostname, a `certs` trigger), v2
@@ -152,16 +126,13 @@ class DeployFleet:
 
     def put_on_v1(self) -> None:
         """Every host in the MDB on v1, and synced on it."""
-        machines = [{"Hostname": name, "IpAddress": self.subs[name].address,
+        machines = [{"Hostname": name, "IpAddress": self.sub(name).address,
                      "RequiredImage": "v1", "PlannedImage": "", "DisableUpdates": False,
                      "OwnerGroup": "", "Tags": {"rack": f"r{i}", "role": "web"}}
                     for i, name in enumerate(self.names, 1)]
         (self.tmp / "mdb.json").write_text(json.dumps(machines))
         self.run("mdb", "import", str(self.tmp / "mdb.json"))
         self.wait_hosts(self.names, "v1")
-
-    def hosts(self) -> dict[str, dict]:
-        return {h["hostname"]: h for h in json.loads(self.run("fleet", "list", "--json"))}
 
     def wait_hosts(self, names: list[str], image: str, timeout: float = 90) -> None:
         def synced() -> bool:
@@ -268,7 +239,7 @@ def test_three_waves_to_ten_hosts(make_fleet: Callable[[int], DeployFleet],
         assert host["status"] == "succeeded" and host["previousImage"] == "v1", (name, host)
         assert host["health"].endswith(f"/health/{name}: HTTP 200")
 
-    assert all(has_v2(root) for root in fleet.roots.values())
+    assert all(has_v2(root) for root in fleet.roots)
     assert set(fleet.required().values()) == {"v2"}
     listed = fleet.api.get("/v1/deploys").json()["deploys"]
     assert [d["id"] for d in listed] == [body["id"]]
@@ -296,7 +267,7 @@ def test_failed_health_gate_rolls_the_canary_back(make_fleet: Callable[[int], De
     hosts = fleet.hosts()
     assert hosts["host-1"]["current_image"] == "v1"
     assert set(fleet.required().values()) == {"v1"}
-    assert not any(has_v2(root) for root in fleet.roots.values())
+    assert not any(has_v2(root) for root in fleet.roots)
 
 
 def test_cancel_stops_after_the_hosts_in_flight(make_fleet: Callable[[int], DeployFleet],
@@ -319,8 +290,8 @@ def test_cancel_stops_after_the_hosts_in_flight(make_fleet: Callable[[int], Depl
     assert [w["status"] for w in state["waves"]] == ["SUCCEEDED", "SKIPPED"]
     required = fleet.required()
     assert required["host-1"] == "v2" and {required[n] for n in fleet.names[1:]} == {"v1"}
-    assert has_v2(fleet.roots["host-1"])
-    assert not any(has_v2(fleet.roots[n]) for n in fleet.names[1:])
+    assert has_v2(fleet.root("host-1"))
+    assert not any(has_v2(fleet.root(n)) for n in fleet.names[1:])
     again = fleet.api.post(f"/v1/deploys/{deploy_id}/cancel")
     assert again.status_code == 202 and again.json()["status"] == "CANCELED"
 
@@ -337,7 +308,7 @@ def test_cancel_stops_after_the_hosts_in_flight(make_fleet: Callable[[int], Depl
     assert state["hosts"]["host-3"]["status"] == "skipped"
     assert fleet.required()["host-2"] == "v1" and fleet.required()["host-3"] == "v1"
     assert fleet.hosts()["host-2"]["current_image"] == "v1"
-    assert not has_v2(fleet.roots["host-2"]) and not has_v2(fleet.roots["host-3"])
+    assert not has_v2(fleet.root("host-2")) and not has_v2(fleet.root("host-3"))
 
     ended = fleet.api.post("/v1/deploys/nope/cancel")
     assert ended.status_code == 404 and "nope" in ended.json()["error"]
@@ -362,7 +333,7 @@ def test_restart_resumes_a_deploy(make_fleet: Callable[[int], DeployFleet],
     assert state["status"] == "SUCCEEDED", state
     assert [w["status"] for w in state["waves"]] == ["SUCCEEDED"] * 3
     assert {h["previousImage"] for h in state["hosts"].values()} == {"v1"}
-    assert all(has_v2(root) for root in fleet.roots.values())
+    assert all(has_v2(root) for root in fleet.roots)
     assert [d["id"] for d in fleet.api.get("/v1/deploys").json()["deploys"]] == [deploy_id]
 
 
@@ -393,7 +364,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
 def test_dry_run_plan_matches_the_real_deploy(make_fleet: Callable[[int], DeployFleet],
                                               trigger_log: Path) -> None:
     fleet = make_fleet(5)
-    before = {name: snapshot(root) for name, root in fleet.roots.items()}
+    before = {name: snapshot(root) for name, root in zip(fleet.names, fleet.roots, strict=True)}
     reply = fleet.start({"image": "v2", "select": {"all": True}, "dryRun": True})
     assert reply.status_code == 202, reply.text
     assert reply.json()["status"] == "SUCCEEDED"  # a small dry run answers at once
@@ -402,13 +373,14 @@ def test_dry_run_plan_matches_the_real_deploy(make_fleet: Callable[[int], Deploy
     assert plan["progress"] == "dry run: 5/5 hosts planned, 5 would change, 0 would be stopped"
     # Nothing changed: not the MDB, not a host.
     assert set(fleet.required().values()) == {"v1"}
-    assert {name: snapshot(root) for name, root in fleet.roots.items()} == before
+    after = {name: snapshot(root) for name, root in zip(fleet.names, fleet.roots, strict=True)}
+    assert after == before
 
     triggered = len(trigger_log.read_text().splitlines())
     real = fleet.deploy({"image": "v2", "select": {"all": True}, "waves": ["100%"]})
     state = fleet.wait_end(real)
     assert state["status"] == "SUCCEEDED", state
-    for name, root in fleet.roots.items():
+    for name, root in zip(fleet.names, fleet.roots, strict=True):
         after = snapshot(root)
         old = before[name]
         added = sorted(set(after) - set(old))

@@ -4,115 +4,11 @@ server, a dominator with a SQLite MDB, and five subd on temporary roots."""
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TypeVar
 
-import pytest
-
-from fleetlib.rpc.tls import Security
-from fleetlib.testing.daemons import Daemon, cli, free_port
-from fleetlib.testing.trees import make_tree
+from fleetlib.testing.daemons import cli
+from fleetlib.testing.fleet import HOSTS, FleetUnderTest, add_images, names, wait_for
 from subd.client import SubClient
-
-HOSTS = 5
-POLL = "0.3"
-TOKEN = "test-token"
-T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    """Poll `condition` until it returns something true; fail with `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
-class FleetUnderTest:
-    """The daemons and the CLI environment of one fleet."""
-
-    def __init__(self, tmp_path: Path, ca: Path, imageserver: Daemon,
-                 start_subd: Callable[..., Daemon]) -> None:
-        self.tmp = tmp_path
-        self.ca = ca
-        self.http_port = free_port()
-        self.generators = tmp_path / "generators"
-        self.generators.mkdir()
-        (self.generators / "hostname.j2").write_text("{{ hostname }} {{ tags['rack'] }}\n")
-        self.dominator = Daemon(
-            "dominator.cli", ["serve", "--state-dir", str(tmp_path / "dominator"),
-                              "--imageserver", imageserver.address, "--generators",
-                              str(self.generators), "--poll-interval", POLL,
-                              "--http-port", str(self.http_port), "--token", TOKEN,
-                              "--tls-dir", str(ca / "dominator")],
-            "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
-            tmp_path / "dominator.log")
-        self.env = {"DOMINATOR_TLS_DIR": str(ca / "admin"),
-                    "DOMINATOR_IMAGESERVER": imageserver.address,
-                    "DOMINATOR_ADDRESS": self.dominator.address,
-                    "DOMINATOR_URL": f"http://127.0.0.1:{self.http_port}",
-                    "DOMINATOR_TOKEN": TOKEN}
-        self.roots = [tmp_path / f"host-{i}" for i in range(1, HOSTS + 1)]
-        self.subs = []
-        for root in self.roots:
-            root.mkdir()
-            self.subs.append(start_subd(root))
-        self.dominator.start()
-
-    def run(self, *args: str) -> str:
-        return cli(*args, env=self.env, check=True).stdout
-
-    def hosts(self) -> dict[str, dict]:
-        return {h["hostname"]: h for h in json.loads(self.run("fleet", "list", "--json"))}
-
-    def wait_status(self, names: list[str], status: str, image: str | None = None,
-                    timeout: float = 60.0) -> dict[str, dict]:
-        def reached() -> dict[str, dict] | None:
-            hosts = self.hosts()
-            ok = all(name in hosts and hosts[name]["status"] == status
-                     and (image is None or hosts[name]["current_image"] == image)
-                     for name in names)
-            return hosts if ok else None
-        return wait_for(reached, f"{names} are {status}", timeout)
-
-
-@pytest.fixture
-def fleet(tmp_path: Path, ca: Path, imageserver: Daemon,
-          start_subd: Callable[..., Daemon]) -> Iterator[FleetUnderTest]:
-    under_test = FleetUnderTest(tmp_path, ca, imageserver, start_subd)
-    yield under_test
-    under_test.dominator.stop()
-
-
-def add_images(fleet: FleetUnderTest) -> None:
-    v1 = make_tree(fleet.tmp / "v1")
-    (fleet.tmp / "computed.json").write_text(
-        '[{"Filename": "/etc/hostname", "Source": "hostname.j2"}]')
-    (fleet.tmp / "triggers.json").write_text(
-        '[{"MatchLines": ["/etc/ssl/.*"], "Service": "certs"}]')
-    fleet.run("image", "add", "v1", str(v1), "--computed-files",
-              str(fleet.tmp / "computed.json"), "--triggers", str(fleet.tmp / "triggers.json"))
-    (v1 / "etc/ssl/cert.pem").write_bytes(os.urandom(4000))
-    (v1 / "usr/bin/new-in-v2").write_text("v2\n")
-    with open(v1 / "var/lib/big-in-v2", "wb") as f:  # long enough a fetch to interrupt
-        for _ in range(80):
-            f.write(os.urandom(1 << 20))
-    fleet.run("image", "add", "v2", str(v1), "--computed-files",
-              str(fleet.tmp / "computed.json"), "--triggers", str(fleet.tmp / "triggers.json"))
-    tiny = fleet.tmp / "tiny"
-    (tiny / "etc").mkdir(parents=True)
-    (tiny / "etc/issue").write_text("tiny\n")
-    fleet.run("image", "add", "tiny", str(tiny))
-
-
-def names(*indexes: int) -> list[str]:
-    return [f"host-{i}" for i in indexes]
 
 
 def test_fleet_converges_and_stays_safe(fleet: FleetUnderTest) -> None:

@@ -1,4 +1,4 @@
-"""/metrics of a real fleet (tests/test_fleet.py's): the dominator's agree with its
+"""/metrics of a real fleet (conftest's `fleet`, with metrics ports): the dominator's agree with its
 dashboard, and subd and the image server export sensible values on --metrics-port."""
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetlib.testing.daemons import Daemon, free_port
+from fleetlib.testing.fleet import HOSTS, FleetUnderTest, wait_for
 from fleetlib.testing.trees import make_tree
-from tests.integration import test_fleet
-from tests.integration.test_fleet import HOSTS, FleetUnderTest, wait_for
-
-fleet = test_fleet.fleet  # the fixture: a real fleet (image server, dominator, five subd)
 
 METRICS_PORTS: dict[str, int] = {}  # daemon address -> its metrics port
 

@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from dominator.certs_cli import certs
+from dominator.cli.certs import certs
 from fleetlib.cli.options import security_options
 from fleetlib.errors import FleetError
 from fleetlib.rpc.auth import method_permitted

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from fleetlib.testing.daemons import PROJECT, Daemon
-from tests.integration.test_fleet import FleetUnderTest, add_images, names
+from fleetlib.testing.fleet import FleetUnderTest, add_images, names
 
 STAGE_FILE = PROJECT / "spinnaker" / "orca-local.yml"
 PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")

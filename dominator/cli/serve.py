@@ -1,73 +1,16 @@
-"""`dominator serve`: the central daemon: the herd plus its admin gRPC API."""
+"""`dominator serve`: run the central daemon (dominator/server/daemon.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import secrets
 from pathlib import Path
 
 import click
 
-from dominator.deploy.engine import DeployEngine
-from dominator.herd.computed import Renderer
-from dominator.herd.herd import Herd, HerdConfig
-from dominator.herd.images import ImageCache
-from dominator.herd.state import DominatorState
-from dominator.http_app import HttpContext, make_app, serve_http
-from dominator.service import DominatorService
+from dominator.herd.herd import HerdConfig
+from dominator.server.daemon import DEFAULT_HTTP_PORT, DEFAULT_PORT, DaemonConfig, api_token, run
 from fleetlib.cli.options import address_option, security_options
 from fleetlib.cli.run import setup_logging
-from fleetlib.fstree.objectstore import write_file_atomically
-from fleetlib.rpc.server import serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
-from fleetlib.wire import dominator_pb2_grpc
-from mdb.store import Mdb
-
-log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 6970
-DEFAULT_HTTP_PORT = 6980
-
-
-def api_token(state_dir: Path, given: str | None) -> str:
-    """The HTTP API's bearer token: the one given, else the one kept in the state
-    directory (made on first start, readable by root only)."""
-    if given:
-        return given
-    path = state_dir / "http-token"
-    if not path.exists():
-        write_file_atomically(path, secrets.token_urlsafe(32).encode(), mode=0o600)
-        log.info("made an HTTP API token: %s", path)
-    return path.read_text().strip()
-
-
-async def serve(state_dir: Path, mdb_url: str, config: HerdConfig, generators: Path | None,
-                port: int, http_port: int, host: str, token: str, security: Security) -> None:
-    """Run the herd, the admin gRPC API and the HTTP side until SIGTERM/SIGINT."""
-    mdb = Mdb(mdb_url)
-    state = DominatorState(state_dir / "dominator.sqlite")
-    images = ImageCache(config.imageserver, security)
-    herd = Herd(mdb, state, images, Renderer(generators), security, config)
-    running = await start_server(
-        [(dominator_pb2_grpc.add_DominatorServicer_to_server,
-          DominatorService(herd, state, mdb), "fleet.Dominator")], port, security, host)
-    deploys = DeployEngine(herd, state, mdb, images)
-    await deploys.start()  # resumes the deploys a stop interrupted
-    http = await serve_http(make_app(HttpContext(herd, state, mdb, images, token,
-                                                 deploys=deploys)), host, http_port)
-    log.info("dominator on port %d (HTTP %d): MDB %s, image server %s", running.port,
-             http.port, mdb_url, config.imageserver)
-    herding = asyncio.create_task(herd.run(), name="herd")
-    try:
-        await serve_until_stopped(running)
-    finally:
-        await deploys.stop()
-        herding.cancel()
-        await asyncio.gather(herding, return_exceptions=True)
-        await http.stop()
-        images.close()
-        mdb.close()
 
 
 @click.command(name="serve")
@@ -113,5 +56,5 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
                         update_slots=update_slots)
     url = mdb_url or f"sqlite:///{state_dir.resolve() / 'mdb.sqlite'}"
-    asyncio.run(serve(state_dir, url, config, generators, port, http_port, host,
-                      api_token(state_dir, token), security))
+    run(DaemonConfig(state_dir, url, config, generators, port, http_port, host,
+                     api_token(state_dir, token), security))

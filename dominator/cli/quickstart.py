@@ -11,11 +11,9 @@ fleet and runs until interrupted, stopping everything it started.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,15 +24,14 @@ import click
 
 from fleetlib.errors import FleetError
 from fleetlib.rpc.certs import init_ca
-from fleetlib.rpc.health import wait_serving
 from fleetlib.rpc.tls import Security
-
-log = logging.getLogger(__name__)
+from fleetlib.testing.daemons import Daemon, cli
 
 SAMPLE_TRIGGERS = [{"MatchLines": ["/etc/nginx/.*"], "Service": "nginx", "DoReload": True}]
 SAMPLE_COMPUTED = [{"Filename": "/etc/hostname", "Source": "hostname.j2"}]
 HOSTNAME_TEMPLATE = "{{ hostname }}\n"
 CONVERGE_TIMEOUT = 120.0
+START_TIMEOUT = 30.0  # a daemon's wait until healthy
 
 
 def build_sample_root(root: Path) -> None:
@@ -61,28 +58,27 @@ def wait_for_interrupt() -> None:
 
 @dataclass
 class Fleet:
-    """The processes quickstart started, and how to reach them."""
+    """The daemons quickstart started (fleetlib.testing's launcher, as the tests and
+    benchmarks use), and how to reach them."""
 
     state: Path
     admin: Security
     env: dict[str, str]
-    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    daemons: list[Daemon] = field(default_factory=list)
 
-    def start(self, name: str, role: str, address: str, *args: str) -> None:
-        """Start `python -m ARGS...` logging to STATE/NAME.log; wait until healthy."""
-        log_file = open(self.state / f"{name}.log", "ab")
-        process = subprocess.Popen([sys.executable, "-m", *args], stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        log_file.close()
-        self.processes.append((name, process))
-        wait_serving(address, self.admin, role, alive=lambda: process.poll() is None)
-        click.echo(f"  {name} up on {address} (log: {self.state / name}.log)", err=True)
+    def start(self, name: str, role: str, port: int, module: str, *args: str) -> None:
+        """Start `python -m MODULE ARGS... --port PORT` logging to STATE/NAME.log, in a
+        session of its own; wait until healthy."""
+        daemon = Daemon(module, list(args), role, port, self.admin, self.state / f"{name}.log",
+                        new_session=True, start_timeout=START_TIMEOUT)
+        self.daemons.append(daemon)
+        daemon.start()
+        click.echo(f"  {name} up on localhost:{port} (log: {self.state / name}.log)", err=True)
 
     def dominator(self, *args: str) -> str:
         """Run one `dominator` command as a user would; its output."""
         click.secho(f"$ dominator {' '.join(args)}", fg="cyan", err=True)
-        result = subprocess.run([sys.executable, "-m", "dominator.cli", *args], env=self.env,
-                                capture_output=True, text=True)
+        result = cli(*args, env=self.env)
         if result.returncode != 0:
             raise FleetError(f"`dominator {' '.join(args)}` failed: {result.stderr.strip()}")
         return result.stdout
@@ -92,9 +88,7 @@ class Fleet:
         deadline = time.monotonic() + CONVERGE_TIMEOUT
         shown = ""
         while time.monotonic() < deadline:
-            hosts = json.loads(subprocess.run(
-                [sys.executable, "-m", "dominator.cli", "fleet", "list", "--json"],
-                env=self.env, capture_output=True, text=True).stdout or "[]")
+            hosts = json.loads(cli("fleet", "list", "--json", env=self.env).stdout or "[]")
             line = ", ".join(f"{h['hostname']}: {h['status']}" for h in hosts)
             if line != shown:
                 click.echo(f"  {line}", err=True)
@@ -105,15 +99,9 @@ class Fleet:
         raise FleetError(f"timed out waiting until {what}")
 
     def stop(self) -> None:
-        """Stop every process started, newest first."""
-        for _, process in reversed(self.processes):
-            process.terminate()
-        for name, process in reversed(self.processes):
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop; killing it", name)
-                process.kill()
+        """Stop every daemon started, newest first."""
+        for daemon in reversed(self.daemons):
+            daemon.stop()
 
 
 @click.command(name="quickstart")
@@ -145,15 +133,15 @@ def quickstart(state_dir: Path | None, subs: int, base_port: int) -> None:
     fleet = Fleet(state, Security.from_options(str(tls / "admin"), insecure=False), env)
     click.echo(f"state directory: {state}\nstarting the fleet:", err=True)
     try:
-        fleet.start("imageserver", "imageserver", imageserver_address, "imageserver.main",
-                    "--state-dir", str(state / "imageserver"), "--port", str(base_port + 1),
+        fleet.start("imageserver", "imageserver", base_port + 1, "imageserver.main",
+                    "--state-dir", str(state / "imageserver"),
                     "--tls-dir", str(tls / "imageserver"))
         generators = state / "generators"
         generators.mkdir(exist_ok=True)
         (generators / "hostname.j2").write_text(HOSTNAME_TEMPLATE)
-        fleet.start("dominator", "dominator", dominator_address, "dominator.cli", "serve",
-                    "--state-dir", str(state / "dominator"), "--port", str(base_port),
-                    "--imageserver", imageserver_address, "--generators", str(generators),
+        fleet.start("dominator", "dominator", base_port, "dominator.cli", "serve",
+                    "--state-dir", str(state / "dominator"), "--imageserver",
+                    imageserver_address, "--generators", str(generators),
                     "--poll-interval", "1", "--http-port", str(base_port + 10),
                     "--token", token, "--tls-dir", str(tls / "dominator"))
         trigger_log = state / "triggers.log"
@@ -161,8 +149,8 @@ def quickstart(state_dir: Path | None, subs: int, base_port: int) -> None:
             root = state / "subs" / f"host-{index}"
             root.mkdir(parents=True, exist_ok=True)
             port = base_port + 100 + index
-            fleet.start(f"subd-{index}", "subd", f"localhost:{port}", "subd.main",
-                        "--root", str(root), "--port", str(port), "--tls-dir", str(tls / "subd"),
+            fleet.start(f"subd-{index}", "subd", port, "subd.main",
+                        "--root", str(root), "--tls-dir", str(tls / "subd"),
                         "--background-cpu-percent", "20", "--trigger-command",
                         f"/bin/sh -c 'echo {{action}} {{service}} >> {trigger_log}'")
         sample = state / "sample-root"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import click
 import grpc
 
+from dominator.cli.options import imageserver_option, json_option
 from dominator.herd.convergence import (
     describe_entries,
     objects_to_fetch,
@@ -16,7 +17,6 @@ from dominator.herd.convergence import (
     summarize,
     unreachable_for,
 )
-from dominator.image_cli import imageserver_option, json_option
 from fleetlib.cli.display import echo_json, format_bytes, progress_bar
 from fleetlib.cli.options import security_options
 from fleetlib.errors import FleetError

@@ -11,7 +11,7 @@ import uuid
 import click
 import httpx
 
-from dominator.image_cli import json_option
+from dominator.cli.options import json_option
 from fleetlib.cli.display import echo_json
 from fleetlib.errors import FleetError
 

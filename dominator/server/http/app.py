@@ -1,62 +1,29 @@
-"""The dominator's HTTP side (FastAPI, on the same event loop as the gRPC server):
-the deploy stage API under /v1 (bearer token), the dashboard, and /metrics."""
+"""The dominator's HTTP application (FastAPI, on the same event loop as the gRPC
+server): the deploy stage API under /v1 (bearer token), the dashboard, and /metrics
+mounted as routers, and the embedded uvicorn that serves it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from dominator.dashboard import dashboard_router
-from dominator.deploy.engine import DeployEngine
 from dominator.deploy.model import describe_invalid
-from dominator.herd.herd import Herd
-from dominator.herd.images import ImageCache
-from dominator.herd.state import DominatorState
-from dominator.metrics import metrics_router
+from dominator.server.http.context import HttpContext
+from dominator.server.http.dashboard import dashboard_router
+from dominator.server.http.deploys import router as deploy_router
+from dominator.server.http.metrics import metrics_router
 from fleetlib.errors import FleetError
-from mdb.store import Mdb
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HttpContext:
-    """What the HTTP handlers reach: the herd, its stores, and the API token."""
-
-    herd: Herd
-    state: DominatorState
-    mdb: Mdb
-    images: ImageCache
-    token: str
-    deploys: DeployEngine | None = None  # the deploy stage (dominator/deploy/)
-
-
-def context(request: Request) -> HttpContext:
-    """The app's context (a FastAPI dependency)."""
-    return request.app.state.context
-
-
-def require_token(request: Request,
-                  ctx: Annotated[HttpContext, Depends(context)]) -> None:
-    """401 unless the request carries `Authorization: Bearer <the token>`."""
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise HTTPException(401, "missing bearer token (Authorization: Bearer ...)",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(given.strip().encode(), ctx.token.encode()):
-        raise HTTPException(401, "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 def make_app(ctx: HttpContext) -> FastAPI:
@@ -82,7 +49,6 @@ def make_app(ctx: HttpContext) -> FastAPI:
 
     app.include_router(dashboard_router(ctx))  # /, /hosts, /images, /deploys (+ .json)
     app.include_router(metrics_router(ctx))  # /metrics
-    from dominator.deploy_api import router as deploy_router  # it imports this module
     app.include_router(deploy_router)  # /v1/deploys
 
     return app

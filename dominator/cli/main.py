@@ -1,16 +1,18 @@
-"""`dominator`: the admin CLI (and, in later work, the central daemon)."""
+"""`dominator`: the admin CLI and the central daemon (`dominator serve`), one
+module per command group."""
 
 from __future__ import annotations
 
 import click
 
-from dominator.certs_cli import certs
-from dominator.deploy_cli import deploy
-from dominator.fleet_cli import fleet, mdb
-from dominator.image_cli import image
-from dominator.quickstart import quickstart
-from dominator.serve import serve_command
-from dominator.sub_cli import sub
+from dominator.cli.certs import certs
+from dominator.cli.deploy import deploy
+from dominator.cli.fleet import fleet
+from dominator.cli.image import image
+from dominator.cli.mdb import mdb
+from dominator.cli.quickstart import quickstart
+from dominator.cli.serve import serve_command
+from dominator.cli.sub import sub
 from fleetlib.cli.run import run
 
 
@@ -36,7 +38,3 @@ cli.add_command(deploy)
 def main() -> None:
     """Console entry point."""
     run(cli)
-
-
-if __name__ == "__main__":
-    main()

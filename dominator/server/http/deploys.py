@@ -1,4 +1,4 @@
-"""The deploy stage's HTTP API under /v1 (DESIGN.md "Deploy stage"): start a
+"""The deploy stage's HTTP API under /v1 (docs/DESIGN.md "Deploy stage"): start a
 deploy (or a dry run), follow it, list them, cancel one. Shaped for a Spinnaker
 webhook stage: `Location` is the status URL, `$.status` is RUNNING, SUCCEEDED,
 TERMINAL or CANCELED, `$.progress` a line for people. 429 and 503 mean "try
@@ -18,7 +18,7 @@ from dominator.deploy.engine import DeployEngine
 from dominator.deploy.errors import Busy, Conflict, DeployError, Unavailable, UnknownDeploy
 from dominator.deploy.model import CancelRequest, Deploy, DeployRequest, DeployStatus
 from dominator.deploy.views import deploy_summary, deploy_view
-from dominator.http_app import HttpContext, context, require_token
+from dominator.server.http.context import HttpContext, context, require_token
 
 MAX_KEY_LENGTH = 200
 RETRY_AFTER_SECONDS = "5"
@@ -63,7 +63,7 @@ ERRORS = {400: {"description": "Bad request (final)"},
 
 def engine(ctx: Annotated[HttpContext, Depends(context)]) -> DeployEngine:
     """The deploy engine (503 when this dominator runs none)."""
-    deploys = getattr(ctx, "deploys", None)
+    deploys = ctx.deploys
     if deploys is None:
         raise HTTPException(503, "this dominator runs no deploy engine")
     return deploys

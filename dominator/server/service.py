@@ -22,6 +22,8 @@ from mdb.store import Mdb
 
 log = logging.getLogger(__name__)
 
+Context = grpc.aio.ServicerContext  # every method's call context
+
 # Statuses that end a fast update (after its first cycle).
 FINAL = {Status.SYNCED, Status.INTRUSION, Status.UNSAFE, Status.FAILED, Status.NO_SPACE,
          Status.UNREACHABLE, Status.MISSING_COMPUTED, Status.IMAGE_NOT_READY,
@@ -52,18 +54,21 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         sub = self.herd.find(hostname)
         return await asyncio.to_thread(sub_info, sub, self.state)
 
-    async def ListSubs(self, request, context) -> dominator_pb2.ListSubsResponse:
+    async def ListSubs(self, request: dominator_pb2.ListSubsRequest,
+                      context: Context) -> dominator_pb2.ListSubsResponse:
         subs = [await asyncio.to_thread(sub_info, sub, self.state)
                 for _, sub in sorted(self.herd.subs.items())]
         return dominator_pb2.ListSubsResponse(subs=subs)
 
-    async def GetSubInfo(self, request, context) -> dominator_pb2.SubInfo:
+    async def GetSubInfo(self, request: dominator_pb2.HostRequest,
+                        context: Context) -> dominator_pb2.SubInfo:
         try:
             return await self._info(request.hostname)
         except FleetError as err:
             await abort(context, NotFoundError(str(err)))
 
-    async def GetFleetStatus(self, request, context) -> dominator_pb2.FleetStatus:
+    async def GetFleetStatus(self, request: dominator_pb2.GetFleetStatusRequest,
+                            context: Context) -> dominator_pb2.FleetStatus:
         return await self._fleet_status()
 
     async def _fleet_status(self) -> dominator_pb2.FleetStatus:
@@ -80,7 +85,8 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
             reply.disabled_unix = disabled.unix
         return reply
 
-    async def DisableUpdates(self, request, context) -> dominator_pb2.FleetStatus:
+    async def DisableUpdates(self, request: dominator_pb2.DisableUpdatesRequest,
+                            context: Context) -> dominator_pb2.FleetStatus:
         if not request.reason.strip():
             await abort(context, FleetError("give a reason for disabling updates"))
         by = caller(context)
@@ -88,14 +94,16 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         log.warning("updates disabled fleet-wide by %s: %s", by, request.reason)
         return await self._fleet_status()
 
-    async def EnableUpdates(self, request, context) -> dominator_pb2.FleetStatus:
+    async def EnableUpdates(self, request: dominator_pb2.EnableUpdatesRequest,
+                           context: Context) -> dominator_pb2.FleetStatus:
         await asyncio.to_thread(self.state.enable_updates)
         log.warning("updates enabled fleet-wide by %s", caller(context))
         for sub in self.herd.subs.values():
             sub.wake.set()
         return await self._fleet_status()
 
-    async def ClearSafetyShutoff(self, request, context) -> dominator_pb2.SubInfo:
+    async def ClearSafetyShutoff(self, request: dominator_pb2.HostRequest,
+                                context: Context) -> dominator_pb2.SubInfo:
         try:
             sub = self.herd.find(request.hostname)
         except FleetError as err:
@@ -105,7 +113,8 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         sub.wake.set()
         return await self._info(request.hostname)
 
-    async def AcknowledgeIntrusion(self, request, context) -> dominator_pb2.SubInfo:
+    async def AcknowledgeIntrusion(self, request: dominator_pb2.HostRequest,
+                                  context: Context) -> dominator_pb2.SubInfo:
         try:
             sub = self.herd.find(request.hostname)
         except FleetError as err:
@@ -115,8 +124,8 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         sub.wake.set()
         return await self._info(request.hostname)
 
-    async def FastUpdate(self, request, context
-                         ) -> AsyncIterator[dominator_pb2.FastUpdateProgress]:
+    async def FastUpdate(self, request: dominator_pb2.HostRequest,
+                        context: Context) -> AsyncIterator[dominator_pb2.FastUpdateProgress]:
         try:
             sub = self.herd.find(request.hostname)
         except FleetError as err:
@@ -148,13 +157,15 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
 
     # The MDB.
 
-    async def GetMachine(self, request, context) -> dominator_pb2.MachinesJson:
+    async def GetMachine(self, request: dominator_pb2.HostRequest,
+                        context: Context) -> dominator_pb2.MachinesJson:
         machine = await asyncio.to_thread(self.mdb.get, request.hostname)
         if machine is None:
             await abort(context, NotFoundError(f"unknown host {request.hostname}"))
         return dominator_pb2.MachinesJson(json=json.dumps(machine.to_json()))
 
-    async def SetMachine(self, request, context) -> dominator_pb2.MachinesJson:
+    async def SetMachine(self, request: dominator_pb2.SetMachineRequest,
+                        context: Context) -> dominator_pb2.MachinesJson:
         try:
             patch = json.loads(request.patch_json or "{}")
             if not isinstance(patch, dict):
@@ -171,13 +182,14 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
             await abort(context, err)
         return dominator_pb2.MachinesJson(json=json.dumps(machine.to_json()))
 
-    async def ListMachines(self, request, context) -> dominator_pb2.MachinesJson:
+    async def ListMachines(self, request: dominator_pb2.ListMachinesRequest,
+                          context: Context) -> dominator_pb2.MachinesJson:
         machines = await asyncio.to_thread(self.mdb.export_machines)
         return dominator_pb2.MachinesJson(json=json.dumps([m.to_json() for m in machines],
                                                           indent=2))
 
-    async def ImportMachines(self, request, context
-                             ) -> dominator_pb2.ImportMachinesResponse:
+    async def ImportMachines(self, request: dominator_pb2.ImportMachinesRequest,
+                            context: Context) -> dominator_pb2.ImportMachinesResponse:
         try:
             machines = parse_machines_json(request.json, "import")
             added, changed, removed = await asyncio.to_thread(

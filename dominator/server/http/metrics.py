@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -23,9 +22,8 @@ from prometheus_client.registry import Collector
 
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.status import Status
+from dominator.server.http.context import HttpContext
 
-if TYPE_CHECKING:
-    from dominator.http_app import HttpContext
 
 class FleetCollector(Collector):
     """Scrape-time metrics of one dominator, plus the herd's counters."""
@@ -39,7 +37,7 @@ class FleetCollector(Collector):
         """Read what lives in the state store (off the event loop) before a scrape."""
         disabled = await asyncio.to_thread(self.ctx.state.updates_disabled)
         self._updates_disabled = disabled is not None
-        engine = getattr(self.ctx, "deploys", None)
+        engine = self.ctx.deploys
         self._deploys = None if engine is None else await asyncio.to_thread(
             engine.store.counts)
 

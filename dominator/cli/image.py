@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
+from dominator.cli.options import imageserver_option, json_option
 from fleetlib.cli.display import echo_json, format_bytes, progress_bar
-from fleetlib.cli.options import address_option, parse_duration, security_options
+from fleetlib.cli.options import parse_duration, security_options
 from fleetlib.errors import FleetError
 from fleetlib.fstree.diff import Change, diff_trees
 from fleetlib.fstree.filter import EMPTY, Filter, prune
@@ -23,9 +24,6 @@ from fleetlib.fstree.unpack import check_empty_destination, unpack_tree
 from fleetlib.rpc.tls import Security
 from imageserver.client import ImageServerClient
 
-imageserver_option = address_option(
-    "imageserver", "DOMINATOR_IMAGESERVER", "localhost:6971", "The image server.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 GET_SCRATCH = ".image-get.tmp"
 
 

@@ -25,7 +25,7 @@ import collections
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 import grpc
@@ -37,6 +37,7 @@ from dominator.deploy.views import deploy_summary, relative_view
 from dominator.herd.herd import Sub
 from dominator.herd.state import HostRecord
 from dominator.herd.status import Status, SubReport
+from dominator.server.http.context import HttpContext
 from fleetlib.errors import FleetError
 from fleetlib.fstree.image import Image
 from fleetlib.fstree.listing import quote
@@ -44,10 +45,7 @@ from fleetlib.fstree.tree import Kind
 from fleetlib.rpc.status import describe_rpc_error
 from imageserver.client import ImageServerClient
 
-if TYPE_CHECKING:
-    from dominator.http_app import HttpContext
-
-TEMPLATES = Path(__file__).with_name("templates")
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"  # dominator/templates
 REFRESH_SECONDS = 2
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
 LIVE_POLL_TIMEOUT = 2.0
@@ -364,16 +362,12 @@ class ImageListing:
         return details
 
 
-# Deploys (dominator/deploy.py's engine, when the context has one: ctx.deploys).
-
-def _engine(ctx: HttpContext) -> Any:
-    return getattr(ctx, "deploys", None)
-
+# Deploys (the deploy engine, when the context has one: ctx.deploys).
 
 async def deploy_summaries(ctx: HttpContext, limit: int = DEPLOYS_LISTED) -> list[dict] | None:
     """The newest deploys (the deploy API's list lines, plus a dashboard link);
     None without a deploy engine."""
-    engine = _engine(ctx)
+    engine = ctx.deploys
     if engine is None:
         return None
     return [{**deploy_summary(deploy, f"/v1/deploys/{deploy.id}"), "url": f"/deploys/{deploy.id}"}
@@ -383,7 +377,7 @@ async def deploy_summaries(ctx: HttpContext, limit: int = DEPLOYS_LISTED) -> lis
 async def deploy_detail(ctx: HttpContext, deploy_id: str) -> dict | None:
     """One deploy as the deploy API shows it, each wave with its progress; None when
     unknown."""
-    engine = _engine(ctx)
+    engine = ctx.deploys
     if engine is None:
         return None
     try:
@@ -561,7 +555,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
     async def deploy_page(request: Request, deploy_id: str) -> Response:
         as_json = deploy_id.endswith(".json")  # ids are hex: never a .json of their own
         deploy_id = deploy_id.removesuffix(".json")
-        if _engine(ctx) is None:
+        if ctx.deploys is None:
             return missing(request, as_json, "no deploy engine in this dominator")
         deploy = await deploy_detail(ctx, deploy_id)
         if deploy is None:

@@ -1,0 +1,1 @@
+"""The `dominator` program (main.py), thin: one module per command group."""

@@ -1,0 +1,101 @@
+"""A typed, synchronous client of the dominator's admin gRPC API (the Dominator
+service), for the CLI and tools: sub reports, the fleet-wide switch, fast updates
+and the MDB (records as Dominator's JSON)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from dominator.herd.status import SubReport
+from fleetlib.rpc.tls import Security, open_channel, parse_address
+from fleetlib.wire import dominator_pb2, dominator_pb2_grpc
+
+DEFAULT_PORT = 6970
+
+
+class DominatorClient:
+    """One connection to a dominator (`HOST` or `HOST:PORT`, default port 6970).
+    Failed calls raise grpc.RpcError (fleetlib.cli.run makes it one line)."""
+
+    def __init__(self, address: str, security: Security) -> None:
+        self.address = parse_address(address, DEFAULT_PORT)
+        self.channel = open_channel(self.address, security, "dominator")
+        self.stub = dominator_pb2_grpc.DominatorStub(self.channel)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.channel.close()
+
+    def __enter__(self) -> DominatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # The herd.
+
+    def list_subs(self) -> list[SubReport]:
+        """Every sub, by hostname."""
+        reply = self.stub.ListSubs(dominator_pb2.ListSubsRequest())
+        return [SubReport.from_wire(info) for info in reply.subs]
+
+    def sub(self, hostname: str) -> SubReport:
+        """One sub."""
+        return SubReport.from_wire(self.stub.GetSubInfo(dominator_pb2.HostRequest(
+            hostname=hostname)))
+
+    def fleet_status(self, timeout: float | None = None) -> dominator_pb2.FleetStatus:
+        """Hosts by status, the fleet-wide switch, diff cache counters."""
+        return self.stub.GetFleetStatus(dominator_pb2.GetFleetStatusRequest(),
+                                        timeout=timeout)
+
+    def disable_updates(self, reason: str) -> dominator_pb2.FleetStatus:
+        """Stop every update fleet-wide."""
+        return self.stub.DisableUpdates(dominator_pb2.DisableUpdatesRequest(reason=reason))
+
+    def enable_updates(self) -> dominator_pb2.FleetStatus:
+        """Allow updates again."""
+        return self.stub.EnableUpdates(dominator_pb2.EnableUpdatesRequest())
+
+    def clear_safety(self, hostname: str) -> SubReport:
+        """Let the host's next update through the unsafe-update check, once."""
+        return SubReport.from_wire(self.stub.ClearSafetyShutoff(dominator_pb2.HostRequest(
+            hostname=hostname)))
+
+    def acknowledge_intrusion(self, hostname: str) -> SubReport:
+        """Drop the host's intrusion report."""
+        return SubReport.from_wire(self.stub.AcknowledgeIntrusion(dominator_pb2.HostRequest(
+            hostname=hostname)))
+
+    def fast_update(self, hostname: str) -> Iterator[dominator_pb2.FastUpdateProgress]:
+        """Converge the host now: each step until it is done."""
+        yield from self.stub.FastUpdate(dominator_pb2.HostRequest(hostname=hostname))
+
+    # The MDB.
+
+    def get_machine(self, hostname: str) -> dict[str, Any]:
+        """One host's record."""
+        reply = self.stub.GetMachine(dominator_pb2.HostRequest(hostname=hostname))
+        return json.loads(reply.json)
+
+    def set_machine(self, hostname: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Create the host or change the fields of `patch`: its record after."""
+        reply = self.stub.SetMachine(dominator_pb2.SetMachineRequest(
+            hostname=hostname, patch_json=json.dumps(patch)))
+        return json.loads(reply.json)
+
+    def export_machines(self) -> str:
+        """Every record, as Dominator's JSON array (text)."""
+        return self.stub.ListMachines(dominator_pb2.ListMachinesRequest()).json
+
+    def list_machines(self) -> list[dict[str, Any]]:
+        """Every record."""
+        return json.loads(self.export_machines())
+
+    def import_machines(self, text: str, replace: bool) -> tuple[int, int, int]:
+        """Load Dominator's JSON array in one transaction: (added, changed, removed)."""
+        reply = self.stub.ImportMachines(dominator_pb2.ImportMachinesRequest(
+            json=text, replace=replace))
+        return reply.added, reply.changed, reply.removed

@@ -1,0 +1,124 @@
+"""The central daemon's wiring: the herd, the deploy engine, the admin gRPC API and
+the HTTP side, started in order and stopped in the reverse order (like uvicorn's
+main -> run() -> Server.startup()/shutdown()). `dominator serve` calls run()."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from dominator.deploy.engine import DeployEngine
+from dominator.herd.computed import Renderer
+from dominator.herd.herd import Herd, HerdConfig
+from dominator.herd.images import ImageCache
+from dominator.herd.state import DominatorState
+from dominator.server.http.app import RunningHttp, make_app, serve_http
+from dominator.server.http.context import HttpContext
+from dominator.server.service import DominatorService
+from fleetlib.fstree.objectstore import write_file_atomically
+from fleetlib.rpc.server import RunningServer, serve_until_stopped, start_server
+from fleetlib.rpc.tls import Security
+from fleetlib.wire import dominator_pb2_grpc
+from mdb.store import Mdb
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 6970
+DEFAULT_HTTP_PORT = 6980
+
+
+def api_token(state_dir: Path, given: str | None) -> str:
+    """The HTTP API's bearer token: the one given, else the one kept in the state
+    directory (made on first start, readable by root only)."""
+    if given:
+        return given
+    path = state_dir / "http-token"
+    if not path.exists():
+        write_file_atomically(path, secrets.token_urlsafe(32).encode(), mode=0o600)
+        log.info("made an HTTP API token: %s", path)
+    return path.read_text().strip()
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything `dominator serve` was told."""
+
+    state_dir: Path
+    mdb_url: str
+    herd: HerdConfig
+    generators: Path | None
+    port: int
+    http_port: int
+    host: str
+    token: str
+    security: Security
+
+
+class Server:
+    """One dominator: startup() brings every part up, shutdown() takes down what
+    started, newest first."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.mdb: Mdb | None = None
+        self.images: ImageCache | None = None
+        self.grpc: RunningServer | None = None
+        self.deploys: DeployEngine | None = None
+        self.http: RunningHttp | None = None
+        self.herding: asyncio.Task | None = None
+
+    async def startup(self) -> None:
+        """Open the stores, start the gRPC API, resume deploys, serve HTTP, run the herd."""
+        config = self.config
+        self.mdb = Mdb(config.mdb_url)
+        state = DominatorState(config.state_dir / "dominator.sqlite")
+        self.images = ImageCache(config.herd.imageserver, config.security)
+        herd = Herd(self.mdb, state, self.images, Renderer(config.generators),
+                    config.security, config.herd)
+        self.grpc = await start_server(
+            [(dominator_pb2_grpc.add_DominatorServicer_to_server,
+              DominatorService(herd, state, self.mdb), "fleet.Dominator")],
+            config.port, config.security, config.host)
+        self.deploys = DeployEngine(herd, state, self.mdb, self.images)
+        await self.deploys.start()  # resumes the deploys a stop interrupted
+        self.http = await serve_http(make_app(HttpContext(
+            herd, state, self.mdb, self.images, config.token, deploys=self.deploys)),
+            config.host, config.http_port)
+        log.info("dominator on port %d (HTTP %d): MDB %s, image server %s", self.grpc.port,
+                 self.http.port, config.mdb_url, config.herd.imageserver)
+        self.herding = asyncio.create_task(herd.run(), name="herd")
+
+    async def shutdown(self) -> None:
+        """Stop what startup() started, in the reverse order."""
+        if self.deploys is not None:
+            await self.deploys.stop()
+        if self.herding is not None:
+            self.herding.cancel()
+            await asyncio.gather(self.herding, return_exceptions=True)
+        if self.http is not None:
+            await self.http.stop()
+        if self.grpc is not None:  # stopped already, unless startup failed after it
+            await self.grpc.server.stop(None)
+        if self.images is not None:
+            self.images.close()
+        if self.mdb is not None:
+            self.mdb.close()
+
+
+async def serve(config: DaemonConfig) -> None:
+    """Run one dominator until SIGTERM/SIGINT."""
+    server = Server(config)
+    try:
+        await server.startup()
+        assert server.grpc is not None
+        await serve_until_stopped(server.grpc)
+    finally:
+        await server.shutdown()
+
+
+def run(config: DaemonConfig) -> None:
+    """Run one dominator in a new event loop (the `dominator serve` program)."""
+    asyncio.run(serve(config))
