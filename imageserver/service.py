@@ -97,8 +97,11 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
         except FleetError as err:
             await abort(context, err)
         compressor = zstandard.ZstdCompressor(level=3) if request.compress else None
-        for message in pack(self._pieces(request.hashes, compressor)):
-            yield message
+        try:
+            for message in pack(self._pieces(request.hashes, compressor)):
+                yield message
+        except FleetError as err:  # an object deleted since the check above
+            await abort(context, err)
 
     def _pieces(self, hashes: Sequence[bytes], compressor: zstandard.ZstdCompressor | None
                 ) -> Iterator[objectserver_pb2.ObjectChunk]:

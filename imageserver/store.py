@@ -41,6 +41,7 @@ from fleetlib.wire.codec import image_from_proto, image_to_proto
 log = logging.getLogger(__name__)
 
 IMAGE_FILE = ".image"
+MAX_UNIX = 253402300799  # 9999-12-31 23:59:59 UTC: the last time every client can print
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ class ImageStore:
         if missing:
             raise PreconditionError(f"image {image.name} names {len(missing)} object(s) the server "
                              f"does not hold, e.g. {format_hash(missing[0])}")
+        for label, when in (("created", image.created_unix), ("expires", image.expires_unix)):
+            if not 0 <= when <= MAX_UNIX:
+                raise FleetError(f"image {image.name}: {label} time {when} is not between 0 and "
+                                 f"{MAX_UNIX} (unix seconds)")
         for computed in image.computed_files:
             if image.tree.lookup(computed.path) is None:
                 raise FleetError(f"image {image.name}: computed file {computed.path} is not in "

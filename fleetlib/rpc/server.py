@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from fleetlib.errors import FleetError
 from fleetlib.rpc.auth import MethodAuthorizer
 from fleetlib.rpc.guard import Behavior, guard, wrap_handler
+from fleetlib.rpc.status import abort
 from fleetlib.rpc.tls import INSECURE_WARNING, MESSAGE_SIZE_OPTIONS, Security, server_credentials
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,11 @@ class Malformed:
     error: str
 
 
-class MalformedRequests(grpc.aio.ServerInterceptor):
-    """Refuse a request whose bytes are not the method's message with
-    INVALID_ARGUMENT and one log line, instead of gRPC's UNKNOWN and a traceback:
-    the deserializer hands a `Malformed` over, the wrapped servicer aborts on it."""
+class BadRequests(grpc.aio.ServerInterceptor):
+    """Bad input answers one line and logs one, never UNKNOWN and a traceback:
+    a request whose bytes are not the method's message gets INVALID_ARGUMENT (the
+    deserializer hands a `Malformed` over, the wrapped servicer aborts on it), and
+    a FleetError escaping an asyncio servicer gets its status (`status_for`)."""
 
     async def intercept_service(
         self,
@@ -53,13 +55,45 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         deserializer = _tolerant(handler.request_deserializer)
         if not handler.request_streaming:
-            return wrap_handler(handler, lambda behavior: guard(behavior, _refusal(method)),
-                                request_deserializer=deserializer)
+            return wrap_handler(
+                handler, lambda behavior: _answering(guard(behavior, _refusal(method)), method),
+                request_deserializer=deserializer)
         behavior = handler.stream_unary or handler.stream_stream
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # only asyncio servicers here; a plain one keeps gRPC's handling
-        return wrap_handler(handler, lambda behavior: _checking_stream(behavior, method),
-                            request_deserializer=deserializer)
+        return wrap_handler(
+            handler, lambda behavior: _answering(_checking_stream(behavior, method), method),
+            request_deserializer=deserializer)
+
+
+def _answering(behavior: Behavior, method: str) -> Behavior:
+    """An asyncio BEHAVIOR whose escaping FleetError ends the call with its status."""
+
+    async def answer(context: grpc.aio.ServicerContext, err: FleetError) -> None:
+        log.warning("%s from %s refused: %s", method, context.peer(), err)
+        await abort(context, err)
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[Any]:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except FleetError as err:
+                await answer(context, err)
+
+        return streaming
+    if inspect.iscoroutinefunction(behavior):
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except FleetError as err:
+                await answer(context, err)
+
+        return unary
+    return behavior
 
 
 def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -131,7 +165,7 @@ async def start_server(
     PORT 0 picks a free port; the returned RunningServer says which.
     """
     # The first listed runs its check first: authorization before anything else.
-    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequests()]
+    interceptors: list[grpc.aio.ServerInterceptor] = [BadRequests()]
     if security.identity is not None:
         interceptors.insert(0, MethodAuthorizer())
     server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS))

@@ -16,10 +16,15 @@ import grpc
 import pytest
 
 from fleetlib.fstree.filter import EMPTY
+from fleetlib.fstree.hashing import format_hash
 from fleetlib.fstree.image import Image
 from fleetlib.fstree.source import DirectorySource
+from fleetlib.fstree.tree import TreeBuilder
+from fleetlib.rpc.chunks import split_message
 from fleetlib.rpc.tls import Security, open_channel
 from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, assert_one_line_error, cli, free_port
+from fleetlib.wire import imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
+from fleetlib.wire.codec import image_to_proto
 from imageserver.client import ImageServerClient
 
 HOUR = 3600
@@ -275,3 +280,43 @@ def test_image_add_of_a_host_root_leaves_out_its_subd_state(tmp_path: Path,
     report = json.loads(cli("image", "add", "host2", str(root), "--json", env=cli_env,
                             check=True).stdout)
     assert report["inodes"] == 4  # /, /etc, /etc/motd, /etc/.subd
+
+
+# --- siblings ------------------------------------------------------------------------
+
+
+def test_object_vanishing_while_served_is_not_found(tmp_path: Path, imageserver: Daemon,
+                                                    admin: Security) -> None:
+    """An object deleted (image delete, orphan collection) after GetObjects checked it."""
+    paths = sorted(upload_only(imageserver, admin, random_files(tmp_path / "src", 12, 1 << 20)))
+    hashes = [bytes.fromhex("".join(p.relative_to(p.parents[2]).parts)) for p in paths]
+    channel = open_channel(imageserver.address, admin, "imageserver")
+    stream = objectserver_pb2_grpc.ObjectServerStub(channel).GetObjects(
+        objectserver_pb2.GetObjectsRequest(hashes=hashes), timeout=30)
+    with pytest.raises(grpc.RpcError) as refused:
+        for index, _ in enumerate(stream):
+            if index == 0:
+                paths[-1].unlink()
+    channel.close()
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value.details()
+    assert format_hash(hashes[-1]) in refused.value.details()
+    time.sleep(0.2)
+    assert not TRACEBACK_RE.search(imageserver.log()), imageserver.log()
+
+
+@pytest.mark.parametrize("field, value", [("created_unix", -1), ("expires_unix", -5),
+                                          ("created_unix", 1 << 62), ("expires_unix", 1 << 62)])
+def test_image_with_impossible_time_is_refused(imageserver: Daemon, admin: Security,
+                                               cli_env: dict[str, str], field: str,
+                                               value: int) -> None:
+    builder = TreeBuilder()
+    message = image_to_proto(Image("timely", builder.tree, EMPTY))
+    setattr(message, field, value)
+    channel = open_channel(imageserver.address, admin, "imageserver")
+    with pytest.raises(grpc.RpcError) as refused:
+        imageserver_pb2_grpc.ImageServerStub(channel).AddImage(
+            split_message(message.SerializeToString()))
+    channel.close()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field.split("_")[0] in refused.value.details()
+    assert cli("image", "list", env=cli_env, check=True).stdout == ""

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dominator.cli.certs import certs
 from fleetlib.cli.options import security_options
-from fleetlib.errors import FleetError
+from fleetlib.errors import FleetError, NotFoundError, PreconditionError
 from fleetlib.rpc.auth import method_permitted
 from fleetlib.rpc.certs import (
     PERMITTED_METHODS_OID,
@@ -428,3 +428,44 @@ def test_certs_cli(tmp_path: Path) -> None:
     assert isinstance(bad.exception, FleetError)
     assert "Subd/Poll" in str(bad.exception)
     assert "Make a CA" in runner.invoke(certs, ["--help"]).output
+
+
+class FailingObjectServer(pb_grpc.ObjectServerServicer):
+    """Lets FleetErrors escape its methods, as a servicer with a missed case would."""
+
+    async def CheckObjects(self, request, context):
+        raise NotFoundError("no object here")
+
+    async def GetObjects(self, request, context):
+        yield pb.ObjectChunks(chunks=[pb.ObjectChunk(hash=HASHES[0], size=1, data=b"x")])
+        raise FleetError("the second object is bad")
+
+    async def AddObjects(self, request_iterator, context):
+        async for _ in request_iterator:
+            raise PreconditionError("not now")
+
+
+async def test_escaped_fleet_errors_answer_one_line_without_traceback(
+    ca: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_server(
+        [(pb_grpc.add_ObjectServerServicer_to_server, FailingObjectServer(),
+          "fleet.ObjectServer")], 0, role(ca, "imageserver"), host="127.0.0.1")
+    try:
+        async with channel(running, role(ca, "admin")) as ch:
+            stub = pb_grpc.ObjectServerStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await check_objects(ch)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+            assert refused.value.details() == "no object here"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [c async for c in stub.GetObjects(pb.GetObjectsRequest(hashes=HASHES), timeout=5)]
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details() == "the second object is bad"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.AddObjects(iter([one_piece(HASHES[0])]), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        await running.server.stop(None)
+    assert not [r for r in caplog.records if r.exc_info or "Unexpected" in r.getMessage()]
+    assert any("no object here" in r.getMessage() for r in caplog.records)
