@@ -43,7 +43,8 @@ assert Probe(number=7).number == 7
 names = ["proto", "fleetlib.wire.tree_pb2", "fleetlib.wire.subd_pb2",
          "fleetlib.wire.subd_pb2_grpc", "fleetlib.wire.imageserver_pb2_grpc",
          "fleetlib.wire.dominator_pb2_grpc", "fleetlib.wire.codec", "fleetlib.fstree.tree",
-         "imageserver.main", "subd.main", "mdb.store", "dominator.cli"]
+         "imageserver.main", "subd.main", "mdb.store", "dominator.server.daemon",
+         "dominator.cli.main"]
 json.dump({name: importlib.import_module(name).__file__ for name in names}, sys.stdout)
 """
 
@@ -74,6 +75,8 @@ def test_wheel_installs_beside_proto_plus(tmp_path: Path) -> None:
     assert tops == OURS, f"top-level names in the wheel: {sorted(tops)}"
     assert listed == OURS, f"top_level.txt: {sorted(listed)}"
     assert not (tops | listed) & NEVER
+    assert any(n.startswith("dominator/") and "/templates/" in n and n.endswith(".html")
+               for n in names), "the dashboard's templates are missing from the wheel"
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
