@@ -8,16 +8,21 @@ tarball is one stream and is read in order.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from fleetlib.errors import FleetError
-from fleetlib.fstree.exclusions import excluder
+from fleetlib.fstree.exclusions import SUBD_DIR, excluder
+from fleetlib.fstree.filter import Filter, prune
 from fleetlib.fstree.hashing import Reader
 from fleetlib.fstree.scan import ReadHook, scan_directory
 from fleetlib.fstree.tarball import Tarball
 from fleetlib.fstree.tree import Kind, Tree
+
+# A source's top-level .subd (a host root's subd state), as filter: never in an image.
+SUBD_STATE = Filter.from_lines([rf"/{re.escape(SUBD_DIR)}(/|$)"])
 
 # (hash, size, open the content) for one object; a tarball's opener is only
 # valid until the iterator advances.
@@ -58,13 +63,14 @@ class DirectorySource:
 
 
 class TarballSource:
-    """A tarball read without unpacking it: once for the tree, again for content."""
+    """A tarball read without unpacking it: once for the tree, again for content.
+    Its top-level `.subd` is left out, as for a directory."""
 
     parallel = False
 
     def __init__(self, path: Path) -> None:
         self._tarball = Tarball(path)
-        self.tree = self._tarball.read()
+        self.tree = prune(self._tarball.read(), SUBD_STATE)
 
     def iter_objects(self, wanted: Collection[bytes]) -> Iterator[ObjectItem]:
         for digest, size, reader in self._tarball.iter_objects(set(wanted)):

@@ -280,6 +280,11 @@ def test_image_add_of_a_host_root_leaves_out_its_subd_state(tmp_path: Path,
     report = json.loads(cli("image", "add", "host2", str(root), "--json", env=cli_env,
                             check=True).stdout)
     assert report["inodes"] == 4  # /, /etc, /etc/motd, /etc/.subd
+    tarball = tmp_path / "host.tar"
+    subprocess.run(["tar", "-C", str(root), "-cf", str(tarball), "."], check=True)
+    report = json.loads(cli("image", "add", "host3", str(tarball), "--json", env=cli_env,
+                            check=True).stdout)
+    assert report["inodes"] == 4 and report["uploaded_objects"] == 0
 
 
 # --- siblings ------------------------------------------------------------------------
