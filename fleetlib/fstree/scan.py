@@ -251,7 +251,11 @@ class _Walk:
         tree, exclude, known_inode, device = self.tree, self.exclude, self.known_inode, \
             self.device
         kids = tree.children[ino]
-        subdirs = []
+        frame = _Frame(name, ino, fd, [])
+        self.frames.append(frame)  # first: close() releases it if this raises
+        self.held += 1
+        self._limit(keep=len(self.frames) - 1)
+        subdirs = frame.pending
         for entry in list(os.scandir(fd)):
             child_path = join(path, entry.name)
             if exclude is not None and exclude(child_path):
@@ -285,9 +289,6 @@ class _Walk:
                 else:
                     log.debug("not crossing mount point %s", child_path)
         subdirs.reverse()  # pop() takes them in listing order
-        self.frames.append(_Frame(name, ino, fd, subdirs))
-        self.held += 1
-        self._limit(keep=len(self.frames) - 1)
 
     def _read_inode(self, name: str, dir_fd: int, path: str, st: os.stat_result
                     ) -> tuple[os.stat_result, Inode | None]:

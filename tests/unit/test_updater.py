@@ -400,9 +400,13 @@ def test_refuses_filtered_and_excluded_paths(sub: Sub) -> None:
 def test_refuses_removing_a_directory_that_holds_a_filtered_file(
         sub: Sub, target: Path) -> None:
     write(sub.root, {"srv/data/keep": "filtered", "srv/data/own": "o", "etc/motd": "m"})
-    write(target, {"etc/motd": "m"})
-    plan, old = plan_for(sub, target, Filter.from_lines(["/srv/data/keep"]))
-    assert_refused(sub, plan, old, "would remove /srv/data/keep")
+    flt = Filter.from_lines(["/srv/data/keep"])
+    tree = scan_root(sub.root)
+    # diff_trees keeps a directory holding filtered content; the updater refuses a
+    # plan (from an older or hostile dominator) that deletes one anyway.
+    plan = hand_plan(DiffEntry("/srv/data/own", Change.DELETE, None, None),
+                     DiffEntry("/srv/data", Change.DELETE, None, None), flt=flt)
+    assert_refused(sub, plan, tree, "would remove /srv/data/keep")
 
 
 def test_refuses_stale_plans(sub: Sub) -> None:
