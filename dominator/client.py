@@ -48,16 +48,21 @@ class DominatorClient:
 
     def fleet_status(self, timeout: float | None = None) -> dominator_pb2.FleetStatus:
         """Hosts by status, the fleet-wide switch, diff cache counters."""
-        return self.stub.GetFleetStatus(dominator_pb2.GetFleetStatusRequest(),
-                                        timeout=timeout)
+        reply: dominator_pb2.FleetStatus = self.stub.GetFleetStatus(
+            dominator_pb2.GetFleetStatusRequest(), timeout=timeout)
+        return reply
 
     def disable_updates(self, reason: str) -> dominator_pb2.FleetStatus:
         """Stop every update fleet-wide."""
-        return self.stub.DisableUpdates(dominator_pb2.DisableUpdatesRequest(reason=reason))
+        reply: dominator_pb2.FleetStatus = self.stub.DisableUpdates(
+            dominator_pb2.DisableUpdatesRequest(reason=reason))
+        return reply
 
     def enable_updates(self) -> dominator_pb2.FleetStatus:
         """Allow updates again."""
-        return self.stub.EnableUpdates(dominator_pb2.EnableUpdatesRequest())
+        reply: dominator_pb2.FleetStatus = self.stub.EnableUpdates(
+            dominator_pb2.EnableUpdatesRequest())
+        return reply
 
     def clear_safety(self, hostname: str) -> SubReport:
         """Let the host's next update through the unsafe-update check, once."""
@@ -78,21 +83,26 @@ class DominatorClient:
     def get_machine(self, hostname: str) -> dict[str, Any]:
         """One host's record."""
         reply = self.stub.GetMachine(dominator_pb2.HostRequest(hostname=hostname))
-        return json.loads(reply.json)
+        record: dict[str, Any] = json.loads(reply.json)
+        return record
 
     def set_machine(self, hostname: str, patch: dict[str, Any]) -> dict[str, Any]:
         """Create the host or change the fields of `patch`: its record after."""
         reply = self.stub.SetMachine(dominator_pb2.SetMachineRequest(
             hostname=hostname, patch_json=json.dumps(patch)))
-        return json.loads(reply.json)
+        record: dict[str, Any] = json.loads(reply.json)
+        return record
 
     def export_machines(self) -> str:
         """Every record, as Dominator's JSON array (text)."""
-        return self.stub.ListMachines(dominator_pb2.ListMachinesRequest()).json
+        reply: dominator_pb2.MachinesJson = self.stub.ListMachines(
+            dominator_pb2.ListMachinesRequest())
+        return reply.json
 
     def list_machines(self) -> list[dict[str, Any]]:
         """Every record."""
-        return json.loads(self.export_machines())
+        records: list[dict[str, Any]] = json.loads(self.export_machines())
+        return records
 
     def import_machines(self, text: str, replace: bool) -> tuple[int, int, int]:
         """Load Dominator's JSON array in one transaction: (added, changed, removed)."""

@@ -22,6 +22,7 @@ import grpc
 import sqlalchemy as sa
 
 from dominator.deploy.errors import Busy, Conflict, DeployError, Unavailable, UnknownDeploy
+from dominator.deploy.health import NO_CHECKS, NamedChecks
 from dominator.deploy.model import (
     Deploy,
     DeploySpec,
@@ -49,7 +50,7 @@ class DeployEngine:
 
     def __init__(self, herd: HerdPort, state: StatePort, mdb: MdbPort, images: ImagesPort,
                  max_running: int = 4, tick: float = 0.5, health_slots: int = 32,
-                 plan_slots: int = 20) -> None:
+                 plan_slots: int = 20, health_checks: NamedChecks = NO_CHECKS) -> None:
         self.herd = herd
         self.state = state
         self.mdb = mdb
@@ -57,9 +58,11 @@ class DeployEngine:
         self.max_running = max_running
         self.tick = tick
         self.store = DeployStore(state.engine)
-        self.rollout = Rollout(herd, state, mdb, self.store, tick, health_slots, plan_slots)
+        self.health_checks = health_checks  # the operator's allow-list (serve --health-check)
+        self.rollout = Rollout(herd, state, mdb, self.store, tick, health_slots, plan_slots,
+                               health_checks)
         self._running: dict[str, Deploy] = {}
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._submit = asyncio.Lock()
         self._stopping = False
 
@@ -80,7 +83,7 @@ class DeployEngine:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.rollout.close()
 
-    def _spawn(self, deploy: Deploy) -> asyncio.Task:
+    def _spawn(self, deploy: Deploy) -> asyncio.Task[None]:
         self._running[deploy.id] = deploy
         self.rollout.wake[deploy.id] = asyncio.Event()
         task = self._tasks[deploy.id] = asyncio.create_task(self._run(deploy),
@@ -101,7 +104,7 @@ class DeployEngine:
                         raise Conflict(f"Idempotency-Key {key!r} was used for deploy "
                                        f"{existing.id} with a different request")
                     return existing, False
-            spec = DeploySpec.from_request(request)
+            spec = DeploySpec.from_request(request, self.health_checks)
             await self._check_image(spec.image)
             hosts = await self._select(spec)
             await self._check_capacity(spec, hosts)
@@ -137,15 +140,9 @@ class DeployEngine:
         deploys = await self._stored(lambda: self.store.newest(limit, status))
         return [self._running.get(deploy.id, deploy) for deploy in deploys]
 
-    # Synchronous reads, for callers outside a coroutine (the dashboard).
-
     def get(self, deploy_id: str) -> Deploy | None:
-        """The deploy, or None."""
+        """The deploy, or None (a synchronous read, for callers outside a coroutine)."""
         return self._running.get(deploy_id) or self.store.get(deploy_id)
-
-    def list(self, limit: int = 100) -> list[Deploy]:
-        """The newest deploys, newest first."""
-        return [self._running.get(deploy.id, deploy) for deploy in self.store.newest(limit)]
 
     async def cancel(self, deploy_id: str, rollback: bool) -> Deploy:
         """Stop after the hosts in flight (or roll back every touched host)."""
@@ -221,7 +218,7 @@ class DeployEngine:
         if disabled is not None:
             raise Unavailable(f"updates are disabled fleet-wide by {disabled.by}: "
                               f"{disabled.reason}; try again once they are enabled")
-        wanted = set(hosts)
+        wanted: set[str] = set(hosts)
         for other in running:
             if other.status == DeployStatus.RUNNING and other.phase != Phase.DONE:
                 shared = sorted(wanted & set(other.hosts))

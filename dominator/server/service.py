@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
 
@@ -22,7 +23,7 @@ from mdb.store import Mdb
 
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext  # every method's call context
+Context: TypeAlias = grpc.aio.ServicerContext  # every method's call context
 
 # Statuses that end a fast update (after its first cycle).
 FINAL = {Status.SYNCED, Status.INTRUSION, Status.UNSAFE, Status.FAILED, Status.NO_SPACE,
@@ -79,7 +80,7 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         reply = dominator_pb2.FleetStatus(
             updates_disabled=disabled is not None, hosts=len(self.herd.subs),
             hosts_by_status=counts, diff_cache_hits=self.herd.cache.hits,
-            diff_cache_misses=self.herd.cache.misses)
+            diff_cache_misses=self.herd.cache.misses, mdb_error=self.herd.mdb_error)
         if disabled is not None:
             reply.disabled_by, reply.disabled_reason = disabled.by, disabled.reason
             reply.disabled_unix = disabled.unix
