@@ -192,5 +192,8 @@ async def collect_orphans(store: ImageStore, grace: float, interval: float) -> N
     while True:
         await asyncio.sleep(interval)
         older_than = time.time() - grace
-        candidates = await asyncio.to_thread(store.orphans, older_than)
-        store.remove_orphans(candidates, older_than)
+        try:
+            candidates = await asyncio.to_thread(store.orphans, older_than)
+            store.remove_orphans(candidates, older_than)
+        except OSError as err:  # try again next time; serving goes on
+            log.error("collecting orphaned objects failed: %s", err)
