@@ -39,6 +39,7 @@ from fleetlib.fstree.tree import (
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_SKIPPABLE = 0x184D2A50  # the magic of a skippable frame, low 4 bits free
 # What a damaged archive raises from tarfile or a decompressor (tarfile lets
 # ValueError escape from malformed pax sparse maps and hdrcharset records).
 _DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, zstandard.ZstdError)
@@ -153,7 +154,9 @@ class Tarball:
                 stream: BinaryIO | gzip.GzipFile
                 if magic.startswith(_GZIP_MAGIC):
                     stream = gzip.GzipFile(fileobj=raw, mode="rb")
-                elif magic == _ZSTD_MAGIC:
+                elif magic == _ZSTD_MAGIC or _skippable(magic):  # pzstd starts skippable
+                    _check_zstd_frames(raw)
+                    raw.seek(0)
                     stream = zstandard.ZstdDecompressor().stream_reader(
                         raw, read_across_frames=True, closefd=False)
                 else:
@@ -275,6 +278,54 @@ class _MemberReader:
             return self._file.read(size)
         except _DAMAGE as e:
             raise _damaged(self._path, e) from None
+
+
+def _check_zstd_frames(raw: BinaryIO) -> None:
+    """Walk the zstd frame and block headers of `raw` to its end (seeking over the
+    data): zstandard's stream reader ends silently at a frame cut short, even one
+    missing just its checksum, so a cut .tar.zst would pass for whole."""
+    while header := raw.read(4):
+        if len(header) < 4:
+            raise zstandard.ZstdError("zstd data ends inside a frame header")
+        if _skippable(header):
+            _skip(raw, int.from_bytes(_read_exactly(raw, 4), "little"))
+            continue
+        if header != _ZSTD_MAGIC:
+            raise zstandard.ZstdError("not a zstd frame after the previous one")
+        descriptor = _read_exactly(raw, 1)[0]
+        single_segment = descriptor >> 5 & 1
+        size_field = (0 if not single_segment else 1, 2, 4, 8)[descriptor >> 6]
+        _skip(raw, (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3] + size_field)
+        last = False
+        while not last:
+            block = int.from_bytes(_read_exactly(raw, 3), "little")
+            last, kind, size = bool(block & 1), block >> 1 & 3, block >> 3
+            if kind == 3:
+                raise zstandard.ZstdError("reserved zstd block type")
+            _skip(raw, 1 if kind == 1 else size)
+        if descriptor >> 2 & 1:
+            _skip(raw, 4)  # the content checksum
+
+
+def _skippable(header: bytes) -> bool:
+    """Whether four bytes are the magic of a zstd skippable frame."""
+    return len(header) == 4 and int.from_bytes(header, "little") & 0xFFFFFFF0 == _ZSTD_SKIPPABLE
+
+
+def _read_exactly(raw: BinaryIO, size: int) -> bytes:
+    """`size` bytes of `raw`, or ZstdError when the file ends first."""
+    data = raw.read(size)
+    if len(data) < size:
+        raise zstandard.ZstdError("zstd data cut short")
+    return data
+
+
+def _skip(raw: BinaryIO, size: int) -> None:
+    """Seek `size` bytes forward, or ZstdError when that is past the end."""
+    position = raw.tell() + size
+    if position > os.fstat(raw.fileno()).st_size:
+        raise zstandard.ZstdError("zstd data cut short")
+    raw.seek(position)
 
 
 def _damaged(path: Path, error: Exception) -> FleetError:

@@ -70,7 +70,7 @@ def parse_triggers(text: str, origin: str = "triggers") -> list[Trigger]:
             raise FleetError(f"{where}: expected an object")
         unknown = set(item) - set(_FIELDS)
         if unknown:
-            raise FleetError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+            raise FleetError(f"{where}: unknown field(s) {', '.join(map(repr, sorted(unknown)))}")
         for key, kind in _FIELDS.items():
             if key in item and not isinstance(item[key], kind):
                 raise FleetError(f"{where}: {key} must be a {kind.__name__}")

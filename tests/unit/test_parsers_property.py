@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -368,6 +369,7 @@ FOUND = [
     (lambda text: parse_machines_json(text, "mdb.json"), "1" * 5000),
     (lambda text: parse_machines_json(text, "mdb.json"),  # ValueError from int("²")
      '[{"Hostname": "h", "IpAddress": "h:\u00b2"}]'),
+    (parse_triggers, '[{"\\n": null}]'),  # an unknown field's name broke the line
     (lambda text: parse_machines_json(text, "mdb.json"),  # accepted before: port "١"
      '[{"Hostname": "h", "IpAddress": "[::1]:\u0661"}]'),
 ]
@@ -413,6 +415,12 @@ def archives() -> dict[str, bytes]:
         result[f"{label}.tar"] = data
         result[f"{label}.tar.gz"] = gzip.compress(data, mtime=0)
         result[f"{label}.tar.zst"] = zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    # Two frames after a skippable one, as pzstd writes them.
+    half = len(plain["pax"]) // 2
+    result["frames.tar.zst"] = (
+        struct.pack("<II", 0x184D2A50, 3) + b"pad"
+        + zstandard.ZstdCompressor().compress(plain["pax"][:half])
+        + zstandard.ZstdCompressor(write_checksum=True).compress(plain["pax"][half:]))
     return result
 
 
@@ -454,13 +462,17 @@ def test_mutated_archives(name: str, data: st.DataObject) -> None:
 @SLOW
 @given(st.sampled_from(sorted(archives())), st.data())
 def test_truncated_archives(name: str, data: st.DataObject) -> None:
-    """An archive cut short gives an error or, when only padding or a trailer is
-    lost, the whole tree: never a partial one."""
+    """An archive cut short gives an error or, for a plain tar cut in its final
+    padding, the whole tree: never a partial one. A compressed one cut anywhere,
+    even in its checksum, is refused."""
     good = archives()[name]
     cut = data.draw(st.integers(0, len(good) - 1))
     tree = read_archive(good[:cut])
     full = read_archive_cached(name)
-    assert tree is None or (full is not None and tree.fingerprint() == full.fingerprint())
+    if name.endswith(".tar"):
+        assert tree is None or (full is not None and tree.fingerprint() == full.fingerprint())
+    else:
+        assert tree is None, f"{name} cut at {cut} of {len(good)} bytes was accepted"
 
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "",
