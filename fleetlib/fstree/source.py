@@ -8,6 +8,7 @@ tarball is one stream and is read in order.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from fleetlib.errors import FleetError
 from fleetlib.fstree.exclusions import SUBD_DIR, excluder
 from fleetlib.fstree.filter import Filter, prune
 from fleetlib.fstree.hashing import Reader
+from fleetlib.fstree.safeopen import open_under
 from fleetlib.fstree.scan import ReadHook, scan_directory
 from fleetlib.fstree.tarball import Tarball
 from fleetlib.fstree.tree import Kind, Tree
@@ -58,8 +60,7 @@ class DirectorySource:
         for path, _, inode in self.tree.walk():
             if inode.kind == Kind.REGULAR and inode.hash in remaining:
                 remaining.discard(inode.hash)
-                real = self.root / path.lstrip("/")
-                yield inode.hash, inode.size, _opener(real)
+                yield inode.hash, inode.size, _opener(self.root, path)
 
 
 class TarballSource:
@@ -77,9 +78,11 @@ class TarballSource:
             yield digest, size, _given(reader)
 
 
-def _opener(path: Path) -> Callable[[], BinaryIO]:
-    """Opens `path` for reading when called (bound now: the loop moves on)."""
-    return lambda: open(path, "rb")
+def _opener(root: Path, path: str) -> Callable[[], BinaryIO]:
+    """Opens the tree path `path` below `root` for reading when called (bound now: the
+    loop moves on), by descriptor: a FIFO, device or symlink swapped in since the
+    scan is refused (FleetError), never read or followed."""
+    return lambda: os.fdopen(open_under(root, path)[0], "rb")
 
 
 def _given(reader: Reader) -> Callable[[], contextlib.nullcontext[Reader]]:

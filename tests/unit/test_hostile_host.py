@@ -26,6 +26,7 @@ from fleetlib.fstree.diff import Change, DiffEntry, TreeDiff
 from fleetlib.fstree.filter import EMPTY
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.scan import scan_directory
+from fleetlib.fstree.source import DirectorySource
 from fleetlib.fstree.tree import Kind, regular
 from fleetlib.fstree.triggers import make_trigger
 from fleetlib.fstree.unpack import apply_metadata, unpack_tree
@@ -314,3 +315,20 @@ def test_the_read_speed_measurement_never_blocks_on_a_fifo_swapped_in(tmp_path: 
     files = [os.fspath(p) for p in (fifo, zero, tmp_path / "real")]
     speed = run_briefly(lambda: _direct_read_speed(files), fifo)
     assert speed is None or speed > 0
+
+
+def test_an_image_source_file_swapped_for_a_fifo_is_refused_not_read(tmp_path: Path) -> None:
+    source = tmp_path / "image"
+    source.mkdir()
+    (source / "file").write_text("content")
+    directory = DirectorySource(source)
+    (source / "file").unlink()
+    os.mkfifo(source / "file")
+    [(_, _, opener)] = list(directory.iter_objects(directory.tree.object_sizes()))
+
+    def read() -> str:
+        with pytest.raises(FleetError, match="not a regular file") as refused:
+            opener()
+        return str(refused.value)
+
+    assert run_briefly(read, source / "file") == "/file: not a regular file (a fifo)"
