@@ -2,7 +2,10 @@
 file, never cross a mount point, skip sockets.
 
 The root's own device is the scan's device: a directory on another device (a
-mount point) is recorded as an empty directory and not entered.
+mount point) is recorded as an empty directory and not entered. The walk goes by
+directory descriptor (openat-style, O_NOFOLLOW), so no path is too long and no
+symlink swapped in for a directory or file is followed; content is read only
+from what an fstat of the open descriptor shows to be a regular file.
 """
 
 from __future__ import annotations
@@ -78,17 +81,6 @@ def read_xattrs(path: str, dir_fd: int | None = None) -> Xattrs:
             if err.errno != errno.ENODATA:  # removed since listed
                 raise
     return tuple(sorted(pairs))
-
-
-def hash_file(path: str, dir_fd: int | None = None) -> tuple[bytes, int]:
-    """SHA-256 and size of a regular file, opened without following symlinks, never
-    blocking (NotRegularFile for a FIFO or device) and, where permitted, without
-    touching its access time."""
-    fd, _ = open_regular(path, dir_fd, noatime=True)
-    try:
-        return hash_fd(fd)
-    finally:
-        os.close(fd)
 
 
 def inode_from_stat(path: str, st: os.stat_result, digest: bytes = b"",
