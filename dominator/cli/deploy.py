@@ -80,17 +80,17 @@ class DeployApi:
 
 
 def deploy_body(image: str, select: str, waves: str | None, max_failures: int,
-                health_url: str | None, health_command: str | None, timeout: float | None,
+                health_url: str | None, health_check: str | None, timeout: float | None,
                 retries: int | None, dry_run: bool) -> dict:
     """The request body of POST /v1/deploys."""
     body: dict = {"image": image, "select": parse_selector(select), "maxFailures": max_failures,
                   "dryRun": dry_run}
     if waves:
         body["waves"] = [w.strip() for w in waves.split(",") if w.strip()]
-    if health_url and health_command:
-        raise FleetError("--health-url and --health-command exclude each other")
-    if health_url or health_command:
-        check: dict = {"url": health_url} if health_url else {"command": health_command}
+    if health_url and health_check:
+        raise FleetError("--health-url and --health-check exclude each other")
+    if health_url or health_check:
+        check: dict = {"url": health_url} if health_url else {"check": health_check}
         if timeout is not None:
             check["timeoutSeconds"] = timeout
         if retries is not None:
@@ -155,7 +155,9 @@ def wait_for(api: DeployApi, deploy_id: str) -> dict:
 @click.option("--max-failures", default=0, show_default=True, type=click.IntRange(0),
               help="Hosts that may fail before the deploy stops and rolls back.")
 @click.option("--health-url", help="Health gate URL template, e.g. http://{host}:8080/healthz.")
-@click.option("--health-command", help="Health gate command template, e.g. `check {host}`.")
+@click.option("--health-check", metavar="NAME",
+              help="Health gate: a check the dominator allow-lists "
+                   "(dominator serve --health-check NAME=COMMAND).")
 @click.option("--timeout", type=click.FloatRange(0.1), help="Seconds per health check.")
 @click.option("--retries", type=click.IntRange(0), help="Extra health check attempts.")
 @click.option("--idempotency-key", help="Reuse to get the same deploy back (default: new).")
@@ -163,12 +165,12 @@ def wait_for(api: DeployApi, deploy_id: str) -> dict:
 @json_option
 @url_options
 def start_command(image: str, select: str, waves: str | None, max_failures: int,
-                  health_url: str | None, health_command: str | None, timeout: float | None,
+                  health_url: str | None, health_check: str | None, timeout: float | None,
                   retries: int | None, idempotency_key: str | None, wait: bool,
                   as_json: bool, url: str, token: str | None) -> None:
     """Roll IMAGE out to the selected hosts, wave by wave."""
     api = DeployApi(url, token)
-    body = deploy_body(image, select, waves, max_failures, health_url, health_command,
+    body = deploy_body(image, select, waves, max_failures, health_url, health_check,
                        timeout, retries, dry_run=False)
     started = api.start(body, idempotency_key or str(uuid.uuid4()))
     if not wait:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from dominator.server.daemon import api_token
 from fleetlib.errors import FleetError
 from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Security
@@ -127,7 +127,8 @@ def quickstart(state_dir: Path | None, subs: int, base_port: int) -> None:
         init_ca(tls)
     dominator_address = f"localhost:{base_port}"
     imageserver_address = f"localhost:{base_port + 1}"
-    token = secrets.token_urlsafe(24)
+    (state / "dominator").mkdir(exist_ok=True)
+    token = api_token(state / "dominator", None)  # serve reads it there: never in `ps`
     env = {**os.environ, "DOMINATOR_TLS_DIR": str(tls / "admin"),
            "DOMINATOR_IMAGESERVER": imageserver_address, "DOMINATOR_ADDRESS": dominator_address}
     fleet = Fleet(state, Security.from_options(str(tls / "admin"), insecure=False), env)
@@ -143,7 +144,7 @@ def quickstart(state_dir: Path | None, subs: int, base_port: int) -> None:
                     "--state-dir", str(state / "dominator"), "--imageserver",
                     imageserver_address, "--generators", str(generators),
                     "--poll-interval", "1", "--http-port", str(base_port + 10),
-                    "--token", token, "--tls-dir", str(tls / "dominator"))
+                    "--tls-dir", str(tls / "dominator"))
         trigger_log = state / "triggers.log"
         for index in range(1, subs + 1):
             root = state / "subs" / f"host-{index}"
@@ -180,8 +181,9 @@ def quickstart(state_dir: Path | None, subs: int, base_port: int) -> None:
         click.echo(f"export DOMINATOR_IMAGESERVER={imageserver_address}")
         click.echo(f"export DOMINATOR_URL=http://localhost:{base_port + 10}")
         click.echo(f"export DOMINATOR_TOKEN={token}")
-        click.echo(f"\nDashboard (deploy stage and dashboard: coming with the HTTP API): "
-                   f"http://localhost:{base_port + 10}\nTry: dominator fleet list; "
+        click.echo(f"\nDashboard (open, read-only): http://localhost:{base_port + 10}/\n"
+                   f"Deploy API: http://localhost:{base_port + 10}/v1/deploys (bearer token: "
+                   f"{state / 'dominator' / 'http-token'})\nTry: dominator fleet list; "
                    "dominator mdb list; dominator sub poll localhost:"
                    f"{base_port + 101}\nRunning until Ctrl-C; then every process started here "
                    "stops.", err=True)

@@ -6,11 +6,21 @@ from pathlib import Path
 
 import click
 
+from dominator.deploy.errors import DeployError
+from dominator.deploy.health import NamedChecks
 from dominator.herd.herd import HerdConfig
 from dominator.server.daemon import DEFAULT_HTTP_PORT, DEFAULT_PORT, DaemonConfig, api_token, run
 from fleetlib.cli.options import address_option, security_options
 from fleetlib.cli.run import setup_logging
 from fleetlib.rpc.tls import Security
+
+
+def named_checks(specs: tuple[str, ...]) -> NamedChecks:
+    """--health-check NAME=COMMAND..., parsed (a usage error says what is wrong)."""
+    try:
+        return NamedChecks.parse(specs)
+    except DeployError as err:
+        raise click.BadParameter(str(err), param_hint="--health-check") from None
 
 
 @click.command(name="serve")
@@ -38,13 +48,18 @@ from fleetlib.rpc.tls import Security
               help="Fetches in flight at once.")
 @click.option("--update-slots", default=50, show_default=True, type=click.IntRange(1),
               help="Updates in flight at once.")
+@click.option("--health-check", "health_checks", multiple=True, metavar="NAME=COMMAND",
+              callback=lambda ctx, param, specs: named_checks(specs),
+              help="Allow-list a health check deploys may name ({\"check\": \"NAME\"}): "
+                   "COMMAND is split like a shell would (but run without one), {host} and "
+                   "{address} fill one argument each; exit 0 is healthy. Repeatable.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
                   generators: Path | None, port: int, http_port: int, token: str | None,
                   host: str, poll_interval: float,
-                  poll_slots: int, fetch_slots: int, update_slots: int, verbose: bool,
-                  security: Security) -> None:
+                  poll_slots: int, fetch_slots: int, update_slots: int,
+                  health_checks: NamedChecks, verbose: bool, security: Security) -> None:
     """Run the dominator: keep every sub of the MDB on its required image.
 
     Reads the MDB, polls each sub, fetches and pushes what differs, restarts
@@ -57,4 +72,4 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
                         update_slots=update_slots)
     url = mdb_url or f"sqlite:///{state_dir.resolve() / 'mdb.sqlite'}"
     run(DaemonConfig(state_dir, url, config, generators, port, http_port, host,
-                     api_token(state_dir, token), security))
+                     api_token(state_dir, token), security, health_checks))

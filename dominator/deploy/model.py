@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pydantic import (
@@ -21,7 +21,14 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from dominator.deploy.errors import DeployError
-from dominator.deploy.health import DEFAULT_HEALTH_RETRIES, DEFAULT_HEALTH_TIMEOUT, HealthCheck
+from dominator.deploy.health import (
+    ALLOW_LIST_HINT,
+    DEFAULT_HEALTH_RETRIES,
+    DEFAULT_HEALTH_TIMEOUT,
+    STORED_COMMAND,
+    HealthCheck,
+    NamedChecks,
+)
 from dominator.deploy.waves import DEFAULT_WAVES, check_waves
 from fleetlib.errors import FleetError
 from fleetlib.fstree.image import check_image_name
@@ -115,30 +122,41 @@ class Select(Strict):
 
 
 class HealthCheckBody(Strict):
-    """Run on each host once it is synced: a URL (GET; 2xx is healthy) or a command
-    (run without a shell; exit 0 is healthy). `{host}` is the hostname, `{address}`
-    the MDB address without its port."""
+    """Run on each host once it is synced: a URL (GET; 2xx is healthy) or a named
+    check, a command the operator allow-listed on the server (`dominator serve
+    --health-check NAME=COMMAND`, run without a shell; exit 0 is healthy). `{host}`
+    is the hostname, `{address}` the MDB address without its port."""
 
     url: str | None = Field(None, examples=["http://{host}:8080/healthz"])
-    command: str | None = Field(None, examples=["check-host {host}"])
+    check: str | None = Field(None, max_length=64, examples=["app-ready"],
+                              description="The name of an allow-listed check.")
     timeout_seconds: float = Field(DEFAULT_HEALTH_TIMEOUT, gt=0, le=3600,
                                    description="Per attempt.")
     retries: int = Field(DEFAULT_HEALTH_RETRIES, ge=0, le=20,
                          description="Attempts after the first, with a short backoff.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def no_command(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "command" in data:
+            raise ValueError('a request never carries a command line: give {"check": "NAME"}, '
+                             "a named check the operator allow-lists with "
+                             f"`{ALLOW_LIST_HINT}`, or a url")
+        return data
+
     @model_validator(mode="after")
-    def url_or_command(self) -> HealthCheckBody:
-        if bool(self.url) == bool(self.command):
-            raise ValueError("give exactly one of url or command")
+    def url_or_check(self) -> HealthCheckBody:
+        if bool(self.url) == bool(self.check):
+            raise ValueError("give exactly one of url or check")
         try:
-            self.check().check()
+            self.gate().validate()
         except DeployError as err:
             raise ValueError(str(err)) from None
         return self
 
-    def check(self) -> HealthCheck:
+    def gate(self) -> HealthCheck:
         """The health gate it asks for."""
-        return HealthCheck(self.url or "", self.command or "", self.timeout_seconds,
+        return HealthCheck(self.url or "", self.check or "", self.timeout_seconds,
                            self.retries)
 
 
@@ -202,21 +220,26 @@ class DeploySpec:
     wave_timeout: float = DEFAULT_WAVE_TIMEOUT
 
     @classmethod
-    def from_request(cls, request: Mapping[str, Any]) -> DeploySpec:
-        """Parse and check a request by DeployRequest's rules (DeployError says what
-        is wrong, as the HTTP API's 400 does)."""
+    def from_request(cls, request: Mapping[str, Any],
+                     checks: NamedChecks | None = None) -> DeploySpec:
+        """Parse and check a request by DeployRequest's rules, its named check
+        against `checks` when given (DeployError says what is wrong, as the HTTP
+        API's 400 does)."""
         try:
             body = DeployRequest.model_validate(request)
         except ValidationError as err:
             raise DeployError(describe_invalid(err.errors())) from None
-        return cls.of(body)
+        spec = cls.of(body)
+        if checks is not None and spec.health is not None and spec.health.check:
+            checks.command(spec.health.check)
+        return spec
 
     @classmethod
     def of(cls, body: DeployRequest) -> DeploySpec:
         """The spec of a validated request."""
         return cls(body.image, body.select.model_dump(by_alias=True, exclude_none=True),
                    tuple(str(wave) for wave in body.waves), body.max_failures, body.dry_run,
-                   body.health_check.check() if body.health_check else None,
+                   body.health_check.gate() if body.health_check else None,
                    body.wave_timeout_seconds)
 
     def selects(self, machine: Machine) -> bool:
@@ -286,7 +309,14 @@ class Deploy:
 
     @property
     def spec(self) -> DeploySpec:
-        return DeploySpec.from_request(self.request)
+        """The stored request's spec. A healthCheck.command stored before named checks
+        is never run: it fails the health gate of every host it reaches."""
+        check = self.request.get("healthCheck")
+        if not isinstance(check, dict) or "command" not in check:
+            return DeploySpec.from_request(self.request)
+        spec = DeploySpec.from_request({k: v for k, v in self.request.items()
+                                        if k != "healthCheck"})
+        return replace(spec, health=HealthCheck(retries=0, refusal=STORED_COMMAND))
 
     @property
     def dry_run(self) -> bool:

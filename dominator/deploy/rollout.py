@@ -15,6 +15,7 @@ import time
 import grpc
 import httpx
 
+from dominator.deploy.health import NamedChecks
 from dominator.deploy.model import (
     Deploy,
     DeploySpec,
@@ -67,7 +68,8 @@ class Rollout:
     its image in the MDB, judged by the herd's verdicts, then health-checked."""
 
     def __init__(self, herd: HerdPort, state: StatePort, mdb: MdbPort, store: DeployStore,
-                 tick: float, health_slots: int, plan_slots: int) -> None:
+                 tick: float, health_slots: int, plan_slots: int,
+                 health_checks: NamedChecks) -> None:
         self.herd = herd
         self.state = state
         self.mdb = mdb
@@ -75,6 +77,7 @@ class Rollout:
         self.tick = tick
         self.wake: dict[str, asyncio.Event] = {}  # per running deploy: look again now
         self._health_slots = asyncio.Semaphore(health_slots)
+        self._health_checks = health_checks
         self._plan_slots = asyncio.Semaphore(plan_slots)
         self._client: httpx.AsyncClient | None = None
 
@@ -354,7 +357,7 @@ class Rollout:
         if self._client is None:
             self._client = httpx.AsyncClient(follow_redirects=True)
         async with self._health_slots:
-            return await spec.health.run(machine, self._client)
+            return await spec.health.run(machine, self._client, self._health_checks)
 
     async def _rollback(self, deploy: Deploy, spec: DeploySpec) -> None:
         """Give every host the deploy set its previous required image back (unless

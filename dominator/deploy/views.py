@@ -1,11 +1,14 @@
-"""A deploy as JSON: the deploy API's views (GET /v1/deploys/{id}, the list lines)
-and a dry run's answer for one host."""
+"""A deploy as JSON: the deploy API's views (GET /v1/deploys/{id}, the list lines),
+which the dashboard shows too, and a dry run's answer for one host. Both views go
+through health.redact: no page or API answer shows a health check's credentials,
+query values or a stored command line."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from dominator.deploy.health import redact
 from dominator.deploy.model import Deploy, HostProgress
 from dominator.herd.convergence import PlanSummary
 from fleetlib.fstree.diff import Change
@@ -15,7 +18,7 @@ MAX_PLAN_PATHS = 1000          # changed paths listed per host in a dry run
 
 
 def deploy_view(deploy: Deploy, status_url: str) -> dict[str, Any]:
-    """The API's JSON (GET /v1/deploys/{id})."""
+    """The API's JSON (GET /v1/deploys/{id}), redacted."""
     result: dict[str, Any] = {
         "id": deploy.id, "status": deploy.status, "progress": deploy.progress(),
         "percent": deploy.percent(), "reason": deploy.reason, "image": deploy.request["image"],
@@ -33,7 +36,7 @@ def deploy_view(deploy: Deploy, status_url: str) -> dict[str, Any]:
         result["wouldStop"] = {
             name: host.error or host.plan["wouldStop"] for name, host in deploy.hosts.items()
             if host.error or (host.plan and host.plan["wouldStop"])}
-    return result
+    return redact(result)
 
 
 def relative_view(deploy: Deploy) -> dict[str, Any]:
@@ -42,12 +45,12 @@ def relative_view(deploy: Deploy) -> dict[str, Any]:
 
 
 def deploy_summary(deploy: Deploy, status_url: str) -> dict[str, Any]:
-    """One line of GET /v1/deploys."""
-    return {"id": deploy.id, "status": deploy.status, "progress": deploy.progress(),
-            "percent": deploy.percent(), "reason": deploy.reason,
-            "image": deploy.request["image"], "dryRun": deploy.dry_run,
-            "hosts": len(deploy.hosts), "statusUrl": status_url,
-            "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix}
+    """One line of GET /v1/deploys, redacted."""
+    return redact({"id": deploy.id, "status": deploy.status, "progress": deploy.progress(),
+                   "percent": deploy.percent(), "reason": deploy.reason,
+                   "image": deploy.request["image"], "dryRun": deploy.dry_run,
+                   "hosts": len(deploy.hosts), "statusUrl": status_url,
+                   "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix})
 
 
 def host_view(host: HostProgress) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dominator.deploy.engine import DeployEngine
+from dominator.deploy.health import NO_CHECKS, NamedChecks
 from dominator.herd.computed import Renderer
 from dominator.herd.herd import Herd, HerdConfig
 from dominator.herd.images import ImageCache
@@ -55,6 +56,7 @@ class DaemonConfig:
     host: str
     token: str
     security: Security
+    health_checks: NamedChecks = NO_CHECKS  # the allow-listed named health checks
 
 
 class Server:
@@ -82,7 +84,8 @@ class Server:
             [(dominator_pb2_grpc.add_DominatorServicer_to_server,
               DominatorService(herd, state, self.mdb), "fleet.Dominator")],
             config.port, config.security, config.host)
-        self.deploys = DeployEngine(herd, state, self.mdb, self.images)
+        self.deploys = DeployEngine(herd, state, self.mdb, self.images,
+                                    health_checks=config.health_checks)
         await self.deploys.start()  # resumes the deploys a stop interrupted
         self.http = await serve_http(make_app(HttpContext(
             herd, state, self.mdb, self.images, config.token, deploys=self.deploys)),

@@ -41,7 +41,8 @@ class FleetUnderTest:
     """The daemons and the CLI environment of one fleet of `hosts` subd."""
 
     def __init__(self, tmp_path: Path, ca: Path, imageserver: Daemon,
-                 start_subd: Callable[[Path], Daemon], hosts: int = HOSTS) -> None:
+                 start_subd: Callable[[Path], Daemon], hosts: int = HOSTS,
+                 serve_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp_path
         self.ca = ca
         self.http_port = free_port()
@@ -53,7 +54,7 @@ class FleetUnderTest:
                               "--imageserver", imageserver.address, "--generators",
                               str(self.generators), "--poll-interval", POLL,
                               "--http-port", str(self.http_port), "--token", TOKEN,
-                              "--tls-dir", str(ca / "dominator")],
+                              "--tls-dir", str(ca / "dominator"), *serve_args],
             "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
             tmp_path / "dominator.log")
         self.base = f"http://127.0.0.1:{self.http_port}"

@@ -243,3 +243,14 @@ def test_browser_shows_every_host(dash: FleetUnderTest, tmp_path: Path) -> None:
     results = PROJECT / "bench" / "results"
     if results.is_dir():
         shutil.copy(shot, results / "dashboard.png")
+
+
+def test_no_page_loads_assets_from_elsewhere(dash: FleetUnderTest) -> None:
+    """Defect 9: FastAPI's /docs and /redoc load their scripts from a public CDN: they
+    are off; the schema stays at /openapi.json."""
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        reply = get(dash, path)
+        assert reply.status_code == 404 or not re.search(r"""(src|href)=["']?https?://""",
+                                                         reply.text), (path, reply.text[:300])
+    schema = get(dash, "/openapi.json")
+    assert schema.status_code == 200 and "/v1/deploys" in schema.json()["paths"]

@@ -9,18 +9,25 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from starlette.routing import BaseRoute
 
 from dominator.deploy.engine import DeployEngine
-from dominator.deploy.health import HealthCheck
+from dominator.deploy.health import HealthCheck, NamedChecks
+from dominator.deploy.model import Deploy, HostProgress, Wave
+from dominator.deploy.store import DeployStore
+from dominator.deploy.views import deploy_view
 from dominator.deploy.waves import check_waves, wave_targets
 from dominator.herd.convergence import PlanSummary
 from dominator.herd.herd import Sub
@@ -39,18 +46,21 @@ from subd.changes import UpdatePlan
 
 class HealthServer:
     """The health gate: GET /health/HOST answers 200, or what `status` says for
-    that host, after `delay` seconds; every request is remembered in order."""
+    that host, after `delay` seconds; every request is remembered in order (and
+    what it carried: its path with the query, its Authorization header)."""
 
     def __init__(self) -> None:
         self.status: dict[str, int] = {}
         self.delay: dict[str, float] = {}
         self.hits: list[tuple[float, str]] = []
+        self.carried: list[tuple[str, str]] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                host = self.path.rsplit("/", 1)[-1]
+                host = urlsplit(self.path).path.rsplit("/", 1)[-1]
                 outer.hits.append((time.time(), host))
+                outer.carried.append((self.path, self.headers.get("Authorization", "")))
                 time.sleep(outer.delay.get(host, 0.0))
                 code = outer.status.get(host, 200)
                 self.send_response(code)
@@ -82,8 +92,9 @@ class DeployFleet(FleetUnderTest):
     """A fleet of N hosts (fleetlib.testing.fleet's), plus the deploy API's client."""
 
     def __init__(self, tmp_path: Path, ca: Path, imageserver: Daemon,
-                 start_subd: Callable[..., Daemon], hosts: int) -> None:
-        super().__init__(tmp_path, ca, imageserver, start_subd, hosts)
+                 start_subd: Callable[..., Daemon], hosts: int,
+                 serve_args: tuple[str, ...] = ()) -> None:
+        super().__init__(tmp_path, ca, imageserver, start_subd, hosts, serve_args)
         self.api = httpx.Client(base_url=self.base, timeout=30,
                                 headers={"Authorization": f"Bearer {TOKEN}"})
         self.wait_http()
@@ -178,11 +189,11 @@ def health() -> Iterator[HealthServer]:
 
 @pytest.fixture
 def make_fleet(tmp_path: Path, ca: Path, imageserver: Daemon,
-               start_subd: Callable[..., Daemon]) -> Iterator[Callable[[int], DeployFleet]]:
+               start_subd: Callable[..., Daemon]) -> Iterator[Callable[..., DeployFleet]]:
     fleets: list[DeployFleet] = []
 
-    def make(hosts: int = 5) -> DeployFleet:
-        fleet = DeployFleet(tmp_path, ca, imageserver, start_subd, hosts)
+    def make(hosts: int = 5, serve_args: tuple[str, ...] = ()) -> DeployFleet:
+        fleet = DeployFleet(tmp_path, ca, imageserver, start_subd, hosts, serve_args)
         fleets.append(fleet)
         fleet.add_images()
         fleet.put_on_v1()
@@ -430,7 +441,7 @@ def test_requests_idempotency_and_openapi(make_fleet: Callable[[int], DeployFlee
     refused(anonymous.post("/v1/deploys", content=b"{not json"), 401, "missing bearer token")
     refused(anonymous.get("/v1/deploys"), 401)
     refused(anonymous.post("/v1/deploys", json=good, headers={"Authorization": "Bearer nope"}),
-            401, "wrong bearer token")
+            401, "bearer token")
     refused(fleet.api.post("/v1/deploys", content=b"{not json",
                            headers={"Content-Type": "application/json"}), 400, "JSON")
     refused(fleet.start({"select": {"all": True}}), 400, "image", "required")
@@ -449,8 +460,8 @@ def test_requests_idempotency_and_openapi(make_fleet: Callable[[int], DeployFlee
     refused(fleet.start({**good, "select": {"all": True, "hosts": ["host-1"]}}), 400,
             "exactly one")
     refused(fleet.start({**good, "healthCheck": {"url": "http://{hots}/"}}), 400, "{hots}")
-    refused(fleet.start({**good, "healthCheck": {"url": "x", "command": "true"}}), 400,
-            "exactly one of url or command")
+    refused(fleet.start({**good, "healthCheck": {"url": "x", "check": "up"}}), 400,
+            "exactly one of url or check")
     refused(fleet.start({**good, "maxFailures": -1}), 400, "maxFailures")
     refused(fleet.api.get("/v1/deploys/no-such-deploy"), 404, "no-such-deploy")
     assert fleet.api.get("/v1/deploys").json() == {"deploys": []}  # nothing was started
@@ -615,15 +626,212 @@ async def test_engine_refusals_and_outcomes_in_process(tmp_path: Path) -> None:
     mdb.close()
 
 
-async def test_command_health_checks() -> None:
+ARGV_SCRIPT = """import json, sys
+with open(sys.argv[1], "a") as out:
+    out.write(json.dumps(sys.argv[2:]) + "\\n")
+"""
+
+
+async def test_named_check_fills_host_as_one_argument_without_a_shell(tmp_path: Path) -> None:
+    """Defect 8: a named check's {host} and {address} are one argument each, never
+    read by a shell, however hostile the hostname."""
+    script, seen = tmp_path / "argv.py", tmp_path / "argv.log"
+    script.write_text(ARGV_SCRIPT)
+    checks = NamedChecks.parse([
+        f"argv={sys.executable} {script} {seen} --host={{host}} {{address}}",
+        "same=test {host} = h1", "slow=sleep 5", "missing=/no/such/check {address}"])
+    assert checks.names == ["argv", "missing", "same", "slow"]
+    hostile = f"h1; touch {tmp_path}/pwned $(touch {tmp_path}/pwned2) `id` | cat &"
     async with httpx.AsyncClient() as client:
-        check = HealthCheck(command="test {host} = h1", retries=1)
-        assert await check.run(Machine("h1"), client) == (True, "test h1 = h1: exit 0")
-        healthy, seen = await check.run(Machine("h2"), client)
-        assert not healthy and seen == "test h2 = h1: exit 1 (2 attempts)"
-        slow = HealthCheck(command="sleep 5", timeout=0.2, retries=0)
-        healthy, seen = await slow.run(Machine("h1"), client)
-        assert not healthy and "still running after 0.2 s" in seen
-        missing = HealthCheck(command="/no/such/check {address}", retries=0)
-        healthy, seen = await missing.run(Machine("h1", address="10.0.0.1:6969"), client)
-        assert not healthy and seen.startswith("/no/such/check: No such file")
+        # The MDB refuses such a hostname; the check must not depend on it.
+        machine = Machine("h1", address="10.0.0.1:6969")
+        object.__setattr__(machine, "hostname", hostile)
+        argv = HealthCheck(check="argv", retries=0)
+        assert await argv.run(machine, client, checks) == (True, "check argv: exit 0")
+        assert json.loads(seen.read_text()) == [f"--host={hostile}", "10.0.0.1"]
+        assert not list(tmp_path.glob("pwned*"))
+
+        same = HealthCheck(check="same", retries=1)
+        assert await same.run(Machine("h1"), client, checks) == (True, "check same: exit 0")
+        assert await same.run(Machine("h2"), client, checks) == (
+            False, "check same: exit 1 (2 attempts)")
+        healthy, text = await HealthCheck(check="slow", timeout=0.2, retries=0).run(
+            Machine("h1"), client, checks)
+        assert not healthy and "still running after 0.2 s" in text
+        healthy, text = await HealthCheck(check="missing", retries=0).run(
+            Machine("h1"), client, checks)
+        assert not healthy and text.startswith("check missing: /no/such/check: No such file")
+        # A name the operator no longer allow-lists (a resumed deploy) fails, saying so.
+        healthy, text = await HealthCheck(check="gone", retries=0).run(
+            Machine("h1"), client, checks)
+        assert not healthy and "unknown health check 'gone'" in text and "argv, missing" in text
+
+    for bad, why in (("noequals", "NAME=COMMAND"), ("x y=true", "NAME=COMMAND"),
+                     ("a=", "empty"), ("a=echo 'open", "No closing quotation"),
+                     ("a={hots}", "{hots}")):
+        with pytest.raises(FleetError, match=re.escape(why)):
+            NamedChecks.parse([bad])
+    with pytest.raises(FleetError, match="twice"):
+        NamedChecks.parse(["a=true", "a=false"])
+
+
+def test_named_checks_gate_real_deploys(make_fleet: Callable[..., DeployFleet],
+                                        tmp_path: Path) -> None:
+    """Defect 8: the operator allow-lists checks on `dominator serve`; a request names
+    one (a passing check: SUCCEEDED; a failing one: TERMINAL and rolled back), and
+    a request carrying a command line, or naming no allow-listed check, is a 400."""
+    script, seen, ran = tmp_path / "argv.py", tmp_path / "argv.log", tmp_path / "ran"
+    script.write_text(ARGV_SCRIPT)
+    fleet = make_fleet(3, ("--health-check", f"seen={sys.executable} {script} {seen} {{host}}",
+                           "--health-check", """not-2=sh -c 'test "$1" != host-2' not-2 {host}"""))
+    good = {"image": "v2", "select": {"all": True}, "waves": ["1", "100%"]}
+
+    reply = fleet.start({**good, "healthCheck": {"command": f"touch {ran}"}})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert "never carries a command line" in error
+    assert "dominator serve --health-check NAME=COMMAND" in error and '"check"' in error
+    reply = fleet.start({**good, "healthCheck": {"check": "nope"}})
+    assert reply.status_code == 400, reply.text
+    assert "unknown health check 'nope'" in reply.json()["error"]
+    assert "not-2, seen" in reply.json()["error"]
+    assert not ran.exists() and fleet.api.get("/v1/deploys").json() == {"deploys": []}
+
+    # The CLI names the check, as a pipeline would.
+    started = json.loads(fleet.run("deploy", "start", "v2", "--select", "all", "--waves",
+                                   "1,100%", "--health-check", "seen", "--retries", "0",
+                                   "--json"))
+    done = fleet.wait_end(started["id"])
+    assert done["status"] == "SUCCEEDED", done
+    assert done["request"]["healthCheck"]["check"] == "seen"
+    checked = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert checked[0] == ["host-1"] and sorted(checked[1:]) == [["host-2"], ["host-3"]]
+    assert all(host["health"] == "check seen: exit 0" for host in done["hosts"].values())
+
+    failing = fleet.deploy({**good, "image": "v1",
+                            "healthCheck": {"check": "not-2", "retries": 0}})
+    done = fleet.wait_end(failing)
+    assert done["status"] == "TERMINAL", done
+    assert done["hosts"]["host-1"]["health"] == "check not-2: exit 0"
+    assert done["hosts"]["host-2"]["error"] == "health check failed: check not-2: exit 1 " \
+        "(1 attempt)"
+    assert set(fleet.required().values()) == {"v2"}  # rolled back
+
+
+def test_stored_command_is_never_run_on_resume(tmp_path: Path) -> None:
+    """Defect 8: a deploy stored before named checks with a healthCheck.command,
+    resumed by a restarted dominator, fails its health gate and rolls back; its
+    command never runs, and no view shows it."""
+    asyncio.run(stored_command_resumed(tmp_path))
+
+
+async def stored_command_resumed(tmp_path: Path) -> None:
+    state = DominatorState(tmp_path / "state.sqlite")
+    mdb = Mdb(str(tmp_path / "mdb.sqlite"))
+    mdb.set(Machine("h1", required_image="v1"))
+    state.record_sync("h1", "v1", {})
+    herd = FakeHerd()
+    herd.subs = {m.hostname: Sub(m) for m in mdb.list()}
+    ran = tmp_path / "ran"
+    request = {"image": "v2", "select": {"hosts": ["h1"]}, "waves": ["100%"],
+               "maxFailures": 0, "dryRun": False, "waveTimeoutSeconds": 900.0,
+               "healthCheck": {"command": f"touch {ran}", "timeoutSeconds": 10.0,
+                               "retries": 2}}
+    DeployStore(state.engine).insert(Deploy("0123456789abcdef", None, request,
+                                            [Wave("100%", 1, ["h1"])], {"h1": HostProgress(1)}))
+    engine = DeployEngine(herd, state, mdb, FakeImages(), tick=0.02)
+    await engine.start()
+    await until(lambda: mdb.get("h1").required_image == "v2", "h1 is told v2")
+    await until(lambda: herd.subs["h1"].listeners, "the engine watches h1")
+    herd.subs["h1"].machine = mdb.get("h1")
+    state.record_sync("h1", "v2", {})
+    herd.subs["h1"].set_status(Status.SYNCED)
+    await until(lambda: mdb.get("h1").required_image == "v1", "h1 is told v1 again")
+    herd.subs["h1"].machine = mdb.get("h1")
+    state.record_sync("h1", "v1", {})
+    herd.subs["h1"].set_status(Status.SYNCED)
+    await until(lambda: engine.get("0123456789abcdef").status != "RUNNING", "the deploy ends")
+    deploy = engine.get("0123456789abcdef")
+    assert deploy is not None and deploy.status == "TERMINAL"
+    assert "predates named checks" in deploy.hosts["h1"].error
+    assert "dominator serve --health-check NAME=COMMAND" in deploy.hosts["h1"].error
+    assert not ran.exists()
+    view = deploy_view(deploy, "/v1/deploys/0123456789abcdef")
+    assert view["request"]["healthCheck"]["command"] == "REDACTED"
+    assert str(ran) not in json.dumps(view)
+    await engine.stop()
+    mdb.close()
+
+
+SECRETS = ("s3cret-pw", "s3cret-q")
+FILLS = {"hostname": "hosts", "name": "images", "deploy_id": "deploys"}
+
+
+def every_route(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes, an included router's own ones included (FastAPI >= 0.165 keeps
+    each included router as one route)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        yield from every_route(included.routes) if included is not None else [route]
+
+
+def open_urls(fleet: DeployFleet, deploy_ids: list[str]) -> list[str]:
+    """Every GET route of the HTTP app outside the token-checked /v1, its path
+    parameters filled with each real hostname, image and deploy id, and each of
+    those pages' `.json` twin. A route with a parameter not in FILLS fails here."""
+    # The routes only: the context is not used until a request comes.
+    app = make_app(HttpContext(None, None, None, None, ""))  # type: ignore[arg-type]
+    values = {"hosts": [*fleet.names, "no-such-host"], "images": ["v1", "v2", "tiny"],
+              "deploys": deploy_ids}
+    urls = []
+    for route in every_route(app.routes):
+        path = getattr(route, "path", "")
+        if path.startswith("/v1") or "GET" not in (getattr(route, "methods", None) or ()):
+            continue
+        params = re.findall(r"\{(\w+)(?::\w+)?\}", path)
+        assert set(params) <= set(FILLS), f"{path}: fill its parameters in FILLS"
+        if not params:
+            urls.append(path)
+            continue
+        assert len(params) == 1, path
+        for value in values[FILLS[params[0]]]:
+            page = re.sub(r"\{\w+(?::\w+)?\}", value, path)
+            urls += [page, f"{page}.json"]
+    return urls
+
+
+def test_open_pages_never_show_health_check_secrets(make_fleet: Callable[..., DeployFleet],
+                                                    health: HealthServer) -> None:
+    """Defect 7: a health check URL's credentials and query values appear on no open
+    page or JSON twin (nor in the token-holder's API); the check itself still
+    sends them."""
+    fleet = make_fleet(3)
+    port = health.server.server_address[1]
+    secret_url = f"http://user:s3cret-pw@127.0.0.1:{port}/health/{{host}}?token=s3cret-q"
+    health.status["host-2"] = 500
+    deploy_id = fleet.deploy({"image": "v2", "select": {"all": True}, "waves": ["1", "100%"],
+                              "healthCheck": {"url": secret_url, "retries": 0}})
+    done = fleet.wait_end(deploy_id)
+    assert done["status"] == "TERMINAL" and "host-2" in done["reason"], done
+    assert health.carried and all(
+        path.endswith("?token=s3cret-q") and auth == "Basic dXNlcjpzM2NyZXQtcHc="
+        for path, auth in health.carried)  # user:s3cret-pw: the check sent them
+    shown = done["request"]["healthCheck"]["url"]
+    assert shown == f"http://REDACTED@127.0.0.1:{port}/health/{{host}}?token=REDACTED"
+    assert done["hosts"]["host-1"]["health"] == (
+        f"GET http://REDACTED@127.0.0.1:{port}/health/host-1?token=REDACTED: HTTP 200")
+
+    urls = open_urls(fleet, [deploy_id])
+    assert {"/", "/index.json", f"/deploys/{deploy_id}", f"/deploys/{deploy_id}.json",
+            "/deploys.json", "/hosts/host-1.json", "/images/v2", "/metrics"} <= set(urls)
+    anonymous = httpx.Client(base_url=fleet.base, timeout=30)
+    for url in urls:
+        reply = anonymous.get(url)
+        assert reply.status_code in (200, 404), (url, reply.status_code, reply.text[:300])
+        for secret in SECRETS:
+            assert secret not in reply.text, (url, secret)
+    detail = anonymous.get(f"/deploys/{deploy_id}").text
+    assert "REDACTED" in detail and "host-2" in detail
+    for url in ("/v1/deploys", f"/v1/deploys/{deploy_id}"):  # the token holder's view too
+        text = fleet.api.get(url).text
+        assert not [secret for secret in SECRETS if secret in text], url

@@ -31,6 +31,18 @@ def free_base_port() -> int:
     raise RuntimeError("no free ports")
 
 
+def command_lines(state: Path) -> dict[int, bytes]:
+    """By PID, the raw /proc/PID/cmdline of each process using the state directory."""
+    found = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True)
+    lines = {}
+    for pid in map(int, found.stdout.split()):
+        try:
+            lines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            pass  # gone meanwhile (pgrep itself)
+    return lines
+
+
 def running_from(state: Path) -> list[str]:
     """Command lines of processes still using the state directory."""
     found = subprocess.run(["pgrep", "-af", str(state)], capture_output=True, text=True)
@@ -61,6 +73,12 @@ def test_quickstart_runs_a_fleet_then_stops_cleanly(tmp_path: Path) -> None:
     assert [h["hostname"] for h in hosts] == ["host-1", "host-2", "host-3"]
     assert hosts[0]["intrusion_paths"] == ["/etc/motd"]  # the demonstrated hand edit
     assert all(h["status"] == "synced" for h in hosts[1:])
+    # Defect 9: the token never travels on a command line (where `ps` shows it).
+    token = exports["DOMINATOR_TOKEN"].encode()
+    lines = command_lines(tmp_path)
+    assert any(b"\0serve\0" in line for line in lines.values()), lines
+    assert not [line for line in lines.values() if token in line]
+    assert (tmp_path / "dominator" / "http-token").read_bytes().strip() == token
     for index in (1, 2, 3):
         root = tmp_path / "subs" / f"host-{index}"
         assert (root / "etc/hostname").read_text() == f"host-{index}\n"
@@ -69,4 +87,6 @@ def test_quickstart_runs_a_fleet_then_stops_cleanly(tmp_path: Path) -> None:
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "stopped" in err and "Traceback" not in err
+    assert "coming with" not in err
+    assert f"Dashboard (open, read-only): {exports['DOMINATOR_URL']}/" in err
     assert running_from(tmp_path) == []

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 def make_app(ctx: HttpContext) -> FastAPI:
     """The whole HTTP application."""
-    app = FastAPI(title="dominator", version="1",
+    # No /docs or /redoc: FastAPI's pages load their scripts from a public CDN. The
+    # schema stays at /openapi.json, for any OpenAPI viewer the operator runs.
+    app = FastAPI(title="dominator", version="1", docs_url=None, redoc_url=None,
                   description="Deploy stage, dashboard and metrics of a dominator.")
     app.state.context = ctx
 
