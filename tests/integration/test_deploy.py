@@ -779,8 +779,8 @@ def open_urls(fleet: DeployFleet, deploy_ids: list[str]) -> list[str]:
     """Every GET route of the HTTP app outside the token-checked /v1, its path
     parameters filled with each real hostname, image and deploy id, and each of
     those pages' `.json` twin. A route with a parameter not in FILLS fails here."""
-    # The routes only: the context is not used until a request comes.
-    app = make_app(HttpContext(None, None, None, None, ""))  # type: ignore[arg-type]
+    # The routes only: no router reads its context until a request comes.
+    app = make_app(HttpContext.__new__(HttpContext))
     values = {"hosts": [*fleet.names, "no-such-host"], "images": ["v1", "v2", "tiny"],
               "deploys": deploy_ids}
     urls = []

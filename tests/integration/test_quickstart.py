@@ -67,24 +67,26 @@ def test_quickstart_runs_a_fleet_then_stops_cleanly(tmp_path: Path) -> None:
     if len(exports) < 5:
         process.kill()
         raise AssertionError(process.stderr.read() if process.stderr else "no output")
-    assert set(exports) == {"DOMINATOR_TLS_DIR", "DOMINATOR_ADDRESS", "DOMINATOR_IMAGESERVER",
-                            "DOMINATOR_URL", "DOMINATOR_TOKEN"}
-    hosts = json.loads(cli("fleet", "list", "--json", env=exports, check=True).stdout)
-    assert [h["hostname"] for h in hosts] == ["host-1", "host-2", "host-3"]
-    assert hosts[0]["intrusion_paths"] == ["/etc/motd"]  # the demonstrated hand edit
-    assert all(h["status"] == "synced" for h in hosts[1:])
-    # Defect 9: the token never travels on a command line (where `ps` shows it).
-    token = exports["DOMINATOR_TOKEN"].encode()
-    lines = command_lines(tmp_path)
-    assert any(b"\0serve\0" in line for line in lines.values()), lines
-    assert not [line for line in lines.values() if token in line]
-    assert (tmp_path / "dominator" / "http-token").read_bytes().strip() == token
-    for index in (1, 2, 3):
-        root = tmp_path / "subs" / f"host-{index}"
-        assert (root / "etc/hostname").read_text() == f"host-{index}\n"
-        assert "pwned" not in (root / "etc/motd").read_text()
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    try:  # a failed check still stops the fleet (SIGINT: quickstart stops its daemons)
+        assert set(exports) == {"DOMINATOR_TLS_DIR", "DOMINATOR_ADDRESS", "DOMINATOR_IMAGESERVER",
+                                "DOMINATOR_URL", "DOMINATOR_TOKEN"}
+        hosts = json.loads(cli("fleet", "list", "--json", env=exports, check=True).stdout)
+        assert [h["hostname"] for h in hosts] == ["host-1", "host-2", "host-3"]
+        assert hosts[0]["intrusion_paths"] == ["/etc/motd"]  # the demonstrated hand edit
+        assert all(h["status"] == "synced" for h in hosts[1:])
+        # Defect 9: the token never travels on a command line (where `ps` shows it).
+        token = exports["DOMINATOR_TOKEN"].encode()
+        lines = command_lines(tmp_path)
+        assert any(b"\0serve\0" in line for line in lines.values()), lines
+        assert not [line for line in lines.values() if token in line]
+        assert (tmp_path / "dominator" / "http-token").read_bytes().strip() == token
+        for index in (1, 2, 3):
+            root = tmp_path / "subs" / f"host-{index}"
+            assert (root / "etc/hostname").read_text() == f"host-{index}\n"
+            assert "pwned" not in (root / "etc/motd").read_text()
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "stopped" in err and "Traceback" not in err
     assert "coming with" not in err
