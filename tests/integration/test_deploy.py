@@ -707,6 +707,8 @@ def test_named_checks_gate_real_deploys(make_fleet: Callable[..., DeployFleet],
     checked = [json.loads(line) for line in seen.read_text().splitlines()]
     assert checked[0] == ["host-1"] and sorted(checked[1:]) == [["host-2"], ["host-3"]]
     assert all(host["health"] == "check seen: exit 0" for host in done["hosts"].values())
+    page = httpx.get(f"{fleet.base}/deploys/{started['id']}", timeout=30).text
+    assert "<td class=\"mono\">check seen</td>" in page and str(script) not in page
 
     failing = fleet.deploy({**good, "image": "v1",
                             "healthCheck": {"check": "not-2", "retries": 0}})
