@@ -6,6 +6,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -74,7 +75,7 @@ def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
         with progress_bar(sum(missing.values()), f"uploading {len(missing)} objects") as advance:
             client.upload(src, missing, advance)
         client.add_image(Image(name, tree, flt, triggers, computed, expires_unix=expires))
-    report = {
+    report: dict[str, Any] = {
         "image": name, "inodes": len(tree.inodes), "bytes": tree.total_bytes(),
         "uploaded_objects": len(missing), "uploaded_bytes": sum(missing.values()),
         "skipped_objects": len(wanted) - len(missing),

@@ -4,7 +4,9 @@ show what an image would change, fetch, update, or push an image end to end."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import click
 import grpc
@@ -29,7 +31,7 @@ from subd.changes import UpdatePlan
 from subd.client import SubClient
 
 
-def status_json(status: subd_pb2.SubStatus) -> dict:
+def status_json(status: subd_pb2.SubStatus) -> dict[str, Any]:
     """Poll status as plain data."""
     update = status.last_update
     return {
@@ -209,7 +211,7 @@ update_options = [
 ]
 
 
-def with_update_options(func):
+def with_update_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add the options every updating command shares."""
     for option in reversed(update_options):
         func = option(func)

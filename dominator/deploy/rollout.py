@@ -219,7 +219,7 @@ class Rollout:
         await self._start_hosts(deploy, spec, wave.hosts)
         deadlines = {name: time.monotonic() + spec.wave_timeout for name in wave.hosts}
         watches: dict[str, HostWatch] = {}
-        checks: dict[str, asyncio.Task] = {}
+        checks: dict[str, asyncio.Task[tuple[bool, str]]] = {}
         try:
             while True:
                 if deploy.cancel and deploy.cancel["rollback"]:
@@ -282,8 +282,8 @@ class Rollout:
                 host.finished_unix = now
         await self.save(deploy)
         writes = [name for name in names if deploy.hosts[name].state == HostState.UPDATING
-                  and machines[name] is not None
-                  and machines[name].required_image != spec.image]
+                  and (machine := machines[name]) is not None
+                  and machine.required_image != spec.image]
         if writes:
             def write() -> list[tuple[str, str]]:
                 failed = []

@@ -77,7 +77,7 @@ class DeployStore:
             status=deploy.status, reason=deploy.reason, state=json.dumps(deploy.to_record()),
             updated_unix=deploy.updated_unix))
 
-    def _load(self, query: sa.Select) -> list[Deploy]:
+    def _load(self, query: sa.Select[DeployRow]) -> list[Deploy]:
         with self._lock, self.engine.connect() as conn:
             rows = list(conn.execute(query.with_only_columns(DeployRow.request,
                                                              DeployRow.state)))

@@ -97,7 +97,7 @@ class _ConfinedLoader(jinja2.FileSystemLoader):
         """Load `template` after checking where it really is."""
         real = os.path.realpath(self._base.joinpath(*jinja2.loaders.split_template_path(template)))
         if not Path(real).is_relative_to(self._base):
-            raise jinja2.sandbox.SecurityError(
+            raise jinja2.exceptions.SecurityError(
                 f"template {template!r} resolves outside the generator directory")
         return super().get_source(environment, template)
 
