@@ -53,7 +53,7 @@ MAX_DEPLOY_HOSTS = 2000  # rows a deploy page lists
 DEPLOYS_LISTED = 100
 
 # /hosts?sort=KEY: the column each key sorts by (ties broken by hostname).
-SORT_KEYS: dict[str, Callable[[dict], Any]] = {
+SORT_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "hostname": lambda h: h["hostname"],
     "status": lambda h: h["status"],
     "address": lambda h: h["address"],
@@ -87,7 +87,7 @@ def unreachable_within(sub: Sub, now: float) -> dict[str, bool]:
             for name, seconds in WINDOWS.items()}
 
 
-def host_view(sub: Sub, record: HostRecord, now: float) -> dict:
+def host_view(sub: Sub, record: HostRecord, now: float) -> dict[str, Any]:
     """One host as the dashboard shows it: `dominator fleet list --json`'s fields
     (its SubReport) plus tags, compliance, reachability and events."""
     view = SubReport.of(sub, record).to_json()
@@ -104,7 +104,7 @@ def host_view(sub: Sub, record: HostRecord, now: float) -> dict:
     return view
 
 
-async def host_views(ctx: HttpContext) -> list[dict]:
+async def host_views(ctx: HttpContext) -> list[dict[str, Any]]:
     """Every host of the herd, by hostname (state store records read off the loop)."""
     subs = sorted(ctx.herd.subs.items())
     names = [name for name, _ in subs]
@@ -115,11 +115,11 @@ async def host_views(ctx: HttpContext) -> list[dict]:
 
 # The overview.
 
-def image_counts(hosts: Iterable[dict]) -> list[dict]:
+def image_counts(hosts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per image named anywhere in the fleet: hosts requiring, planning and holding it."""
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict[str, Any]] = {}
 
-    def row(name: str) -> dict:
+    def row(name: str) -> dict[str, Any]:
         return rows.setdefault(name, {"image": name, "required": 0, "planned": 0,
                                       "current": 0, "compliant": 0,
                                       "url": f"/images/{name}"})
@@ -135,7 +135,7 @@ def image_counts(hosts: Iterable[dict]) -> list[dict]:
     return [rows[name] for name in sorted(rows)]
 
 
-async def overview(ctx: HttpContext) -> dict:
+async def overview(ctx: HttpContext) -> dict[str, Any]:
     """The fleet at a glance."""
     hosts = await host_views(ctx)
     disabled = await asyncio.to_thread(ctx.state.updates_disabled)
@@ -178,7 +178,7 @@ def _flag(params: Any, name: str) -> bool | None:
     raise HTTPException(400, f"{name} must be yes or no, not {value!r}")
 
 
-def table_query(params: Any) -> dict:
+def table_query(params: Any) -> dict[str, Any]:
     """The /hosts query: filters and sort, validated (400 on a bad one)."""
     statuses = [s.strip() for value in params.getlist("status") for s in value.split(",")
                 if s.strip()]
@@ -202,7 +202,7 @@ def table_query(params: Any) -> dict:
             "sort": ("-" if sort.startswith("-") else "") + key}
 
 
-def _matches(host: dict, query: dict) -> bool:
+def _matches(host: dict[str, Any], query: dict[str, Any]) -> bool:
     if query["status"] and host["status"] not in query["status"]:
         return False
     if query["image"] and query["image"] not in (host["required_image"], host["planned_image"],
@@ -221,7 +221,7 @@ def _matches(host: dict, query: dict) -> bool:
     return True
 
 
-def sort_links(query: dict) -> dict[str, str]:
+def sort_links(query: dict[str, Any]) -> dict[str, str]:
     """Per sort key, the /hosts URL keeping the filters and sorting by that key
     (the current sort key's link reverses the order)."""
     kept = [("status", status) for status in query["status"]]
@@ -233,7 +233,7 @@ def sort_links(query: dict) -> dict[str, str]:
             for key in SORT_KEYS}
 
 
-def filter_and_sort(hosts: list[dict], query: dict) -> list[dict]:
+def filter_and_sort(hosts: list[dict[str, Any]], query: dict[str, Any]) -> list[dict[str, Any]]:
     """The hosts the query selects, in its order (hostname breaks ties)."""
     chosen = sorted((h for h in hosts if _matches(h, query)), key=lambda h: h["hostname"])
     key = query["sort"].lstrip("-")
@@ -248,10 +248,10 @@ class ImageListing:
     def __init__(self, ctx: HttpContext) -> None:
         self.ctx = ctx
         self._client: ImageServerClient | None = None
-        self._listed: tuple[float, dict[str, dict], str] | None = None
-        self._details: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._listed: tuple[float, dict[str, dict[str, Any]], str] | None = None
+        self._details: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
-    def _list(self) -> dict[str, dict]:
+    def _list(self) -> dict[str, dict[str, Any]]:
         if self._client is None:
             self._client = ImageServerClient(self.ctx.images.address, self.ctx.images.security)
         return {s.name: {"name": s.name, "created_unix": s.created_unix,
@@ -259,7 +259,7 @@ class ImageListing:
                          "total_bytes": s.total_bytes}
                 for s in self._client.list_images()}
 
-    async def stored(self) -> tuple[dict[str, dict], str]:
+    async def stored(self) -> tuple[dict[str, dict[str, Any]], str]:
         """Image summaries by name, and an error text when the server did not answer."""
         now = time.monotonic()
         if self._listed is None or now - self._listed[0] > LISTING_TTL:
@@ -270,7 +270,7 @@ class ImageListing:
                 self._listed = (now, known, f"image server: {describe_rpc_error(err)}")
         return self._listed[1], self._listed[2]
 
-    def details(self, image: Image) -> dict:
+    def details(self, image: Image) -> dict[str, Any]:
         """What an image page shows of an image (kept: images are immutable)."""
         kept = self._details.get(image.name)
         if kept is not None:
@@ -306,7 +306,8 @@ class ImageListing:
 
 # Deploys (the deploy engine, when the context has one: ctx.deploys).
 
-async def deploy_summaries(ctx: HttpContext, limit: int = DEPLOYS_LISTED) -> list[dict] | None:
+async def deploy_summaries(ctx: HttpContext,
+                           limit: int = DEPLOYS_LISTED) -> list[dict[str, Any]] | None:
     """The newest deploys (the deploy API's list lines, plus a dashboard link);
     None without a deploy engine."""
     engine = ctx.deploys
@@ -316,7 +317,7 @@ async def deploy_summaries(ctx: HttpContext, limit: int = DEPLOYS_LISTED) -> lis
             for deploy in await engine.newest(limit)]
 
 
-async def deploy_detail(ctx: HttpContext, deploy_id: str) -> dict | None:
+async def deploy_detail(ctx: HttpContext, deploy_id: str) -> dict[str, Any] | None:
     """One deploy as the deploy API shows it, each wave with its progress; None when
     unknown."""
     engine = ctx.deploys
@@ -339,7 +340,7 @@ async def deploy_detail(ctx: HttpContext, deploy_id: str) -> dict | None:
 
 # Live data from a sub (the host page).
 
-async def live_status(sub: Sub) -> dict | None:
+async def live_status(sub: Sub) -> dict[str, Any] | None:
     """What the sub says right now (a short poll over the herd's connection): its last
     update, fetch and scan; None before the herd has connected to it."""
     client = sub.client
@@ -406,10 +407,10 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
                     data=await overview(ctx))
 
     @router.get("/index.json")
-    async def overview_json() -> dict:
+    async def overview_json() -> dict[str, Any]:
         return await overview(ctx)
 
-    async def hosts_data(request: Request) -> dict:
+    async def hosts_data(request: Request) -> dict[str, Any]:
         query = table_query(request.query_params)
         everyone = await host_views(ctx)
         shown = filter_and_sort(everyone, query)
@@ -423,7 +424,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
                     sort_links=sort_links(data["query"]))
 
     @router.get("/hosts.json")
-    async def hosts_json(request: Request) -> dict:
+    async def hosts_json(request: Request) -> dict[str, Any]:
         return await hosts_data(request)
 
     @router.get("/hosts/{hostname}")
@@ -440,7 +441,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
             return JSONResponse(data)
         return page(request, "host.html", f"/hosts/{hostname}.json", hostname, host=data)
 
-    async def images_data() -> dict:
+    async def images_data() -> dict[str, Any]:
         stored, error = await listing.stored()
         counts = {row["image"]: row for row in image_counts(await host_views(ctx))}
         images = []
@@ -457,7 +458,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
                     data=await images_data())
 
     @router.get("/images.json")
-    async def images_json() -> dict:
+    async def images_json() -> dict[str, Any]:
         return await images_data()
 
     @router.get("/images/{name:path}")
@@ -489,7 +490,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
                     deploys=await deploy_summaries(ctx))
 
     @router.get("/deploys.json")
-    async def deploys_json() -> dict:
+    async def deploys_json() -> dict[str, Any]:
         deploys = await deploy_summaries(ctx)
         return {"deploy_engine": deploys is not None, "deploys": deploys or []}
 
