@@ -1,6 +1,6 @@
 """A typed, synchronous client of the dominator's admin gRPC API (the Dominator
-service), for the CLI and tools: sub reports, the fleet-wide switch, fast updates
-and the MDB (records as Dominator's JSON)."""
+service), for the CLI and tools: sub reports, the fleet-wide switch, fast updates,
+the MDB (records as Dominator's JSON), the audit log and the HTTP API's tokens."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from dominator.herd.status import SubReport
+from dominator.herd.tokens import ApiToken
+from fleetlib.audit import AuditEntry
 from fleetlib.rpc.tls import Security, open_channel, parse_address
-from fleetlib.wire import dominator_pb2, dominator_pb2_grpc
+from fleetlib.wire import audit_pb2, dominator_pb2, dominator_pb2_grpc
 
 DEFAULT_PORT = 6970
 
@@ -109,3 +111,27 @@ class DominatorClient:
         reply = self.stub.ImportMachines(dominator_pb2.ImportMachinesRequest(
             json=text, replace=replace))
         return reply.added, reply.changed, reply.removed
+
+    # The audit log and the HTTP API's tokens.
+
+    def audit(self, limit: int = 0, since_unix_ns: int = 0,
+              timeout: float | None = None) -> list[AuditEntry]:
+        """The dominator's audit entries, newest last."""
+        reply = self.stub.ListAudit(audit_pb2.ListAuditRequest(
+            limit=limit, since_unix_ns=since_unix_ns), timeout=timeout)
+        return [AuditEntry.from_wire(entry) for entry in reply.entries]
+
+    def create_token(self, name: str, scope: str) -> tuple[ApiToken, str]:
+        """A new named token: its record and its value (shown this once)."""
+        reply = self.stub.CreateToken(dominator_pb2.CreateTokenRequest(name=name, scope=scope))
+        return ApiToken.from_wire(reply.token), reply.value
+
+    def list_tokens(self) -> list[ApiToken]:
+        """Every token (never a value), revoked ones too."""
+        reply = self.stub.ListTokens(dominator_pb2.ListTokensRequest())
+        return [ApiToken.from_wire(info) for info in reply.tokens]
+
+    def revoke_token(self, name: str) -> ApiToken:
+        """Refuse the named token from now on."""
+        return ApiToken.from_wire(self.stub.RevokeToken(
+            dominator_pb2.RevokeTokenRequest(name=name)))

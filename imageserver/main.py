@@ -11,10 +11,12 @@ import click
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fleetlib.audit import AuditLog
 from fleetlib.cli.options import Duration, parse_duration, security_options
 from fleetlib.cli.run import run, setup_logging
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
+from fleetlib.sql.engine import open_engine
 from fleetlib.wire import imageserver_pb2_grpc, objectserver_pb2_grpc
 from imageserver.service import ImageService, ObjectService, collect_orphans, expire_images
 from imageserver.store import ImageStore
@@ -65,17 +67,18 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
     store = ImageStore(state_dir)
     store.load()
     store.collect_orphans(orphan_grace)
+    audit = AuditLog(open_engine(str(state_dir / "audit.sqlite")), "imageserver")
     objects = ObjectService(store)
     stop_metrics = serve_metrics(ImageServerCollector(store, objects), host, metrics_port) \
         if metrics_port else None
     running = await start_server(
         [(objectserver_pb2_grpc.add_ObjectServerServicer_to_server, objects,
           "fleet.ObjectServer"),
-         (imageserver_pb2_grpc.add_ImageServerServicer_to_server, ImageService(store),
+         (imageserver_pb2_grpc.add_ImageServerServicer_to_server, ImageService(store, audit),
           "fleet.ImageServer")],
         port, security, host)
     log.info("image server listening on port %d, state in %s", running.port, state_dir)
-    tasks = [asyncio.create_task(expire_images(store)),
+    tasks = [asyncio.create_task(expire_images(store, audit)),
              asyncio.create_task(collect_orphans(store, orphan_grace, orphan_interval))]
     try:
         await serve_until_stopped(running)

@@ -13,12 +13,14 @@ import grpc
 import zstandard
 from google.protobuf.message import DecodeError
 
+from fleetlib.audit import AuditLog, caller
 from fleetlib.errors import FleetError, NotFoundError
 from fleetlib.fstree.hashing import check_hash, format_hash
 from fleetlib.rpc.chunks import join_chunks_async, split_message
 from fleetlib.rpc.objects import ObjectReceiver, object_chunks, pack
 from fleetlib.rpc.status import abort
 from fleetlib.wire import (
+    audit_pb2,
     imageserver_pb2,
     imageserver_pb2_grpc,
     objectserver_pb2,
@@ -31,6 +33,7 @@ from imageserver.store import ImageStore
 log = logging.getLogger(__name__)
 
 MAX_HASHES_PER_REQUEST = 1 << 20
+EXPIRY = "imageserver (expiry)"  # who deletes an expired image, in the audit log
 
 
 def _check_hashes(hashes: Sequence[bytes]) -> None:
@@ -116,10 +119,12 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
 
 
 class ImageService(imageserver_pb2_grpc.ImageServerServicer):
-    """Adds, lists, serves, deletes and announces images."""
+    """Adds, lists, serves, deletes and announces images; adds and deletes go to
+    the audit log, which ListAudit serves."""
 
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStore, audit: AuditLog) -> None:
         self.store = store
+        self.audit = audit
 
     async def AddImage(self, request_iterator: AsyncIterator[Chunk],
                        context: grpc.aio.ServicerContext) -> imageserver_pb2.AddImageResponse:
@@ -131,6 +136,12 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed image message")
         except FleetError as err:
             await abort(context, err)
+        expires = f", expires {time.strftime('%Y-%m-%d %H:%M', time.gmtime(image.expires_unix))}" \
+            if image.expires_unix else ""
+        await asyncio.to_thread(
+            self.audit.record, caller(context), "image.add", f"added image {image.name}{expires}",
+            image=image.name, inodes=len(image.tree.inodes), bytes=image.tree.total_bytes(),
+            expires_unix=image.expires_unix)
         return imageserver_pb2.AddImageResponse(name=image.name)
 
     async def GetImage(self, request: imageserver_pb2.GetImageRequest,
@@ -155,6 +166,9 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
             freed, freed_bytes = self.store.delete(request.name)
         except FleetError as err:
             await abort(context, err)
+        await asyncio.to_thread(
+            self.audit.record, caller(context), "image.delete", f"deleted image {request.name}",
+            image=request.name, objects_freed=freed, bytes_freed=freed_bytes)
         return imageserver_pb2.DeleteImageResponse(objects_freed=freed, bytes_freed=freed_bytes)
 
     async def CheckImage(self, request: imageserver_pb2.CheckImageRequest,
@@ -176,12 +190,19 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
         finally:
             self.store.unwatch(queue)
 
+    async def ListAudit(self, request: audit_pb2.ListAuditRequest,
+                        context: grpc.aio.ServicerContext) -> audit_pb2.ListAuditResponse:
+        return await asyncio.to_thread(self.audit.list_response, request)
 
-async def expire_images(store: ImageStore, interval: float = 1.0) -> None:
-    """Delete expired images every `interval` seconds, for the server's lifetime."""
+
+async def expire_images(store: ImageStore, audit: AuditLog, interval: float = 1.0) -> None:
+    """Delete expired images every `interval` seconds, for the server's lifetime
+    (each one in the audit log)."""
     while True:
         for name in store.expire():
             log.info("image %s expired", name)
+            await asyncio.to_thread(audit.record, EXPIRY, "image.expire",
+                                    f"deleted image {name}: it expired", image=name)
         await asyncio.sleep(interval)
 
 

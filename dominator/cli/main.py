@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from dominator.cli.audit import audit
 from dominator.cli.certs import certs
 from dominator.cli.deploy import deploy
 from dominator.cli.fleet import fleet
@@ -13,6 +14,7 @@ from dominator.cli.mdb import mdb
 from dominator.cli.quickstart import quickstart
 from dominator.cli.serve import serve_command
 from dominator.cli.sub import sub
+from dominator.cli.tokens import tokens
 from fleetlib.cli.run import run
 
 
@@ -33,6 +35,8 @@ cli.add_command(fleet)
 cli.add_command(mdb)
 cli.add_command(serve_command)
 cli.add_command(deploy)
+cli.add_command(tokens)
+cli.add_command(audit)
 
 
 def main() -> None:

@@ -37,7 +37,15 @@ def _create(conn: Connection) -> None:  # frozen history: the tables the models 
         "hash TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (hostname, path, hash))"))
 
 
-MIGRATIONS = [Migration(1, "settings, hosts and desired states", _create)]
+def _create_tokens(conn: Connection) -> None:  # frozen history (dominator/herd/tokens.py)
+    conn.execute(sa.text(
+        "CREATE TABLE api_tokens (name TEXT PRIMARY KEY, scope TEXT NOT NULL, "
+        "sha256 TEXT NOT NULL UNIQUE, created_unix INTEGER NOT NULL, created_by TEXT NOT NULL, "
+        "last_used_unix INTEGER, revoked_unix INTEGER, revoked_by TEXT)"))
+
+
+MIGRATIONS = [Migration(1, "settings, hosts and desired states", _create),
+              Migration(2, "named, scoped HTTP API tokens", _create_tokens)]
 
 
 class Base(DeclarativeBase):

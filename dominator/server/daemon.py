@@ -16,9 +16,11 @@ from dominator.herd.computed import Renderer
 from dominator.herd.herd import Herd, HerdConfig
 from dominator.herd.images import ImageCache
 from dominator.herd.state import DominatorState
+from dominator.herd.tokens import ApiTokens
 from dominator.server.http.app import RunningHttp, make_app, serve_http
 from dominator.server.http.context import HttpContext
 from dominator.server.service import DominatorService
+from fleetlib.audit import AuditLog
 from fleetlib.fstree.objectstore import write_file_atomically
 from fleetlib.rpc.server import RunningServer, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
@@ -77,18 +79,20 @@ class Server:
         config = self.config
         self.mdb = Mdb(config.mdb_url)
         state = DominatorState(config.state_dir / "dominator.sqlite")
+        audit, tokens = AuditLog(state.engine, "dominator"), ApiTokens(state)
         self.images = ImageCache(config.herd.imageserver, config.security)
         herd = Herd(self.mdb, state, self.images, Renderer(config.generators),
                     config.security, config.herd)
         self.grpc = await start_server(
             [(dominator_pb2_grpc.add_DominatorServicer_to_server,
-              DominatorService(herd, state, self.mdb), "fleet.Dominator")],
+              DominatorService(herd, state, self.mdb, audit, tokens), "fleet.Dominator")],
             config.port, config.security, config.host)
         self.deploys = DeployEngine(herd, state, self.mdb, self.images,
                                     health_checks=config.health_checks)
         await self.deploys.start()  # resumes the deploys a stop interrupted
         self.http = await serve_http(make_app(HttpContext(
-            herd, state, self.mdb, self.images, config.token, deploys=self.deploys)),
+            herd, state, self.mdb, self.images, config.token, deploys=self.deploys,
+            tokens=tokens, audit=audit)),
             config.host, config.http_port)
         log.info("dominator on port %d (HTTP %d): MDB %s, image server %s", self.grpc.port,
                  self.http.port, config.mdb_url, config.herd.imageserver)

@@ -1,6 +1,7 @@
 """The Dominator gRPC service: the herd's state for operators, the fleet-wide
-switch, safety clearances, intrusion acknowledgements, fast updates, and the
-MDB (in Dominator's JSON format)."""
+switch, safety clearances, intrusion acknowledgements, fast updates, the MDB (in
+Dominator's JSON format), the HTTP API's named tokens and the audit log. Every
+change is written to the audit log, with the caller's certificate CN."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import grpc
 from dominator.herd.herd import Herd, Sub
 from dominator.herd.state import DominatorState
 from dominator.herd.status import Status, SubReport
+from dominator.herd.tokens import ApiTokens
+from fleetlib.audit import AuditLog, caller
 from fleetlib.errors import FleetError, NotFoundError
 from fleetlib.rpc.status import abort
-from fleetlib.wire import dominator_pb2, dominator_pb2_grpc
+from fleetlib.wire import audit_pb2, dominator_pb2, dominator_pb2_grpc
 from mdb.machine import Machine, parse_machines_json
 from mdb.store import Mdb
 
@@ -32,12 +35,6 @@ FINAL = {Status.SYNCED, Status.INTRUSION, Status.UNSAFE, Status.FAILED, Status.N
 FAST_UPDATE_TIMEOUT = 600.0
 
 
-def caller(context: grpc.aio.ServicerContext) -> str:
-    """The calling identity: its certificate's CN (or a note that TLS is off)."""
-    names = context.auth_context().get("x509_common_name") or []
-    return names[0].decode(errors="replace") if names else "unauthenticated (insecure)"
-
-
 def sub_info(sub: Sub, state: DominatorState) -> dominator_pb2.SubInfo:
     """The wire view of one sub, with what the state store remembers of it."""
     return SubReport.of(sub, state.host(sub.machine.hostname)).to_wire()
@@ -46,10 +43,18 @@ def sub_info(sub: Sub, state: DominatorState) -> dominator_pb2.SubInfo:
 class DominatorService(dominator_pb2_grpc.DominatorServicer):
     """Admin API over the herd, its state store and the MDB."""
 
-    def __init__(self, herd: Herd, state: DominatorState, mdb: Mdb) -> None:
+    def __init__(self, herd: Herd, state: DominatorState, mdb: Mdb, audit: AuditLog,
+                 tokens: ApiTokens) -> None:
         self.herd = herd
         self.state = state
         self.mdb = mdb
+        self.audit = audit
+        self.tokens = tokens
+
+    async def _record(self, context: Context, action: str, summary: str,
+                      **details: object) -> None:
+        """Write the caller's change to the audit log."""
+        await asyncio.to_thread(self.audit.record, caller(context), action, summary, **details)
 
     async def _info(self, hostname: str) -> dominator_pb2.SubInfo:
         sub = self.herd.find(hostname)
@@ -90,15 +95,18 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
                             context: Context) -> dominator_pb2.FleetStatus:
         if not request.reason.strip():
             await abort(context, FleetError("give a reason for disabling updates"))
-        by = caller(context)
-        await asyncio.to_thread(self.state.disable_updates, by, request.reason.strip())
-        log.warning("updates disabled fleet-wide by %s: %s", by, request.reason)
+        by, reason = caller(context), request.reason.strip()
+        await asyncio.to_thread(self.state.disable_updates, by, reason)
+        log.warning("updates disabled fleet-wide by %s: %s", by, reason)
+        await self._record(context, "updates.disable",
+                           f"disabled updates fleet-wide: {reason}", reason=reason)
         return await self._fleet_status()
 
     async def EnableUpdates(self, request: dominator_pb2.EnableUpdatesRequest,
                            context: Context) -> dominator_pb2.FleetStatus:
         await asyncio.to_thread(self.state.enable_updates)
         log.warning("updates enabled fleet-wide by %s", caller(context))
+        await self._record(context, "updates.enable", "enabled updates fleet-wide")
         for sub in self.herd.subs.values():
             sub.wake.set()
         return await self._fleet_status()
@@ -111,6 +119,9 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
             await abort(context, NotFoundError(str(err)))
         await asyncio.to_thread(self.state.clear_safety, request.hostname)
         log.warning("%s: safety check cleared by %s", request.hostname, caller(context))
+        await self._record(context, "safety.clear",
+                           f"cleared the safety check of {request.hostname}",
+                           host=request.hostname)
         sub.wake.set()
         return await self._info(request.hostname)
 
@@ -120,8 +131,13 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
             sub = self.herd.find(request.hostname)
         except FleetError as err:
             await abort(context, NotFoundError(str(err)))
+        paths = self.state.intrusion(request.hostname)
         await asyncio.to_thread(self.state.acknowledge_intrusion, request.hostname)
         log.info("%s: intrusion acknowledged by %s", request.hostname, caller(context))
+        await self._record(context, "intrusion.acknowledge",
+                           f"acknowledged the intrusion report of {request.hostname} "
+                           f"({len(paths)} path(s))", host=request.hostname,
+                           paths=list(paths[:20]))
         sub.wake.set()
         return await self._info(request.hostname)
 
@@ -131,6 +147,8 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
             sub = self.herd.find(request.hostname)
         except FleetError as err:
             await abort(context, NotFoundError(str(err)))
+        await self._record(context, "fast-update", f"fast update of {request.hostname}",
+                           host=request.hostname)
         changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
         def listener(status: str, error: str) -> None:
@@ -181,6 +199,11 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
             await abort(context, FleetError(f"malformed patch JSON: {err}"))
         except FleetError as err:
             await abort(context, err)
+        verb = "changed" if current is not None else "added"
+        await self._record(context, "mdb.set", f"MDB: {verb} {request.hostname}: "
+                           + ", ".join(f"{key}={json.dumps(value)}"
+                                       for key, value in sorted(patch.items())),
+                           host=request.hostname, fields=patch, new=current is None)
         return dominator_pb2.MachinesJson(json=json.dumps(machine.to_json()))
 
     async def ListMachines(self, request: dominator_pb2.ListMachinesRequest,
@@ -197,5 +220,43 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
                 self.mdb.import_machines, machines, request.replace)
         except FleetError as err:
             await abort(context, err)
+        await self._record(context, "mdb.import",
+                           f"MDB import{' (replace)' if request.replace else ''}: {added} "
+                           f"added, {changed} changed, {removed} removed",
+                           hosts=len(machines), added=added, changed=changed, removed=removed,
+                           replace=request.replace)
         return dominator_pb2.ImportMachinesResponse(added=added, changed=changed,
                                                     removed=removed)
+
+    # The audit log and the HTTP API's tokens.
+
+    async def ListAudit(self, request: audit_pb2.ListAuditRequest,
+                        context: Context) -> audit_pb2.ListAuditResponse:
+        return await asyncio.to_thread(self.audit.list_response, request)
+
+    async def CreateToken(self, request: dominator_pb2.CreateTokenRequest,
+                          context: Context) -> dominator_pb2.CreateTokenResponse:
+        try:
+            token, value = await asyncio.to_thread(self.tokens.create, request.name,
+                                                   request.scope, caller(context))
+        except FleetError as err:
+            await abort(context, err)
+        await self._record(context, "token.create",
+                           f"created HTTP token {token.name} (scope {token.scope})",
+                           name=token.name, scope=token.scope)
+        return dominator_pb2.CreateTokenResponse(token=token.to_wire(), value=value)
+
+    async def ListTokens(self, request: dominator_pb2.ListTokensRequest,
+                         context: Context) -> dominator_pb2.ListTokensResponse:
+        return dominator_pb2.ListTokensResponse(
+            tokens=[token.to_wire() for token in self.tokens.list()])
+
+    async def RevokeToken(self, request: dominator_pb2.RevokeTokenRequest,
+                          context: Context) -> dominator_pb2.TokenInfo:
+        try:
+            token = await asyncio.to_thread(self.tokens.revoke, request.name, caller(context))
+        except FleetError as err:
+            await abort(context, err)
+        await self._record(context, "token.revoke", f"revoked HTTP token {token.name}",
+                           name=token.name, scope=token.scope)
+        return token.to_wire()

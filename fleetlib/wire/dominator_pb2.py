@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fleetlib.wire import audit_pb2 as fleetlib_dot_wire_dot_audit__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66leetlib/wire/dominator.proto\x12\x05\x66leet\"\x1f\n\x0bHostRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\"\x84\x03\n\x07SubInfo\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x16\n\x0erequired_image\x18\x04 \x01(\t\x12\x15\n\rplanned_image\x18\x05 \x01(\t\x12\x15\n\rcurrent_image\x18\x06 \x01(\t\x12\x16\n\x0elast_poll_unix\x18\x07 \x01(\x03\x12\x16\n\x0elast_sync_unix\x18\x08 \x01(\x03\x12\x16\n\x0elast_scan_unix\x18\t \x01(\x03\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x17\n\x0fintrusion_paths\x18\x0b \x03(\t\x12\x16\n\x0eintrusion_unix\x18\x0c \x01(\x03\x12\x18\n\x10\x63hange_window_ns\x18\r \x01(\x04\x12\x18\n\x10updates_disabled\x18\x0e \x01(\x08\x12\x16\n\x0esafety_cleared\x18\x0f \x01(\x08\x12\x0f\n\x07history\x18\x10 \x03(\t\x12\x16\n\x0eoutdated_paths\x18\x11 \x03(\t\"\x11\n\x0fListSubsRequest\"0\n\x10ListSubsResponse\x12\x1c\n\x04subs\x18\x01 \x03(\x0b\x32\x0e.fleet.SubInfo\"\xa5\x02\n\x0b\x46leetStatus\x12\x18\n\x10updates_disabled\x18\x01 \x01(\x08\x12\x13\n\x0b\x64isabled_by\x18\x02 \x01(\t\x12\x17\n\x0f\x64isabled_reason\x18\x03 \x01(\t\x12\x15\n\rdisabled_unix\x18\x04 \x01(\x03\x12>\n\x0fhosts_by_status\x18\x05 \x03(\x0b\x32%.fleet.FleetStatus.HostsByStatusEntry\x12\r\n\x05hosts\x18\x06 \x01(\x04\x12\x17\n\x0f\x64iff_cache_hits\x18\x07 \x01(\x04\x12\x19\n\x11\x64iff_cache_misses\x18\x08 \x01(\x04\x1a\x34\n\x12HostsByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x17\n\x15GetFleetStatusRequest\"\'\n\x15\x44isableUpdatesRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x16\n\x14\x45nableUpdatesRequest\"T\n\x12\x46\x61stUpdateProgress\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x0f\n\x07success\x18\x04 \x01(\x08\"\x1c\n\x0cMachinesJson\x12\x0c\n\x04json\x18\x01 \x01(\t\"9\n\x11SetMachineRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x12\n\npatch_json\x18\x02 \x01(\t\"6\n\x15ImportMachinesRequest\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"I\n\x16ImportMachinesResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x04\x12\x0f\n\x07removed\x18\x03 \x01(\x04\"\x15\n\x13ListMachinesRequest2\xfd\x05\n\tDominator\x12;\n\x08ListSubs\x12\x16.fleet.ListSubsRequest\x1a\x17.fleet.ListSubsResponse\x12\x30\n\nGetSubInfo\x12\x12.fleet.HostRequest\x1a\x0e.fleet.SubInfo\x12\x42\n\x0eGetFleetStatus\x12\x1c.fleet.GetFleetStatusRequest\x1a\x12.fleet.FleetStatus\x12\x42\n\x0e\x44isableUpdates\x12\x1c.fleet.DisableUpdatesRequest\x1a\x12.fleet.FleetStatus\x12@\n\rEnableUpdates\x12\x1b.fleet.EnableUpdatesRequest\x1a\x12.fleet.FleetStatus\x12\x38\n\x12\x43learSafetyShutoff\x12\x12.fleet.HostRequest\x1a\x0e.fleet.SubInfo\x12:\n\x14\x41\x63knowledgeIntrusion\x12\x12.fleet.HostRequest\x1a\x0e.fleet.SubInfo\x12=\n\nFastUpdate\x12\x12.fleet.HostRequest\x1a\x19.fleet.FastUpdateProgress0\x01\x12\x35\n\nGetMachine\x12\x12.fleet.HostRequest\x1a\x13.fleet.MachinesJson\x12;\n\nSetMachine\x12\x18.fleet.SetMachineRequest\x1a\x13.fleet.MachinesJson\x12?\n\x0cListMachines\x12\x1a.fleet.ListMachinesRequest\x1a\x13.fleet.MachinesJson\x12M\n\x0eImportMachines\x12\x1c.fleet.ImportMachinesRequest\x1a\x1d.fleet.ImportMachinesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66leetlib/wire/dominator.proto\x12\x05\x66leet\x1a\x19\x66leetlib/wire/audit.proto\"\x1f\n\x0bHostRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\"\x98\x03\n\x07SubInfo\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x16\n\x0erequired_image\x18\x04 \x01(\t\x12\x15\n\rplanned_image\x18\x05 \x01(\t\x12\x15\n\rcurrent_image\x18\x06 \x01(\t\x12\x16\n\x0elast_poll_unix\x18\x07 \x01(\x03\x12\x16\n\x0elast_sync_unix\x18\x08 \x01(\x03\x12\x16\n\x0elast_scan_unix\x18\t \x01(\x03\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x17\n\x0fintrusion_paths\x18\x0b \x03(\t\x12\x16\n\x0eintrusion_unix\x18\x0c \x01(\x03\x12\x18\n\x10\x63hange_window_ns\x18\r \x01(\x04\x12\x18\n\x10updates_disabled\x18\x0e \x01(\x08\x12\x16\n\x0esafety_cleared\x18\x0f \x01(\x08\x12\x0f\n\x07history\x18\x10 \x03(\t\x12\x16\n\x0eoutdated_paths\x18\x11 \x03(\t\x12\x12\n\nkept_paths\x18\x12 \x03(\t\"\x11\n\x0fListSubsRequest\"0\n\x10ListSubsResponse\x12\x1c\n\x04subs\x18\x01 \x03(\x0b\x32\x0e.fleet.SubInfo\"\xb8\x02\n\x0b\x46leetStatus\x12\x18\n\x10updates_disabled\x18\x01 \x01(\x08\x12\x13\n\x0b\x64isabled_by\x18\x02 \x01(\t\x12\x17\n\x0f\x64isabled_reason\x18\x03 \x01(\t\x12\x15\n\rdisabled_unix\x18\x04 \x01(\x03\x12>\n\x0fhosts_by_status\x18\x05 \x03(\x0b\x32%.fleet.FleetStatus.HostsByStatusEntry\x12\r\n\x05hosts\x18\x06 \x01(\x04\x12\x17\n\x0f\x64iff_cache_hits\x18\x07 \x01(\x04\x12\x19\n\x11\x64iff_cache_misses\x18\x08 \x01(\x04\x12\x11\n\tmdb_error\x18\t \x01(\t\x1a\x34\n\x12HostsByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x17\n\x15GetFleetStatusRequest\"\'\n\x15\x44isableUpdatesRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x16\n\x14\x45nableUpdatesRequest\"T\n\x12\x46\x61stUpdateProgress\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x0f\n\x07success\x18\x04 \x01(\x08\"\x1c\n\x0cMachinesJson\x12\x0c\n\x04json\x18\x01 \x01(\t\"9\n\x11SetMachineRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x12\n\npatch_json\x18\x02 \x01(\t\"6\n\x15ImportMachinesRequest\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"I\n\x16ImportMachinesResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x04\x12\x0f\n\x07removed\x18\x03 \x01(\x04\"\x15\n\x13ListMachinesRequest\"\x94\x01\n\tTokenInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x03 \x01(\x03\x12\x12\n\ncreated_by\x18\x04 \x01(\t\x12\x16\n\x0elast_used_unix\x18\x05 \x01(\x03\x12\x14\n\x0crevoked_unix\x18\x06 \x01(\x03\x12\x12\n\nrevoked_by\x18\x07 \x01(\t\"1\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\"E\n\x13\x43reateTokenResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.fleet.TokenInfo\x12\r\n\x05value\x18\x02 \x01(\t\"\x13\n\x11ListTokensRequest\"6\n\x12ListTokensResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.fleet.TokenInfo\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\x82\x08\n\tDominator\x12;\n\x08ListSubs\x12\x16.fleet.ListSubsRequest\x1a\x17.fleet.ListSubsResponse\x12\x30\n\nGetSubInfo\x12\x12.fleet.HostRequest\x1a\x0e.fleet.SubInfo\x12\x42\n\x0eGetFleetStatus\x12\x1c.fleet.GetFleetStatusRequest\x1a\x12.fleet.FleetStatus\x12\x42\n\x0e\x44isableUpdates\x12\x1c.fleet.DisableUpdatesRequest\x1a\x12.fleet.FleetStatus\x12@\n\rEnableUpdates\x12\x1b.fleet.EnableUpdatesRequest\x1a\x12.fleet.FleetStatus\x12\x38\n\x12\x43learSafetyShutoff\x12\x12.fleet.HostRequest\x1a\x0e.fleet.SubInfo\x12:\n\x14\x41\x63knowledgeIntrusion\x12\x12.fleet.HostRequest\x1a\x0e.fleet.SubInfo\x12=\n\nFastUpdate\x12\x12.fleet.HostRequest\x1a\x19.fleet.FastUpdateProgress0\x01\x12\x35\n\nGetMachine\x12\x12.fleet.HostRequest\x1a\x13.fleet.MachinesJson\x12;\n\nSetMachine\x12\x18.fleet.SetMachineRequest\x1a\x13.fleet.MachinesJson\x12?\n\x0cListMachines\x12\x1a.fleet.ListMachinesRequest\x1a\x13.fleet.MachinesJson\x12M\n\x0eImportMachines\x12\x1c.fleet.ImportMachinesRequest\x1a\x1d.fleet.ImportMachinesResponse\x12>\n\tListAudit\x12\x17.fleet.ListAuditRequest\x1a\x18.fleet.ListAuditResponse\x12\x44\n\x0b\x43reateToken\x12\x19.fleet.CreateTokenRequest\x1a\x1a.fleet.CreateTokenResponse\x12\x41\n\nListTokens\x12\x18.fleet.ListTokensRequest\x1a\x19.fleet.ListTokensResponse\x12:\n\x0bRevokeToken\x12\x19.fleet.RevokeTokenRequest\x1a\x10.fleet.TokenInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +34,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FLEETSTATUS_HOSTSBYSTATUSENTRY']._loaded_options = None
   _globals['_FLEETSTATUS_HOSTSBYSTATUSENTRY']._serialized_options = b'8\001'
-  _globals['_HOSTREQUEST']._serialized_start=40
-  _globals['_HOSTREQUEST']._serialized_end=71
-  _globals['_SUBINFO']._serialized_start=74
-  _globals['_SUBINFO']._serialized_end=462
-  _globals['_LISTSUBSREQUEST']._serialized_start=464
-  _globals['_LISTSUBSREQUEST']._serialized_end=481
-  _globals['_LISTSUBSRESPONSE']._serialized_start=483
-  _globals['_LISTSUBSRESPONSE']._serialized_end=531
-  _globals['_FLEETSTATUS']._serialized_start=534
-  _globals['_FLEETSTATUS']._serialized_end=827
-  _globals['_FLEETSTATUS_HOSTSBYSTATUSENTRY']._serialized_start=775
-  _globals['_FLEETSTATUS_HOSTSBYSTATUSENTRY']._serialized_end=827
-  _globals['_GETFLEETSTATUSREQUEST']._serialized_start=829
-  _globals['_GETFLEETSTATUSREQUEST']._serialized_end=852
-  _globals['_DISABLEUPDATESREQUEST']._serialized_start=854
-  _globals['_DISABLEUPDATESREQUEST']._serialized_end=893
-  _globals['_ENABLEUPDATESREQUEST']._serialized_start=895
-  _globals['_ENABLEUPDATESREQUEST']._serialized_end=917
-  _globals['_FASTUPDATEPROGRESS']._serialized_start=919
-  _globals['_FASTUPDATEPROGRESS']._serialized_end=1003
-  _globals['_MACHINESJSON']._serialized_start=1005
-  _globals['_MACHINESJSON']._serialized_end=1033
-  _globals['_SETMACHINEREQUEST']._serialized_start=1035
-  _globals['_SETMACHINEREQUEST']._serialized_end=1092
-  _globals['_IMPORTMACHINESREQUEST']._serialized_start=1094
-  _globals['_IMPORTMACHINESREQUEST']._serialized_end=1148
-  _globals['_IMPORTMACHINESRESPONSE']._serialized_start=1150
-  _globals['_IMPORTMACHINESRESPONSE']._serialized_end=1223
-  _globals['_LISTMACHINESREQUEST']._serialized_start=1225
-  _globals['_LISTMACHINESREQUEST']._serialized_end=1246
-  _globals['_DOMINATOR']._serialized_start=1249
-  _globals['_DOMINATOR']._serialized_end=2014
+  _globals['_HOSTREQUEST']._serialized_start=67
+  _globals['_HOSTREQUEST']._serialized_end=98
+  _globals['_SUBINFO']._serialized_start=101
+  _globals['_SUBINFO']._serialized_end=509
+  _globals['_LISTSUBSREQUEST']._serialized_start=511
+  _globals['_LISTSUBSREQUEST']._serialized_end=528
+  _globals['_LISTSUBSRESPONSE']._serialized_start=530
+  _globals['_LISTSUBSRESPONSE']._serialized_end=578
+  _globals['_FLEETSTATUS']._serialized_start=581
+  _globals['_FLEETSTATUS']._serialized_end=893
+  _globals['_FLEETSTATUS_HOSTSBYSTATUSENTRY']._serialized_start=841
+  _globals['_FLEETSTATUS_HOSTSBYSTATUSENTRY']._serialized_end=893
+  _globals['_GETFLEETSTATUSREQUEST']._serialized_start=895
+  _globals['_GETFLEETSTATUSREQUEST']._serialized_end=918
+  _globals['_DISABLEUPDATESREQUEST']._serialized_start=920
+  _globals['_DISABLEUPDATESREQUEST']._serialized_end=959
+  _globals['_ENABLEUPDATESREQUEST']._serialized_start=961
+  _globals['_ENABLEUPDATESREQUEST']._serialized_end=983
+  _globals['_FASTUPDATEPROGRESS']._serialized_start=985
+  _globals['_FASTUPDATEPROGRESS']._serialized_end=1069
+  _globals['_MACHINESJSON']._serialized_start=1071
+  _globals['_MACHINESJSON']._serialized_end=1099
+  _globals['_SETMACHINEREQUEST']._serialized_start=1101
+  _globals['_SETMACHINEREQUEST']._serialized_end=1158
+  _globals['_IMPORTMACHINESREQUEST']._serialized_start=1160
+  _globals['_IMPORTMACHINESREQUEST']._serialized_end=1214
+  _globals['_IMPORTMACHINESRESPONSE']._serialized_start=1216
+  _globals['_IMPORTMACHINESRESPONSE']._serialized_end=1289
+  _globals['_LISTMACHINESREQUEST']._serialized_start=1291
+  _globals['_LISTMACHINESREQUEST']._serialized_end=1312
+  _globals['_TOKENINFO']._serialized_start=1315
+  _globals['_TOKENINFO']._serialized_end=1463
+  _globals['_CREATETOKENREQUEST']._serialized_start=1465
+  _globals['_CREATETOKENREQUEST']._serialized_end=1514
+  _globals['_CREATETOKENRESPONSE']._serialized_start=1516
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1585
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1587
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1606
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1608
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1662
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1664
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1698
+  _globals['_DOMINATOR']._serialized_start=1701
+  _globals['_DOMINATOR']._serialized_end=2727
 # @@protoc_insertion_point(module_scope)

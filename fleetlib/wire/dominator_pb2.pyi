@@ -1,3 +1,4 @@
+from fleetlib.wire import audit_pb2 as _audit_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -13,7 +14,7 @@ class HostRequest(_message.Message):
     def __init__(self, hostname: _Optional[str] = ...) -> None: ...
 
 class SubInfo(_message.Message):
-    __slots__ = ("hostname", "address", "status", "required_image", "planned_image", "current_image", "last_poll_unix", "last_sync_unix", "last_scan_unix", "last_error", "intrusion_paths", "intrusion_unix", "change_window_ns", "updates_disabled", "safety_cleared", "history", "outdated_paths")
+    __slots__ = ("hostname", "address", "status", "required_image", "planned_image", "current_image", "last_poll_unix", "last_sync_unix", "last_scan_unix", "last_error", "intrusion_paths", "intrusion_unix", "change_window_ns", "updates_disabled", "safety_cleared", "history", "outdated_paths", "kept_paths")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +32,7 @@ class SubInfo(_message.Message):
     SAFETY_CLEARED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     OUTDATED_PATHS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_PATHS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     address: str
     status: str
@@ -48,7 +50,8 @@ class SubInfo(_message.Message):
     safety_cleared: bool
     history: _containers.RepeatedScalarFieldContainer[str]
     outdated_paths: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hostname: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., required_image: _Optional[str] = ..., planned_image: _Optional[str] = ..., current_image: _Optional[str] = ..., last_poll_unix: _Optional[int] = ..., last_sync_unix: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., last_error: _Optional[str] = ..., intrusion_paths: _Optional[_Iterable[str]] = ..., intrusion_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., updates_disabled: _Optional[bool] = ..., safety_cleared: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ..., outdated_paths: _Optional[_Iterable[str]] = ...) -> None: ...
+    kept_paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., required_image: _Optional[str] = ..., planned_image: _Optional[str] = ..., current_image: _Optional[str] = ..., last_poll_unix: _Optional[int] = ..., last_sync_unix: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., last_error: _Optional[str] = ..., intrusion_paths: _Optional[_Iterable[str]] = ..., intrusion_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., updates_disabled: _Optional[bool] = ..., safety_cleared: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ..., outdated_paths: _Optional[_Iterable[str]] = ..., kept_paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListSubsRequest(_message.Message):
     __slots__ = ()
@@ -61,7 +64,7 @@ class ListSubsResponse(_message.Message):
     def __init__(self, subs: _Optional[_Iterable[_Union[SubInfo, _Mapping]]] = ...) -> None: ...
 
 class FleetStatus(_message.Message):
-    __slots__ = ("updates_disabled", "disabled_by", "disabled_reason", "disabled_unix", "hosts_by_status", "hosts", "diff_cache_hits", "diff_cache_misses")
+    __slots__ = ("updates_disabled", "disabled_by", "disabled_reason", "disabled_unix", "hosts_by_status", "hosts", "diff_cache_hits", "diff_cache_misses", "mdb_error")
     class HostsByStatusEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +80,7 @@ class FleetStatus(_message.Message):
     HOSTS_FIELD_NUMBER: _ClassVar[int]
     DIFF_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     DIFF_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    MDB_ERROR_FIELD_NUMBER: _ClassVar[int]
     updates_disabled: bool
     disabled_by: str
     disabled_reason: str
@@ -85,7 +89,8 @@ class FleetStatus(_message.Message):
     hosts: int
     diff_cache_hits: int
     diff_cache_misses: int
-    def __init__(self, updates_disabled: _Optional[bool] = ..., disabled_by: _Optional[str] = ..., disabled_reason: _Optional[str] = ..., disabled_unix: _Optional[int] = ..., hosts_by_status: _Optional[_Mapping[str, int]] = ..., hosts: _Optional[int] = ..., diff_cache_hits: _Optional[int] = ..., diff_cache_misses: _Optional[int] = ...) -> None: ...
+    mdb_error: str
+    def __init__(self, updates_disabled: _Optional[bool] = ..., disabled_by: _Optional[str] = ..., disabled_reason: _Optional[str] = ..., disabled_unix: _Optional[int] = ..., hosts_by_status: _Optional[_Mapping[str, int]] = ..., hosts: _Optional[int] = ..., diff_cache_hits: _Optional[int] = ..., diff_cache_misses: _Optional[int] = ..., mdb_error: _Optional[str] = ...) -> None: ...
 
 class GetFleetStatusRequest(_message.Message):
     __slots__ = ()
@@ -148,3 +153,53 @@ class ImportMachinesResponse(_message.Message):
 class ListMachinesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("name", "scope", "created_unix", "created_by", "last_used_unix", "revoked_unix", "revoked_by")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_BY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scope: str
+    created_unix: int
+    created_by: str
+    last_used_unix: int
+    revoked_unix: int
+    revoked_by: str
+    def __init__(self, name: _Optional[str] = ..., scope: _Optional[str] = ..., created_unix: _Optional[int] = ..., created_by: _Optional[str] = ..., last_used_unix: _Optional[int] = ..., revoked_unix: _Optional[int] = ..., revoked_by: _Optional[str] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("name", "scope")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scope: str
+    def __init__(self, name: _Optional[str] = ..., scope: _Optional[str] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("token", "value")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    token: TokenInfo
+    value: str
+    def __init__(self, token: _Optional[_Union[TokenInfo, _Mapping]] = ..., value: _Optional[str] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...

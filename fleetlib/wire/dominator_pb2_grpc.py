@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from fleetlib.wire import audit_pb2 as fleetlib_dot_wire_dot_audit__pb2
 from fleetlib.wire import dominator_pb2 as fleetlib_dot_wire_dot_dominator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -94,6 +95,26 @@ class DominatorStub:
                 request_serializer=fleetlib_dot_wire_dot_dominator__pb2.ImportMachinesRequest.SerializeToString,
                 response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.ImportMachinesResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/fleet.Dominator/ListAudit',
+                request_serializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/fleet.Dominator/CreateToken',
+                request_serializer=fleetlib_dot_wire_dot_dominator__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/fleet.Dominator/ListTokens',
+                request_serializer=fleetlib_dot_wire_dot_dominator__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/fleet.Dominator/RevokeToken',
+                request_serializer=fleetlib_dot_wire_dot_dominator__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.TokenInfo.FromString,
+                _registered_method=True)
 
 
 class DominatorServicer:
@@ -171,6 +192,30 @@ class DominatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DominatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +278,26 @@ def add_DominatorServicer_to_server(servicer, server):
                     servicer.ImportMachines,
                     request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.ImportMachinesRequest.FromString,
                     response_serializer=fleetlib_dot_wire_dot_dominator__pb2.ImportMachinesResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.CreateTokenRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_dominator__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.ListTokensRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_dominator__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_dominator__pb2.TokenInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +624,114 @@ class Dominator:
             '/fleet.Dominator/ImportMachines',
             fleetlib_dot_wire_dot_dominator__pb2.ImportMachinesRequest.SerializeToString,
             fleetlib_dot_wire_dot_dominator__pb2.ImportMachinesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.Dominator/ListAudit',
+            fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.SerializeToString,
+            fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.Dominator/CreateToken',
+            fleetlib_dot_wire_dot_dominator__pb2.CreateTokenRequest.SerializeToString,
+            fleetlib_dot_wire_dot_dominator__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.Dominator/ListTokens',
+            fleetlib_dot_wire_dot_dominator__pb2.ListTokensRequest.SerializeToString,
+            fleetlib_dot_wire_dot_dominator__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.Dominator/RevokeToken',
+            fleetlib_dot_wire_dot_dominator__pb2.RevokeTokenRequest.SerializeToString,
+            fleetlib_dot_wire_dot_dominator__pb2.TokenInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,3 +1,4 @@
+from fleetlib.wire import audit_pb2 as _audit_pb2
 from fleetlib.wire import tree_pb2 as _tree_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper

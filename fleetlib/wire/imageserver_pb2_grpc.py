@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from fleetlib.wire import audit_pb2 as fleetlib_dot_wire_dot_audit__pb2
 from fleetlib.wire import imageserver_pb2 as fleetlib_dot_wire_dot_imageserver__pb2
 from fleetlib.wire import tree_pb2 as fleetlib_dot_wire_dot_tree__pb2
 
@@ -65,6 +66,11 @@ class ImageServerStub:
                 request_serializer=fleetlib_dot_wire_dot_imageserver__pb2.WatchImagesRequest.SerializeToString,
                 response_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.ImageEvent.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/fleet.ImageServer/ListAudit',
+                request_serializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServerServicer:
@@ -106,6 +112,13 @@ class ImageServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """image adds, deletes, expiries
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +151,11 @@ def add_ImageServerServicer_to_server(servicer, server):
                     servicer.WatchImages,
                     request_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.WatchImagesRequest.FromString,
                     response_serializer=fleetlib_dot_wire_dot_imageserver__pb2.ImageEvent.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +320,33 @@ class ImageServer:
             '/fleet.ImageServer/WatchImages',
             fleetlib_dot_wire_dot_imageserver__pb2.WatchImagesRequest.SerializeToString,
             fleetlib_dot_wire_dot_imageserver__pb2.ImageEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.ImageServer/ListAudit',
+            fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.SerializeToString,
+            fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from dominator.deploy.model import describe_invalid
+from dominator.server.http.audit import audit_router
 from dominator.server.http.context import HttpContext
 from dominator.server.http.dashboard import dashboard_router
 from dominator.server.http.deploys import router as deploy_router
@@ -51,6 +52,7 @@ def make_app(ctx: HttpContext) -> FastAPI:
 
     app.include_router(dashboard_router(ctx))  # /, /hosts, /images, /deploys (+ .json)
     app.include_router(metrics_router(ctx))  # /metrics
+    app.include_router(audit_router(ctx))  # /audit (+ .json)
     app.include_router(deploy_router)  # /v1/deploys
 
     return app

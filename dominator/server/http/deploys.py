@@ -18,7 +18,7 @@ from dominator.deploy.engine import DeployEngine
 from dominator.deploy.errors import Busy, Conflict, DeployError, Unavailable, UnknownDeploy
 from dominator.deploy.model import CancelRequest, Deploy, DeployRequest, DeployStatus
 from dominator.deploy.views import deploy_summary, deploy_view
-from dominator.server.http.context import HttpContext, context, require_token
+from dominator.server.http.context import HttpContext, audit, context, require_token
 
 MAX_KEY_LENGTH = 200
 RETRY_AFTER_SECONDS = "5"
@@ -110,6 +110,10 @@ async def start_deploy(
         raise refused(err) from None
     if not new:
         response.headers["Idempotent-Replayed"] = "true"
+    else:  # the audit entry names no health check settings: they may hold credentials
+        await audit(request, "deploy.start", f"started {'a dry run' if body.dry_run else 'deploy'}"
+                    f" {deploy.id} of {body.image}", deploy=deploy.id, image=body.image,
+                    dry_run=body.dry_run, waves=body.waves, max_failures=body.max_failures)
     return accepted(request, response, deploy)
 
 
@@ -152,4 +156,7 @@ async def cancel_deploy(request: Request, response: Response, deploy_id: str,
         deploy = await deploys.cancel(deploy_id, bool(body and body.rollback))
     except DeployError as err:
         raise refused(err) from None
+    rollback = bool(body and body.rollback)
+    await audit(request, "deploy.cancel", f"cancelled deploy {deploy.id}"
+                + (" with rollback" if rollback else ""), deploy=deploy.id, rollback=rollback)
     return accepted(request, response, deploy)

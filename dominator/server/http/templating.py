@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import jinja2
+from fastapi.responses import HTMLResponse
 
 from dominator.herd.status import Status
 
@@ -65,3 +66,13 @@ def make_environment() -> jinja2.Environment:
     env.filters.update(when=when, ago=ago, size=size, status_class=status_class)
     env.globals.update(refresh_seconds=REFRESH_SECONDS, statuses=[s.value for s in Status])
     return env
+
+
+def render_page(env: jinja2.Environment, request: object, template: str, json_url: str,
+                title: str, status_code: int = 200, **values: object) -> HTMLResponse:
+    """A dashboard page: `template` in base.html's frame (its nav tab is the
+    template's name), never cached."""
+    html = env.get_template(template).render(
+        request=request, title=title, json_url=json_url, now=time.time(),
+        nav=template.split(".")[0], **values)
+    return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})

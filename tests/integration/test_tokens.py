@@ -1,0 +1,94 @@
+"""Named, scoped HTTP tokens (issue 9 B) against a real dominator with one subd:
+made, listed and revoked with the CLI, used against /v1 with httpx, and every
+create, revoke and deploy start in the audit log under the token's name."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fleetlib.rpc.certs import CERT, common_name
+from fleetlib.testing.daemons import Daemon, cli
+from fleetlib.testing.fleet import TOKEN, FleetUnderTest, wait_for
+
+
+@pytest.fixture
+def one_host(tmp_path: Path, ca: Path, imageserver: Daemon,
+             start_subd: Callable[..., Daemon]) -> Iterator[FleetUnderTest]:
+    """A dominator with one subd, which the MDB knows, and a small image `small`."""
+    fleet = FleetUnderTest(tmp_path, ca, imageserver, start_subd, hosts=1)
+    tree = tmp_path / "small"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/motd").write_text("small\n")
+    fleet.run("image", "add", "small", str(tree))
+    fleet.run("mdb", "set", "host-1", "--address", fleet.sub("host-1").address)
+    wait_for(lambda: "host-1" in fleet.hosts(), "the dominator knows host-1")
+    yield fleet
+    fleet.stop()
+
+
+def api(fleet: FleetUnderTest, token: str) -> httpx.Client:
+    """The /v1 API with `token`."""
+    return httpx.Client(base_url=fleet.base, timeout=30,
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+DEPLOY = {"image": "small", "select": {"hosts": ["host-1"]}}
+
+
+def test_read_and_deploy_tokens(one_host: FleetUnderTest, ca: Path) -> None:
+    fleet = one_host
+    created = json.loads(fleet.run("tokens", "create", "dashboards", "--scope", "read",
+                                   "--json"))
+    assert created["name"] == "dashboards" and created["scope"] == "read"
+    reader = created["token"]
+    made = cli("tokens", "create", "pipeline", "--scope", "deploy", env=fleet.env, check=True)
+    deployer = made.stdout.strip()  # the value alone on stdout, for $(...)
+    assert "never shown again" in made.stderr and deployer.startswith("fdt_")
+
+    assert api(fleet, reader).get("/v1/deploys").status_code == 200
+    refused = api(fleet, reader).post("/v1/deploys", json=DEPLOY)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"] == ("token 'dashboards' has scope read: POST /v1/deploys "
+                                       "needs scope deploy")
+    started = api(fleet, deployer).post("/v1/deploys", json=DEPLOY)
+    assert started.status_code == 202, started.text
+    deploy_id = started.json()["id"]
+    assert api(fleet, reader).get(f"/v1/deploys/{deploy_id}").status_code == 200
+    assert api(fleet, reader).post(f"/v1/deploys/{deploy_id}/cancel").status_code == 403
+    assert api(fleet, TOKEN).get("/v1/deploys").status_code == 200  # the default keeps it all
+
+    assert fleet.run("tokens", "revoke", "pipeline") == "revoked token pipeline (scope deploy)\n"
+    gone = api(fleet, deployer).get("/v1/deploys")
+    assert gone.status_code == 401 and gone.json()["error"] == "unknown or revoked bearer token"
+    assert api(fleet, "fdt_no-such-token").get("/v1/deploys").status_code == 401
+    again = cli("tokens", "create", "pipeline", "--scope", "read", env=fleet.env)
+    assert again.returncode == 2 and "names are never reused" in again.stderr
+    bad = cli("tokens", "create", "admin", "--scope", "read", env=fleet.env)
+    assert bad.returncode == 2 and "default token" in bad.stderr
+    assert cli("tokens", "revoke", "nobody", env=fleet.env).returncode == 2
+
+    listed = fleet.run("tokens", "list", "--json")
+    human = fleet.run("tokens", "list")
+    for text in (listed, human):
+        assert reader not in text and deployer not in text
+    by_name = {token["name"]: token for token in json.loads(listed)}
+    admin = common_name((ca / "admin" / CERT).read_bytes())
+    assert by_name["dashboards"]["scope"] == "read" and not by_name["dashboards"]["revoked"]
+    assert by_name["dashboards"]["last_used_unix"] > 0
+    assert by_name["pipeline"]["revoked"] and by_name["pipeline"]["revoked_by"] == admin
+    assert by_name["pipeline"]["created_by"] == admin
+    assert "revoked" in human and "in force" in human
+
+    entries = json.loads(fleet.run("audit", "--json"))
+    mine = [(e["action"], e["who"], e["details"].get("name") or e["details"].get("deploy"))
+            for e in entries if e["server"] == "dominator" and e["action"] != "mdb.set"]
+    assert mine == [("token.create", admin, "dashboards"), ("token.create", admin, "pipeline"),
+                    ("deploy.start", "token:pipeline", deploy_id),
+                    ("token.revoke", admin, "pipeline")]
+    everything = json.dumps(entries)
+    assert reader not in everything and deployer not in everything and TOKEN not in everything
