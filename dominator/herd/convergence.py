@@ -12,7 +12,7 @@ from fleetlib.errors import FleetError
 from fleetlib.fstree.diff import Change, DiffEntry, diff_trees, too_many_deletes
 from fleetlib.fstree.exclusions import excluder
 from fleetlib.fstree.image import Image
-from fleetlib.fstree.tree import Inode, Tree
+from fleetlib.fstree.tree import Inode, Tree, Xattrs
 from fleetlib.fstree.triggers import fired
 from subd.changes import UpdatePlan
 
@@ -31,7 +31,7 @@ class PlanSummary:
     triggers: list[str]
     unsafe: bool
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         """Plain data for --json output."""
         return dict(self.__dict__)
 
@@ -114,7 +114,7 @@ def describe_entries(plan: UpdatePlan) -> list[str]:
 
 
 
-def _user_xattrs(inode: Inode) -> tuple:
+def _user_xattrs(inode: Inode) -> Xattrs:
     return tuple(x for x in inode.xattrs if x[0].startswith(b"user."))
 
 
