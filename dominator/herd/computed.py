@@ -19,6 +19,7 @@ import stat
 import subprocess
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,7 +55,7 @@ class MachineRecord(Protocol):
     @property
     def owner_group(self) -> str: ...
     @property
-    def tags(self) -> dict[str, str]: ...
+    def tags(self) -> Mapping[str, str]: ...
 
     def to_json(self) -> dict[str, Any]:
         """The record in Dominator's MDB JSON format."""
