@@ -1,6 +1,6 @@
-"""Named, scoped HTTP tokens (issue 9 B) against a real dominator with one subd:
-made, listed and revoked with the CLI, used against /v1 with httpx, and every
-create, revoke and deploy start in the audit log under the token's name."""
+"""Named, scoped HTTP tokens (issue 9 B) against a real dominator: made, listed
+and revoked with the CLI, used against /v1 with httpx, and every create, revoke,
+deploy start and cancel in the audit log under the token's name."""
 
 from __future__ import annotations
 
@@ -12,21 +12,22 @@ import httpx
 import pytest
 
 from fleetlib.rpc.certs import CERT, common_name
-from fleetlib.testing.daemons import Daemon, cli
+from fleetlib.testing.daemons import Daemon, cli, free_port
 from fleetlib.testing.fleet import TOKEN, FleetUnderTest, wait_for
 
 
 @pytest.fixture
 def one_host(tmp_path: Path, ca: Path, imageserver: Daemon,
              start_subd: Callable[..., Daemon]) -> Iterator[FleetUnderTest]:
-    """A dominator with one subd, which the MDB knows, and a small image `small`."""
-    fleet = FleetUnderTest(tmp_path, ca, imageserver, start_subd, hosts=1)
+    """A dominator whose MDB knows one host that never answers (a deploy to it runs
+    until cancelled), and a small image `small`."""
+    fleet = FleetUnderTest(tmp_path, ca, imageserver, start_subd, hosts=0)
     tree = tmp_path / "small"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc/motd").write_text("small\n")
     fleet.run("image", "add", "small", str(tree))
-    fleet.run("mdb", "set", "host-1", "--address", fleet.sub("host-1").address)
-    wait_for(lambda: "host-1" in fleet.hosts(), "the dominator knows host-1")
+    fleet.run("mdb", "set", "ghost", "--address", f"127.0.0.1:{free_port()}")
+    wait_for(lambda: "ghost" in fleet.hosts(), "the dominator knows ghost")
     yield fleet
     fleet.stop()
 
@@ -37,7 +38,7 @@ def api(fleet: FleetUnderTest, token: str) -> httpx.Client:
                         headers={"Authorization": f"Bearer {token}"})
 
 
-DEPLOY = {"image": "small", "select": {"hosts": ["host-1"]}}
+DEPLOY = {"image": "small", "select": {"hosts": ["ghost"]}}
 
 
 def test_read_and_deploy_tokens(one_host: FleetUnderTest, ca: Path) -> None:
@@ -60,6 +61,8 @@ def test_read_and_deploy_tokens(one_host: FleetUnderTest, ca: Path) -> None:
     deploy_id = started.json()["id"]
     assert api(fleet, reader).get(f"/v1/deploys/{deploy_id}").status_code == 200
     assert api(fleet, reader).post(f"/v1/deploys/{deploy_id}/cancel").status_code == 403
+    cancelled = api(fleet, deployer).post(f"/v1/deploys/{deploy_id}/cancel")
+    assert cancelled.status_code == 202, cancelled.text
     assert api(fleet, TOKEN).get("/v1/deploys").status_code == 200  # the default keeps it all
 
     assert fleet.run("tokens", "revoke", "pipeline") == "revoked token pipeline (scope deploy)\n"
@@ -89,6 +92,7 @@ def test_read_and_deploy_tokens(one_host: FleetUnderTest, ca: Path) -> None:
             for e in entries if e["server"] == "dominator" and e["action"] != "mdb.set"]
     assert mine == [("token.create", admin, "dashboards"), ("token.create", admin, "pipeline"),
                     ("deploy.start", "token:pipeline", deploy_id),
+                    ("deploy.cancel", "token:pipeline", deploy_id),
                     ("token.revoke", admin, "pipeline")]
     everything = json.dumps(entries)
     assert reader not in everything and deployer not in everything and TOKEN not in everything
