@@ -1,5 +1,10 @@
 """A synchronous client of the image server: what the CLI, subd and the dominator
-use to check, upload and fetch objects and to add, read and delete images."""
+use to check, upload and fetch objects and to add, read and delete images.
+
+No call waits forever: unary calls have a deadline (`fleetlib.rpc.tls.call_timeout`);
+the streams, whose length depends on the data, rely on the channel's keepalive, which
+fails them once the connection goes silent.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.source import Source
 from fleetlib.rpc.chunks import join_chunks, split_message
 from fleetlib.rpc.objects import ObjectReceiver, ReceiveStats, object_chunks, pack
-from fleetlib.rpc.tls import Security, open_channel, parse_address
+from fleetlib.rpc.tls import Security, call_timeout, open_channel, parse_address
 from fleetlib.wire import (
     imageserver_pb2,
     imageserver_pb2_grpc,
@@ -55,7 +60,8 @@ class ImageServerClient:
         absent: dict[bytes, int] = {}
         for start in range(0, len(hashes), CHECK_BATCH):
             batch = hashes[start:start + CHECK_BATCH]
-            reply = self.objects.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=batch))
+            reply = self.objects.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=batch),
+                                              timeout=call_timeout())
             absent.update((h, wanted[h]) for h, ok in zip(batch, reply.present, strict=True)
                           if not ok)
         return absent
@@ -116,17 +122,17 @@ class ImageServerClient:
     def list_images(self, prefix: str = "") -> list[imageserver_pb2.ImageSummary]:
         """Summaries of the images whose names start with `prefix`."""
         return list(self.images.ListImages(
-            imageserver_pb2.ListImagesRequest(prefix=prefix)).images)
+            imageserver_pb2.ListImagesRequest(prefix=prefix), timeout=call_timeout()).images)
 
     def delete_image(self, name: str) -> imageserver_pb2.DeleteImageResponse:
         """Delete an image; the server frees objects no other image needs."""
         reply: imageserver_pb2.DeleteImageResponse = self.images.DeleteImage(
-            imageserver_pb2.DeleteImageRequest(name=name))
+            imageserver_pb2.DeleteImageRequest(name=name), timeout=call_timeout())
         return reply
 
     def image_exists(self, name: str) -> bool:
         """Whether the server holds an image of that name."""
         reply: imageserver_pb2.CheckImageResponse = self.images.CheckImage(
-            imageserver_pb2.CheckImageRequest(name=name))
+            imageserver_pb2.CheckImageRequest(name=name), timeout=call_timeout())
         return reply.exists
 

@@ -1,4 +1,10 @@
-"""A synchronous client of one subd, for the CLI (and the dominator's tools)."""
+"""A synchronous client of one subd, for the CLI (and the dominator's tools).
+
+No call waits forever: unary calls and short polls have a deadline
+(`fleetlib.rpc.tls.call_timeout`), an update UPDATE_TIMEOUT, and a stream of unknown
+size (a poll with the tree, GetFiles) relies on the channel's keepalive, which fails
+it once the connection goes silent.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import grpc
 from fleetlib.errors import FleetError
 from fleetlib.fstree.tree import Tree
 from fleetlib.rpc.chunks import join_chunks, parse_in_pieces, split_message
-from fleetlib.rpc.tls import Security, open_channel, parse_address
+from fleetlib.rpc.tls import Security, call_timeout, open_channel, parse_address
 from fleetlib.wire import subd_pb2, subd_pb2_grpc, tree_pb2
 from fleetlib.wire.codec import tree_from_proto
 from subd.changes import UpdatePlan, plan_to_proto
@@ -27,6 +33,8 @@ POLL_INTERVAL = 0.2
 # inodes, beyond any real host, while it bounds what one broken or hostile sub can make
 # the dominator buffer (decoded, a tree takes several times its wire size).
 DEFAULT_MAX_TREE_BYTES = 512 << 20
+# How long an update may take on the sub, from the first chunk sent to its result.
+UPDATE_TIMEOUT = 600.0
 
 
 class TreeTooLarge(FleetError):
@@ -82,14 +90,19 @@ class SubClient:
 
     def poll(self, have_generation: int = 0, short: bool = False
              ) -> tuple[subd_pb2.SubStatus, Tree | None]:
-        """Status, and the tree when the sub's generation differs from ours."""
-        stream = self.stub.Poll(subd_pb2.PollRequest(have_generation=have_generation,
-                                                     short=short))
-        return read_poll(stream)
+        """Status, and the tree when the sub's generation differs from ours (a short
+        poll, status only, has a deadline; a tree of any size has none but keepalive)."""
+        request = subd_pb2.PollRequest(have_generation=have_generation, short=short)
+        stream = self.stub.Poll(request, timeout=call_timeout() if short else None)
+        try:
+            return read_poll(stream)
+        finally:
+            stream.cancel()  # a no-op once the stream ended
 
     def fetch(self, server: str, hashes: list[bytes]) -> None:
         """Ask the sub to fetch objects from an image server (runs in the background)."""
-        self.stub.Fetch(subd_pb2.FetchRequest(server=server, hashes=hashes))
+        self.stub.Fetch(subd_pb2.FetchRequest(server=server, hashes=hashes),
+                        timeout=call_timeout())
 
     def wait_fetch(self, progress: Callable[[subd_pb2.FetchStatus], None] | None = None,
                    timeout: float = 3600) -> subd_pb2.FetchStatus:
@@ -111,11 +124,11 @@ class SubClient:
         """Apply an update of any size and return its result (the sub refuses unsafe ones)."""
         data = encode_update(plan)
         try:
-            self.stub.UpdateStream(split_message(data))
+            self.stub.UpdateStream(split_message(data), timeout=UPDATE_TIMEOUT)
         except grpc.RpcError as err:
             if not older_subd(err, self.address):
                 raise
-            self.stub.Update(subd_pb2.UpdateRequest.FromString(data))
+            self.stub.Update(subd_pb2.UpdateRequest.FromString(data), timeout=UPDATE_TIMEOUT)
         status, _ = self.poll(short=True)
         return status.last_update
 
@@ -133,13 +146,13 @@ class SubClient:
     def cleanup(self, hashes: list[bytes]) -> int:
         """Remove cached objects; returns how many were removed."""
         reply: subd_pb2.CleanupResponse = self.stub.Cleanup(
-            subd_pb2.CleanupRequest(hashes=hashes))
+            subd_pb2.CleanupRequest(hashes=hashes), timeout=call_timeout())
         return reply.removed
 
     def cleanup_all_but(self, keep: list[bytes]) -> int:
         """Remove every cached object not in `keep`; returns how many were removed."""
         reply: subd_pb2.CleanupResponse = self.stub.Cleanup(
-            subd_pb2.CleanupRequest(all_but_keep=True, keep=keep))
+            subd_pb2.CleanupRequest(all_but_keep=True, keep=keep), timeout=call_timeout())
         return reply.removed
 
     def get_files(self, paths: list[str]) -> dict[str, bytes | None]:
@@ -207,7 +220,7 @@ class AsyncSubClient:
         """Start a fetch on the sub."""
         await self.stub.Fetch(subd_pb2.FetchRequest(server=server, hashes=hashes), timeout=60)
 
-    async def update(self, plan: UpdatePlan, timeout: float = 600) -> None:
+    async def update(self, plan: UpdatePlan, timeout: float = UPDATE_TIMEOUT) -> None:
         """Apply an update of any size (raises grpc.aio.AioRpcError when refused or failed)."""
         data = await asyncio.to_thread(encode_update, plan)  # 100k paths take a while
         try:

@@ -4,7 +4,11 @@ Objects the host already holds in some file are copied locally instead of
 downloaded; the rest come from an image server, zstd-compressed on the wire,
 each verified against its SHA-256 before it is kept. Nothing outside `.subd`
 changes. A fetch interrupted at any point resumes: objects already cached are
-skipped. Free space is checked before anything is written.
+skipped. Free space is checked before anything is written. No call to the image
+server waits forever: CheckObjects has a deadline and the download gives up when no
+message arrives for as long (`fleetlib.rpc.tls.call_timeout`), and the channel's
+keepalive fails a connection gone silent, so a fetch always ends, with an error in its
+status when it did not complete.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from fleetlib.fstree.safeopen import open_under
 from fleetlib.fstree.tree import Kind, Tree
 from fleetlib.rpc.objects import ObjectReceiver
 from fleetlib.rpc.status import describe_rpc_error
-from fleetlib.rpc.tls import Security, open_channel, parse_address
+from fleetlib.rpc.tls import Security, call_timeout, open_channel, parse_address
 from fleetlib.wire import objectserver_pb2, objectserver_pb2_grpc, subd_pb2
 
 log = logging.getLogger(__name__)
@@ -158,7 +162,8 @@ class Fetcher:
                      address: str) -> dict[bytes, int]:
         if not hashes:
             return {}
-        reply = await stub.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=hashes))
+        reply = await stub.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=hashes),
+                                        timeout=call_timeout())
         absent = [h for h, ok in zip(hashes, reply.present, strict=True) if not ok]
         if absent:
             raise PreconditionError(f"image server {address} lacks {len(absent)} object(s), "
@@ -199,8 +204,17 @@ class Fetcher:
         limiter = RateLimiter(interface_speed(address) * self.network_speed_percent / 100)
         receiver = ObjectReceiver(self.cache)
         request = objectserver_pb2.GetObjectsRequest(hashes=list(sizes), compress=True)
+        idle = call_timeout()
+        call = stub.GetObjects(request)
         try:
-            async for message in stub.GetObjects(request):
+            while True:
+                try:
+                    message = await asyncio.wait_for(call.read(), idle)
+                except TimeoutError:
+                    raise FleetError(f"image server {address} sent nothing for {idle:g} s: "
+                                     "download abandoned") from None
+                if message is grpc.aio.EOF:
+                    break
                 wire = 0
                 for chunk in message.chunks:
                     wire += len(chunk.data)
@@ -211,4 +225,5 @@ class Fetcher:
                 await limiter.account(wire)
             receiver.close()
         finally:
+            call.cancel()  # a no-op once the stream ended
             receiver.close(strict=False)  # keep whole objects: the next fetch resumes

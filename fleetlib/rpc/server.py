@@ -22,7 +22,13 @@ from fleetlib.errors import FleetError
 from fleetlib.rpc.auth import MethodAuthorizer
 from fleetlib.rpc.guard import Behavior, guard, wrap_handler
 from fleetlib.rpc.status import abort
-from fleetlib.rpc.tls import INSECURE_WARNING, MESSAGE_SIZE_OPTIONS, Security, server_credentials
+from fleetlib.rpc.tls import (
+    INSECURE_WARNING,
+    MESSAGE_SIZE_OPTIONS,
+    Security,
+    server_credentials,
+    server_keepalive_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +174,8 @@ async def start_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [BadRequests()]
     if security.identity is not None:
         interceptors.insert(0, MethodAuthorizer())
-    server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS))
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[*SERVER_OPTIONS, *server_keepalive_options()])
     names = [name for _, _, name in services]
     for add_servicer, servicer, _ in services:
         add_servicer(servicer, server)

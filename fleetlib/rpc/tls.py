@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,21 @@ MESSAGE_SIZE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 )
+
+# How long a connection may stay silent. Every channel pings its server every
+# KEEPALIVE seconds and gives the connection up when a ping goes unanswered for as long
+# again: a black-holed or half-open connection fails its calls (UNAVAILABLE) within
+# 2 x KEEPALIVE (40 s), even a stream whose size nobody can bound. The answer queues
+# behind data already sent our way, so a slow link needs that much room.
+# Unary calls wait at most CALL_TIMEOUT for their reply, and a stream the caller reads
+# message by message (subd's download) at most that long for its next message.
+# Both can be lowered for tests through the environment (FLEET_RPC_KEEPALIVE_SECONDS,
+# FLEET_RPC_TIMEOUT_SECONDS); every program of a fleet must be given the same values.
+KEEPALIVE_ENV = "FLEET_RPC_KEEPALIVE_SECONDS"
+KEEPALIVE_SECONDS = 20.0
+CALL_TIMEOUT_ENV = "FLEET_RPC_TIMEOUT_SECONDS"
+CALL_TIMEOUT_SECONDS = 60.0
+CONNECT_TIMEOUT_MS = 20_000
 
 INSECURE_WARNING = (
     "TLS is OFF: --insecure means no encryption and no authentication, any caller may "
@@ -91,6 +107,54 @@ class Security:
         return cls(Identity.load(Path(tls_dir)))
 
 
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.1 <= value <= 86400:
+        raise FleetError(f"{variable}={text!r}: expected seconds from 0.1 to 86400")
+    return value
+
+
+def call_timeout() -> float:
+    """Seconds a unary call waits for its reply (or a read stream for its next message)."""
+    return _seconds(CALL_TIMEOUT_ENV, CALL_TIMEOUT_SECONDS)
+
+
+def _keepalive_ms() -> int:
+    return int(_seconds(KEEPALIVE_ENV, KEEPALIVE_SECONDS) * 1000)
+
+
+def keepalive_options() -> list[tuple[str, int]]:
+    """Channel options: a ping every KEEPALIVE s, the connection given up when one goes
+    unanswered for KEEPALIVE s."""
+    interval = _keepalive_ms()
+    return [
+        ("grpc.keepalive_time_ms", interval),
+        ("grpc.keepalive_timeout_ms", interval),
+        # gRPC 1.5x+ waits for any ping's answer ping_timeout (default 60 s), whatever
+        # keepalive_timeout says: without it a silent connection lingers a minute more.
+        ("grpc.http2.ping_timeout_ms", interval),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging a stream that went silent
+    ]
+
+
+def server_keepalive_options() -> list[tuple[str, int]]:
+    """Server options accepting our clients' pings (else gRPC answers a client pinging
+    more often than every 5 minutes with GOAWAY "too_many_pings"), and pinging idle
+    clients the same way, so a call to a vanished client is cancelled too."""
+    interval = _keepalive_ms()
+    return [
+        *keepalive_options(),
+        ("grpc.http2.min_ping_interval_without_data_ms", max(interval // 2, 100)),
+    ]
+
+
 def server_credentials(identity: Identity) -> grpc.ServerCredentials:
     """Server credentials that demand a client certificate signed by our CA."""
     return grpc.ssl_server_credentials(
@@ -111,8 +175,12 @@ def open_channel(
 
     The server's certificate is checked against our CA and against the role name
     (e.g. "subd"), not the address, so one certificate serves every host of a role.
+    Every channel keeps its connection alive (`keepalive_options`).
     """
-    all_options = [*MESSAGE_SIZE_OPTIONS, *options]
+    # One attempt to connect (TCP and TLS handshake) may take gRPC's 20 s, or less
+    # when KEEPALIVE is lowered: a black hole then fails as quickly as a silence.
+    connect = ("grpc.min_reconnect_backoff_ms", min(2 * _keepalive_ms(), CONNECT_TIMEOUT_MS))
+    all_options = [*MESSAGE_SIZE_OPTIONS, *keepalive_options(), connect, *options]
     if security.identity is None:
         if aio:
             return grpc.aio.insecure_channel(address, options=all_options)

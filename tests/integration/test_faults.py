@@ -6,6 +6,11 @@ content no image has, no temporary file is left over and nothing hangs.
 
 `push-image --imageserver X` reads the image from X and passes X to subd's Fetch, so
 a proxy given there sits in front of both the CLI's GetImage and subd's downloads.
+
+Every process here runs with short RPC timeouts (keepalive KEEPALIVE s, calls
+CALL_TIMEOUT s; see fleetlib.rpc.tls), so a connection gone silent fails in seconds,
+and the push-image tests share one image server, its images and its proxy (each test
+gets its own subd on a fresh copy of v1).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import pytest
 
 from fleetlib.fstree.scan import scan_directory
 from fleetlib.fstree.tree import Kind
-from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli
+from fleetlib.rpc.tls import CALL_TIMEOUT_ENV, KEEPALIVE_ENV, Security
+from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli, free_port
 from fleetlib.testing.faultproxy import Fault, FaultProxy
 from fleetlib.testing.fleet import FleetUnderTest, wait_for
 from fleetlib.testing.trees import make_tree, rsync_differences
@@ -33,9 +39,20 @@ pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")]
 
 BOUND = 45.0  # seconds any push may take under a fault before it counts as hung
-HANG = 25.0  # the bound where a hang is expected (xfail): no fault needs longer to bite
-BIG_FILES = 6
-BIG_SIZE = 400_000
+KEEPALIVE = 3  # seconds: a silent connection fails within twice that
+CALL_TIMEOUT = 20  # seconds a unary call (or the download's next message) may take
+SILENT_BOUND = 25.0  # seconds a push may take when a connection goes silent
+BIG_FILES = 4
+BIG_SIZE = 250_000  # v2 downloads 4 x 250 kB + 4 x 50 kB, incompressible: ~1.2 MB
+
+
+@pytest.fixture(scope="module", autouse=True)
+def short_timeouts() -> Iterator[None]:
+    """Short keepalive and call timeouts for every process the module starts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEEPALIVE_ENV, str(KEEPALIVE))
+        patch.setenv(CALL_TIMEOUT_ENV, str(CALL_TIMEOUT))
+        yield
 
 
 # ---------------------------------------------------------------- the proxy itself
@@ -140,14 +157,39 @@ def add_image(env: dict[str, str], name: str, source: Path) -> None:
     cli("image", "add", name, str(source), env=env, check=True)
 
 
-@pytest.fixture
-def images(tmp_path: Path, cli_env: dict[str, str]) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def shared_imageserver(short_timeouts: None, tmp_path_factory: pytest.TempPathFactory,
+                       ca: Path) -> Iterator[Daemon]:
+    """One image server for the module's push-image tests (they only read from it)."""
+    folder = tmp_path_factory.mktemp("imageserver")
+    state = folder / "state"
+    daemon = Daemon("imageserver.main",
+                    ["--state-dir", str(state), "--tls-dir", str(ca / "imageserver")],
+                    "imageserver", free_port(),
+                    Security.from_options(str(ca / "admin"), insecure=False),
+                    folder / "imageserver.log", state_dir=state)
+    daemon.start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def cli_env(ca: Path, shared_imageserver: Daemon) -> dict[str, str]:
+    """The CLI as admin, pointed at the shared image server."""
+    return {"DOMINATOR_TLS_DIR": str(ca / "admin"),
+            "DOMINATOR_IMAGESERVER": shared_imageserver.address}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]
+           ) -> tuple[Path, Path]:
     """Images v1 and v2 (v2 changes every big file and adds some), added to the
     image server; returns their source folders."""
-    v1 = make_tree(tmp_path / "v1")
+    folder = tmp_path_factory.mktemp("images")
+    v1 = make_tree(folder / "v1")
     for index in range(BIG_FILES):
         (v1 / "usr" / "bin" / f"tool{index}").write_bytes(os.urandom(BIG_SIZE))
-    v2 = tmp_path / "v2"
+    v2 = folder / "v2"
     subprocess.run(["cp", "-a", str(v1), str(v2)], check=True)
     for index in range(BIG_FILES):
         (v2 / "usr" / "bin" / f"tool{index}").write_bytes(os.urandom(BIG_SIZE + 1))
@@ -155,6 +197,12 @@ def images(tmp_path: Path, cli_env: dict[str, str]) -> tuple[Path, Path]:
     add_image(cli_env, "v1", v1)
     add_image(cli_env, "v2", v2)
     return v1, v2
+
+
+@pytest.fixture(scope="module")
+def allowed(images: tuple[Path, Path]) -> dict[str, set[bytes]]:
+    """Path -> every content hash v1 or v2 gives it."""
+    return allowed_contents(*images)
 
 
 @pytest.fixture
@@ -184,6 +232,13 @@ def check_outcome(result: subprocess.CompletedProcess[str] | None, fault: str) -
     assert not TRACEBACK_RE.search(result.stderr), result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, (fault, result.stderr)
+
+
+def check_failed(result: subprocess.CompletedProcess[str] | None, fault: str) -> str:
+    """The fault bit: one clear line and a non-zero exit; returns the line."""
+    check_outcome(result, fault)
+    assert result is not None and result.returncode != 0, f"{fault} did not bite"
+    return result.stderr.strip()
 
 
 def allowed_contents(*roots: Path) -> dict[str, set[bytes]]:
@@ -217,64 +272,62 @@ def check_converged(env: dict[str, str], root: Path, sub: Daemon, image_root: Pa
     assert scratch == [], f"object scratch files left after a complete fetch: {scratch}"
 
 
-@pytest.fixture
-def imageserver_proxy(imageserver: Daemon) -> Iterator[FaultProxy]:
-    with FaultProxy(imageserver.address, lifetime=300) as proxy:
+@pytest.fixture(scope="module")
+def shared_proxy(shared_imageserver: Daemon) -> Iterator[FaultProxy]:
+    with FaultProxy(shared_imageserver.address, lifetime=600) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def imageserver_proxy(shared_proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The proxy in front of the shared image server, faithful again after the test."""
+    yield shared_proxy
+    shared_proxy.clear()
+    shared_proxy.reset_all()
 
 
 @pytest.mark.parametrize("fault", [
     Fault(latency=0.05),
-    Fault(bandwidth=1_500_000),
+    Fault(bandwidth=1_000_000),
     Fault(reset=True, after_bytes=200_000),  # mid-download (the image itself is smaller)
-    Fault(reset=True, after_bytes=1_200_000),
+    Fault(reset=True, after_bytes=900_000),
     Fault(reset=True, after_bytes=1000),  # in the TLS handshake of every connection
 ], ids=["latency", "bandwidth", "reset-mid-fetch", "reset-late-fetch", "reset-handshake"])
 def test_imageserver_path_fault_then_retry_converges(
         fault: Fault, cli_env: dict[str, str], images: tuple[Path, Path],
-        host: tuple[Path, Daemon], imageserver_proxy: FaultProxy) -> None:
+        allowed: dict[str, set[bytes]], host: tuple[Path, Daemon],
+        imageserver_proxy: FaultProxy) -> None:
     root, sub = host
-    allowed = allowed_contents(*images)
     imageserver_proxy.set_fault(fault)
     result = push(cli_env, sub.address, "v2", imageserver_proxy.address)
-    check_outcome(result, str(fault))
-    check_no_corrupt_file(root, allowed)
     if fault.reset and fault.after_bytes >= 200_000:
-        assert result is not None and result.returncode != 0, "the reset did not bite"
+        check_failed(result, str(fault))
+    else:
+        check_outcome(result, str(fault))
+    check_no_corrupt_file(root, allowed)
     imageserver_proxy.clear()
     check_converged(cli_env, root, sub, images[1], "v2", imageserver_proxy.address)
 
 
-# A whole push of v2 moves about 15.5 kB between the CLI and subd (TLS handshake ~3 kB,
-# Poll with the tree, the fetch polls, UpdateStream, the final Poll): reset at points
-# spread over it. How much the fetch polls add varies, so the last point may miss.
-@pytest.mark.parametrize(("after_bytes", "must_bite"),
-                         [(3000, True), (6000, True), (9500, True), (12_500, False)])
+# A whole push of v2 moves about 15 kB between the CLI and subd (TLS handshake ~3 kB,
+# Poll with the tree, the fetch polls, UpdateStream, the final Poll): reset early,
+# mid-way and late in it.
+@pytest.mark.parametrize("after_bytes", [3000, 6000, 9500], ids=["early", "mid", "late"])
 def test_cli_to_subd_reset_then_retry_converges(
-        after_bytes: int, must_bite: bool, cli_env: dict[str, str], images: tuple[Path, Path],
-        host: tuple[Path, Daemon], imageserver: Daemon) -> None:
+        after_bytes: int, cli_env: dict[str, str], images: tuple[Path, Path],
+        allowed: dict[str, set[bytes]], host: tuple[Path, Daemon],
+        shared_imageserver: Daemon) -> None:
     """Resets on the CLI's connection to subd at several points of the exchange."""
     root, sub = host
-    allowed = allowed_contents(*images)
     with FaultProxy(sub.address, lifetime=300) as proxy:
         proxy.set_fault(Fault(reset=True, after_bytes=after_bytes))
-        result = push(cli_env, proxy.address, "v2", imageserver.address)
-        check_outcome(result, f"reset after {after_bytes} bytes")
-        if must_bite:
-            assert result is not None and result.returncode != 0, "the reset did not bite"
+        result = push(cli_env, proxy.address, "v2", shared_imageserver.address)
+        check_failed(result, f"reset after {after_bytes} bytes")
         check_no_corrupt_file(root, allowed)
         proxy.clear()
-        check_converged(cli_env, root, sub, images[1], "v2", imageserver.address)
+        check_converged(cli_env, root, sub, images[1], "v2", shared_imageserver.address)
 
 
-DEADLINE_BUG = (
-    "subd's Fetcher (subd/fetcher.py _sizes/_download) calls CheckObjects and "
-    "GetObjects without a deadline or keepalive, and the CLI's wait_fetch polls for up "
-    "to 3600 s: a connection that goes silent mid-download hangs the fetch (and every "
-    "later Fetch is refused as 'already in progress')")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=DEADLINE_BUG)
 @pytest.mark.parametrize("fault", [
     Fault(blackhole=True, after_bytes=300_000),
     Fault(stall="down", after_bytes=300_000),
@@ -282,12 +335,19 @@ DEADLINE_BUG = (
 def test_imageserver_goes_silent_mid_fetch(
         fault: Fault, cli_env: dict[str, str], images: tuple[Path, Path],
         host: tuple[Path, Daemon], imageserver_proxy: FaultProxy) -> None:
+    """The download's connection goes silent: keepalive fails it, the fetch ends with
+    that error in its status (not in progress forever), push-image says so in one
+    line, and a retry on a fresh connection converges."""
     root, sub = host
     imageserver_proxy.set_fault(fault)
-    result = push(cli_env, sub.address, "v2", imageserver_proxy.address, timeout=HANG)
+    started = time.monotonic()
+    result = push(cli_env, sub.address, "v2", imageserver_proxy.address,
+                  timeout=SILENT_BOUND)
     imageserver_proxy.clear()
     imageserver_proxy.reset_all()  # what a retry would face: a fresh connection
-    check_outcome(result, str(fault))
+    line = check_failed(result, str(fault))
+    assert "fetch failed" in line, line
+    assert time.monotonic() - started < 4 * KEEPALIVE + 10, "the silence took too long to fail"
     check_converged(cli_env, root, sub, images[1], "v2", imageserver_proxy.address)
 
 
@@ -299,27 +359,24 @@ def test_imageserver_black_hole_from_the_start_fails_clearly(
     root, sub = host
     imageserver_proxy.set_fault(Fault(blackhole=True))
     result = push(cli_env, sub.address, "v2", imageserver_proxy.address)
-    check_outcome(result, "black hole")
-    assert result is not None and result.returncode != 0
+    check_failed(result, "black hole")
     imageserver_proxy.clear()
     check_converged(cli_env, root, sub, images[1], "v2", imageserver_proxy.address)
 
 
-CLI_DEADLINE_BUG = (
-    "the CLI's SubClient (subd/client.py: poll, fetch, update) calls Poll, Fetch and "
-    "UpdateStream without a deadline: when subd's connection goes silent mid-stream, "
-    "`dominator sub push-image` waits forever")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CLI_DEADLINE_BUG)
 def test_subd_goes_silent_mid_poll(cli_env: dict[str, str], images: tuple[Path, Path],
-                                   host: tuple[Path, Daemon], imageserver: Daemon) -> None:
+                                   host: tuple[Path, Daemon],
+                                   shared_imageserver: Daemon) -> None:
+    """subd's answers stop mid-poll (half-open): the CLI's keepalive fails the call and
+    push-image exits non-zero with one line instead of waiting forever."""
     root, sub = host
     with FaultProxy(sub.address, lifetime=300) as proxy:
         proxy.set_fault(Fault(stall="down", after_bytes=6000))
-        result = push(cli_env, proxy.address, "v2", imageserver.address, timeout=HANG)
+        result = push(cli_env, proxy.address, "v2", shared_imageserver.address,
+                      timeout=SILENT_BOUND)
         proxy.clear()
-        check_outcome(result, "subd silent mid-poll")
+        check_failed(result, "subd silent mid-poll")
+    check_converged(cli_env, root, sub, images[1], "v2", shared_imageserver.address)
 
 
 # ---------------------------------------------------------------- a fleet rollout
