@@ -7,6 +7,8 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import click
 import httpx
@@ -18,7 +20,7 @@ from fleetlib.errors import FleetError
 POLL_SECONDS = 1.0
 
 
-def url_options(func):
+def url_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--url and --token, from DOMINATOR_URL and DOMINATOR_TOKEN."""
     func = click.option("--token", envvar="DOMINATOR_TOKEN", show_envvar=True,
                         help="Bearer token of the dominator's HTTP API.")(func)
@@ -27,7 +29,7 @@ def url_options(func):
                         help="The dominator's HTTP API.")(func)
 
 
-def parse_selector(text: str) -> dict:
+def parse_selector(text: str) -> dict[str, Any]:
     """`all`, `tags:K=V,K2=V2`, or `host-1,host-2` -> the API's `select` object."""
     text = text.strip()
     if text == "all":
@@ -55,7 +57,7 @@ class DeployApi:
         self.client = httpx.Client(base_url=url.rstrip("/"), timeout=30,
                                    headers={"Authorization": f"Bearer {token}"})
 
-    def call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request; FleetError for transport failures and error statuses."""
         try:
             response = self.client.request(method, path, **kwargs)
@@ -69,28 +71,30 @@ class DeployApi:
             raise FleetError(f"HTTP {response.status_code}: {message}")
         return response
 
-    def start(self, body: dict, key: str) -> dict:
+    def start(self, body: dict[str, Any], key: str) -> dict[str, Any]:
         """POST a deploy; its {"id", "status", "statusUrl"}."""
-        return self.call("POST", "/v1/deploys", json=body,
-                         headers={"Idempotency-Key": key}).json()
+        started: dict[str, Any] = self.call("POST", "/v1/deploys", json=body,
+                                            headers={"Idempotency-Key": key}).json()
+        return started
 
-    def status(self, deploy_id: str) -> dict:
+    def status(self, deploy_id: str) -> dict[str, Any]:
         """GET a deploy's state."""
-        return self.call("GET", f"/v1/deploys/{deploy_id}").json()
+        state: dict[str, Any] = self.call("GET", f"/v1/deploys/{deploy_id}").json()
+        return state
 
 
 def deploy_body(image: str, select: str, waves: str | None, max_failures: int,
                 health_url: str | None, health_check: str | None, timeout: float | None,
-                retries: int | None, dry_run: bool) -> dict:
+                retries: int | None, dry_run: bool) -> dict[str, Any]:
     """The request body of POST /v1/deploys."""
-    body: dict = {"image": image, "select": parse_selector(select), "maxFailures": max_failures,
-                  "dryRun": dry_run}
+    body: dict[str, Any] = {"image": image, "select": parse_selector(select),
+                            "maxFailures": max_failures, "dryRun": dry_run}
     if waves:
         body["waves"] = [w.strip() for w in waves.split(",") if w.strip()]
     if health_url and health_check:
         raise FleetError("--health-url and --health-check exclude each other")
     if health_url or health_check:
-        check: dict = {"url": health_url} if health_url else {"check": health_check}
+        check: dict[str, Any] = {"url": health_url} if health_url else {"check": health_check}
         if timeout is not None:
             check["timeoutSeconds"] = timeout
         if retries is not None:
@@ -104,7 +108,7 @@ def deploy() -> None:
     """Roll images out in waves with health gates (the pipeline deploy stage)."""
 
 
-def rollout_options(func):
+def rollout_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options `start` and `plan` share."""
     for option in reversed([
         click.argument("image"),
@@ -115,7 +119,7 @@ def rollout_options(func):
     return func
 
 
-def wait_for(api: DeployApi, deploy_id: str) -> dict:
+def wait_for(api: DeployApi, deploy_id: str) -> dict[str, Any]:
     """Follow a deploy with a progress bar per wave until it ends; its last state."""
     bar = None
     wave_shown = -1

@@ -16,8 +16,10 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -83,12 +85,14 @@ class Fleet:
             raise FleetError(f"`dominator {' '.join(args)}` failed: {result.stderr.strip()}")
         return result.stdout
 
-    def wait_until(self, done, what: str) -> list[dict]:
+    def wait_until(self, done: Callable[[list[dict[str, Any]]], object],
+                   what: str) -> list[dict[str, Any]]:
         """Show host statuses until `done(hosts)`; FleetError after the timeout."""
         deadline = time.monotonic() + CONVERGE_TIMEOUT
         shown = ""
         while time.monotonic() < deadline:
-            hosts = json.loads(cli("fleet", "list", "--json", env=self.env).stdout or "[]")
+            hosts: list[dict[str, Any]] = json.loads(
+                cli("fleet", "list", "--json", env=self.env).stdout or "[]")
             line = ", ".join(f"{h['hostname']}: {h['status']}" for h in hosts)
             if line != shown:
                 click.echo(f"  {line}", err=True)

@@ -35,7 +35,7 @@ STORED_COMMAND = ("not run: this deploy's healthCheck.command predates named che
 
 def fill(template: str, values: Mapping[str, str]) -> str:
     """`template` with `{host}` and `{address}` replaced (no other formatting)."""
-    def one(match: re.Match) -> str:
+    def one(match: re.Match[str]) -> str:
         name = match[1]
         if name not in values:
             raise DeployError(f"unknown placeholder {{{name}}} in {template!r}: use "

@@ -34,9 +34,11 @@ def deploy_view(deploy: Deploy, status_url: str) -> dict[str, Any]:
     }
     if deploy.dry_run:
         result["wouldStop"] = {
-            name: host.error or host.plan["wouldStop"] for name, host in deploy.hosts.items()
+            name: host.error or (host.plan and host.plan["wouldStop"])
+            for name, host in deploy.hosts.items()
             if host.error or (host.plan and host.plan["wouldStop"])}
-    return redact(result)
+    redacted: dict[str, Any] = redact(result)
+    return redacted
 
 
 def relative_view(deploy: Deploy) -> dict[str, Any]:
@@ -46,11 +48,12 @@ def relative_view(deploy: Deploy) -> dict[str, Any]:
 
 def deploy_summary(deploy: Deploy, status_url: str) -> dict[str, Any]:
     """One line of GET /v1/deploys, redacted."""
-    return redact({"id": deploy.id, "status": deploy.status, "progress": deploy.progress(),
-                   "percent": deploy.percent(), "reason": deploy.reason,
-                   "image": deploy.request["image"], "dryRun": deploy.dry_run,
-                   "hosts": len(deploy.hosts), "statusUrl": status_url,
-                   "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix})
+    summary: dict[str, Any] = redact({
+        "id": deploy.id, "status": deploy.status, "progress": deploy.progress(),
+        "percent": deploy.percent(), "reason": deploy.reason, "image": deploy.request["image"],
+        "dryRun": deploy.dry_run, "hosts": len(deploy.hosts), "statusUrl": status_url,
+        "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix})
+    return summary
 
 
 def host_view(host: HostProgress) -> dict[str, Any]:

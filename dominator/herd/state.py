@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import BigInteger, Integer, Text
@@ -137,7 +138,7 @@ class DominatorState:
                            for row in session.scalars(sa.select(HostRow))}
             switch = session.get(SettingRow, DISABLED_KEY)
             self._disabled = Disabled(**json.loads(switch.value)) if switch else None
-        self._desired_seen: set[tuple[str, str, frozenset]] = set()
+        self._desired_seen: set[tuple[str, str, frozenset[tuple[str, tuple[bytes, int]]]]] = set()
         self._sync_stored: dict[str, int] = {}  # when each host's last sync was stored
 
     @staticmethod
@@ -147,7 +148,7 @@ class DominatorState:
                           row.intrusion_unix or 0, row.last_sync_unix or 0,
                           row.current_image or "")
 
-    def _remember(self, hostname: str, **changes: object) -> None:
+    def _remember(self, hostname: str, **changes: Any) -> None:
         self._hosts[hostname] = replace(self.host(hostname), **changes)
 
     def _write(self, *statements: sa.Executable) -> None:
@@ -155,7 +156,7 @@ class DominatorState:
             for statement in statements:
                 conn.execute(statement)
 
-    def _read(self, statement: sa.Select) -> list[sa.Row]:
+    def _read(self, statement: sa.Select[*tuple[Any, ...]]) -> list[sa.Row[*tuple[Any, ...]]]:
         with self._lock, self.engine.connect() as conn:
             return list(conn.execute(statement))
 

@@ -34,7 +34,7 @@ def audit_router(ctx: HttpContext) -> APIRouter:
                            "Audit log", entries=await newest(limit), limit=limit)
 
     @router.get("/audit.json")
-    async def audit_json(limit: Limit = DEFAULT_LIMIT) -> dict:
+    async def audit_json(limit: Limit = DEFAULT_LIMIT) -> dict[str, Any]:
         return {"server": "dominator", "entries": await newest(limit)}
 
     return router

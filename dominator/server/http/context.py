@@ -39,7 +39,8 @@ class HttpContext:
 
 def context(request: Request) -> HttpContext:
     """The app's context (a FastAPI dependency)."""
-    return request.app.state.context
+    ctx: HttpContext = request.app.state.context
+    return ctx
 
 
 def require_token(request: Request,

@@ -53,12 +53,13 @@ class TokenFirstRoute(APIRoute):
 router = APIRouter(prefix="/v1", tags=["deploys"], route_class=TokenFirstRoute,
                    dependencies=[Depends(HTTPBearer(auto_error=False,
                                                     description="The dominator's API token"))])
-ERRORS = {400: {"description": "Bad request (final)"},
-          401: {"description": "Missing or wrong bearer token"},
-          404: {"description": "No such deploy"},
-          409: {"description": "Conflicts with another deploy or idempotency key (final)"},
-          429: {"description": "Too many deploys running: try later"},
-          503: {"description": "Cannot take the request now: try later"}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Bad request (final)"},
+    401: {"description": "Missing or wrong bearer token"},
+    404: {"description": "No such deploy"},
+    409: {"description": "Conflicts with another deploy or idempotency key (final)"},
+    429: {"description": "Too many deploys running: try later"},
+    503: {"description": "Cannot take the request now: try later"}}
 
 
 def engine(ctx: Annotated[HttpContext, Depends(context)]) -> DeployEngine:
@@ -123,7 +124,7 @@ async def list_deploys(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         status: Annotated[str | None, Query(
             pattern=f"^({'|'.join(STATUSES)})$")] = None,
-) -> dict:
+) -> dict[str, Any]:
     try:
         found = await deploys.newest(limit, status)
     except DeployError as err:
@@ -133,7 +134,7 @@ async def list_deploys(
 
 @router.get("/deploys/{deploy_id}", name="get_deploy", responses=ERRORS,
             summary="A deploy's status, progress, waves and hosts")
-async def get_deploy(request: Request, deploy_id: str, deploys: Engine) -> dict:
+async def get_deploy(request: Request, deploy_id: str, deploys: Engine) -> dict[str, Any]:
     """`status` (RUNNING, SUCCEEDED, TERMINAL, CANCELED), `progress` (one line),
     `percent`, `reason` (why it ended so), `waves` and per-host detail (a dry
     run's hosts carry their `plan`)."""
