@@ -35,7 +35,7 @@ def status_command(as_json: bool, dominator: str, security: Security) -> None:
             "updates_disabled": reply.updates_disabled, "disabled_by": reply.disabled_by,
             "disabled_reason": reply.disabled_reason, "disabled_unix": reply.disabled_unix,
             "diff_cache_hits": reply.diff_cache_hits,
-            "diff_cache_misses": reply.diff_cache_misses}
+            "diff_cache_misses": reply.diff_cache_misses, "mdb_error": reply.mdb_error}
     if as_json:
         echo_json(data)
         return
@@ -44,6 +44,8 @@ def status_command(as_json: bool, dominator: str, security: Security) -> None:
     if reply.updates_disabled:
         click.echo(f"UPDATES DISABLED by {reply.disabled_by} at {when(reply.disabled_unix)}: "
                    f"{reply.disabled_reason}")
+    if reply.mdb_error:
+        click.echo(f"MDB UNREADABLE (hosts keep the last view read): {reply.mdb_error}")
 
 
 @fleet.command(name="list")

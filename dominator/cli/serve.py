@@ -13,6 +13,7 @@ from dominator.server.daemon import DEFAULT_HTTP_PORT, DEFAULT_PORT, DaemonConfi
 from fleetlib.cli.options import address_option, security_options
 from fleetlib.cli.run import setup_logging
 from fleetlib.rpc.tls import Security
+from subd.client import DEFAULT_MAX_TREE_BYTES
 
 
 def named_checks(specs: tuple[str, ...]) -> NamedChecks:
@@ -48,6 +49,10 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
               help="Fetches in flight at once.")
 @click.option("--update-slots", default=50, show_default=True, type=click.IntRange(1),
               help="Updates in flight at once.")
+@click.option("--max-tree-bytes", default=DEFAULT_MAX_TREE_BYTES, show_default=True,
+              type=click.IntRange(1),
+              help="The most serialized tree taken from one sub per poll; a larger one makes "
+                   "the host 'tree too large'.")
 @click.option("--health-check", "health_checks", multiple=True, metavar="NAME=COMMAND",
               callback=lambda ctx, param, specs: named_checks(specs),
               help="Allow-list a health check deploys may name ({\"check\": \"NAME\"}): "
@@ -58,7 +63,7 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
 def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
                   generators: Path | None, port: int, http_port: int, token: str | None,
                   host: str, poll_interval: float,
-                  poll_slots: int, fetch_slots: int, update_slots: int,
+                  poll_slots: int, fetch_slots: int, update_slots: int, max_tree_bytes: int,
                   health_checks: NamedChecks, verbose: bool, security: Security) -> None:
     """Run the dominator: keep every sub of the MDB on its required image.
 
@@ -69,7 +74,7 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
     state_dir.mkdir(parents=True, exist_ok=True)
     config = HerdConfig(imageserver=imageserver, poll_interval=poll_interval,
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
-                        update_slots=update_slots)
+                        update_slots=update_slots, max_tree_bytes=max_tree_bytes)
     url = mdb_url or f"sqlite:///{state_dir.resolve() / 'mdb.sqlite'}"
     run(DaemonConfig(state_dir, url, config, generators, port, http_port, host,
                      api_token(state_dir, token), security, health_checks))

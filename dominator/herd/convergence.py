@@ -30,6 +30,7 @@ class PlanSummary:
     bytes_to_write: int
     triggers: list[str]
     unsafe: bool
+    kept: int = 0  # directories the image lacks, kept because they hold filtered content
 
     def to_json(self) -> dict[str, object]:
         """Plain data for --json output."""
@@ -101,7 +102,7 @@ def summarize(plan: UpdatePlan, sub_tree: Tree, cached: Callable[[bytes], bool] 
         deleted=counts["delete"], objects_to_fetch=len(to_fetch),
         bytes_to_fetch=sum(to_fetch.values()), bytes_to_write=plan.diff.bytes_to_write(),
         triggers=sorted(set(names)),
-        unsafe=too_many_deletes(plan.diff, len(sub_tree.inodes)))
+        unsafe=too_many_deletes(plan.diff, len(sub_tree.inodes)), kept=len(plan.diff.kept))
 
 
 def describe_entries(plan: UpdatePlan) -> list[str]:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import grpc
+from sqlalchemy.exc import SQLAlchemyError
 
 from dominator.herd.computed import (
     ComputedFileError,
@@ -37,12 +38,14 @@ from fleetlib.errors import FleetError
 from fleetlib.fstree.diff import too_many_deletes
 from fleetlib.fstree.hashing import hash_bytes
 from fleetlib.fstree.image import Image
+from fleetlib.fstree.tree import Tree
 from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security
+from fleetlib.wire import subd_pb2
 from mdb.machine import Machine
-from mdb.store import Mdb
+from mdb.store import InvalidRow, Mdb
 from subd.changes import UpdatePlan
-from subd.client import AsyncSubClient
+from subd.client import DEFAULT_MAX_TREE_BYTES, AsyncSubClient, TreeTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class HerdConfig:
     diff_cache_size: int = 20_000
     history_images: int = 10      # earlier images consulted for the intrusion signal
     mdb_check_interval: float = 1.0
+    mdb_retry_first: float = 1.0  # after a failed MDB read; doubles while it keeps failing
+    mdb_retry_max: float = 30.0
+    max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES  # the most tree taken from one sub per poll
 
 
 @dataclass
@@ -77,6 +83,7 @@ class Sub:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     listeners: list[Callable[[str, str], None]] = field(default_factory=list)
     prefetched: tuple[str, bytes] | None = None
+    kept_paths: tuple[str, ...] = ()  # directories the image lacks, kept (filtered content)
     task: asyncio.Task | None = None
     client: AsyncSubClient | None = None
 
@@ -88,6 +95,19 @@ class Sub:
         self.last_error = error
         for listener in list(self.listeners):
             listener(status.value, error)
+
+
+class PollFailed(Exception):
+    """A full poll that brought no usable tree: the status it leaves the sub in, and why."""
+
+    def __init__(self, status: Status, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+    def describe(self) -> str:
+        """One line naming the status (once)."""
+        prefix = f"{self.status.value}: "
+        return self.detail if self.detail.startswith(prefix) else prefix + self.detail
 
 
 @dataclass
@@ -149,17 +169,28 @@ class Herd:
         self._update_slots = asyncio.Semaphore(config.update_slots)
         self._revision = -1
         self._stopping = False
+        self.mdb_error = ""  # why the MDB cannot be read now ("" while it can)
 
     async def run(self) -> None:
-        """Follow the MDB and run every sub's loop until cancelled."""
+        """Follow the MDB and run every sub's loop until cancelled. While the MDB
+        cannot be read the subs go on with the last view read, and reads are retried
+        with a backoff (1 s doubling to 30 s by default)."""
+        failures = 0
         try:
             while True:
-                revision = await asyncio.to_thread(self.mdb.revision)
-                if revision != self._revision:
-                    self._revision = revision
-                    machines = await asyncio.to_thread(self.mdb.list)
-                    await self._reconcile(machines)
-                await asyncio.sleep(self.config.mdb_check_interval)
+                try:
+                    await self._follow_mdb()
+                except (FleetError, SQLAlchemyError) as err:
+                    failures += 1
+                    self._mdb_failed(err)
+                    delay = min(self.config.mdb_retry_max,
+                                self.config.mdb_retry_first * 2 ** (failures - 1))
+                else:
+                    if self.mdb_error:
+                        log.warning("MDB %s readable again", self.mdb.url)
+                    failures, self.mdb_error = 0, ""
+                    delay = self.config.mdb_check_interval
+                await asyncio.sleep(delay)
         finally:
             self._stopping = True
             for sub in self.subs.values():
@@ -171,20 +202,61 @@ class Herd:
                 if sub.client is not None:
                     await sub.client.close()
 
-    async def _reconcile(self, machines: list[Machine]) -> None:
-        """Start loops for new hosts, update changed ones, stop removed ones."""
+    async def _follow_mdb(self) -> None:
+        """Reload the machines when the MDB's revision moved (the revision counts as
+        seen only once its machines were read)."""
+        revision = await asyncio.to_thread(self.mdb.revision)
+        if revision != self._revision:
+            machines, invalid = await asyncio.to_thread(self.mdb.load)
+            await self._reconcile(machines, invalid)
+            self._revision = revision
+
+    def _mdb_failed(self, err: Exception) -> None:
+        """Count a failed MDB read; log it when it is news (not on every retry)."""
+        self.metrics.mdb_read_errors.inc()
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if text != self.mdb_error:
+            log.error("cannot read the MDB (retrying; hosts keep the last view read): %s",
+                      text)
+        self.mdb_error = text
+
+    async def _stop(self, sub: Sub) -> None:
+        """End the sub's loop and close its connection."""
+        if sub.task is not None:
+            sub.task.cancel()
+            await asyncio.gather(sub.task, return_exceptions=True)
+            sub.task = None
+        if sub.client is not None:
+            await sub.client.close()
+            sub.client = None
+
+    async def _reconcile(self, machines: list[Machine], invalid: list[InvalidRow]) -> None:
+        """Start loops for new hosts, update changed ones, stop removed ones; a host
+        whose row is invalid is not converged, its status says why."""
         wanted = {m.hostname: m for m in machines}
+        bad = {row.hostname: row.reason for row in invalid}
         for hostname in list(self.subs):
-            if hostname not in wanted:
-                sub = self.subs.pop(hostname)
-                if sub.task is not None:
-                    sub.task.cancel()
-                if sub.client is not None:
-                    await sub.client.close()
+            if hostname not in wanted and hostname not in bad:
+                await self._stop(self.subs.pop(hostname))
+        for hostname, reason in bad.items():
+            sub = self.subs.get(hostname)
+            if sub is None:
+                try:
+                    sub = self.subs[hostname] = Sub(Machine(hostname))
+                except FleetError:  # not even its hostname is valid: no host to show
+                    log.error("ignoring an invalid MDB row: %s", reason)
+                    continue
+            await self._stop(sub)
+            sub.kept_paths = ()
+            sub.set_status(Status.BAD_MDB_ENTRY, reason)
         for hostname, machine in wanted.items():
             sub = self.subs.get(hostname)
             if sub is None:
                 sub = self.subs[hostname] = Sub(machine)
+                sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")
+            elif sub.task is None:  # its row was invalid, and is valid again
+                sub.machine = machine
+                sub.set_status(Status.POLLING)
                 sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")
             elif sub.machine != machine:
                 if sub.machine.address != machine.address and sub.client is not None:
@@ -228,6 +300,9 @@ class Herd:
         sub.last_poll_unix = time.time()
         sub.generation, sub.fingerprint = status.generation, status.fingerprint
         sub.last_scan_unix = status.last_scan_unix
+        if status.scan_error:  # its tree is stale: neither synced nor safe to plan on
+            sub.set_status(Status.SCAN_FAILED, status.scan_error)
+            return
         if not status.scan_count:
             sub.set_status(Status.POLLING, "waiting for the sub's first scan")
             return
@@ -247,6 +322,7 @@ class Herd:
         planned = await self._plan(sub, client, image, computed, status)
         if planned is None:
             return
+        sub.kept_paths = tuple(planned.plan.diff.kept)
         if not planned.plan.diff:
             await self._synced(sub, client, image, computed, status)
             return
@@ -269,19 +345,34 @@ class Herd:
             self._planning.pop(key).set_result(planned)
         return planned
 
-    async def _plan_now(self, sub: Sub, client: AsyncSubClient, image: Image,
-                        computed: dict[str, bytes], key: tuple) -> Planned | None:
+    async def _full_poll(self, client: AsyncSubClient
+                         ) -> tuple[subd_pb2.SubStatus, Tree | None]:
+        """A poll with the sub's tree (when its generation moved), at most
+        `max_tree_bytes` of it; PollFailed when it brings nothing usable."""
         try:
             async with self._poll_slots, self.metrics.timed("poll"):
-                status, tree = await client.poll(timeout=120)
+                return await client.poll(timeout=120,
+                                         max_tree_bytes=self.config.max_tree_bytes)
         except grpc.RpcError as err:
-            sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
+            raise PollFailed(Status.UNREACHABLE, describe_rpc_error(err)) from None
+        except TreeTooLarge as err:
+            raise PollFailed(Status.TREE_TOO_LARGE, str(err)) from None
+        except FleetError as err:  # a malformed tree, or no status at all
+            raise PollFailed(Status.FAILED, f"poll: {err}") from None
+
+    async def _plan_now(self, sub: Sub, client: AsyncSubClient, image: Image,
+                        computed: dict[str, bytes], key: tuple) -> Planned | None:
+        """The plan for the sub's tree now, without old-image triggers: it is shared
+        by every sub of the fingerprint, and each has its own previous image."""
+        try:
+            status, tree = await self._full_poll(client)
+        except PollFailed as err:
+            sub.set_status(err.status, err.detail)
             return None
         if tree is None:
             return None
-        old = await self._previous_image(sub, image)
         plan = await asyncio.to_thread(plan_update, tree, image, list(status.scan_exclusions),
-                                       old, False, False, computed)
+                                       None, False, False, computed)
         planned = Planned(plan, len(tree.inodes))
         if status.fingerprint == key[1]:  # else it changed meanwhile: plan again next cycle
             self.cache.put(key, planned)
@@ -311,8 +402,11 @@ class Herd:
             image = await self.images.get(planned_name)
             if image is None:
                 return
-            async with self._poll_slots, self.metrics.timed("poll"):
-                status, tree = await client.poll(timeout=120)
+            try:
+                status, tree = await self._full_poll(client)
+            except PollFailed as err:
+                sub.set_status(err.status, err.detail)
+                return
             if tree is None:
                 return
             plan = await asyncio.to_thread(plan_update, tree, image,
@@ -391,7 +485,9 @@ class Herd:
                       computed: dict[str, bytes], plan: UpdatePlan, cleared: bool) -> None:
         hostname = sub.machine.hostname
         sub.set_status(Status.UPDATING)
-        plan = replace(plan, disable_safety_check=cleared)  # cached plans are shared
+        old = await self._previous_image(sub, image)  # cached plans are shared: set per sub
+        plan = replace(plan, disable_safety_check=cleared,
+                       old_triggers=list(old.triggers) if old is not None else [])
         try:
             async with self._update_slots, self.metrics.timed("update"):
                 await client.update(plan)
@@ -432,10 +528,11 @@ class Herd:
         except ComputedFileError as err:
             raise FleetError(f"{Status.MISSING_COMPUTED.value}: {err}") from None
         try:
-            async with self._poll_slots:
-                status, tree = await self._client(sub).poll(timeout=120)
-        except grpc.RpcError as err:
-            raise FleetError(f"{Status.UNREACHABLE.value}: {describe_rpc_error(err)}") from None
+            status, tree = await self._full_poll(self._client(sub))
+        except PollFailed as err:
+            raise FleetError(err.describe()) from None
+        if status.scan_error:
+            raise FleetError(f"{Status.SCAN_FAILED.value}: {status.scan_error}")
         if tree is None or not status.scan_count:
             raise FleetError("waiting for the sub's first scan")
         old = await self._previous_image(sub, image)

@@ -71,6 +71,8 @@ class HerdMetrics:
                                        "Updates a sub refused or failed.")
         self.update_seconds = histogram("dominator_update_duration_seconds",
                                         "Latency of one update RPC.", TRANSFER_BUCKETS)
+        self.mdb_read_errors = counter("dominator_mdb_read_errors",
+                                       "Reads of the MDB that failed (each retry counts).")
 
     def timed(self, kind: str) -> Timed:
         """Count one `kind` ("poll", "fetch" or "update") around a block (`with` or
@@ -86,4 +88,4 @@ class HerdMetrics:
         """Every metric, for a collector to export."""
         return [self.polls, self.poll_errors, self.poll_seconds, self.fetches,
                 self.fetch_failures, self.fetch_seconds, self.fetched_bytes, self.prefetches,
-                self.updates, self.update_failures, self.update_seconds]
+                self.updates, self.update_failures, self.update_seconds, self.mdb_read_errors]

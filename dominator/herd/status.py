@@ -29,6 +29,9 @@ class Status(enum.StrEnum):
     FAILED = "update failed"
     INTRUSION = "intrusion"
     NO_IMAGE = "no image"
+    BAD_MDB_ENTRY = "invalid MDB entry"   # its row does not validate: not converged
+    SCAN_FAILED = "scan failed"           # the sub's scans fail: its tree cannot be trusted
+    TREE_TOO_LARGE = "tree too large"     # over `dominator serve --max-tree-bytes`
 
 
 class Remembered(Protocol):
@@ -63,6 +66,8 @@ class Observed(Protocol):
     def change_window_ns(self) -> int: ...
     @property
     def history(self) -> Iterable[tuple[float, str, str]]: ...  # transitions, oldest first
+    @property
+    def kept_paths(self) -> tuple[str, ...]: ...  # kept directories the image lacks
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class SubReport:
     updates_disabled: bool
     safety_cleared: bool
     history: tuple[str, ...]  # "UNIX STATUS[: ERROR]", oldest first
+    kept_paths: tuple[str, ...] = ()  # directories the image lacks, kept for filtered content
 
     @classmethod
     def of(cls, sub: Observed, record: Remembered) -> SubReport:
@@ -100,7 +106,8 @@ class SubReport:
             intrusion_unix=record.intrusion_unix, change_window_ns=sub.change_window_ns,
             updates_disabled=machine.disable_updates, safety_cleared=record.safety_cleared,
             history=tuple(quote(f"{int(unix)} {status}{': ' + error if error else ''}")
-                          for unix, status, error in sub.history))
+                          for unix, status, error in sub.history),
+            kept_paths=tuple(quote(path) for path in sub.kept_paths))
 
     @classmethod
     def from_wire(cls, info: dominator_pb2.SubInfo) -> SubReport:
@@ -113,7 +120,7 @@ class SubReport:
             last_error=info.last_error, intrusion_paths=tuple(info.intrusion_paths),
             intrusion_unix=info.intrusion_unix, change_window_ns=info.change_window_ns,
             updates_disabled=info.updates_disabled, safety_cleared=info.safety_cleared,
-            history=tuple(info.history))
+            history=tuple(info.history), kept_paths=tuple(info.kept_paths))
 
     def to_wire(self) -> dominator_pb2.SubInfo:
         """The gRPC API's SubInfo."""
@@ -125,7 +132,7 @@ class SubReport:
             last_error=self.last_error, intrusion_paths=list(self.intrusion_paths),
             intrusion_unix=self.intrusion_unix, change_window_ns=self.change_window_ns,
             updates_disabled=self.updates_disabled, safety_cleared=self.safety_cleared,
-            history=list(self.history))
+            history=list(self.history), kept_paths=list(self.kept_paths))
 
     def to_json(self) -> dict[str, Any]:
         """Plain data (`dominator fleet list --json`, the dashboard's host rows)."""
@@ -137,4 +144,5 @@ class SubReport:
                 "intrusion_unix": self.intrusion_unix,
                 "change_window_ms": self.change_window_ns / 1e6,
                 "updates_disabled": self.updates_disabled,
-                "safety_cleared": self.safety_cleared, "history": list(self.history)}
+                "safety_cleared": self.safety_cleared, "history": list(self.history),
+                "kept_paths": list(self.kept_paths)}

@@ -21,6 +21,7 @@ from dominator.server.http.app import RunningHttp, make_app, serve_http
 from dominator.server.http.context import HttpContext
 from dominator.server.service import DominatorService
 from fleetlib.audit import AuditLog
+from fleetlib.errors import FleetError
 from fleetlib.fstree.objectstore import write_file_atomically
 from fleetlib.rpc.server import RunningServer, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
@@ -63,7 +64,10 @@ class DaemonConfig:
 
 class Server:
     """One dominator: startup() brings every part up, shutdown() takes down what
-    started, newest first."""
+    started, newest first. A long-lived task that ends by itself (the herd, the
+    HTTP server) stops the whole daemon, loudly: `failure` says why and serve()
+    exits with it, so a supervisor restarts a dominator that cannot do its work
+    rather than one answering health checks while its hosts go unwatched."""
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -72,7 +76,26 @@ class Server:
         self.grpc: RunningServer | None = None
         self.deploys: DeployEngine | None = None
         self.http: RunningHttp | None = None
+        self.herd: Herd | None = None
         self.herding: asyncio.Task | None = None
+        self.failure = ""  # why a task this daemon depends on died ("" while none did)
+        self._stopping = False
+
+    def watch(self, task: asyncio.Task) -> None:
+        """Stop the daemon if `task` ends before shutdown (by an error or not)."""
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if self._stopping:
+            return
+        error = None if task.cancelled() else task.exception()
+        why = (f"{error.__class__.__name__}: {error}" if error is not None
+               else "cancelled" if task.cancelled() else "returned")
+        log.critical("task %r died (%s): stopping the dominator", task.get_name(), why,
+                     exc_info=error)
+        self.failure = self.failure or f"task {task.get_name()!r} died: {why}"
+        if self.grpc is not None:  # ends serve_until_stopped, then serve() raises
+            asyncio.ensure_future(self.grpc.server.stop(None))
 
     async def startup(self) -> None:
         """Open the stores, start the gRPC API, resume deploys, serve HTTP, run the herd."""
@@ -96,10 +119,14 @@ class Server:
             config.host, config.http_port)
         log.info("dominator on port %d (HTTP %d): MDB %s, image server %s", self.grpc.port,
                  self.http.port, config.mdb_url, config.herd.imageserver)
+        self.herd = herd
         self.herding = asyncio.create_task(herd.run(), name="herd")
+        self.watch(self.herding)
+        self.watch(self.http.task)
 
     async def shutdown(self) -> None:
         """Stop what startup() started, in the reverse order."""
+        self._stopping = True
         if self.deploys is not None:
             await self.deploys.stop()
         if self.herding is not None:
@@ -117,13 +144,20 @@ class Server:
 
 async def serve(config: DaemonConfig) -> None:
     """Run one dominator until SIGTERM/SIGINT."""
-    server = Server(config)
+    await run_server(Server(config))
+
+
+async def run_server(server: Server) -> None:
+    """Start `server` and serve until SIGTERM/SIGINT, then stop it; FleetError when
+    it stopped because a task it depends on died."""
     try:
         await server.startup()
         assert server.grpc is not None
         await serve_until_stopped(server.grpc)
     finally:
         await server.shutdown()
+    if server.failure:
+        raise FleetError(server.failure)  # a one-line error and a non-zero exit
 
 
 def run(config: DaemonConfig) -> None:

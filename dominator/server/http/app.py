@@ -47,8 +47,12 @@ def make_app(ctx: HttpContext) -> FastAPI:
                             headers=exc.headers)
 
     @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict:
-        return {"status": "ok", "hosts": len(ctx.herd.subs)}
+    async def healthz() -> JSONResponse:
+        """200 while the dominator works; 503 with the reason while it cannot read the MDB."""
+        if ctx.herd.mdb_error:
+            return JSONResponse({"status": "unhealthy", "error": f"MDB: {ctx.herd.mdb_error}",
+                                 "hosts": len(ctx.herd.subs)}, status_code=503)
+        return JSONResponse({"status": "ok", "hosts": len(ctx.herd.subs)})
 
     app.include_router(dashboard_router(ctx))  # /, /hosts, /images, /deploys (+ .json)
     app.include_router(metrics_router(ctx))  # /metrics

@@ -56,6 +56,9 @@ class FleetCollector(Collector):
             "dominator_hosts_compliant",
             "Hosts synced to their required image (the rest are deviant).",
             value=sum(1 for sub in subs if sub.status == Status.SYNCED))
+        yield GaugeMetricFamily("dominator_mdb_up",
+                                "1 while the MDB can be read, 0 while reads of it fail.",
+                                value=int(not herd.mdb_error))
         yield GaugeMetricFamily("dominator_updates_disabled",
                                 "1 while updates are disabled fleet-wide.",
                                 value=int(self._updates_disabled))
