@@ -36,7 +36,7 @@ from dominator.herd.herd import Sub
 from dominator.herd.state import HostRecord
 from dominator.herd.status import Status, SubReport
 from dominator.server.http.context import HttpContext
-from dominator.server.http.templating import make_environment
+from dominator.server.http.templating import make_environment, render_page
 from fleetlib.errors import FleetError
 from fleetlib.fstree.image import Image
 from fleetlib.fstree.listing import quote
@@ -390,11 +390,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
 
     def page(request: Request, template: str, json_url: str, title: str,
              status_code: int = 200, **values: Any) -> HTMLResponse:
-        html = env.get_template(template).render(
-            request=request, title=title, json_url=json_url, now=time.time(),
-            nav=template.split(".")[0], **values)
-        return HTMLResponse(html, status_code=status_code,
-                            headers={"Cache-Control": "no-store"})
+        return render_page(env, request, template, json_url, title, status_code, **values)
 
     def missing(request: Request, as_json: bool, message: str) -> Response:
         if as_json:
