@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 
+from dominator.herd.state import DominatorState
+from dominator.herd.tokens import ApiTokens, digest, permits
+from fleetlib.errors import ExistsError, FleetError
 from fleetlib.rpc.certs import CERT, common_name
 from fleetlib.testing.daemons import Daemon, cli, free_port
 from fleetlib.testing.fleet import TOKEN, FleetUnderTest, wait_for
@@ -96,3 +100,31 @@ def test_read_and_deploy_tokens(one_host: FleetUnderTest, ca: Path) -> None:
                     ("token.revoke", admin, "pipeline")]
     everything = json.dumps(entries)
     assert reader not in everything and deployer not in everything and TOKEN not in everything
+
+
+def test_the_store_keeps_hashes_only_and_survives_a_restart(tmp_path: Path) -> None:
+    """In process: a value is never written, a revocation outlives a restart, and
+    each scope has exactly the rights it claims."""
+    path = tmp_path / "dominator.sqlite"
+    tokens = ApiTokens(DominatorState(path))
+    token, value = tokens.create("ci", "deploy", "admin")
+    checked = tokens.check(value)
+    assert checked is not None and checked.last_used_unix
+    assert checked == replace(token, last_used_unix=checked.last_used_unix)
+    assert tokens.check(value + "x") is None
+    tokens.revoke("ci", "admin")
+    assert tokens.check(value) is None
+    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert value.encode() not in stored and digest(value).encode() in stored
+    reopened = ApiTokens(DominatorState(path))
+    assert reopened.check(value) is None
+    ci, = reopened.list()
+    assert ci.revoked_unix and ci.revoked_by == "admin" and ci.last_used_unix
+    with pytest.raises(ExistsError):
+        reopened.create("ci", "read", "admin")
+    for bad in ("", "-x", "a b", "x" * 65):
+        with pytest.raises(FleetError, match="token name"):
+            reopened.create(bad, "read", "admin")
+    assert [permits(scope, needed) for scope in ("read", "deploy", "admin", "bogus")
+            for needed in ("read", "deploy")] == [True, False, True, True, True, True,
+                                                   False, False]
