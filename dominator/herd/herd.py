@@ -79,12 +79,13 @@ class Sub:
     last_poll_unix: float = 0.0
     last_scan_unix: float = 0.0
     change_window_ns: int = 0
-    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
+    history: collections.deque[tuple[float, str, str]] = field(
+        default_factory=lambda: collections.deque(maxlen=50))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     listeners: list[Callable[[str, str], None]] = field(default_factory=list)
     prefetched: tuple[str, bytes] | None = None
     kept_paths: tuple[str, ...] = ()  # directories the image lacks, kept (filtered content)
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] | None = None
     client: AsyncSubClient | None = None
 
     def set_status(self, status: Status, error: str = "") -> None:
@@ -118,16 +119,19 @@ class Planned:
     sub_inodes: int
 
 
+PlanKey = tuple[str, bytes, bytes]  # image name, sub fingerprint, content_key(computed)
+
+
 class DiffCache:
     """Plans by (image, sub fingerprint, computed files): computed once, not per host."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._plans: collections.OrderedDict[tuple, Planned] = collections.OrderedDict()
+        self._plans: collections.OrderedDict[PlanKey, Planned] = collections.OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple) -> Planned | None:
+    def get(self, key: PlanKey) -> Planned | None:
         """The cached plan, counting the hit or miss."""
         planned = self._plans.get(key)
         if planned is None:
@@ -137,7 +141,7 @@ class DiffCache:
         self._plans.move_to_end(key)
         return planned
 
-    def put(self, key: tuple, planned: Planned) -> None:
+    def put(self, key: PlanKey, planned: Planned) -> None:
         """Remember a plan, forgetting the least recently used beyond capacity."""
         self._plans[key] = planned
         while len(self._plans) > self.capacity:
@@ -163,7 +167,7 @@ class Herd:
         self.subs: dict[str, Sub] = {}
         self.cache = DiffCache(config.diff_cache_size)
         self.metrics = HerdMetrics()
-        self._planning: dict[tuple, asyncio.Future[Planned | None]] = {}
+        self._planning: dict[PlanKey, asyncio.Future[Planned | None]] = {}
         self._poll_slots = asyncio.Semaphore(config.poll_slots)
         self._fetch_slots = asyncio.Semaphore(config.fetch_slots)
         self._update_slots = asyncio.Semaphore(config.update_slots)
@@ -329,7 +333,7 @@ class Herd:
         await self._converge(sub, client, image, computed, planned, status)
 
     async def _plan(self, sub: Sub, client: AsyncSubClient, image: Image,
-                    computed: dict[str, bytes], status) -> Planned | None:
+                    computed: dict[str, bytes], status: subd_pb2.SubStatus) -> Planned | None:
         key = (image.name, status.fingerprint, content_key(computed))
         pending = self._planning.get(key)
         if pending is not None:  # another sub of this fingerprint is planning it now: a hit
@@ -361,7 +365,7 @@ class Herd:
             raise PollFailed(Status.FAILED, f"poll: {err}") from None
 
     async def _plan_now(self, sub: Sub, client: AsyncSubClient, image: Image,
-                        computed: dict[str, bytes], key: tuple) -> Planned | None:
+                        computed: dict[str, bytes], key: PlanKey) -> Planned | None:
         """The plan for the sub's tree now, without old-image triggers: it is shared
         by every sub of the fingerprint, and each has its own previous image."""
         try:
@@ -386,14 +390,15 @@ class Herd:
         return None
 
     async def _synced(self, sub: Sub, client: AsyncSubClient, image: Image,
-                      computed: dict[str, bytes], status) -> None:
+                      computed: dict[str, bytes], status: subd_pb2.SubStatus) -> None:
         hostname = sub.machine.hostname
         await asyncio.to_thread(self.state.record_sync, hostname, image.name,
                                 rendered_versions(computed))
         sub.set_status(Status.INTRUSION if self.state.intrusion(hostname) else Status.SYNCED)
         await self._prefetch(sub, client, status)
 
-    async def _prefetch(self, sub: Sub, client: AsyncSubClient, status) -> None:
+    async def _prefetch(self, sub: Sub, client: AsyncSubClient,
+                        status: subd_pb2.SubStatus) -> None:
         """Once synced: fetch the planned image ahead of need, else drop cached objects."""
         planned_name = sub.machine.planned_image
         if planned_name and planned_name != sub.machine.required_image:
@@ -421,7 +426,8 @@ class Herd:
             await client.cleanup_all_but([])
 
     async def _converge(self, sub: Sub, client: AsyncSubClient, image: Image,
-                        computed: dict[str, bytes], planned: Planned, status) -> None:
+                        computed: dict[str, bytes], planned: Planned,
+                        status: subd_pb2.SubStatus) -> None:
         machine = sub.machine
         hostname = machine.hostname
         plan = planned.plan

@@ -77,15 +77,15 @@ class Server:
         self.deploys: DeployEngine | None = None
         self.http: RunningHttp | None = None
         self.herd: Herd | None = None
-        self.herding: asyncio.Task | None = None
+        self.herding: asyncio.Task[None] | None = None
         self.failure = ""  # why a task this daemon depends on died ("" while none did)
         self._stopping = False
 
-    def watch(self, task: asyncio.Task) -> None:
+    def watch(self, task: asyncio.Task[object]) -> None:
         """Stop the daemon if `task` ends before shutdown (by an error or not)."""
         task.add_done_callback(self._ended)
 
-    def _ended(self, task: asyncio.Task) -> None:
+    def _ended(self, task: asyncio.Task[object]) -> None:
         if self._stopping:
             return
         error = None if task.cancelled() else task.exception()

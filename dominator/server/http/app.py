@@ -76,7 +76,7 @@ class RunningHttp:
     """A started HTTP server: its port, and how to stop it."""
 
     server: EmbeddedServer
-    task: asyncio.Task
+    task: asyncio.Task[None]
     port: int
 
     async def stop(self) -> None:

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from dominator.deploy.model import DeployStatus
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.status import Status
 from dominator.server.http.context import HttpContext
@@ -31,7 +32,7 @@ class FleetCollector(Collector):
     def __init__(self, ctx: HttpContext) -> None:
         self.ctx = ctx
         self._updates_disabled = False
-        self._deploys: dict[str, int] | None = None
+        self._deploys: dict[DeployStatus, int] | None = None
 
     async def refresh(self) -> None:
         """Read what lives in the state store (off the event loop) before a scrape."""
