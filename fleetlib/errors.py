@@ -19,3 +19,7 @@ class PreconditionError(FleetError):
 
 class NoSpaceError(FleetError):
     """The filesystem lacks the room the work needs (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+class UnavailableError(FleetError):
+    """A server could not be reached or did not answer in time: worth retrying."""

@@ -13,7 +13,13 @@ from prometheus_client.registry import Collector
 
 from fleetlib.audit import AuditLog
 from fleetlib.cli.options import Duration, parse_duration, security_options
-from fleetlib.cli.run import run, setup_logging
+from fleetlib.cli.run import (
+    CONTEXT_SETTINGS,
+    EXIT_CODES_HELP,
+    run,
+    setup_logging,
+    version_option,
+)
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
 from fleetlib.sql.engine import open_engine
@@ -89,7 +95,8 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
             stop_metrics()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
+@version_option("imageserver")
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder holding the objects and images (created if missing).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),

@@ -14,7 +14,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fleetlib.cli.options import security_options
-from fleetlib.cli.run import run, setup_logging
+from fleetlib.cli.run import (
+    CONTEXT_SETTINGS,
+    EXIT_CODES_HELP,
+    run,
+    setup_logging,
+    version_option,
+)
 from fleetlib.fstree.exclusions import DEFAULT_EXCLUSIONS, SUBD_DIR
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
@@ -98,7 +104,8 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
             stop_metrics()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
+@version_option("subd")
 @click.option("--root", required=True, type=click.Path(exists=True, file_okay=False,
                                                        path_type=Path),
               help="The tree this agent owns: / in production, a folder in tests.")

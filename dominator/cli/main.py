@@ -15,15 +15,17 @@ from dominator.cli.quickstart import quickstart
 from dominator.cli.serve import serve_command
 from dominator.cli.sub import sub
 from dominator.cli.tokens import tokens
-from fleetlib.cli.run import run
+from fleetlib.cli.run import CONTEXT_SETTINGS, EXIT_CODES_HELP, run, version_option
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
+@version_option("dominator")
 def cli() -> None:
     """Fleet image convergence: images, hosts, the machine database and the fleet.
 
     Connection settings come from options or the environment: DOMINATOR_TLS_DIR
-    (identity folder), DOMINATOR_IMAGESERVER and DOMINATOR_ADDRESS (HOST:PORT).
+    (identity folder), DOMINATOR_IMAGESERVER and DOMINATOR_ADDRESS (HOST:PORT),
+    DOMINATOR_URL and DOMINATOR_TOKEN (the deploy API).
     """
 
 

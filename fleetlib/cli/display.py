@@ -1,14 +1,21 @@
-"""Human-readable figures and progress bars shared by the CLI commands."""
+"""Human-readable figures, tables, times and progress bars shared by the CLI commands.
+
+JSON output (`--json`) uses one key style everywhere: snake_case keys, and a point in
+time as `<what>_unix`, integer seconds since the epoch (0 for never).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import click
+
+TIME_UNITS = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
 
 
 def format_bytes(count: float) -> str:
@@ -18,6 +25,36 @@ def format_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+def ago(unix: float, now: float | None = None) -> str:
+    """A point in time as people say it: 'just now', '2 min ago', 'in 3 h', '-' for never."""
+    if not unix:
+        return "-"
+    delta = (time.time() if now is None else now) - unix
+    size = abs(delta)
+    if size < 10:
+        return "just now"
+    unit, seconds = next((unit, seconds) for unit, seconds in TIME_UNITS if size >= seconds)
+    text = f"{int(size // seconds)} {unit}"
+    return f"{text} ago" if delta > 0 else f"in {text}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Rows under upper-case headers, columns padded to their widest cell (kubectl style);
+    an empty cell shows '-'."""
+    cells = [[str(h).upper() for h in headers]]
+    cells += [["-" if value is None or value == "" else str(value) for value in row]
+              for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells)
+
+
+def echo_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print `table(headers, rows)`."""
+    click.echo(table(headers, rows))
 
 
 def echo_json(data: object) -> None:

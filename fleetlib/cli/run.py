@@ -1,53 +1,129 @@
-"""Command-line plumbing shared by every program: error handling and common options.
+"""Command-line plumbing shared by every program: exit codes, one-line errors, --version
+and logging.
 
-Every program reports bad input as one line on stderr and a non-zero exit
-(2, so that `image diff` can keep 1 for "differ"), never as a traceback.
+Exit codes a script can act on, the same for every command:
+0 success, 1 a negative answer (differs, not found, a deploy ended TERMINAL), 2 usage or
+bad input, 3 unavailable (worth retrying), 4 refused by a safety rule or precondition.
+Every expected failure is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 import grpc
 
-from fleetlib.errors import FleetError
+from fleetlib.errors import (
+    ExistsError,
+    FleetError,
+    NoSpaceError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
 from fleetlib.rpc.status import describe_rpc_error
 
 log = logging.getLogger(__name__)
 
-EXIT_ERROR = 2
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_REFUSED = 4
+EXIT_ERROR = EXIT_USAGE
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success, 1 a negative answer (differs, not found, deploy TERMINAL), "
+    "2 usage or bad input, 3 unavailable (retry), 4 refused by a safety rule or precondition."
+)
+
+PACKAGE = "fleet-dominator"
+
+_GRPC_EXITS = {
+    grpc.StatusCode.NOT_FOUND: EXIT_NEGATIVE,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.ABORTED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
+    grpc.StatusCode.ALREADY_EXISTS: EXIT_REFUSED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_REFUSED,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_REFUSED,
+}
+
+
+def exit_code_for(err: FleetError) -> int:
+    """The exit code a FleetError kind stands for."""
+    if isinstance(err, NotFoundError):
+        return EXIT_NEGATIVE
+    if isinstance(err, UnavailableError | NoSpaceError):
+        return EXIT_UNAVAILABLE
+    if isinstance(err, PreconditionError | ExistsError):
+        return EXIT_REFUSED
+    return EXIT_USAGE
+
+
+def rpc_exit_code(err: grpc.RpcError) -> int:
+    """The exit code a failed RPC's status stands for."""
+    code = err.code() if hasattr(err, "code") else None
+    return _GRPC_EXITS.get(code, EXIT_USAGE)
+
+
+def version() -> str:
+    """This installation's version, from the package metadata."""
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def version_option(prog: str) -> Callable[[Any], Any]:
+    """`--version`: print `PROG VERSION` and exit 0."""
+    return click.version_option(version(), "--version", prog_name=prog,
+                                message="%(prog)s %(version)s")
+
+
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
 def run(command: click.Command) -> None:
-    """Run a click command, turning every expected failure into a one-line error."""
+    """Run a click command, turning every expected failure into one line and an exit code."""
     try:
         command.main(standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except click.exceptions.NoArgsIsHelpError as err:
+        # A group given no subcommand: its help is the answer, not an error.
+        click.echo(err.ctx.get_help() if err.ctx else "")
+        sys.exit(EXIT_OK)
     except click.UsageError as err:
         hint = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
-        click.echo(f"error: {err.format_message()}{hint}", err=True)
-        sys.exit(EXIT_ERROR)
+        fail(f"{err.format_message()}{hint}", EXIT_USAGE)
     except click.ClickException as err:
-        click.echo(f"error: {err.format_message()}", err=True)
-        sys.exit(EXIT_ERROR)
+        fail(err.format_message(), EXIT_USAGE)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(EXIT_ERROR)
+        sys.exit(EXIT_USAGE)
     except FleetError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_ERROR)
+        fail(str(err), exit_code_for(err))
     except grpc.RpcError as err:
-        click.echo(f"error: {describe_rpc_error(err)}", err=True)
-        sys.exit(EXIT_ERROR)
+        fail(describe_rpc_error(err), rpc_exit_code(err))
     except OSError as err:
-        click.echo(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), err=True)
-        sys.exit(EXIT_ERROR)
+        fail(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "), EXIT_USAGE)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+
+
+def fail(message: str, code: int) -> None:
+    """Print `error: MESSAGE` on stderr and exit with CODE."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 def setup_logging(verbose: bool) -> None:
