@@ -1,7 +1,8 @@
 """The dominator's own durable state, in a SQLite file of its state directory:
-the fleet-wide disable switch (who and why), per-host safety clearances,
-intrusion reports until acknowledged, last syncs, and every state the dominator
-ever asked each host to hold (the memory behind the intrusion signal)."""
+the fleet-wide disable switch (who, why, until when), per-host pauses, safety
+clearances and disruption allowances, intrusion reports until acknowledged, last
+syncs, and every state the dominator ever asked each host to hold (the memory
+behind the intrusion signal)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,15 @@ def _create_tokens(conn: Connection) -> None:  # frozen history (dominator/herd/
         "last_used_unix INTEGER, revoked_unix INTEGER, revoked_by TEXT)"))
 
 
+def _add_host_switches(conn: Connection) -> None:  # frozen history
+    for column in ("disruption_allowed INTEGER NOT NULL DEFAULT 0", "paused_by TEXT",
+                   "paused_reason TEXT", "paused_unix INTEGER", "paused_until_unix INTEGER"):
+        conn.execute(sa.text(f"ALTER TABLE hosts ADD COLUMN {column}"))
+
+
 MIGRATIONS = [Migration(1, "settings, hosts and desired states", _create),
-              Migration(2, "named, scoped HTTP API tokens", _create_tokens)]
+              Migration(2, "named, scoped HTTP API tokens", _create_tokens),
+              Migration(3, "per-host pauses and disruption allowances", _add_host_switches)]
 
 
 class Base(DeclarativeBase):
@@ -73,6 +81,11 @@ class HostRow(Base):
     intrusion_unix: Mapped[int | None] = mapped_column(BigInteger)
     last_sync_unix: Mapped[int | None] = mapped_column(BigInteger)
     current_image: Mapped[str | None] = mapped_column(Text)
+    disruption_allowed: Mapped[int] = mapped_column(Integer, default=0)
+    paused_by: Mapped[str | None] = mapped_column(Text)
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    paused_unix: Mapped[int | None] = mapped_column(BigInteger)
+    paused_until_unix: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class DesiredImageRow(Base):
@@ -99,11 +112,17 @@ DISABLED_KEY = "updates_disabled"
 
 @dataclass(frozen=True)
 class Disabled:
-    """Who switched updates off fleet-wide, why, and when."""
+    """Who switched updates off (fleet-wide, or for one host), why, when, and until when
+    (0: until switched on again)."""
 
     by: str
     reason: str
     unix: int
+    until_unix: int = 0
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether the switch has run out on its own."""
+        return bool(self.until_unix) and (time.time() if now is None else now) >= self.until_unix
 
 
 @dataclass(frozen=True)
@@ -115,6 +134,8 @@ class HostRecord:
     intrusion_unix: int = 0
     last_sync_unix: int = 0
     current_image: str = ""
+    disruption_allowed: bool = False
+    paused: Disabled | None = None
 
 
 SYNC_PERSIST_SECONDS = 60  # how stale the stored last-sync time of a host may get
@@ -144,9 +165,12 @@ class DominatorState:
     @staticmethod
     def _record(row: HostRow) -> HostRecord:
         paths = row.intrusion_paths
+        paused = None if row.paused_unix is None else Disabled(
+            row.paused_by or "", row.paused_reason or "", row.paused_unix,
+            row.paused_until_unix or 0)
         return HostRecord(bool(row.safety_cleared), tuple(json.loads(paths)) if paths else (),
                           row.intrusion_unix or 0, row.last_sync_unix or 0,
-                          row.current_image or "")
+                          row.current_image or "", bool(row.disruption_allowed), paused)
 
     def _remember(self, hostname: str, **changes: Any) -> None:
         self._hosts[hostname] = replace(self.host(hostname), **changes)
@@ -172,12 +196,14 @@ class DominatorState:
     # Fleet-wide switch.
 
     def updates_disabled(self) -> Disabled | None:
-        """The switch, when updates are off (from memory)."""
-        return self._disabled
+        """The switch, when updates are off and it has not run out (from memory)."""
+        disabled = self._disabled
+        return None if disabled is None or disabled.expired() else disabled
 
-    def disable_updates(self, by: str, reason: str) -> Disabled:
-        """Stop every update (persists across restarts)."""
-        disabled = Disabled(by, reason, int(time.time()))
+    def disable_updates(self, by: str, reason: str, until_unix: int = 0) -> Disabled:
+        """Stop every update (persists across restarts), until switched on again or,
+        when `until_unix` is given, until then."""
+        disabled = Disabled(by, reason, int(time.time()), until_unix)
         value = json.dumps(disabled.__dict__)
         self._write(insert(SettingRow).values(key=DISABLED_KEY, value=value)
                     .on_conflict_do_update(index_elements=[SettingRow.key],
@@ -209,6 +235,40 @@ class DominatorState:
         """The cleared update happened: the check applies again."""
         self._update_host(hostname, safety_cleared=0)
         self._remember(hostname, safety_cleared=False)
+
+    def disruption_allowed(self, hostname: str) -> bool:
+        """Whether the next update of the host may run a HighImpact trigger."""
+        return self.host(hostname).disruption_allowed
+
+    def allow_disruption(self, hostname: str) -> None:
+        """Let the host's next update run HighImpact triggers (reboot, ...), once."""
+        self._update_host(hostname, ensure=True, disruption_allowed=1)
+        self._remember(hostname, disruption_allowed=True)
+
+    def consume_disruption(self, hostname: str) -> None:
+        """The allowed update happened: HighImpact triggers are refused again."""
+        self._update_host(hostname, disruption_allowed=0)
+        self._remember(hostname, disruption_allowed=False)
+
+    def host_paused(self, hostname: str) -> Disabled | None:
+        """The host's own pause, when it has one that has not run out (from memory).
+        It lives here, not in the MDB, so that an MDB import never lifts it."""
+        paused = self.host(hostname).paused
+        return None if paused is None or paused.expired() else paused
+
+    def pause_host(self, hostname: str, by: str, reason: str, until_unix: int = 0) -> Disabled:
+        """Stop updates of one host, until resumed or, when given, until `until_unix`."""
+        paused = Disabled(by, reason, int(time.time()), until_unix)
+        self._update_host(hostname, ensure=True, paused_by=by, paused_reason=reason,
+                          paused_unix=paused.unix, paused_until_unix=until_unix or None)
+        self._remember(hostname, paused=paused)
+        return paused
+
+    def resume_host(self, hostname: str) -> None:
+        """Lift the host's pause."""
+        self._update_host(hostname, paused_by=None, paused_reason=None, paused_unix=None,
+                          paused_until_unix=None)
+        self._remember(hostname, paused=None)
 
     def intrusion(self, hostname: str) -> tuple[str, ...]:
         """Paths of the unacknowledged intrusion report (empty: none)."""
