@@ -11,10 +11,11 @@ from typing import Any
 from dominator.herd.status import SubReport
 from dominator.herd.tokens import ApiToken
 from fleetlib.audit import AuditEntry
+from fleetlib.rpc.ports import DOMINATOR_PORT
 from fleetlib.rpc.tls import Security, open_channel, parse_address
 from fleetlib.wire import audit_pb2, dominator_pb2, dominator_pb2_grpc
 
-DEFAULT_PORT = 6970
+DEFAULT_PORT = DOMINATOR_PORT
 
 
 class DominatorClient:

@@ -17,6 +17,7 @@ from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.source import Source
 from fleetlib.rpc.chunks import join_chunks, split_message
 from fleetlib.rpc.objects import ObjectReceiver, ReceiveStats, object_chunks, pack
+from fleetlib.rpc.ports import IMAGESERVER_PORT
 from fleetlib.rpc.tls import Security, call_timeout, open_channel, parse_address
 from fleetlib.wire import (
     imageserver_pb2,
@@ -28,7 +29,7 @@ from fleetlib.wire.codec import image_from_proto, image_to_proto
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 6971
+DEFAULT_PORT = IMAGESERVER_PORT
 CHECK_BATCH = 16384
 UPLOAD_STREAMS = 4
 

@@ -20,6 +20,7 @@ from fleetlib.cli.run import (
     setup_logging,
     version_option,
 )
+from fleetlib.rpc.ports import IMAGESERVER_PORT
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
 from fleetlib.sql.engine import open_engine
@@ -29,7 +30,7 @@ from imageserver.store import ImageStore
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 6971
+DEFAULT_PORT = IMAGESERVER_PORT
 ORPHAN_GRACE = "6h"
 ORPHAN_INTERVAL = "1h"
 

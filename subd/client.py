@@ -19,6 +19,7 @@ import grpc
 from fleetlib.errors import FleetError
 from fleetlib.fstree.tree import Tree
 from fleetlib.rpc.chunks import join_chunks, parse_in_pieces, split_message
+from fleetlib.rpc.ports import SUBD_PORT
 from fleetlib.rpc.tls import Security, call_timeout, open_channel, parse_address
 from fleetlib.wire import subd_pb2, subd_pb2_grpc, tree_pb2
 from fleetlib.wire.codec import tree_from_proto
@@ -26,7 +27,7 @@ from subd.changes import UpdatePlan, plan_to_proto
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 6969
+DEFAULT_PORT = SUBD_PORT
 POLL_INTERVAL = 0.2
 # The most tree the dominator takes from one host per poll. A Debian install (~40k
 # inodes) serializes to about 5 MiB and 300k inodes to about 40 MiB; 512 MiB is millions of

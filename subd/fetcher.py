@@ -31,13 +31,13 @@ from fleetlib.fstree.objectstore import free_bytes as free_bytes  # subd.service
 from fleetlib.fstree.safeopen import open_under
 from fleetlib.fstree.tree import Kind, Tree
 from fleetlib.rpc.objects import ObjectReceiver
+from fleetlib.rpc.ports import IMAGESERVER_PORT
 from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security, call_timeout, open_channel, parse_address
 from fleetlib.wire import objectserver_pb2, objectserver_pb2_grpc, subd_pb2
 
 log = logging.getLogger(__name__)
 
-IMAGESERVER_PORT = 6971
 
 
 @dataclass

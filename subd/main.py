@@ -23,6 +23,7 @@ from fleetlib.cli.run import (
 )
 from fleetlib.fstree.exclusions import DEFAULT_EXCLUSIONS, SUBD_DIR
 from fleetlib.fstree.objectstore import ObjectStore
+from fleetlib.rpc.ports import SUBD_PORT
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
 from fleetlib.wire import subd_pb2_grpc
@@ -35,7 +36,7 @@ from subd.updater import Updater
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 6969
+DEFAULT_PORT = SUBD_PORT
 
 
 class SubdCollector(Collector):

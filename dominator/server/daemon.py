@@ -23,6 +23,7 @@ from dominator.server.service import DominatorService
 from fleetlib.audit import AuditLog
 from fleetlib.errors import FleetError
 from fleetlib.fstree.objectstore import write_file_atomically
+from fleetlib.rpc.ports import DEPLOY_HTTP_PORT, DOMINATOR_PORT
 from fleetlib.rpc.server import RunningServer, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
 from fleetlib.wire import dominator_pb2_grpc
@@ -30,8 +31,8 @@ from mdb.store import Mdb
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 6970
-DEFAULT_HTTP_PORT = 6980
+DEFAULT_PORT = DOMINATOR_PORT
+DEFAULT_HTTP_PORT = DEPLOY_HTTP_PORT
 
 
 def api_token(state_dir: Path, given: str | None) -> str:
