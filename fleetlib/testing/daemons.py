@@ -4,12 +4,16 @@ port, exactly as an operator would run it."""
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,19 +28,55 @@ class DidNotStart(FleetError):
     """A daemon exited or never became healthy (its log is attached as a note)."""
 
 
+PORT_LOCKS = Path(tempfile.gettempdir()) / "fleet-test-ports"
+RECENT_CLAIMS = 256  # ports whose claim this process holds: it outlives a daemon's start
 _handed_out: set[int] = set()
+_claims: collections.deque[int] = collections.deque()  # lock fds, oldest first
+
+
+def _candidate_ports() -> range:
+    """Ports below the kernel's ephemeral range: bind(0) and outgoing connections (of any
+    process) never take those, so a port stays free between handing it out and its
+    daemon binding it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, low) if low > 11000 else range(low + 1000, 65535)
+
+
+def _claim(port: int) -> bool:
+    """Hold an advisory lock on `port` shared by every process on this machine (pytest
+    workers, other test runs): True if nobody else holds it."""
+    PORT_LOCKS.mkdir(mode=0o1777, parents=True, exist_ok=True)
+    fd = os.open(PORT_LOCKS / str(port), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _claims.append(fd)
+    if len(_claims) > RECENT_CLAIMS:
+        os.close(_claims.popleft())
+    return True
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on right now, and not handed out before by this
-    process (the kernel may offer the same free port twice in a row)."""
+    """A TCP port nobody listens on right now, not handed out before by this process and
+    claimed for it against every other process that uses free_port (two pytest-xdist
+    workers, or two test runs, never get the same port at the same time)."""
+    candidates = _candidate_ports()
     while True:
+        port = random.choice(candidates)
+        if port in _handed_out or not _claim(port):
+            continue
         with socket.socket() as sock:
-            sock.bind(("", 0))
-            port: int = sock.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                sock.bind(("", port))
+            except OSError:  # in use by something else: keep the claim, look again
+                continue
+        _handed_out.add(port)
+        return port
 
 
 @dataclass
@@ -116,9 +156,11 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
 TRACEBACK_RE = re.compile(r"Traceback \(most recent call last\)")
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    """A refused command: non-zero exit, one line on stderr, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str,
+                          code: int = 2) -> None:
+    """A refused command: exit CODE (2: usage or bad input, see fleetlib/cli/run.py), one
+    line on stderr holding every fragment (case-insensitive), no traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
     assert not TRACEBACK_RE.search(result.stderr), result.stderr
     lines = [line for line in result.stderr.splitlines()
              if line.strip() and not line.startswith("TLS is OFF")]  # --insecure's warning
