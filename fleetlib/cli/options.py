@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from fleetlib.cli.endpoints import check_not_url, origin_of, remember, remember_security
 from fleetlib.errors import FleetError
 from fleetlib.rpc.tls import Security
 
@@ -61,6 +62,7 @@ def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
     )
     @functools.wraps(func)
     def wrapper(*args: Any, tls_dir: str | None, insecure: bool, **kwargs: Any) -> Any:
+        remember_security(insecure)
         return func(*args, security=Security.from_options(tls_dir, insecure), **kwargs)
 
     return wrapper
@@ -69,7 +71,17 @@ def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def address_option(
     name: str, envvar: str, default: str, help: str
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A `--NAME HOST:PORT` option read from ENVVAR when not given, defaulting to DEFAULT."""
+    """A `--NAME HOST:PORT` option read from ENVVAR when not given, defaulting to DEFAULT.
+
+    NAME is the server's role; the value and where it came from are remembered, so a
+    failed connection can say which setting to change."""
+
+    def record(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        check_not_url(value)
+        remember(name, value, origin_of(f"--{name}", envvar,
+                                        ctx.get_parameter_source(param.name or name)))
+        return value
+
     return click.option(
         f"--{name}",
         envvar=envvar,
@@ -78,4 +90,5 @@ def address_option(
         show_envvar=True,
         metavar="HOST:PORT",
         help=help,
+        callback=record,
     )

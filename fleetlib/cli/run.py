@@ -18,6 +18,7 @@ from typing import Any
 import click
 import grpc
 
+from fleetlib.cli.endpoints import explain
 from fleetlib.errors import (
     ExistsError,
     FleetError,
@@ -112,7 +113,7 @@ def run(command: click.Command) -> None:
     except FleetError as err:
         fail(str(err), exit_code_for(err))
     except grpc.RpcError as err:
-        fail(describe_rpc_error(err), rpc_exit_code(err))
+        fail(explain(err) or describe_rpc_error(err), rpc_exit_code(err))
     except OSError as err:
         fail(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "), EXIT_USAGE)
     except KeyboardInterrupt:
