@@ -15,14 +15,15 @@ from dominator.cli.options import dominator_option, imageserver_option, json_opt
 from dominator.client import DominatorClient
 from fleetlib.audit import AuditEntry, merged
 from fleetlib.cli.display import echo_json
+from fleetlib.cli.endpoints import explain
 from fleetlib.cli.options import Duration, security_options
-from fleetlib.errors import FleetError
+from fleetlib.cli.run import EXIT_UNAVAILABLE
+from fleetlib.errors import UnavailableError
 from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security
 from fleetlib.wire import audit_pb2
 from imageserver.client import ImageServerClient
 
-EXIT_PARTIAL = 3  # some entries shown, a server's missing
 TIMEOUT = 10.0
 
 
@@ -62,9 +63,9 @@ def audit(limit: int | None, since: int | None, as_json: bool, dominator: str,
             logs.append(read(address, security, request))
         except grpc.RpcError as err:
             warnings.append(f"warning: cannot read the audit log of the {label} at {address}: "
-                            f"{describe_rpc_error(err)}")
+                            f"{explain(err) or describe_rpc_error(err)}")
     if not logs:
-        raise FleetError("; ".join(w.removeprefix("warning: ") for w in warnings))
+        raise UnavailableError("; ".join(w.removeprefix("warning: ") for w in warnings))
     entries = merged(*logs, limit=limit or 0)
     if as_json:
         echo_json([entry.to_json() for entry in entries])
@@ -74,4 +75,4 @@ def audit(limit: int | None, since: int | None, as_json: bool, dominator: str,
     for warning in warnings:
         click.echo(warning, err=True)
     if warnings:
-        sys.exit(EXIT_PARTIAL)
+        sys.exit(EXIT_UNAVAILABLE)  # some entries shown, a server's missing

@@ -3,20 +3,14 @@ running dominator (only their SHA-256 is kept there)."""
 
 from __future__ import annotations
 
-import time
-
 import click
 
 from dominator.cli.options import dominator_option, json_option
 from dominator.client import DominatorClient
 from dominator.herd.tokens import SCOPES, ApiToken
-from fleetlib.cli.display import echo_json
+from fleetlib.cli.display import ago, echo_json, echo_table
 from fleetlib.cli.options import security_options
 from fleetlib.rpc.tls import Security
-
-
-def _when(unix: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(unix)) if unix else "-"
 
 
 @click.group(name="tokens")
@@ -57,16 +51,15 @@ def list_command(as_json: bool, dominator: str, security: Security) -> None:
     if as_json:
         echo_json([token.to_json() for token in found])
         return
-    click.echo(f"{'NAME':24} {'SCOPE':7} {'CREATED':17} {'BY':16} {'LAST USED':17} STATE")
-    for token in found:
-        click.echo(f"{token.name:24} {token.scope:7} {_when(token.created_unix):17} "
-                   f"{token.created_by:16} {_when(token.last_used_unix):17} {_state(token)}")
+    echo_table(("name", "scope", "created", "by", "last used", "state"),
+               [(token.name, token.scope, ago(token.created_unix), token.created_by,
+                 ago(token.last_used_unix), _state(token)) for token in found])
 
 
 def _state(token: ApiToken) -> str:
     if not token.revoked_unix:
         return "in force"
-    return f"revoked {_when(token.revoked_unix)} by {token.revoked_by}"
+    return f"revoked {ago(token.revoked_unix)} by {token.revoked_by}"
 
 
 @tokens.command(name="revoke")
