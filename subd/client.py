@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
@@ -160,17 +160,37 @@ class SubClient:
         """Contents of files on the host (None where missing)."""
         result: dict[str, bytes | None] = {}
         parts: list[bytes] = []
-        request = subd_pb2.GetFilesRequest(paths=[os.fsencode(p) for p in paths])
-        for piece in self.stub.GetFiles(request):
-            path = os.fsdecode(piece.path)
-            if piece.missing:
+        for path, data, last in self.stream_files(paths):
+            if data is None:
                 result[path] = None
                 continue
-            parts.append(piece.data)
-            if piece.last:
+            parts.append(data)
+            if last:
                 result[path] = b"".join(parts)
                 parts = []
         return result
+
+    def stream_files(self, paths: list[str]) -> Iterator[tuple[str, bytes | None, bool]]:
+        """(path, piece of at most 1 MiB or None when missing, whether it is the file's
+        last piece) for the files at `paths` on the host, in order; a directory, device
+        or symlink fails the call (INVALID_ARGUMENT). No deadline: a file of any size
+        streams for as long as the connection lives (keepalive)."""
+        request = subd_pb2.GetFilesRequest(paths=[os.fsencode(p) for p in paths])
+        for piece in self.stub.GetFiles(request):
+            path = os.fsdecode(piece.path)
+            yield path, None if piece.missing else piece.data, piece.last
+
+    def get_configuration(self) -> subd_pb2.Configuration:
+        """subd's current limits and scan exclusions."""
+        reply: subd_pb2.Configuration = self.stub.GetConfiguration(
+            subd_pb2.GetConfigurationRequest(), timeout=call_timeout())
+        return reply
+
+    def set_configuration(self, changes: subd_pb2.Configuration) -> subd_pb2.Configuration:
+        """Change what `changes` sets (0 or empty: unchanged); the configuration after."""
+        reply: subd_pb2.Configuration = self.stub.SetConfiguration(changes,
+                                                                   timeout=call_timeout())
+        return reply
 
 
 class AsyncSubClient:

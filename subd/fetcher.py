@@ -9,6 +9,10 @@ server waits forever: CheckObjects has a deadline and the download gives up when
 message arrives for as long (`fleetlib.rpc.tls.call_timeout`), and the channel's
 keepalive fails a connection gone silent, so a fetch always ends, with an error in its
 status when it did not complete.
+
+Every object a fetch asks for is pinned for PIN_SECONDS: Cleanup leaves it in the cache,
+so `sub fetch` then `sub update` works on a host whose dominator cleans the caches of
+synced hosts each cycle. Pins live in memory: a restart of subd drops them.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fleetlib.wire import objectserver_pb2, objectserver_pb2_grpc, subd_pb2
 
 log = logging.getLogger(__name__)
 
+PIN_SECONDS = 15 * 60
 
 
 @dataclass
@@ -55,6 +60,25 @@ class FetchProgress:
     def to_proto(self) -> subd_pb2.FetchStatus:
         """The wire form."""
         return subd_pb2.FetchStatus(**{**self.__dict__, "error": quote(self.error)})
+
+
+class Pins:
+    """Objects a recent fetch asked for, each until its pin expires (time.monotonic())."""
+
+    def __init__(self, seconds: float = PIN_SECONDS) -> None:
+        self.seconds = seconds
+        self._until: dict[bytes, float] = {}
+
+    def pin(self, hashes: list[bytes]) -> None:
+        """Keep these objects for the next `seconds` (renewing older pins)."""
+        until = time.monotonic() + self.seconds
+        self._until.update(dict.fromkeys(hashes, until))
+
+    def live(self) -> set[bytes]:
+        """The objects pinned now (expired pins are forgotten)."""
+        now = time.monotonic()
+        self._until = {h: until for h, until in self._until.items() if until > now}
+        return set(self._until)
 
 
 class RateLimiter:
@@ -105,13 +129,16 @@ class Fetcher:
         self.current_tree = current_tree
         self.on_cache_change = on_cache_change
         self.progress = FetchProgress()
+        self.pins = Pins()
         self._task: asyncio.Task[None] | None = None
 
     def start(self, server: str, hashes: list[bytes]) -> None:
-        """Begin fetching in the background; PreconditionError if one is running."""
+        """Begin fetching in the background, pinning what is asked for (see Pins);
+        PreconditionError if one is running."""
         if self._task is not None and not self._task.done():
             raise PreconditionError("a fetch is already in progress")
         address = parse_address(server, IMAGESERVER_PORT)
+        self.pins.pin(hashes)
         self.progress = FetchProgress(in_progress=True)
         self._task = asyncio.get_running_loop().create_task(self._run(address, hashes))
 

@@ -4,18 +4,20 @@ over the scanner, the object cache, the fetcher and the updater."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError
 from fleetlib.fstree.exclusions import SUBD_DIR
-from fleetlib.fstree.filter import Filter
 from fleetlib.fstree.hashing import check_hash
 from fleetlib.fstree.listing import quote
 from fleetlib.fstree.objectstore import ObjectStore
@@ -26,6 +28,7 @@ from fleetlib.rpc.status import abort
 from fleetlib.wire import subd_pb2, subd_pb2_grpc, tree_pb2
 from fleetlib.wire.codec import tree_to_proto
 from subd.changes import UpdatePlan, plan_from_proto
+from subd.configuration import check_configuration, configuration_json
 from subd.fetcher import Fetcher, free_bytes
 from subd.scanner import Scanner
 from subd.state import SubdState, UpdateOutcome
@@ -34,6 +37,8 @@ from subd.updater import Updater
 log = logging.getLogger(__name__)
 
 MAX_GET_FILES = 10_000
+# Configuration fields that are ScanConfig fields of the same name.
+SCAN_SETTINGS = ("scan_speed_percent", "cpu_percent", "verify_period_seconds")
 # The most a streamed update may carry: protobuf cannot encode a message of 2 GiB, and a
 # first sync of a large host (a few hundred thousand paths) plus 64 MiB of computed
 # files is well below 1 GiB; the bound stops a caller making subd buffer without end.
@@ -71,6 +76,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         self._update_lock = asyncio.Lock()
         self._encoded: tuple[int, bytes] | None = None  # (generation, serialized tree)
         self._cached: tuple[int, int] | None = None  # (generation, objects in the cache)
+        self._pinned: tuple[tuple[int, int], int] | None = None  # ((generation, pins), count)
 
     def status(self) -> subd_pb2.SubStatus:
         """Everything Poll always reports."""
@@ -86,7 +92,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             cached_objects=self._cached_objects(),
             inodes=len(tree.inodes) if tree is not None else 0,
             is_root=os.geteuid() == 0, scan_exclusions=scanner.config.exclusions,
-            scan_error=quote(scanner.scan_error))
+            scan_error=quote(scanner.scan_error), pinned_objects=self._pinned_objects())
 
     def _free_bytes(self) -> int:
         """Free bytes on ROOT's filesystem; 0 while ROOT cannot be reached (Poll still
@@ -101,6 +107,14 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         if self._cached is None or self._cached[0] != generation:
             self._cached = (generation, sum(1 for _ in self.cache))
         return self._cached[1]
+
+    def _pinned_objects(self) -> int:
+        """Cached objects a recent fetch pinned (those installed since are gone)."""
+        pins = self.fetcher.pins.live()
+        key = (self.scanner.generation, len(pins))
+        if self._pinned is None or self._pinned[0] != key:
+            self._pinned = (key, sum(1 for digest in pins if self.cache.has(digest)))
+        return self._pinned[1]
 
     def _tree_bytes(self) -> tuple[int, bytes] | None:
         generation, tree = self.scanner.generation, self.scanner.tree
@@ -189,10 +203,16 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             await abort(context, err)
         if request.all_but_keep:
             hashes = [digest for digest in self.cache if digest not in keep]
-        removed = sum(1 for digest in hashes if self.cache.remove(digest))
+        pinned = self.fetcher.pins.live()
+        kept = [digest for digest in hashes if digest in pinned and self.cache.has(digest)]
+        removed = sum(1 for digest in hashes if digest not in pinned
+                      and self.cache.remove(digest))
         if removed:
             self.scanner.bump_generation()
-        return subd_pb2.CleanupResponse(removed=removed)
+        if removed or kept:
+            log.info("cleanup removed %d cached objects%s", removed,
+                     f", kept {len(kept)} a recent fetch pinned" if kept else "")
+        return subd_pb2.CleanupResponse(removed=removed, kept_pinned=len(kept))
 
     async def GetFiles(self, request: subd_pb2.GetFilesRequest,
                        context: grpc.aio.ServicerContext
@@ -207,7 +227,9 @@ class SubdService(subd_pb2_grpc.SubdServicer):
                 reader = os.fdopen(open_under(self.root, path)[0], "rb")  # no FIFO, device
             except FleetError as err:
                 await abort(context, err)
-            except OSError:
+            except OSError as err:
+                if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: it is no file
+                    await abort(context, FleetError(f"{path}: not a regular file (a symlink)"))
                 yield subd_pb2.GetFilesResponse(path=raw, missing=True, last=True)
                 continue
             with reader:
@@ -224,22 +246,20 @@ class SubdService(subd_pb2_grpc.SubdServicer):
 
     async def SetConfiguration(self, request: subd_pb2.Configuration,
                                context: grpc.aio.ServicerContext) -> subd_pb2.Configuration:
-        config = self.scanner.config
+        """Change what the request sets (0 or an empty list: unchanged), all or nothing;
+        INVALID_ARGUMENT for a value out of range. Lasts until subd restarts."""
         try:
+            check_configuration(request)
+            changes: dict[str, Any] = {key: getattr(request, key) for key in SCAN_SETTINGS
+                                       if getattr(request, key)}
             if request.scan_exclusions:
-                Filter.from_lines(list(request.scan_exclusions), "scan exclusions")
-                config.exclusions = list(request.scan_exclusions)
+                changes["exclusions"] = list(request.scan_exclusions)
+            self.scanner.reconfigure(dataclasses.replace(self.scanner.config, **changes))
         except FleetError as err:
             await abort(context, err)
-        if request.scan_speed_percent:
-            config.scan_speed_percent = min(request.scan_speed_percent, 100)
-        if request.cpu_percent:
-            config.cpu_percent = min(request.cpu_percent, 100)
         if request.network_speed_percent:
-            self.fetcher.network_speed_percent = min(request.network_speed_percent, 100)
-        if request.verify_period_seconds:
-            config.verify_period_seconds = request.verify_period_seconds
-        self.scanner.reconfigure(config)
+            self.fetcher.network_speed_percent = request.network_speed_percent
+        log.info("configuration changed: %s", configuration_json(self._configuration()))
         return self._configuration()
 
     def _configuration(self) -> subd_pb2.Configuration:

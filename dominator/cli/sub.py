@@ -1,17 +1,32 @@
 """`dominator sub ...`: talk to one subd directly, no dominator needed: poll it,
-show what an image would change, fetch, update, or push an image end to end."""
+show what an image would change, fetch, update, push an image end to end, read a file,
+show or change its limits.
+
+HOST is a name or address, with an optional :PORT. A name DNS does not know is looked
+up in the MDB through the dominator (its IpAddress), so MDB hostnames work too.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import ipaddress
+import itertools
+import os
+import socket
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import click
 import grpc
 
-from dominator.cli.options import imageserver_option, json_option
+from dominator.cli.options import dominator_option, imageserver_option, json_option
+from dominator.client import DominatorClient
 from dominator.herd.convergence import (
     describe_entries,
     objects_to_fetch,
@@ -20,15 +35,119 @@ from dominator.herd.convergence import (
     unreachable_for,
 )
 from fleetlib.cli.display import echo_json, format_bytes, progress_bar
+from fleetlib.cli.endpoints import check_not_url, origin_of, remember
 from fleetlib.cli.options import security_options
-from fleetlib.errors import FleetError
+from fleetlib.cli.run import EXIT_REFUSED, EXIT_UNAVAILABLE, rpc_exit_code
+from fleetlib.errors import (
+    FleetError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
 from fleetlib.fstree.image import Image
-from fleetlib.fstree.tree import Tree
-from fleetlib.rpc.tls import Security
+from fleetlib.fstree.objectstore import fsync_directory
+from fleetlib.fstree.tree import Tree, check_clean_path
+from fleetlib.rpc.ports import SUBD_PORT
+from fleetlib.rpc.status import describe_rpc_error
+from fleetlib.rpc.tls import Security, parse_address
 from fleetlib.wire import subd_pb2
 from imageserver.client import ImageServerClient
 from subd.changes import UpdatePlan
 from subd.client import SubClient
+from subd.configuration import (
+    EXCLUSIONS,
+    SETTINGS,
+    configuration_json,
+    describe,
+    parse_assignments,
+)
+from subd.fetcher import PIN_SECONDS
+
+ARGUMENT_ORIGIN = "the HOST argument"
+
+
+@dataclass(frozen=True)
+class SubHost:
+    """The HOST argument as given, and the dominator whose MDB names hosts DNS does not."""
+
+    text: str
+    dominator: str
+    dominator_origin: str
+
+
+def host_argument(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The HOST argument (and --dominator, to look MDB hostnames up), handed to the
+    command as one `host: SubHost`; open it with `connect`. Apply where
+    `@click.argument("host")` would go."""
+
+    @click.argument("host")
+    @dominator_option
+    @functools.wraps(func)
+    def wrapper(*args: Any, host: str, dominator: str, **kwargs: Any) -> Any:
+        source = click.get_current_context().get_parameter_source("dominator")
+        origin = origin_of("--dominator", "DOMINATOR_ADDRESS", source)
+        return func(*args, host=SubHost(host, dominator, origin), **kwargs)
+
+    return wrapper
+
+
+def resolves(name: str) -> bool:
+    """Whether `name` is an IP address or DNS (or /etc/hosts) knows it."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
+
+
+def from_mdb(host: SubHost, name: str, port: int, security: Security) -> str:
+    """The address of MDB host `name` (its IpAddress; `port` when the HOST argument
+    named one); a FleetError of the kind the failure stands for when there is none."""
+    asked = f"asked the dominator at {host.dominator}, {host.dominator_origin}"
+    try:
+        with DominatorClient(host.dominator, security) as dominator:
+            record = dominator.get_machine(name)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:
+            raise FleetError(f"{name} does not resolve and the MDB has no such host "
+                             f"({asked})") from None
+        kind = {EXIT_UNAVAILABLE: UnavailableError,
+                EXIT_REFUSED: PreconditionError}.get(rpc_exit_code(err), FleetError)
+        raise kind(f"{name} does not resolve, and its MDB record could not be read "
+                   f"({asked}): {describe_rpc_error(err)}") from None
+    address = record.get("IpAddress") or ""
+    if not isinstance(address, str) or not address:
+        raise FleetError(f"{name} does not resolve and its MDB record has no IpAddress "
+                         f"({asked})")
+    target = parse_address(address, SUBD_PORT)
+    return f"{target.rpartition(':')[0]}:{port}" if port else target
+
+
+def resolve(host: SubHost, security: Security) -> tuple[str, str]:
+    """(gRPC target, where it came from) for HOST: as given when it is an address or
+    DNS knows the name, else from the MDB record of that name (said on stderr)."""
+    check_not_url(host.text)
+    target = parse_address(host.text, 0)  # port 0: the argument named none
+    name, port = target.rpartition(":")[0], int(target.rpartition(":")[2])
+    if resolves(name.strip("[]")):
+        return parse_address(host.text, SUBD_PORT), ARGUMENT_ORIGIN
+    address = from_mdb(host, name, port, security)
+    click.echo(f"{name} does not resolve: using {address} from its MDB record (the "
+               f"dominator at {host.dominator})", err=True)
+    return address, f"from the MDB record of {name}"
+
+
+def connect(host: SubHost, security: Security) -> SubClient:
+    """A client of HOST's subd (see `resolve`); a failed connection names the address
+    and where it came from."""
+    address, origin = resolve(host, security)
+    remember("subd", address, origin)
+    return SubClient(address, security)
 
 
 def status_json(status: subd_pb2.SubStatus) -> dict[str, Any]:
@@ -39,6 +158,7 @@ def status_json(status: subd_pb2.SubStatus) -> dict[str, Any]:
         "scan_count": status.scan_count, "last_scan_seconds": status.last_scan_ns / 1e9,
         "last_scan_unix": status.last_scan_unix, "free_bytes": status.free_bytes,
         "inodes": status.inodes, "cached_objects": status.cached_objects,
+        "pinned_objects": status.pinned_objects,
         "is_root": status.is_root, "last_successful_image": status.last_successful_image,
         "fetch": {"in_progress": status.fetch.in_progress, "error": status.fetch.error,
                   "objects_done": status.fetch.objects_done,
@@ -58,19 +178,22 @@ def status_json(status: subd_pb2.SubStatus) -> dict[str, Any]:
 
 @click.group(name="sub")
 def sub() -> None:
-    """One host's subd, directly: poll, diff, fetch, update, push-image.
+    """One host's subd, directly: poll, diff, fetch, update, push-image, get-file, config.
 
-    HOST is `HOST` or `HOST:PORT` (default port 6969).
+    HOST is `HOST` or `HOST:PORT` (default port 6969). A name DNS does not know is
+    looked up in the MDB through --dominator (its IpAddress). What `sub fetch` brings
+    stays in the host's cache for 15 minutes, even on a host a dominator manages, so
+    `sub update` can follow.
     """
 
 
 @sub.command(name="poll")
-@click.argument("host")
+@host_argument
 @json_option
 @security_options
-def poll_command(host: str, as_json: bool, security: Security) -> None:
+def poll_command(host: SubHost, as_json: bool, security: Security) -> None:
     """Show a sub's status: scans, fetch and update state, free space."""
-    with SubClient(host, security) as client:
+    with connect(host, security) as client:
         status, _ = client.poll(short=True)
     data = status_json(status)
     if as_json:
@@ -78,7 +201,9 @@ def poll_command(host: str, as_json: bool, security: Security) -> None:
         return
     click.echo(f"{client.address}: generation {data['generation']}, {data['inodes']} inodes, "
                f"{data['scan_count']} scans (last {data['last_scan_seconds']:.2f} s), "
-               f"{format_bytes(data['free_bytes'])} free, {data['cached_objects']} cached objects")
+               f"{format_bytes(data['free_bytes'])} free, {data['cached_objects']} cached objects"
+               + (f" ({data['pinned_objects']} kept for an update: fetched in the last "
+                  f"{PIN_SECONDS // 60} min)" if data["pinned_objects"] else ""))
     click.echo(f"image: {data['last_successful_image'] or '(none yet)'}")
     update = data["last_update"]
     if update["image"]:
@@ -124,18 +249,18 @@ def prepare(client: SubClient, images: ImageServerClient, image_name: str,
 
 
 @sub.command(name="diff")
-@click.argument("host")
+@host_argument
 @click.argument("image_name", metavar="IMAGE")
 @json_option
 @imageserver_option
 @security_options
-def diff_command(host: str, image_name: str, as_json: bool, imageserver: str,
+def diff_command(host: SubHost, image_name: str, as_json: bool, imageserver: str,
                  security: Security) -> None:
     """What pushing IMAGE to HOST would change (the plan; nothing is applied).
 
     Exit 0 when HOST already matches, 1 when it would change.
     """
-    with SubClient(host, security) as client, \
+    with connect(host, security) as client, \
             ImageServerClient(imageserver, security) as images:
         target = prepare(client, images, image_name)
     summary = summarize(target.plan, target.tree)
@@ -170,13 +295,13 @@ def fetch_objects(client: SubClient, imageserver: str, plan: UpdatePlan) -> None
 
 
 @sub.command(name="fetch")
-@click.argument("host")
+@host_argument
 @click.argument("image_name", metavar="IMAGE")
 @imageserver_option
 @security_options
-def fetch_command(host: str, image_name: str, imageserver: str, security: Security) -> None:
+def fetch_command(host: SubHost, image_name: str, imageserver: str, security: Security) -> None:
     """Have HOST fetch into its cache what updating to IMAGE needs (changes nothing else)."""
-    with SubClient(host, security) as client, \
+    with connect(host, security) as client, \
             ImageServerClient(imageserver, security) as images:
         target = prepare(client, images, image_name)
         fetch_objects(client, imageserver, target.plan)
@@ -219,18 +344,18 @@ def with_update_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @sub.command(name="update")
-@click.argument("host")
+@host_argument
 @click.argument("image_name", metavar="IMAGE")
 @with_update_options
 @json_option
 @imageserver_option
 @security_options
-def update_command(host: str, image_name: str, disable_safety_check: bool,
+def update_command(host: SubHost, image_name: str, disable_safety_check: bool,
                    allow_disruption: bool, as_json: bool, imageserver: str,
                    security: Security) -> None:
     """Apply IMAGE on HOST from what its cache already holds (run `sub fetch` first)."""
     started = time.monotonic()
-    with SubClient(host, security) as client, \
+    with connect(host, security) as client, \
             ImageServerClient(imageserver, security) as images:
         target = prepare(client, images, image_name, disable_safety_check, allow_disruption)
         result = client.update(target.plan)
@@ -238,19 +363,19 @@ def update_command(host: str, image_name: str, disable_safety_check: bool,
 
 
 @sub.command(name="push-image")
-@click.argument("host")
+@host_argument
 @click.argument("image_name", metavar="IMAGE")
 @with_update_options
 @json_option
 @imageserver_option
 @security_options
-def push_image_command(host: str, image_name: str, disable_safety_check: bool,
+def push_image_command(host: SubHost, image_name: str, disable_safety_check: bool,
                        allow_disruption: bool, as_json: bool, imageserver: str,
                        security: Security) -> None:
     """Converge HOST onto IMAGE without a dominator: poll, diff, fetch, update, then
     wait for the next scan and check the host matches."""
     started = time.monotonic()
-    with SubClient(host, security) as client, \
+    with connect(host, security) as client, \
             ImageServerClient(imageserver, security) as images:
         target = prepare(client, images, image_name, disable_safety_check, allow_disruption)
         if not target.plan.diff:
@@ -272,3 +397,92 @@ def push_image_command(host: str, image_name: str, disable_safety_check: bool,
     if left:
         raise FleetError(f"{client.address} still differs from {image_name} after the update: "
                          f"{len(left)} paths, e.g. {left[0].change.value} {left[0].path}")
+
+
+def write_pieces(pieces: Iterator[bytes], out: IO[bytes]) -> None:
+    """Copy pieces to a binary stream as they arrive."""
+    for data in pieces:
+        out.write(data)
+    out.flush()
+
+
+def write_atomically(path: Path, pieces: Iterator[bytes]) -> None:
+    """Stream pieces into `path` crash-safely: a temp name beside it, fsync, rename,
+    fsync the folder; on any failure the temp file goes and `path` is untouched."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write_pieces(pieces, out)
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_directory(path.parent)
+
+
+def file_pieces(client: SubClient, path: str) -> Iterator[bytes]:
+    """The content of the file at `path` on the host, piece by piece; NotFoundError
+    (before any piece) when the host has no such file."""
+    for _, data, last in client.stream_files([path]):
+        if data is None:
+            raise NotFoundError(f"{path}: no such file on {client.address}")
+        yield data
+        if last:
+            return
+
+
+@sub.command(name="get-file")
+@host_argument
+@click.argument("path")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE",
+              help="Write the content to FILE (crash-safely: a temp name, fsync, rename) "
+                   "instead of stdout.")
+@security_options
+def get_file_command(host: SubHost, path: str, output: Path | None,
+                     security: Security) -> None:
+    """Print the file at PATH on HOST (the bytes as they are), or write it to FILE.
+
+    PATH is absolute, within the host's root. Exit 1 when HOST has no such file,
+    2 when PATH is a directory, a symlink or a device.
+    """
+    check_clean_path(path)
+    with connect(host, security) as client:
+        pieces = file_pieces(client, path)
+        first = next(pieces, b"")  # a missing file fails here, before FILE is created
+        content = itertools.chain([first], pieces)
+        if output is None:
+            write_pieces(content, sys.stdout.buffer)
+        else:
+            write_atomically(output, content)
+
+
+SET_HELP = ("Change a setting, KEY=VALUE, repeatable: " + ", ".join(
+    f"{key} ({setting.low}-{setting.high})" if setting.high <= 100 else f"{key} (>= 1)"
+    for key, setting in SETTINGS.items()) + f", {EXCLUSIONS} (a path regex; each adds one, "
+    "the list replaces subd's). Lasts until subd restarts: its flags are the defaults.")
+
+
+@sub.command(name="config")
+@host_argument
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@json_option
+@security_options
+def config_command(host: SubHost, assignments: tuple[str, ...], as_json: bool,
+                   security: Security) -> None:
+    """Show HOST's scan, CPU and network limits and scan exclusions, or change them
+    with --set (the reference's get-config / set-config)."""
+    changes = parse_assignments(assignments) if assignments else None
+    with connect(host, security) as client:
+        config = client.get_configuration() if changes is None \
+            else client.set_configuration(changes)
+    if as_json:
+        echo_json(configuration_json(config))
+    else:
+        for line in describe(config):
+            click.echo(line)
+    if changes is not None:
+        click.echo(f"changed on {client.address} until subd restarts (its flags are the "
+                   "defaults)", err=True)

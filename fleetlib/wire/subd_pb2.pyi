@@ -71,7 +71,7 @@ class UpdateResult(_message.Message):
     def __init__(self, in_progress: _Optional[bool] = ..., image_name: _Optional[str] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., finished_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., paths_changed: _Optional[int] = ..., triggers_run: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubStatus(_message.Message):
-    __slots__ = ("generation", "fingerprint", "scan_count", "last_scan_ns", "last_scan_unix", "free_bytes", "fetch", "last_update", "last_successful_image", "cached_objects", "inodes", "is_root", "scan_exclusions", "start_error", "scan_error")
+    __slots__ = ("generation", "fingerprint", "scan_count", "last_scan_ns", "last_scan_unix", "free_bytes", "fetch", "last_update", "last_successful_image", "cached_objects", "inodes", "is_root", "scan_exclusions", "start_error", "scan_error", "pinned_objects")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SCAN_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class SubStatus(_message.Message):
     SCAN_EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
     START_ERROR_FIELD_NUMBER: _ClassVar[int]
     SCAN_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PINNED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     fingerprint: bytes
     scan_count: int
@@ -102,7 +103,8 @@ class SubStatus(_message.Message):
     scan_exclusions: _containers.RepeatedScalarFieldContainer[str]
     start_error: str
     scan_error: str
-    def __init__(self, generation: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., scan_count: _Optional[int] = ..., last_scan_ns: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., free_bytes: _Optional[int] = ..., fetch: _Optional[_Union[FetchStatus, _Mapping]] = ..., last_update: _Optional[_Union[UpdateResult, _Mapping]] = ..., last_successful_image: _Optional[str] = ..., cached_objects: _Optional[int] = ..., inodes: _Optional[int] = ..., is_root: _Optional[bool] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., start_error: _Optional[str] = ..., scan_error: _Optional[str] = ...) -> None: ...
+    pinned_objects: int
+    def __init__(self, generation: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., scan_count: _Optional[int] = ..., last_scan_ns: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., free_bytes: _Optional[int] = ..., fetch: _Optional[_Union[FetchStatus, _Mapping]] = ..., last_update: _Optional[_Union[UpdateResult, _Mapping]] = ..., last_successful_image: _Optional[str] = ..., cached_objects: _Optional[int] = ..., inodes: _Optional[int] = ..., is_root: _Optional[bool] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., start_error: _Optional[str] = ..., scan_error: _Optional[str] = ..., pinned_objects: _Optional[int] = ...) -> None: ...
 
 class PollResponse(_message.Message):
     __slots__ = ("status", "tree_follows", "tree_chunk", "tree_bytes")
@@ -175,10 +177,12 @@ class CleanupRequest(_message.Message):
     def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., all_but_keep: _Optional[bool] = ..., keep: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CleanupResponse(_message.Message):
-    __slots__ = ("removed",)
+    __slots__ = ("removed", "kept_pinned")
     REMOVED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_PINNED_FIELD_NUMBER: _ClassVar[int]
     removed: int
-    def __init__(self, removed: _Optional[int] = ...) -> None: ...
+    kept_pinned: int
+    def __init__(self, removed: _Optional[int] = ..., kept_pinned: _Optional[int] = ...) -> None: ...
 
 class GetFilesRequest(_message.Message):
     __slots__ = ("paths",)
