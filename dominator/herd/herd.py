@@ -422,8 +422,8 @@ class Herd:
                 async with self._fetch_slots:
                     await client.fetch(self.config.imageserver, needed)
             sub.prefetched = (planned_name, status.fingerprint)
-        elif status.cached_objects:
-            await client.cleanup_all_but([])
+        elif status.cached_objects > status.pinned_objects:  # subd keeps what a recent
+            await client.cleanup_all_but([])  # fetch pinned (`sub fetch` then `sub update`)
 
     async def _converge(self, sub: Sub, client: AsyncSubClient, image: Image,
                         computed: dict[str, bytes], planned: Planned,
