@@ -77,6 +77,11 @@ class DominatorClient:
         return SubReport.from_wire(self.stub.AcknowledgeIntrusion(dominator_pb2.HostRequest(
             hostname=hostname)))
 
+    def allow_disruption(self, hostname: str) -> SubReport:
+        """Let the host's next update run HighImpact triggers, once."""
+        return SubReport.from_wire(self.stub.AllowDisruption(dominator_pb2.HostRequest(
+            hostname=hostname)))
+
     def fast_update(self, hostname: str) -> Iterator[dominator_pb2.FastUpdateProgress]:
         """Converge the host now: each step until it is done."""
         yield from self.stub.FastUpdate(dominator_pb2.HostRequest(hostname=hostname))

@@ -33,8 +33,8 @@ from dominator.herd.images import ImageCache
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
 from dominator.herd.state import DominatorState
-from dominator.herd.status import Status
-from fleetlib.errors import FleetError
+from dominator.herd.status import Status, disruption_denied
+from fleetlib.errors import FleetError, NotFoundError
 from fleetlib.fstree.diff import too_many_deletes
 from fleetlib.fstree.hashing import hash_bytes
 from fleetlib.fstree.image import Image
@@ -46,6 +46,7 @@ from mdb.machine import Machine
 from mdb.store import InvalidRow, Mdb
 from subd.changes import UpdatePlan
 from subd.client import DEFAULT_MAX_TREE_BYTES, AsyncSubClient, TreeTooLarge
+from subd.trigger_runner import plan_actions
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,13 @@ class DiffCache:
         self._plans[key] = planned
         while len(self._plans) > self.capacity:
             self._plans.popitem(last=False)
+
+
+def high_impact(plan: UpdatePlan) -> list[str]:
+    """The HighImpact services the plan would fire, decided as subd decides it (the
+    old and new image's triggers); subd refuses them unless disruption is permitted."""
+    return plan_actions(plan.old_triggers, plan.triggers,
+                        [entry.path for entry in plan.diff.entries]).high_impact
 
 
 def rendered_versions(computed: dict[str, bytes]) -> dict[str, tuple[bytes, int]]:
@@ -453,6 +461,15 @@ class Herd:
             sub.set_status(Status.UNSAFE, "the update would delete more than half the host's "
                            "inodes; `dominator fleet clear-safety` allows it once")
             return
+        old = await self._previous_image(sub, image)  # cached plans are shared: set per sub
+        plan = replace(plan, disable_safety_check=cleared,
+                       old_triggers=list(old.triggers) if old is not None else [])
+        disruptive = high_impact(plan)
+        if disruptive:
+            if not await asyncio.to_thread(self.state.disruption_allowed, hostname):
+                sub.set_status(Status.DISRUPTION_DENIED, disruption_denied(hostname, disruptive))
+                return
+            plan = replace(plan, disruption_permitted=True)  # consumed once it ran
         needed = objects_to_fetch(plan)
         if plan.diff.bytes_to_write() > status.free_bytes:
             sub.set_status(Status.NO_SPACE, f"needs {plan.diff.bytes_to_write()} bytes, "
@@ -460,7 +477,7 @@ class Herd:
             return
         if needed and not await self._fetch(sub, client, needed):
             return
-        await self._update(sub, client, image, computed, plan, cleared)
+        await self._update(sub, client, image, computed, plan)
 
     async def _fetch(self, sub: Sub, client: AsyncSubClient, needed: dict[bytes, int]) -> bool:
         sub.set_status(Status.FETCHING)
@@ -488,12 +505,11 @@ class Herd:
         return True
 
     async def _update(self, sub: Sub, client: AsyncSubClient, image: Image,
-                      computed: dict[str, bytes], plan: UpdatePlan, cleared: bool) -> None:
+                      computed: dict[str, bytes], plan: UpdatePlan) -> None:
+        """Apply `plan` (with this sub's old triggers, its safety clearance and
+        disruption allowance set); each allowance it used is spent once it ran."""
         hostname = sub.machine.hostname
         sub.set_status(Status.UPDATING)
-        old = await self._previous_image(sub, image)  # cached plans are shared: set per sub
-        plan = replace(plan, disable_safety_check=cleared,
-                       old_triggers=list(old.triggers) if old is not None else [])
         try:
             async with self._update_slots, self.metrics.timed("update"):
                 await client.update(plan)
@@ -504,8 +520,10 @@ class Herd:
             sub.set_status(kind, text)
             return
         sub.change_window_ns = after.last_update.change_window_ns
-        if cleared:
+        if plan.disable_safety_check:
             await asyncio.to_thread(self.state.consume_safety, hostname)
+        if plan.disruption_permitted:
+            await asyncio.to_thread(self.state.consume_disruption, hostname)
         await asyncio.to_thread(self.state.record_desired, hostname, image.name,
                                 rendered_versions(computed))
         sub.set_status(Status.POLLING, "waiting for the scan after the update")
@@ -557,14 +575,25 @@ class Herd:
                                                             hostname):
             stop = (f"{Status.UNSAFE.value}: it would delete more than half the host's "
                     "inodes; `dominator fleet clear-safety` allows it once")
+        elif (disruptive := high_impact(plan)) and not await asyncio.to_thread(
+                self.state.disruption_allowed, hostname):
+            stop = f"{Status.DISRUPTION_DENIED.value}: {disruption_denied(hostname, disruptive)}"
         elif summary.bytes_to_write > status.free_bytes:
             stop = (f"{Status.NO_SPACE.value}: needs {summary.bytes_to_write} bytes, "
                     f"{status.free_bytes} free")
         return plan, summary, stop
 
     def find(self, hostname: str) -> Sub:
-        """The sub of that name; FleetError when the MDB has no such host."""
+        """The sub of that name; NotFoundError when the MDB has no such host."""
         sub = self.subs.get(hostname)
         if sub is None:
-            raise FleetError(f"unknown host {hostname}")
+            raise NotFoundError(f"unknown host {hostname}")
         return sub
+
+    def allow_disruption(self, hostname: str) -> None:
+        """Let the host's next update that fires HighImpact triggers (reboot, ...) run
+        them, once (the update that does spends it); NotFoundError for a host the
+        dominator does not know. A state write: call it in a thread from async code;
+        the host's loop sees it at its next cycle."""
+        self.find(hostname)
+        self.state.allow_disruption(hostname)

@@ -31,7 +31,7 @@ Context: TypeAlias = grpc.aio.ServicerContext  # every method's call context
 # Statuses that end a fast update (after its first cycle).
 FINAL = {Status.SYNCED, Status.INTRUSION, Status.UNSAFE, Status.FAILED, Status.NO_SPACE,
          Status.UNREACHABLE, Status.MISSING_COMPUTED, Status.IMAGE_NOT_READY,
-         Status.UPDATES_DISABLED, Status.NO_IMAGE}
+         Status.UPDATES_DISABLED, Status.NO_IMAGE, Status.DISRUPTION_DENIED}
 FAST_UPDATE_TIMEOUT = 600.0
 
 
@@ -260,3 +260,20 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         await self._record(context, "token.revoke", f"revoked HTTP token {token.name}",
                            name=token.name, scope=token.scope)
         return token.to_wire()
+
+    # Disruption allowances.
+
+    async def AllowDisruption(self, request: dominator_pb2.HostRequest,
+                              context: Context) -> dominator_pb2.SubInfo:
+        try:
+            sub = self.herd.find(request.hostname)
+            await asyncio.to_thread(self.herd.allow_disruption, request.hostname)
+        except NotFoundError as err:
+            await abort(context, err)
+        log.warning("%s: disruption allowed by %s for its next update", request.hostname,
+                    caller(context))
+        await self._record(context, "disruption.allow",
+                           f"allowed the next update of {request.hostname} to run HighImpact "
+                           "triggers", host=request.hostname)
+        sub.wake.set()
+        return await self._info(request.hostname)

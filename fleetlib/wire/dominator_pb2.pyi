@@ -14,7 +14,14 @@ class HostRequest(_message.Message):
     def __init__(self, hostname: _Optional[str] = ...) -> None: ...
 
 class SubInfo(_message.Message):
-    __slots__ = ("hostname", "address", "status", "required_image", "planned_image", "current_image", "last_poll_unix", "last_sync_unix", "last_scan_unix", "last_error", "intrusion_paths", "intrusion_unix", "change_window_ns", "updates_disabled", "safety_cleared", "history", "outdated_paths", "kept_paths")
+    __slots__ = ("hostname", "address", "status", "required_image", "planned_image", "current_image", "last_poll_unix", "last_sync_unix", "last_scan_unix", "last_error", "intrusion_paths", "intrusion_unix", "change_window_ns", "updates_disabled", "safety_cleared", "history", "outdated_paths", "kept_paths", "tags", "disruption_allowed", "history_entries", "pause")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +40,10 @@ class SubInfo(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     OUTDATED_PATHS_FIELD_NUMBER: _ClassVar[int]
     KEPT_PATHS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    DISRUPTION_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     address: str
     status: str
@@ -51,7 +62,33 @@ class SubInfo(_message.Message):
     history: _containers.RepeatedScalarFieldContainer[str]
     outdated_paths: _containers.RepeatedScalarFieldContainer[str]
     kept_paths: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hostname: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., required_image: _Optional[str] = ..., planned_image: _Optional[str] = ..., current_image: _Optional[str] = ..., last_poll_unix: _Optional[int] = ..., last_sync_unix: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., last_error: _Optional[str] = ..., intrusion_paths: _Optional[_Iterable[str]] = ..., intrusion_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., updates_disabled: _Optional[bool] = ..., safety_cleared: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ..., outdated_paths: _Optional[_Iterable[str]] = ..., kept_paths: _Optional[_Iterable[str]] = ...) -> None: ...
+    tags: _containers.ScalarMap[str, str]
+    disruption_allowed: bool
+    history_entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    pause: HostPause
+    def __init__(self, hostname: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., required_image: _Optional[str] = ..., planned_image: _Optional[str] = ..., current_image: _Optional[str] = ..., last_poll_unix: _Optional[int] = ..., last_sync_unix: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., last_error: _Optional[str] = ..., intrusion_paths: _Optional[_Iterable[str]] = ..., intrusion_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., updates_disabled: _Optional[bool] = ..., safety_cleared: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ..., outdated_paths: _Optional[_Iterable[str]] = ..., kept_paths: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., disruption_allowed: _Optional[bool] = ..., history_entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ..., pause: _Optional[_Union[HostPause, _Mapping]] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("time_unix", "status", "message")
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    time_unix: int
+    status: str
+    message: str
+    def __init__(self, time_unix: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class HostPause(_message.Message):
+    __slots__ = ("by", "reason", "since_unix", "until_unix")
+    BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    by: str
+    reason: str
+    since_unix: int
+    until_unix: int
+    def __init__(self, by: _Optional[str] = ..., reason: _Optional[str] = ..., since_unix: _Optional[int] = ..., until_unix: _Optional[int] = ...) -> None: ...
 
 class ListSubsRequest(_message.Message):
     __slots__ = ()
@@ -64,7 +101,7 @@ class ListSubsResponse(_message.Message):
     def __init__(self, subs: _Optional[_Iterable[_Union[SubInfo, _Mapping]]] = ...) -> None: ...
 
 class FleetStatus(_message.Message):
-    __slots__ = ("updates_disabled", "disabled_by", "disabled_reason", "disabled_unix", "hosts_by_status", "hosts", "diff_cache_hits", "diff_cache_misses", "mdb_error")
+    __slots__ = ("updates_disabled", "disabled_by", "disabled_reason", "disabled_unix", "hosts_by_status", "hosts", "diff_cache_hits", "diff_cache_misses", "mdb_error", "disabled_until_unix")
     class HostsByStatusEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +118,7 @@ class FleetStatus(_message.Message):
     DIFF_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     DIFF_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     MDB_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_UNTIL_UNIX_FIELD_NUMBER: _ClassVar[int]
     updates_disabled: bool
     disabled_by: str
     disabled_reason: str
@@ -90,17 +128,20 @@ class FleetStatus(_message.Message):
     diff_cache_hits: int
     diff_cache_misses: int
     mdb_error: str
-    def __init__(self, updates_disabled: _Optional[bool] = ..., disabled_by: _Optional[str] = ..., disabled_reason: _Optional[str] = ..., disabled_unix: _Optional[int] = ..., hosts_by_status: _Optional[_Mapping[str, int]] = ..., hosts: _Optional[int] = ..., diff_cache_hits: _Optional[int] = ..., diff_cache_misses: _Optional[int] = ..., mdb_error: _Optional[str] = ...) -> None: ...
+    disabled_until_unix: int
+    def __init__(self, updates_disabled: _Optional[bool] = ..., disabled_by: _Optional[str] = ..., disabled_reason: _Optional[str] = ..., disabled_unix: _Optional[int] = ..., hosts_by_status: _Optional[_Mapping[str, int]] = ..., hosts: _Optional[int] = ..., diff_cache_hits: _Optional[int] = ..., diff_cache_misses: _Optional[int] = ..., mdb_error: _Optional[str] = ..., disabled_until_unix: _Optional[int] = ...) -> None: ...
 
 class GetFleetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class DisableUpdatesRequest(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "expires_in_seconds")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    expires_in_seconds: int
+    def __init__(self, reason: _Optional[str] = ..., expires_in_seconds: _Optional[int] = ...) -> None: ...
 
 class EnableUpdatesRequest(_message.Message):
     __slots__ = ()
@@ -119,26 +160,43 @@ class FastUpdateProgress(_message.Message):
     def __init__(self, status: _Optional[str] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ..., success: _Optional[bool] = ...) -> None: ...
 
 class MachinesJson(_message.Message):
-    __slots__ = ("json",)
+    __slots__ = ("json", "pauses")
+    class PausesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: HostPause
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[HostPause, _Mapping]] = ...) -> None: ...
     JSON_FIELD_NUMBER: _ClassVar[int]
+    PAUSES_FIELD_NUMBER: _ClassVar[int]
     json: str
-    def __init__(self, json: _Optional[str] = ...) -> None: ...
+    pauses: _containers.MessageMap[str, HostPause]
+    def __init__(self, json: _Optional[str] = ..., pauses: _Optional[_Mapping[str, HostPause]] = ...) -> None: ...
 
 class SetMachineRequest(_message.Message):
-    __slots__ = ("hostname", "patch_json")
+    __slots__ = ("hostname", "patch_json", "force", "pause", "resume")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PATCH_JSON_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     patch_json: str
-    def __init__(self, hostname: _Optional[str] = ..., patch_json: _Optional[str] = ...) -> None: ...
+    force: bool
+    pause: PauseSpec
+    resume: bool
+    def __init__(self, hostname: _Optional[str] = ..., patch_json: _Optional[str] = ..., force: _Optional[bool] = ..., pause: _Optional[_Union[PauseSpec, _Mapping]] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class ImportMachinesRequest(_message.Message):
-    __slots__ = ("json", "replace")
+    __slots__ = ("json", "replace", "force")
     JSON_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     json: str
     replace: bool
-    def __init__(self, json: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+    force: bool
+    def __init__(self, json: _Optional[str] = ..., replace: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ImportMachinesResponse(_message.Message):
     __slots__ = ("added", "changed", "removed")
@@ -203,3 +261,11 @@ class RevokeTokenRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class PauseSpec(_message.Message):
+    __slots__ = ("reason", "expires_in_seconds")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    expires_in_seconds: int
+    def __init__(self, reason: _Optional[str] = ..., expires_in_seconds: _Optional[int] = ...) -> None: ...

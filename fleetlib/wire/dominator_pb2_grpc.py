@@ -115,6 +115,16 @@ class DominatorStub:
                 request_serializer=fleetlib_dot_wire_dot_dominator__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.TokenInfo.FromString,
                 _registered_method=True)
+        self.AllowDisruption = channel.unary_unary(
+                '/fleet.Dominator/AllowDisruption',
+                request_serializer=fleetlib_dot_wire_dot_dominator__pb2.HostRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.SubInfo.FromString,
+                _registered_method=True)
+        self.DeleteMachine = channel.unary_unary(
+                '/fleet.Dominator/DeleteMachine',
+                request_serializer=fleetlib_dot_wire_dot_dominator__pb2.HostRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.MachinesJson.FromString,
+                _registered_method=True)
 
 
 class DominatorServicer:
@@ -216,6 +226,20 @@ class DominatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AllowDisruption(self, request, context):
+        """the next update may run HighImpact triggers, once
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMachine(self, request, context):
+        """the record removed
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DominatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +322,16 @@ def add_DominatorServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.RevokeTokenRequest.FromString,
                     response_serializer=fleetlib_dot_wire_dot_dominator__pb2.TokenInfo.SerializeToString,
+            ),
+            'AllowDisruption': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllowDisruption,
+                    request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.HostRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_dominator__pb2.SubInfo.SerializeToString,
+            ),
+            'DeleteMachine': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMachine,
+                    request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.HostRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_dominator__pb2.MachinesJson.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -732,6 +766,60 @@ class Dominator:
             '/fleet.Dominator/RevokeToken',
             fleetlib_dot_wire_dot_dominator__pb2.RevokeTokenRequest.SerializeToString,
             fleetlib_dot_wire_dot_dominator__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllowDisruption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.Dominator/AllowDisruption',
+            fleetlib_dot_wire_dot_dominator__pb2.HostRequest.SerializeToString,
+            fleetlib_dot_wire_dot_dominator__pb2.SubInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMachine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.Dominator/DeleteMachine',
+            fleetlib_dot_wire_dot_dominator__pb2.HostRequest.SerializeToString,
+            fleetlib_dot_wire_dot_dominator__pb2.MachinesJson.FromString,
             options,
             channel_credentials,
             insecure,
