@@ -16,11 +16,17 @@ from dominator.herd.state import Disabled
 from dominator.herd.status import Status, SubReport
 from fleetlib.cli.display import ago, echo_json, echo_table, table
 from fleetlib.cli.options import security_options
+from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
 from fleetlib.errors import NotFoundError
 from fleetlib.rpc.tls import Security
 from mdb.machine import Machine
 
 STATUSES = [status.value for status in Status]
+FAST_UPDATE_EXITS = {Status.UNSAFE.value: EXIT_REFUSED,
+                     Status.DISRUPTION_DENIED.value: EXIT_REFUSED,
+                     Status.UPDATES_DISABLED.value: EXIT_REFUSED,
+                     Status.UNREACHABLE.value: EXIT_UNAVAILABLE,
+                     Status.NO_SPACE.value: EXIT_UNAVAILABLE}
 
 
 def when(unix: float) -> str:
@@ -282,10 +288,13 @@ def acknowledge_command(host: str, as_json: bool, dominator: str, security: Secu
 @dominator_option
 @security_options
 def fast_update_command(host: str, dominator: str, security: Security) -> None:
-    """Converge HOST now, showing each step; exit 0 when it is synced."""
-    success = False
+    """Converge HOST now, showing each step. Exit 0 when it is synced, 4 when a safety
+    rule holds it (unsafe update, disruption denied, updates disabled), 3 when it is
+    unreachable or short of space, 1 otherwise."""
+    code = EXIT_NEGATIVE
     for step in DominatorClient(dominator, security).fast_update(host):
         click.echo(f"{host}: {step.status}" + (f" ({step.message})" if step.message else ""))
         if step.done:
-            success = step.success
-    sys.exit(0 if success else 1)
+            code = EXIT_OK if step.success else FAST_UPDATE_EXITS.get(step.status,
+                                                                      EXIT_NEGATIVE)
+    sys.exit(code)

@@ -89,6 +89,9 @@ def test_allow_disruption_lets_exactly_one_update_through(
     fleet.run("mdb", "set", "host-1", "--required-image", "k2")
     fleet.wait_status(names(1), "disruption denied")
     assert (fleet.root("host-1") / "boot/vmlinuz").read_text() == "kernel 1\n"
+    pushed = cli("fleet", "fast-update", "host-1", env=fleet.env)
+    assert pushed.returncode == 4, (pushed.stdout, pushed.stderr)  # refused by a safety rule
+    assert "host-1: disruption denied (HighImpact trigger(s) kernel" in pushed.stdout
     assert json.loads(fleet.run("fleet", "allow-disruption", "host-1", "--json"))[
         "disruption_allowed"] is True
     fleet.wait_status(names(1), "synced", "k2")
