@@ -1,5 +1,6 @@
 """A synchronous client of the image server: what the CLI, subd and the dominator
-use to check, upload and fetch objects and to add, read and delete images.
+use to check, upload and fetch objects, to add, read and delete images, to wait
+for one and to change when one expires.
 
 No call waits forever: unary calls have a deadline (`fleetlib.rpc.tls.call_timeout`);
 the streams, whose length depends on the data, rely on the channel's keepalive, which
@@ -12,6 +13,9 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Iterator
 
+import grpc
+
+from fleetlib.errors import UnavailableError
 from fleetlib.fstree.image import Image
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.source import Source
@@ -136,4 +140,34 @@ class ImageServerClient:
         reply: imageserver_pb2.CheckImageResponse = self.images.CheckImage(
             imageserver_pb2.CheckImageRequest(name=name), timeout=call_timeout())
         return reply.exists
+
+    def wait_for_image(self, name: str, timeout: float | None = None) -> bool:
+        """Block until the server holds image NAME: True, or False after `timeout`
+        seconds (None: no limit). Asks once, then follows the server's stream of
+        changes (no polling); grpc.RpcError when the server cannot be reached."""
+        if self.image_exists(name):
+            return True
+        # include_existing: an image added between the check and the watch is announced.
+        events = self.images.WatchImages(
+            imageserver_pb2.WatchImagesRequest(include_existing=True), timeout=timeout)
+        try:
+            for event in events:
+                if event.kind == imageserver_pb2.ImageEvent.ADDED and event.name == name:
+                    return True
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return False
+            raise
+        finally:
+            events.cancel()
+        raise UnavailableError(f"the image server at {self.address} stopped its stream of "
+                               "changes (restarting?): retry")
+
+    def set_expiry(self, name: str, expires_unix: int
+                   ) -> imageserver_pb2.SetImageExpiryResponse:
+        """Make image NAME expire at `expires_unix` (0: never)."""
+        reply: imageserver_pb2.SetImageExpiryResponse = self.images.SetImageExpiry(
+            imageserver_pb2.SetImageExpiryRequest(name=name, expires_unix=expires_unix),
+            timeout=call_timeout())
+        return reply
 

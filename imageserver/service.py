@@ -118,9 +118,14 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
                 self.served_bytes += size
 
 
+def _when(unix: int) -> str:
+    """A point in time for an audit summary."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(unix))
+
+
 class ImageService(imageserver_pb2_grpc.ImageServerServicer):
-    """Adds, lists, serves, deletes and announces images; adds and deletes go to
-    the audit log, which ListAudit serves."""
+    """Adds, lists, serves, deletes and announces images and changes their expiry;
+    adds, deletes and expiry changes go to the audit log, which ListAudit serves."""
 
     def __init__(self, store: ImageStore, audit: AuditLog) -> None:
         self.store = store
@@ -136,8 +141,7 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed image message")
         except FleetError as err:
             await abort(context, err)
-        expires = f", expires {time.strftime('%Y-%m-%d %H:%M', time.gmtime(image.expires_unix))}" \
-            if image.expires_unix else ""
+        expires = f", expires {_when(image.expires_unix)}" if image.expires_unix else ""
         await asyncio.to_thread(
             self.audit.record, caller(context), "image.add", f"added image {image.name}{expires}",
             image=image.name, inodes=len(image.tree.inodes), bytes=image.tree.total_bytes(),
@@ -193,6 +197,21 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
     async def ListAudit(self, request: audit_pb2.ListAuditRequest,
                         context: grpc.aio.ServicerContext) -> audit_pb2.ListAuditResponse:
         return await asyncio.to_thread(self.audit.list_response, request)
+
+    async def SetImageExpiry(self, request: imageserver_pb2.SetImageExpiryRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> imageserver_pb2.SetImageExpiryResponse:
+        try:
+            info, previous = self.store.set_expiry(request.name, request.expires_unix)
+        except FleetError as err:
+            await abort(context, err)
+        summary = f"image {info.name} now expires {_when(info.expires_unix)}" \
+            if info.expires_unix else f"image {info.name} now never expires"
+        await asyncio.to_thread(
+            self.audit.record, caller(context), "image.set-expiry", summary, image=info.name,
+            expires_unix=info.expires_unix, previous_expires_unix=previous)
+        return imageserver_pb2.SetImageExpiryResponse(image=info.summary(),
+                                                      previous_expires_unix=previous)
 
 
 async def expire_images(store: ImageStore, audit: AuditLog, interval: float = 1.0) -> None:

@@ -9,6 +9,9 @@ Layout under the state directory:
                               starts with ".", so no image file collides with a
                               stream's folder
 
+An image's tree, filter, triggers and computed files never change; its expiry is
+metadata, changed (`set_expiry`) by rewriting its file the same crash-safe way.
+
 Objects no image references (uploaded for an image never committed) are
 collected once untouched for a grace period; an upload that finds one present
 (CheckObjects) restarts its grace period, so the image it then adds is whole.
@@ -22,7 +25,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fleetlib.errors import ExistsError, FleetError, NotFoundError, PreconditionError
@@ -60,6 +63,12 @@ class ImageInfo:
         return imageserver_pb2.ImageSummary(
             name=self.name, created_unix=self.created_unix, expires_unix=self.expires_unix,
             inodes=self.inodes, total_bytes=self.total_bytes)
+
+
+def _check_time(name: str, label: str, when: int) -> None:
+    if not 0 <= when <= MAX_UNIX:
+        raise FleetError(f"image {name}: {label} time {when} is not between 0 and "
+                         f"{MAX_UNIX} (unix seconds)")
 
 
 def _info(image: Image) -> ImageInfo:
@@ -117,25 +126,41 @@ class ImageStore:
             raise PreconditionError(f"image {image.name} names {len(missing)} object(s) the server "
                              f"does not hold, e.g. {format_hash(missing[0])}")
         for label, when in (("created", image.created_unix), ("expires", image.expires_unix)):
-            if not 0 <= when <= MAX_UNIX:
-                raise FleetError(f"image {image.name}: {label} time {when} is not between 0 and "
-                                 f"{MAX_UNIX} (unix seconds)")
+            _check_time(image.name, label, when)
         for computed in image.computed_files:
             if image.tree.lookup(computed.path) is None:
                 raise FleetError(f"image {image.name}: computed file {computed.path} is not in "
                                  "the tree")
         if not image.created_unix:
             image.created_unix = int(time.time())
-        data = image_to_proto(image).SerializeToString(deterministic=True)
-        check_free_space(self.state_dir, len(data))
-        try:
-            write_file_atomically(self._path(image.name), data)
-        except OSError as err:
-            raise space_error(err, self.state_dir, f"image {image.name} ({len(data)} bytes)") \
-                from None
+        self._write(image.name, image_to_proto(image).SerializeToString(deterministic=True))
         self._remember(_info(image))
         self._notify(imageserver_pb2.ImageEvent.ADDED, image.name)
         log.info("added image %s", image.name)
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Write an image's file crash-safely: readers see the old file or the new one."""
+        check_free_space(self.state_dir, len(data))
+        try:
+            write_file_atomically(self._path(name), data)
+        except OSError as err:
+            raise space_error(err, self.state_dir, f"image {name} ({len(data)} bytes)") \
+                from None
+
+    def set_expiry(self, name: str, expires_unix: int) -> tuple[ImageInfo, int]:
+        """Make image NAME expire at `expires_unix` (0: never): (its new info, the
+        previous expiry). Only this field of its file changes."""
+        info = self.images.get(name)
+        if info is None:
+            raise NotFoundError(f"unknown image {name}")
+        _check_time(name, "expires", expires_unix)
+        message = imageserver_pb2.Image.FromString(self.read(name))
+        message.expires_unix = expires_unix
+        self._write(name, message.SerializeToString(deterministic=True))
+        self.images[name] = replace(info, expires_unix=expires_unix)
+        log.info("image %s now expires at %d (was %d; 0 is never)", name, expires_unix,
+                 info.expires_unix)
+        return self.images[name], info.expires_unix
 
     def read(self, name: str) -> bytes:
         """The serialized image; FleetError when unknown."""

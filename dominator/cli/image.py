@@ -1,31 +1,54 @@
-"""`dominator image ...`: add, list, show, diff, get and delete images."""
+"""`dominator image ...`: add, list, show, get and delete images; read one file (cat),
+compare images or one file (diff), ask for one (check, wait, latest), read its filter
+and triggers back, and change when it expires (set-expiry).
+
+In `--json` output a point in time is `<what>_unix` (0: never); `image show --json`
+lists each path as an object (see `tree_entries`).
+"""
 
 from __future__ import annotations
 
+import base64
+import difflib
+import hashlib
+import io
+import os
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
+import grpc
 
-from dominator.cli.options import imageserver_option, json_option
-from fleetlib.cli.display import echo_json, format_bytes, progress_bar
-from fleetlib.cli.options import parse_duration, security_options
-from fleetlib.errors import FleetError
+from dominator.cli.options import dominator_option, imageserver_option, json_option
+from fleetlib.cli.display import ago, echo_json, echo_table, format_bytes, progress_bar
+from fleetlib.cli.options import Duration, parse_duration, security_options
+from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, rpc_exit_code
+from fleetlib.errors import FleetError, NotFoundError, PreconditionError, UnavailableError
 from fleetlib.fstree.diff import Change, diff_trees
 from fleetlib.fstree.filter import EMPTY, Filter, prune
 from fleetlib.fstree.image import Image, check_image_name, parse_computed_files
-from fleetlib.fstree.listing import format_inode, listing
+from fleetlib.fstree.listing import format_inode, listing, quote
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.source import open_source
+from fleetlib.fstree.tree import DEVICE_KINDS, Inode, Kind, Tree, check_clean_path, join
 from fleetlib.fstree.triggers import load_triggers
 from fleetlib.fstree.unpack import check_empty_destination, unpack_tree
+from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security
+from fleetlib.wire import imageserver_pb2
 from imageserver.client import ImageServerClient
 
 GET_SCRATCH = ".image-get.tmp"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+BINARY_PROBE = 8000  # like diff(1) and git: a NUL byte this early means binary content
+HOSTS_NAMED = 10  # hosts a refused delete names before "and N more"
+NEVER = "never"
 
 
 @click.group(name="image")
@@ -99,19 +122,24 @@ def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
 @imageserver_option
 @security_options
 def list_command(prefix: str, as_json: bool, imageserver: str, security: Security) -> None:
-    """List images on the image server."""
+    """List images on the image server, by name: when each was created, when it expires
+    ('-': never), its inodes and bytes."""
     with ImageServerClient(imageserver, security) as client:
         images = client.list_images(prefix)
     if as_json:
-        echo_json([{"name": i.name, "created": i.created_unix, "expires": i.expires_unix,
-                    "inodes": i.inodes, "bytes": i.total_bytes} for i in images])
+        echo_json([summary_json(info) for info in images])
         return
-    for info in images:
-        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(info.created_unix))
-        expires = "" if not info.expires_unix else \
-            " expires " + time.strftime("%Y-%m-%d %H:%M", time.gmtime(info.expires_unix))
-        click.echo(f"{info.name}\t{created}\t{info.inodes} inodes\t"
-                   f"{format_bytes(info.total_bytes)}{expires}")
+    echo_table(["name", "created", "expires", "inodes", "size"],
+               [[info.name, ago(info.created_unix), ago(info.expires_unix), info.inodes,
+                 format_bytes(info.total_bytes)] for info in images])
+
+
+def summary_json(info: imageserver_pb2.ImageSummary) -> dict[str, Any]:
+    """An image summary for --json (`created`/`expires` are the older spellings of
+    `created_unix`/`expires_unix`)."""
+    return {"name": info.name, "created": info.created_unix, "expires": info.expires_unix,
+            "created_unix": info.created_unix, "expires_unix": info.expires_unix,
+            "inodes": info.inodes, "bytes": info.total_bytes}
 
 
 @image.command(name="show")
@@ -122,36 +150,179 @@ def list_command(prefix: str, as_json: bool, imageserver: str, security: Securit
 @security_options
 def show_command(name: str, hashes: bool, as_json: bool, imageserver: str,
                  security: Security) -> None:
-    """List image NAME like `ls -l`: mode, links, uid, gid, size, mtime, path."""
+    """List image NAME like `ls -l`: mode, links, uid, gid, size, mtime, path.
+
+    With --json: the image's filter, triggers, computed files and times, the listing
+    lines, and "entries": one object per path with path, kind, mode (octal text such
+    as "0644"), uid, gid, size, mtime_unix, mtime_ns and links, plus sha256 (regular
+    files), target (symlinks), rdev/major/minor (devices), xattrs (name: base64 value)
+    and link_to (a hard link: the first path of the same inode). Paths are printable:
+    bytes that are not UTF-8 as \\xNN, a backslash doubled.
+    """
+    check_image_name(name)
     with ImageServerClient(imageserver, security) as client:
         img = client.get_image(name)
     if as_json:
         echo_json({
             "name": img.name, "created": img.created_unix, "expires": img.expires_unix,
-            "filter": None if img.filter is None else list(img.filter.lines),
+            "created_unix": img.created_unix, "expires_unix": img.expires_unix,
+            "filter": filter_lines(img),
             "triggers": [t.to_json() for t in img.triggers],
             "computed_files": [{"Filename": c.path, "Source": c.source}
                                for c in img.computed_files],
             "listing": list(listing(img.tree, hashes=True)),
+            "entries": tree_entries(img.tree),
         })
         return
     for line in listing(img.tree, hashes):
         click.echo(line)
 
 
+def filter_lines(img: Image) -> list[str] | None:
+    """The image's filter lines as written, None for a sparse image (no filter)."""
+    return None if img.filter is None else list(img.filter.lines)
+
+
+def tree_entries(tree: Tree) -> list[dict[str, Any]]:
+    """One object per path, in listing order (`image show --json`'s "entries")."""
+    links = tree.link_counts()
+    first_path: dict[int, str] = {}
+    entries = []
+    for path, ino, inode in tree.walk():
+        entry: dict[str, Any] = {
+            "path": quote(path), "kind": inode.kind.name.lower(), "mode": f"{inode.mode:04o}",
+            "uid": inode.uid, "gid": inode.gid, "size": inode.size,
+            "mtime_unix": inode.mtime_ns // 10**9, "mtime_ns": inode.mtime_ns,
+            "links": links[ino]}
+        if inode.kind == Kind.REGULAR:
+            entry["sha256"] = inode.hash.hex() if inode.hash else EMPTY_SHA256
+        elif inode.kind == Kind.SYMLINK:
+            entry["target"] = quote(os.fsdecode(inode.target))
+        elif inode.kind in DEVICE_KINDS:
+            entry.update(rdev=inode.rdev, major=os.major(inode.rdev), minor=os.minor(inode.rdev))
+        if inode.xattrs:
+            entry["xattrs"] = {quote(os.fsdecode(key)): base64.b64encode(value).decode()
+                               for key, value in inode.xattrs}
+        if ino in first_path:
+            entry["link_to"] = first_path[ino]
+        else:
+            first_path[ino] = entry["path"]
+        entries.append(entry)
+    return entries
+
+
+def kind_text(inode: Inode) -> str:
+    """'a directory', 'a regular file', 'a char device', ..."""
+    text = {Kind.REGULAR: "regular file"}.get(inode.kind, inode.kind.name.lower().replace("_", " "))
+    return f"a {text}"
+
+
+def lookup(img: Image, path: str) -> Inode | None:
+    """The inode at PATH in the image, None when it has none. Symlinks are not followed:
+    one on the way is a FleetError saying where it points."""
+    check_clean_path(path)
+    tree, ino, walked = img.tree, img.tree.root, "/"
+    for name in path[1:].split("/") if path != "/" else ():
+        parent = tree.inodes[ino]
+        if parent.kind == Kind.SYMLINK:
+            raise FleetError(f"{quote(walked)} is a symlink to {quote(os.fsdecode(parent.target))} "
+                             f"in image {img.name} (symlinks are not followed): give the path "
+                             "it points to")
+        child = tree.children.get(ino, {}).get(name)
+        if child is None:
+            return None
+        ino, walked = child, join(walked, name)
+    return tree.inodes[ino]
+
+
+@contextmanager
+def fetched(client: ImageServerClient, inodes: Sequence[Inode | None]) -> Iterator[ObjectStore]:
+    """A scratch store in a temporary folder holding the content of `inodes`' regular
+    files, downloaded and verified; removed afterwards."""
+    hashes = sorted({i.hash for i in inodes if i is not None and i.hash})
+    with tempfile.TemporaryDirectory(prefix="dominator-image-") as folder:
+        store = ObjectStore(Path(folder), scratch=True)
+        if hashes:
+            client.fetch(hashes, store)
+        yield store
+
+
+def content(store: ObjectStore, inode: Inode | None) -> bytes:
+    """What a diff compares: a regular file's bytes, a symlink's target (as git does),
+    nothing for an absent file."""
+    if inode is None:
+        return b""
+    if inode.kind == Kind.SYMLINK:
+        return inode.target
+    if not inode.hash:
+        return b""
+    with store.open(inode.hash) as reader:
+        return reader.read()
+
+
+@image.command(name="cat")
+@click.argument("name")
+@click.argument("path")
+@imageserver_option
+@security_options
+def cat_command(name: str, path: str, imageserver: str, security: Security) -> None:
+    """Print file PATH of image NAME on stdout, byte for byte (verified against its
+    hash before any of it is printed).
+
+    Exit 1 when the image has no PATH; 2 when PATH is a directory, a device, a fifo or
+    a symlink (it says where the symlink points; symlinks are not followed).
+    """
+    check_image_name(name)
+    check_clean_path(path)
+    with ImageServerClient(imageserver, security) as client:
+        img = client.get_image(name)
+        inode = lookup(img, path)
+        if inode is None:
+            raise NotFoundError(f"{quote(path)} is not in image {name}")
+        if inode.kind == Kind.SYMLINK:
+            raise FleetError(f"{quote(path)} is a symlink to {quote(os.fsdecode(inode.target))} "
+                             f"in image {name}: cat the path it points to")
+        if inode.kind != Kind.REGULAR:
+            raise FleetError(f"{quote(path)} is {kind_text(inode)} in image {name}, not a "
+                             "regular file" + (f" (`image show {name}` lists it)"
+                                               if inode.kind == Kind.DIRECTORY else ""))
+        with fetched(client, [inode]) as store:
+            if not inode.hash:
+                return
+            try:
+                with store.open(inode.hash) as reader:
+                    shutil.copyfileobj(reader, sys.stdout.buffer, 1 << 20)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:  # the reader had enough (`| head`): not an error
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 @image.command(name="diff")
 @click.argument("first")
 @click.argument("second")
+@click.option("--path", help="Compare only this file's content: a unified diff (`diff -u`).")
 @imageserver_option
 @security_options
-def diff_command(first: str, second: str, imageserver: str, security: Security) -> None:
+def diff_command(first: str, second: str, path: str | None, imageserver: str,
+                 security: Security) -> None:
     """Compare images FIRST and SECOND: what turning FIRST into SECOND changes.
 
     Lines: `+` added, `-` deleted, `M` content or kind differs, `m` only owner,
     mode, mtime or extended attributes differ. Exit 0 when the same, 1 when not.
+
+    With --path PATH: a unified diff of that one file's content ("Binary files ...
+    differ" for binary content; a file only one image holds diffs against /dev/null;
+    a symlink compares as its target, as git does). Owner, mode and times are not
+    compared there: the plain diff shows them.
     """
+    check_image_name(first)
+    check_image_name(second)
+    if path is not None:
+        check_clean_path(path)
     with ImageServerClient(imageserver, security) as client:
         old, new = client.get_image(first), client.get_image(second)
+        if path is not None:
+            sys.exit(diff_file(client, old, new, path))
     changes = diff_trees(old.tree, new.tree, EMPTY)
     for entry in sorted(changes.entries, key=lambda e: e.path):
         inode = entry.new if entry.new is not None else entry.old
@@ -161,6 +332,179 @@ def diff_command(first: str, second: str, imageserver: str, security: Security) 
         if entry.change in (Change.REPLACE, Change.METADATA) and entry.old is not None:
             click.echo(f"  was {format_inode(entry.path, entry.old)}")
     sys.exit(1 if changes else 0)
+
+
+def diffed_file(img: Image, path: str) -> Inode | None:
+    """The regular file or symlink at PATH (None: absent); FleetError for other kinds."""
+    inode = lookup(img, path)
+    if inode is not None and inode.kind not in (Kind.REGULAR, Kind.SYMLINK):
+        raise FleetError(f"{quote(path)} is {kind_text(inode)} in image {img.name}: --path "
+                         "compares the content of files and symlinks")
+    return inode
+
+
+def diff_file(client: ImageServerClient, old: Image, new: Image, path: str) -> int:
+    """Print the content diff of PATH from image OLD to NEW; the exit code (0 same)."""
+    before, after = diffed_file(old, path), diffed_file(new, path)
+    if before is None and after is None:
+        raise FleetError(f"{quote(path)} is in neither image {old.name} nor {new.name}")
+    if before is not None and after is not None and before.same_content(after):
+        return EXIT_OK
+    labels = [f"{img.name}:{quote(path)}" if inode is not None else "/dev/null"
+              for img, inode in ((old, before), (new, after))]
+    if before is not None and after is not None and before.kind != after.kind:
+        click.echo(f"{quote(path)} is {kind_text(before)} in {old.name}, "
+                   f"{kind_text(after)} in {new.name}")
+    with fetched(client, [before, after]) as store:
+        data = [content(store, before), content(store, after)]
+    if any(b"\0" in side[:BINARY_PROBE] for side in data):
+        click.echo(f"Binary files {labels[0]} and {labels[1]} differ")
+    else:
+        click.echo(unified_diff(data[0], data[1], labels[0], labels[1]), nl=False)
+    return EXIT_NEGATIVE
+
+
+def unified_diff(before: bytes, after: bytes, old_label: str, new_label: str) -> bytes:
+    """`diff -u` of two byte strings (any encoding), with diff's "\\ No newline at end
+    of file" after a last line that has none."""
+    lines = difflib.diff_bytes(difflib.unified_diff, io.BytesIO(before).readlines(),
+                               io.BytesIO(after).readlines(), os.fsencode(old_label),
+                               os.fsencode(new_label))
+    return b"".join(line if line.endswith(b"\n") else line + b"\n\\ No newline at end of file\n"
+                    for line in lines)
+
+
+@image.command(name="check")
+@click.argument("name")
+@json_option
+@imageserver_option
+@security_options
+def check_command(name: str, as_json: bool, imageserver: str, security: Security) -> None:
+    """Whether image NAME exists: one line saying which; exit 0 when it does, 1 when not."""
+    check_image_name(name)
+    with ImageServerClient(imageserver, security) as client:
+        exists = client.image_exists(name)
+    if as_json:
+        echo_json({"name": name, "exists": exists})
+    else:
+        click.echo(f"image {name} exists" if exists else f"image {name} does not exist")
+    sys.exit(EXIT_OK if exists else EXIT_NEGATIVE)
+
+
+@image.command(name="wait")
+@click.argument("name")
+@click.option("--timeout", type=Duration(), default=None,
+              help="Give up after this long (e.g. 90, 30m, 2h).  [default: no limit]")
+@imageserver_option
+@security_options
+def wait_command(name: str, timeout: int | None, imageserver: str, security: Security) -> None:
+    """Wait until image NAME exists (e.g. while a build uploads it): exit 0 once it does,
+    1 when --timeout passes first, 3 when the image server cannot be reached.
+
+    It follows the image server's stream of changes: no polling.
+    """
+    check_image_name(name)
+    with ImageServerClient(imageserver, security) as client:
+        if not client.wait_for_image(name, timeout):
+            raise NotFoundError(f"timed out after {timeout} s: image {name} does not exist")
+    click.echo(f"image {name} exists")
+
+
+@image.command(name="latest")
+@click.argument("prefix")
+@json_option
+@imageserver_option
+@security_options
+def latest_command(prefix: str, as_json: bool, imageserver: str, security: Security) -> None:
+    """Print the name of the newest image whose name starts with PREFIX (by creation
+    time; of those created in the same second, the last by name). Exit 1 when none does.
+
+    For example: dominator mdb set web-1 --required-image "$(dominator image latest web/)"
+    """
+    with ImageServerClient(imageserver, security) as client:
+        images = client.list_images(prefix)
+    if not images:
+        raise NotFoundError(f"no image name starts with {prefix!r}")
+    newest = max(images, key=lambda info: (info.created_unix, info.name))
+    if as_json:
+        echo_json(summary_json(newest))
+    else:
+        click.echo(newest.name)
+
+
+def utc(unix: int) -> str:
+    """A point in time as a UTC date and time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
+
+
+@image.command(name="set-expiry")
+@click.argument("name")
+@click.argument("when", metavar="DURATION|never")
+@json_option
+@imageserver_option
+@security_options
+def set_expiry_command(name: str, when: str, as_json: bool, imageserver: str,
+                       security: Security) -> None:
+    """Make image NAME expire DURATION from now (90, 30m, 12h, 7d, ...) or never.
+
+    The image server deletes an image once it expires (see `image add --expires-in`);
+    the change goes to its audit log. Exit 1 when there is no such image.
+    """
+    check_image_name(name)
+    expires = 0 if when.strip().lower() == NEVER else int(time.time()) + parse_duration(when)
+    with ImageServerClient(imageserver, security) as client:
+        reply = client.set_expiry(name, expires)
+    if as_json:
+        echo_json({**summary_json(reply.image),
+                   "previous_expires_unix": reply.previous_expires_unix})
+    elif reply.image.expires_unix:
+        click.echo(f"image {name} now expires {ago(reply.image.expires_unix)} "
+                   f"({utc(reply.image.expires_unix)})")
+    else:
+        click.echo(f"image {name} now never expires")
+
+
+@image.command(name="filter")
+@click.argument("name")
+@json_option
+@imageserver_option
+@security_options
+def filter_command(name: str, as_json: bool, imageserver: str, security: Security) -> None:
+    """Print the filter of image NAME, one regex per line, as `image add --filter FILE`
+    reads it.
+
+    A sparse image has no filter (it never deletes; `image add --sparse` makes one):
+    that is said on stderr and the exit code is 1, so that `image filter A > f && image
+    add B DIR --filter f` never turns a sparse image into one that owns every path.
+    """
+    check_image_name(name)
+    with ImageServerClient(imageserver, security) as client:
+        img = client.get_image(name)
+    lines = filter_lines(img)
+    if as_json:
+        echo_json({"name": name, "sparse": lines is None, "filter": lines})
+    elif lines is None:
+        click.echo(f"image {name} is sparse: it has no filter (add one like it with --sparse)",
+                   err=True)
+    else:
+        for line in lines:
+            click.echo(line)
+    sys.exit(EXIT_NEGATIVE if lines is None else EXIT_OK)
+
+
+@image.command(name="triggers")
+@click.argument("name")
+@json_option
+@imageserver_option
+@security_options
+def triggers_command(name: str, as_json: bool, imageserver: str, security: Security) -> None:
+    """Print the triggers of image NAME as Dominator's triggers JSON, as `image add
+    --triggers FILE` reads it ([] when it has none). With --json: {"name", "triggers"}."""
+    check_image_name(name)
+    with ImageServerClient(imageserver, security) as client:
+        img = client.get_image(name)
+    triggers = [t.to_json() for t in img.triggers]
+    echo_json({"name": name, "triggers": triggers} if as_json else triggers)
 
 
 @image.command(name="get")
@@ -193,11 +537,62 @@ def get_command(name: str, directory: Path, imageserver: str, security: Security
 
 @image.command(name="delete")
 @click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Delete even while hosts require or plan the image: the dominator is not "
+                   "asked.")
+@json_option
 @imageserver_option
+@dominator_option
 @security_options
-def delete_command(name: str, imageserver: str, security: Security) -> None:
-    """Delete image NAME; objects no other image uses are freed."""
+def delete_command(name: str, force: bool, as_json: bool, imageserver: str, dominator: str,
+                   security: Security) -> None:
+    """Delete image NAME; objects no other image uses are freed.
+
+    The dominator is asked first (the image server does not know the MDB): while hosts
+    require or plan the image the delete is refused (exit 4) naming them, and when the
+    dominator cannot be reached it is refused too (exit 3). --force deletes without
+    asking.
+    """
+    check_image_name(name)
     with ImageServerClient(imageserver, security) as client:
+        if not force:
+            if not client.image_exists(name):
+                raise NotFoundError(f"unknown image {name}")
+            check_unused(name, dominator, security)
         reply = client.delete_image(name)
+    if as_json:
+        echo_json({"name": name, "objects_freed": reply.objects_freed,
+                   "bytes_freed": reply.bytes_freed})
+        return
     click.echo(f"deleted image {name}, freed {reply.objects_freed} objects "
                f"({format_bytes(reply.bytes_freed)})")
+
+
+def some(names: list[str]) -> str:
+    """Up to HOSTS_NAMED names, then how many more."""
+    shown = ", ".join(names[:HOSTS_NAMED])
+    return shown + (f" and {len(names) - HOSTS_NAMED} more" if len(names) > HOSTS_NAMED else "")
+
+
+def check_unused(name: str, dominator: str, security: Security) -> None:
+    """Refuse (PreconditionError) when MDB hosts require or plan image NAME; refuse too,
+    as the failure's kind, when the dominator cannot say."""
+    # Imported here: the dominator's client loads SQLAlchemy (seconds), which no other
+    # image command needs.
+    from dominator.client import DominatorClient
+
+    try:
+        with DominatorClient(dominator, security) as client:
+            records = client.list_machines()
+    except grpc.RpcError as err:
+        kind = {EXIT_UNAVAILABLE: UnavailableError,
+                EXIT_REFUSED: PreconditionError}.get(rpc_exit_code(err), FleetError)
+        raise kind(f"not deleting image {name}: cannot ask the dominator at {dominator} which "
+                   f"hosts use it ({describe_rpc_error(err)}); --force deletes without "
+                   "asking") from None
+    uses = [(what, sorted(str(r.get("Hostname")) for r in records if r.get(key) == name))
+            for what, key in (("required", "RequiredImage"), ("planned", "PlannedImage"))]
+    named = [f"{what} by {some(hosts)}" for what, hosts in uses if hosts]
+    if named:
+        raise PreconditionError(f"not deleting image {name}: it is {' and '.join(named)}; "
+                                "change their MDB records first, or --force deletes it anyway")

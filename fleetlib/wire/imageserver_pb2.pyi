@@ -140,3 +140,19 @@ class ImageEvent(_message.Message):
     kind: ImageEvent.Kind
     name: str
     def __init__(self, kind: _Optional[_Union[ImageEvent.Kind, str]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class SetImageExpiryRequest(_message.Message):
+    __slots__ = ("name", "expires_unix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expires_unix: int
+    def __init__(self, name: _Optional[str] = ..., expires_unix: _Optional[int] = ...) -> None: ...
+
+class SetImageExpiryResponse(_message.Message):
+    __slots__ = ("image", "previous_expires_unix")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    image: ImageSummary
+    previous_expires_unix: int
+    def __init__(self, image: _Optional[_Union[ImageSummary, _Mapping]] = ..., previous_expires_unix: _Optional[int] = ...) -> None: ...

@@ -71,6 +71,11 @@ class ImageServerStub:
                 request_serializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.SetImageExpiry = channel.unary_unary(
+                '/fleet.ImageServer/SetImageExpiry',
+                request_serializer=fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServerServicer:
@@ -119,6 +124,12 @@ class ImageServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetImageExpiry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +167,11 @@ def add_ImageServerServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.FromString,
                     response_serializer=fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'SetImageExpiry': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetImageExpiry,
+                    request_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +363,33 @@ class ImageServer:
             '/fleet.ImageServer/ListAudit',
             fleetlib_dot_wire_dot_audit__pb2.ListAuditRequest.SerializeToString,
             fleetlib_dot_wire_dot_audit__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetImageExpiry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.ImageServer/SetImageExpiry',
+            fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryRequest.SerializeToString,
+            fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -143,13 +143,14 @@ def test_delete_frees_only_unshared_objects(tmp_path: Path, cli_env: dict[str, s
     (source / "etc/only-in-two").write_bytes(os.urandom(5000))
     cli("image", "add", "two", str(source), env=cli_env, check=True)
     _, before = stored_state(imageserver)
-    out = cli("image", "delete", "two", env=cli_env, check=True).stdout
+    out = cli("image", "delete", "two", "--force", env=cli_env, check=True).stdout  # no MDB
     assert "freed 1 objects" in out
     _, after = stored_state(imageserver)
     assert len(after) == len(before) - 1
     dest = tmp_path / "dest"
     cli("image", "get", "one", str(dest), env=cli_env, check=True)
-    assert_one_line_error(cli("image", "delete", "two", env=cli_env), "unknown image two")
+    assert_one_line_error(cli("image", "delete", "two", "--force", env=cli_env),
+                          "unknown image two", code=1)
 
 
 def _tarball(path: Path, members: list[tuple[str, bytes | None, str | None]]) -> Path:
@@ -195,7 +196,8 @@ def test_bad_input_is_refused_in_one_line(tmp_path: Path, cli_env: dict[str, str
     assert_one_line_error(cli("image", "add", "../x", str(good), env=cli_env),
                           "invalid image name")
     assert_one_line_error(cli("image", "add", "good", str(good), env=cli_env), "already exists")
-    assert_one_line_error(cli("image", "show", "missing", env=cli_env), "unknown image")
+    assert_one_line_error(cli("image", "show", "missing", env=cli_env), "unknown image",
+                          code=1)
     assert_one_line_error(cli("image", "get", "good", str(good), env=cli_env), "not empty")
     assert_one_line_error(cli("image", "add", "x", str(tmp_path / "nowhere"), env=cli_env))
     no_identity = {**cli_env, "DOMINATOR_TLS_DIR": ""}
