@@ -14,8 +14,29 @@ from fleetlib.audit import AuditEntry
 from fleetlib.rpc.ports import DOMINATOR_PORT
 from fleetlib.rpc.tls import Security, open_channel, parse_address
 from fleetlib.wire import audit_pb2, dominator_pb2, dominator_pb2_grpc
+from mdb.machine import PAUSE_KEY
 
 DEFAULT_PORT = DOMINATOR_PORT
+
+
+def pause_json(pause: dominator_pb2.HostPause) -> dict[str, Any]:
+    """A host's pause as plain data (snake_case, times as *_unix)."""
+    return {"by": pause.by, "reason": pause.reason, "since_unix": pause.since_unix,
+            "until_unix": pause.until_unix}
+
+
+def add_pause(record: dict[str, Any], reply: dominator_pb2.MachinesJson) -> None:
+    """Put the reply's pause of the record's host (or None) under "pause"."""
+    pause = reply.pauses.get(record["Hostname"])
+    record[PAUSE_KEY] = None if pause is None else pause_json(pause)
+
+
+def one_record(reply: dominator_pb2.MachinesJson, with_pause: bool) -> dict[str, Any]:
+    """The one record a reply carries, with its pause when asked."""
+    record: dict[str, Any] = json.loads(reply.json)
+    if with_pause:
+        add_pause(record, reply)
+    return record
 
 
 class DominatorClient:
@@ -55,10 +76,12 @@ class DominatorClient:
             dominator_pb2.GetFleetStatusRequest(), timeout=timeout)
         return reply
 
-    def disable_updates(self, reason: str) -> dominator_pb2.FleetStatus:
-        """Stop every update fleet-wide."""
+    def disable_updates(self, reason: str, expires_in_seconds: int = 0
+                        ) -> dominator_pb2.FleetStatus:
+        """Stop every update fleet-wide, until enabled again or, when given, for that long."""
         reply: dominator_pb2.FleetStatus = self.stub.DisableUpdates(
-            dominator_pb2.DisableUpdatesRequest(reason=reason))
+            dominator_pb2.DisableUpdatesRequest(reason=reason,
+                                                expires_in_seconds=expires_in_seconds))
         return reply
 
     def enable_updates(self) -> dominator_pb2.FleetStatus:
@@ -86,20 +109,31 @@ class DominatorClient:
         """Converge the host now: each step until it is done."""
         yield from self.stub.FastUpdate(dominator_pb2.HostRequest(hostname=hostname))
 
-    # The MDB.
+    # The MDB. Records are Dominator's JSON; `with_pause` adds the key "pause": the
+    # dominator's own pause of the host ({"by", "reason", "since_unix", "until_unix"})
+    # or None. It is not an MDB field: `mdb import` refuses it.
 
-    def get_machine(self, hostname: str) -> dict[str, Any]:
+    def get_machine(self, hostname: str, with_pause: bool = False) -> dict[str, Any]:
         """One host's record."""
-        reply = self.stub.GetMachine(dominator_pb2.HostRequest(hostname=hostname))
-        record: dict[str, Any] = json.loads(reply.json)
-        return record
+        return one_record(self.stub.GetMachine(dominator_pb2.HostRequest(hostname=hostname)),
+                          with_pause)
 
-    def set_machine(self, hostname: str, patch: dict[str, Any]) -> dict[str, Any]:
-        """Create the host or change the fields of `patch`: its record after."""
-        reply = self.stub.SetMachine(dominator_pb2.SetMachineRequest(
-            hostname=hostname, patch_json=json.dumps(patch)))
-        record: dict[str, Any] = json.loads(reply.json)
-        return record
+    def set_machine(self, hostname: str, patch: dict[str, Any], force: bool = False,
+                    pause: dominator_pb2.PauseSpec | None = None, resume: bool = False,
+                    with_pause: bool = False) -> dict[str, Any]:
+        """Change the fields of `patch` (an unknown host is added only when the patch
+        sets IpAddress); images the image server lacks are refused unless `force`.
+        `pause` also holds the host's updates in the dominator's state (an MDB import
+        never lifts it); `resume` lifts that pause and the MDB's DisableUpdates.
+        The host's record after."""
+        return one_record(self.stub.SetMachine(dominator_pb2.SetMachineRequest(
+            hostname=hostname, patch_json=json.dumps(patch), force=force, pause=pause,
+            resume=resume)), with_pause)
+
+    def delete_machine(self, hostname: str) -> dict[str, Any]:
+        """Remove the host's record (a pause of it stays): the record removed."""
+        return one_record(self.stub.DeleteMachine(dominator_pb2.HostRequest(
+            hostname=hostname)), False)
 
     def export_machines(self) -> str:
         """Every record, as Dominator's JSON array (text)."""
@@ -107,15 +141,22 @@ class DominatorClient:
             dominator_pb2.ListMachinesRequest())
         return reply.json
 
-    def list_machines(self) -> list[dict[str, Any]]:
+    def list_machines(self, with_pause: bool = False) -> list[dict[str, Any]]:
         """Every record."""
-        records: list[dict[str, Any]] = json.loads(self.export_machines())
+        reply: dominator_pb2.MachinesJson = self.stub.ListMachines(
+            dominator_pb2.ListMachinesRequest())
+        records: list[dict[str, Any]] = json.loads(reply.json)
+        if with_pause:
+            for record in records:
+                add_pause(record, reply)
         return records
 
-    def import_machines(self, text: str, replace: bool) -> tuple[int, int, int]:
-        """Load Dominator's JSON array in one transaction: (added, changed, removed)."""
+    def import_machines(self, text: str, replace: bool, force: bool = False
+                        ) -> tuple[int, int, int]:
+        """Load Dominator's JSON array in one transaction: (added, changed, removed).
+        Images the image server lacks refuse the whole file unless `force`."""
         reply = self.stub.ImportMachines(dominator_pb2.ImportMachinesRequest(
-            json=text, replace=replace))
+            json=text, replace=replace, force=force))
         return reply.added, reply.changed, reply.removed
 
     # The audit log and the HTTP API's tokens.

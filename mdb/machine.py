@@ -54,6 +54,8 @@ FIELDS: tuple[tuple[str, str, type], ...] = (
     ("tags", "Tags", Mapping),
 )
 JSON_KEYS = frozenset(key for _, key, _ in FIELDS)
+IMAGE_FIELDS = (("RequiredImage", "required_image"), ("PlannedImage", "planned_image"))
+PAUSE_KEY = "pause"  # what `mdb get` / `mdb list --json` add beside an MDB record
 TYPE_NAMES: dict[type, str] = {str: "a string", bool: "true or false", Mapping: "an object"}
 
 
@@ -164,8 +166,10 @@ class Machine:
                              f"got {describe_type(obj)}")
         unknown = sorted(set(obj) - JSON_KEYS)
         if unknown:
+            hint = ("; the dominator's pause is not an MDB field (`mdb list --json` shows "
+                    "it): import what `mdb export` writes") if unknown[0] == PAUSE_KEY else ""
             raise FleetError(f"{where}: unknown field {unknown[0]!r} "
-                             f"(known: {', '.join(key for _, key, _ in FIELDS)})")
+                             f"(known: {', '.join(key for _, key, _ in FIELDS)}){hint}")
         if "Hostname" not in obj:
             raise FleetError(f"{where}: Hostname is missing")
         try:

@@ -130,6 +130,11 @@ class Mdb:
             return None if row is None else _machine(row)
         return self._read(query)
 
+    def hostnames(self) -> list[str]:
+        """Every hostname, valid row or not, sorted (one column: cheap on a large MDB)."""
+        return sorted(self._read(lambda session: list(session.scalars(
+            sa.select(MachineRow.hostname)))))
+
     def set(self, machine: Machine) -> None:
         """Add the machine, or replace what the MDB says about it."""
         def change(session: Session) -> tuple[None, bool]:

@@ -15,7 +15,7 @@ from dominator.deploy.model import DeploySpec
 from dominator.herd.state import Disabled
 from dominator.herd.status import Status, SubReport
 from fleetlib.cli.display import ago, echo_json, echo_table, table
-from fleetlib.cli.options import security_options
+from fleetlib.cli.options import Duration, security_options
 from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
 from fleetlib.errors import NotFoundError
 from fleetlib.rpc.tls import Security
@@ -221,12 +221,17 @@ def show_command(host: str, as_json: bool, dominator: str, security: Security) -
 
 @fleet.command(name="disable-updates")
 @click.option("--reason", required=True, help="Why (shown to every operator).")
+@click.option("--expires-in", type=Duration(), metavar="DURATION",
+              help="Updates come back on their own after DURATION: 90, 30m, 12h, 7d "
+              "(default: until enable-updates).")
 @dominator_option
 @security_options
-def disable_command(reason: str, dominator: str, security: Security) -> None:
+def disable_command(reason: str, expires_in: int | None, dominator: str,
+                    security: Security) -> None:
     """Stop every update fleet-wide (persists across dominator restarts)."""
-    reply = DominatorClient(dominator, security).disable_updates(reason)
-    click.echo(f"updates disabled by {reply.disabled_by}: {reply.disabled_reason}")
+    reply = DominatorClient(dominator, security).disable_updates(reason, expires_in or 0)
+    until = f" until {when(reply.disabled_until_unix)}" if reply.disabled_until_unix else ""
+    click.echo(f"updates disabled by {reply.disabled_by}{until}: {reply.disabled_reason}")
 
 
 @fleet.command(name="enable-updates")

@@ -32,8 +32,9 @@ from dominator.herd.convergence import PlanSummary, objects_to_fetch, plan_updat
 from dominator.herd.images import ImageCache
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
-from dominator.herd.state import DominatorState
+from dominator.herd.state import Disabled, DominatorState
 from dominator.herd.status import Status, disruption_denied
+from fleetlib.audit import format_time
 from fleetlib.errors import FleetError, NotFoundError
 from fleetlib.fstree.diff import too_many_deletes
 from fleetlib.fstree.hashing import hash_bytes
@@ -154,6 +155,12 @@ def high_impact(plan: UpdatePlan) -> list[str]:
     old and new image's triggers); subd refuses them unless disruption is permitted."""
     return plan_actions(plan.old_triggers, plan.triggers,
                         [entry.path for entry in plan.diff.entries]).high_impact
+
+
+def describe_pause(held: Disabled) -> str:
+    """'by WHO: WHY (until WHEN)' of a switch that holds updates (fleet-wide or one host)."""
+    until = f" (until {format_time(held.until_unix * 10**9)})" if held.until_unix else ""
+    return f"by {held.by}: {held.reason or 'no reason given'}{until}"
 
 
 def rendered_versions(computed: dict[str, bytes]) -> dict[str, tuple[bytes, int]]:
@@ -449,12 +456,9 @@ class Herd:
             if verdict.intrusion:
                 await asyncio.to_thread(self.state.report_intrusion, hostname,
                                         verdict.intrusion)
-        disabled = await asyncio.to_thread(self.state.updates_disabled)
-        if disabled is not None:
-            sub.set_status(Status.UPDATES_DISABLED, f"fleet-wide: {disabled.reason}")
-            return
-        if machine.disable_updates:
-            sub.set_status(Status.UPDATES_DISABLED, "disabled for this host in the MDB")
+        held = self.held(machine)
+        if held:
+            sub.set_status(Status.UPDATES_DISABLED, held)
             return
         cleared = await asyncio.to_thread(self.state.safety_cleared, hostname)
         if too_many_deletes(plan.diff, planned.sub_inodes) and not cleared:
@@ -564,13 +568,11 @@ class Herd:
                                        old, False, False, computed)
         summary = summarize(plan, tree)
         stop = ""
-        disabled = await asyncio.to_thread(self.state.updates_disabled)
+        held = self.held(machine)
         if not plan.diff:
             pass
-        elif disabled is not None:
-            stop = f"{Status.UPDATES_DISABLED.value}: fleet-wide: {disabled.reason}"
-        elif machine.disable_updates:
-            stop = f"{Status.UPDATES_DISABLED.value}: disabled for this host in the MDB"
+        elif held:
+            stop = f"{Status.UPDATES_DISABLED.value}: {held}"
         elif summary.unsafe and not await asyncio.to_thread(self.state.safety_cleared,
                                                             hostname):
             stop = (f"{Status.UNSAFE.value}: it would delete more than half the host's "
@@ -582,6 +584,21 @@ class Herd:
             stop = (f"{Status.NO_SPACE.value}: needs {summary.bytes_to_write} bytes, "
                     f"{status.free_bytes} free")
         return plan, summary, stop
+
+    def held(self, machine: Machine) -> str:
+        """Why updates of the host are held ("" when they are not): the fleet-wide
+        switch, the host's own pause (the dominator's state: an MDB import never lifts
+        it) or the MDB's DisableUpdates. From memory: no I/O."""
+        disabled = self.state.updates_disabled()
+        if disabled is not None:
+            return f"fleet-wide, {describe_pause(disabled)}"
+        paused = self.state.host_paused(machine.hostname)
+        if paused is not None:
+            return (f"paused for this host {describe_pause(paused)}; `dominator mdb set "
+                    f"{machine.hostname} --enable-updates` resumes it")
+        if machine.disable_updates:
+            return "disabled for this host in the MDB"
+        return ""
 
     def find(self, hostname: str) -> Sub:
         """The sub of that name; NotFoundError when the MDB has no such host."""

@@ -8,20 +8,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
 
-from dominator.herd.herd import Herd, Sub
-from dominator.herd.state import DominatorState
+from dominator.herd.herd import Herd, Sub, describe_pause
+from dominator.herd.state import Disabled, DominatorState
 from dominator.herd.status import Status, SubReport
 from dominator.herd.tokens import ApiTokens
-from fleetlib.audit import AuditLog, caller
+from fleetlib.audit import AuditLog, caller, format_time
 from fleetlib.errors import FleetError, NotFoundError
 from fleetlib.rpc.status import abort
+from fleetlib.suggest import close_matches, did_you_mean
 from fleetlib.wire import audit_pb2, dominator_pb2, dominator_pb2_grpc
-from mdb.machine import Machine, parse_machines_json
+from mdb.machine import IMAGE_FIELDS, Machine, parse_machines_json
 from mdb.store import Mdb
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,47 @@ FINAL = {Status.SYNCED, Status.INTRUSION, Status.UNSAFE, Status.FAILED, Status.N
          Status.UNREACHABLE, Status.MISSING_COMPUTED, Status.IMAGE_NOT_READY,
          Status.UPDATES_DISABLED, Status.NO_IMAGE, Status.DISRUPTION_DENIED}
 FAST_UPDATE_TIMEOUT = 600.0
+MAX_PAUSE_SECONDS = 10 * 366 * 86400  # an expiry further away is surely a mistake
+HOSTS_NAMED = 3  # hosts an unknown-image refusal names for each image
+
+
+def pause_to_wire(paused: Disabled) -> dominator_pb2.HostPause:
+    """The wire view of a host's pause."""
+    return dominator_pb2.HostPause(by=paused.by, reason=paused.reason, since_unix=paused.unix,
+                                   until_unix=paused.until_unix)
+
+
+def unknown_images_message(unknown: dict[str, list[str]], uses: dict[str, list[str]]) -> str:
+    """One line refusing images the image server lacks: each with where it would be
+    set (`uses`: 'RequiredImage of host-1', ...) and the similar names it holds."""
+    parts = []
+    for name, similar in sorted(unknown.items()):
+        where = uses[name]
+        named = ", ".join(where[:HOSTS_NAMED]) + (
+            f" and {len(where) - HOSTS_NAMED} more" if len(where) > HOSTS_NAMED else "")
+        parts.append(f"{name} ({named}{did_you_mean(similar)})")
+    what = "unknown image" if len(parts) == 1 else f"{len(parts)} unknown images"
+    return (f"{what}: {', '.join(parts)}: the image server holds no such image; nothing "
+            "changed: add the image first, or use --force to set it anyway")
+
+
+def until_unix(expires_in_seconds: int) -> int:
+    """When a switch that expires in that many seconds runs out (0: never, for 0);
+    FleetError for an expiry so far away it is surely a mistake."""
+    if expires_in_seconds > MAX_PAUSE_SECONDS:
+        raise FleetError(f"an expiry {expires_in_seconds} s away is over 10 years away: "
+                         "leave it out for a switch that holds until lifted")
+    return int(time.time()) + expires_in_seconds if expires_in_seconds else 0
+
+
+def forced(force: bool) -> dict[str, bool]:
+    """The audit detail of a write made with --force (none without: the usual case)."""
+    return {"force": True} if force else {}
+
+
+def until_text(until: int) -> str:
+    """' until 2026-12-01T18:00:00Z' for an audit summary ('' for no expiry)."""
+    return f" until {format_time(until * 10**9)}" if until else ""
 
 
 def sub_info(sub: Sub, state: DominatorState) -> dominator_pb2.SubInfo:
@@ -89,17 +132,23 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         if disabled is not None:
             reply.disabled_by, reply.disabled_reason = disabled.by, disabled.reason
             reply.disabled_unix = disabled.unix
+            reply.disabled_until_unix = disabled.until_unix
         return reply
 
     async def DisableUpdates(self, request: dominator_pb2.DisableUpdatesRequest,
                             context: Context) -> dominator_pb2.FleetStatus:
         if not request.reason.strip():
             await abort(context, FleetError("give a reason for disabling updates"))
+        try:
+            until = until_unix(request.expires_in_seconds)
+        except FleetError as err:
+            await abort(context, err)
         by, reason = caller(context), request.reason.strip()
-        await asyncio.to_thread(self.state.disable_updates, by, reason)
-        log.warning("updates disabled fleet-wide by %s: %s", by, reason)
+        disabled = await asyncio.to_thread(self.state.disable_updates, by, reason, until)
+        log.warning("updates disabled fleet-wide %s", describe_pause(disabled))
         await self._record(context, "updates.disable",
-                           f"disabled updates fleet-wide: {reason}", reason=reason)
+                           f"disabled updates fleet-wide{until_text(until)}: {reason}",
+                           reason=reason, **({"until_unix": until} if until else {}))
         return await self._fleet_status()
 
     async def EnableUpdates(self, request: dominator_pb2.EnableUpdatesRequest,
@@ -174,59 +223,160 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
         finally:
             sub.listeners.remove(listener)
 
-    # The MDB.
+    # The MDB. Writes that name an unknown host as their target are bad input
+    # (INVALID_ARGUMENT, naming close hostnames); reads and deletes answer NOT_FOUND.
+
+    async def _unknown_host(self, hostname: str, hint: str = "") -> str:
+        """'unknown host NAME; did you mean ...?' over every hostname of the MDB."""
+        hostnames = await asyncio.to_thread(self.mdb.hostnames)
+        return (f"unknown host {hostname}{did_you_mean(close_matches(hostname, hostnames))}"
+                + (f"; {hint}" if hint else ""))
+
+    def _view(self, machines: list[Machine], one: bool = False) -> dominator_pb2.MachinesJson:
+        """Records in Dominator's JSON (one object, or an array), with the pauses the
+        dominator holds for those hosts beside them (never inside: the JSON stays
+        what `mdb import` reads)."""
+        records = [machine.to_json() for machine in machines]
+        pauses = {machine.hostname: pause_to_wire(paused) for machine in machines
+                  if (paused := self.state.host_paused(machine.hostname)) is not None}
+        return dominator_pb2.MachinesJson(
+            json=json.dumps(records[0]) if one else json.dumps(records, indent=2),
+            pauses=pauses)
+
+    async def _check_images(self, changes: list[tuple[Machine, Machine | None]]) -> None:
+        """Refuse (FleetError naming similar images) images the image server does not
+        hold among those the changes (new machine, its record before or None) put
+        into the MDB; a name a host's field already holds is not checked again, so an
+        unrelated write is never refused for an image deleted since. UnavailableError
+        when the image server cannot answer."""
+        uses: dict[str, list[str]] = {}
+        for machine, before in changes:
+            for key, attribute in IMAGE_FIELDS:
+                name = getattr(machine, attribute)
+                if name and (before is None or getattr(before, attribute) != name):
+                    uses.setdefault(name, []).append(f"{key} of {machine.hostname}")
+        unknown = await asyncio.to_thread(self.herd.images.unknown, uses) if uses else {}
+        if unknown:
+            raise FleetError(unknown_images_message(unknown, uses))
 
     async def GetMachine(self, request: dominator_pb2.HostRequest,
                         context: Context) -> dominator_pb2.MachinesJson:
-        machine = await asyncio.to_thread(self.mdb.get, request.hostname)
-        if machine is None:
-            await abort(context, NotFoundError(f"unknown host {request.hostname}"))
-        return dominator_pb2.MachinesJson(json=json.dumps(machine.to_json()))
+        try:
+            machine = await asyncio.to_thread(self.mdb.get, request.hostname)
+            if machine is None:
+                raise NotFoundError(await self._unknown_host(request.hostname))
+        except FleetError as err:
+            await abort(context, err)
+        return self._view([machine], one=True)
 
     async def SetMachine(self, request: dominator_pb2.SetMachineRequest,
                         context: Context) -> dominator_pb2.MachinesJson:
+        hostname, pausing, by = request.hostname, request.HasField("pause"), caller(context)
+        reason = " ".join(request.pause.reason.split())  # one line, in every status message
         try:
+            if pausing and request.resume:
+                raise FleetError("pause the host's updates or resume them, not both")
             patch = json.loads(request.patch_json or "{}")
             if not isinstance(patch, dict):
                 raise FleetError("the patch must be a JSON object")
-            current = await asyncio.to_thread(self.mdb.get, request.hostname)
-            record = current.to_json() if current is not None else {
-                "Hostname": request.hostname}
-            machine = Machine.from_json({**record, **patch, "Hostname": request.hostname},
-                                        request.hostname)
+            current = await asyncio.to_thread(self.mdb.get, hostname)
+            if current is None and not patch.get("IpAddress"):
+                raise FleetError(await self._unknown_host(
+                    hostname, "to add a new host give its address (IpAddress, "
+                    "`mdb set --address`)"))
+            fields = {**(current.to_json() if current is not None else {}), **patch,
+                      "Hostname": hostname}
+            if request.resume:
+                fields["DisableUpdates"] = False
+            machine = Machine.from_json(fields, hostname)
+            until = until_unix(request.pause.expires_in_seconds) if pausing else 0
+            if not request.force:
+                await self._check_images([(machine, current)])
+            if pausing:  # before the MDB write: the herd never follows it unpaused
+                paused = await asyncio.to_thread(self.state.pause_host, hostname, by, reason,
+                                                 until)
             await asyncio.to_thread(self.mdb.set, machine)
+            resumed = self.state.host(hostname).paused if request.resume else None
+            if resumed is not None:  # after the MDB write: it may have failed
+                await asyncio.to_thread(self.state.resume_host, hostname)
         except json.JSONDecodeError as err:
             await abort(context, FleetError(f"malformed patch JSON: {err}"))
         except FleetError as err:
             await abort(context, err)
-        verb = "changed" if current is not None else "added"
-        await self._record(context, "mdb.set", f"MDB: {verb} {request.hostname}: "
-                           + ", ".join(f"{key}={json.dumps(value)}"
-                                       for key, value in sorted(patch.items())),
-                           host=request.hostname, fields=patch, new=current is None)
-        return dominator_pb2.MachinesJson(json=json.dumps(machine.to_json()))
+        if patch:
+            verb = "changed" if current is not None else "added"
+            await self._record(context, "mdb.set", f"MDB: {verb} {hostname}: "
+                               + ", ".join(f"{key}={json.dumps(value)}"
+                                           for key, value in sorted(patch.items()))
+                               + (" (images unchecked: --force)" if request.force else ""),
+                               host=hostname, fields=patch, new=current is None,
+                               **forced(request.force))
+        if pausing:
+            log.warning("%s: updates paused %s", hostname, describe_pause(paused))
+            await self._record(context, "host.pause", f"paused updates of {hostname}"
+                               f"{until_text(until)}: {reason or '(no reason given)'}",
+                               host=hostname, reason=reason, until_unix=until)
+        cleared_mdb = current is not None and current.disable_updates and request.resume
+        if resumed is not None or cleared_mdb:
+            log.warning("%s: updates resumed by %s", hostname, by)
+            await self._record(context, "host.resume", f"resumed updates of {hostname}"
+                               + (f" (paused by {resumed.by})" if resumed is not None else "")
+                               + (" and cleared its MDB DisableUpdates" if cleared_mdb else ""),
+                               host=hostname, was_paused=resumed is not None,
+                               cleared_mdb=cleared_mdb)
+        if pausing or request.resume:  # its status says so at once
+            sub = self.herd.subs.get(hostname)
+            if sub is not None:
+                sub.wake.set()
+        return self._view([machine], one=True)
 
     async def ListMachines(self, request: dominator_pb2.ListMachinesRequest,
                           context: Context) -> dominator_pb2.MachinesJson:
-        machines = await asyncio.to_thread(self.mdb.export_machines)
-        return dominator_pb2.MachinesJson(json=json.dumps([m.to_json() for m in machines],
-                                                          indent=2))
+        try:
+            machines = await asyncio.to_thread(self.mdb.export_machines)
+        except FleetError as err:
+            await abort(context, err)
+        return self._view(machines)
 
     async def ImportMachines(self, request: dominator_pb2.ImportMachinesRequest,
                             context: Context) -> dominator_pb2.ImportMachinesResponse:
         try:
             machines = parse_machines_json(request.json, "import")
+            if not request.force:
+                valid, _ = await asyncio.to_thread(self.mdb.load)
+                before = {machine.hostname: machine for machine in valid}
+                await self._check_images([(machine, before.get(machine.hostname))
+                                          for machine in machines])
             added, changed, removed = await asyncio.to_thread(
                 self.mdb.import_machines, machines, request.replace)
         except FleetError as err:
             await abort(context, err)
         await self._record(context, "mdb.import",
                            f"MDB import{' (replace)' if request.replace else ''}: {added} "
-                           f"added, {changed} changed, {removed} removed",
+                           f"added, {changed} changed, {removed} removed"
+                           + (" (images unchecked: --force)" if request.force else ""),
                            hosts=len(machines), added=added, changed=changed, removed=removed,
-                           replace=request.replace)
+                           replace=request.replace, **forced(request.force))
         return dominator_pb2.ImportMachinesResponse(added=added, changed=changed,
                                                     removed=removed)
+
+    async def DeleteMachine(self, request: dominator_pb2.HostRequest,
+                            context: Context) -> dominator_pb2.MachinesJson:
+        hostname = request.hostname
+        try:
+            try:
+                machine = await asyncio.to_thread(self.mdb.get, hostname)
+            except FleetError:  # an invalid row: deleting it is how one gets rid of it
+                machine = None
+            await asyncio.to_thread(self.mdb.delete, hostname)
+        except NotFoundError:
+            await abort(context, NotFoundError(await self._unknown_host(hostname)))
+        except FleetError as err:
+            await abort(context, err)
+        record = machine.to_json() if machine is not None else {"Hostname": hostname}
+        await self._record(context, "mdb.delete", f"MDB: deleted {hostname}", host=hostname,
+                           record=record)
+        return dominator_pb2.MachinesJson(json=json.dumps(record))
 
     # The audit log and the HTTP API's tokens.
 

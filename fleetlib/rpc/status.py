@@ -13,6 +13,7 @@ from fleetlib.errors import (
     NoSpaceError,
     NotFoundError,
     PreconditionError,
+    UnavailableError,
 )
 from fleetlib.fstree.listing import quote
 
@@ -27,6 +28,8 @@ def status_for(err: FleetError) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, PreconditionError):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(err, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
