@@ -9,9 +9,11 @@ the process that got it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from fleetlib.cli.display import ago
 from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import Filter
 from fleetlib.wire import subd_pb2
@@ -58,15 +60,30 @@ KNOWN_KEYS = (*SETTINGS, EXCLUSIONS)
 EXCLUSIONS_MEANING = "path regexes subd does not scan (each --set adds one; replaces the list)"
 
 
+MAX_BOOST_SECONDS = 7 * 86400
+
+
 def check_configuration(config: subd_pb2.Configuration) -> None:
-    """FleetError for a value out of range or a bad exclusion regex (0 or an empty
-    list: unchanged, so always fine)."""
+    """FleetError for a value out of range, a bad exclusion regex or a boost of more
+    than MAX_BOOST_SECONDS (0 or an empty list: unchanged, so always fine)."""
     for key, setting in SETTINGS.items():
         value = getattr(config, key)
         if value:
             setting.check(value)
     if config.scan_exclusions:
         Filter.from_lines(list(config.scan_exclusions), EXCLUSIONS)
+    if config.for_seconds > MAX_BOOST_SECONDS:
+        raise FleetError(f"a boost lasts at most {MAX_BOOST_SECONDS // 86400} days, not "
+                         f"{config.for_seconds} s")
+
+
+def requested(config: subd_pb2.Configuration) -> dict[str, Any]:
+    """The settings a SetConfiguration request changes, by key, with their new values."""
+    values: dict[str, Any] = {key: getattr(config, key) for key in SETTINGS
+                              if getattr(config, key)}
+    if config.scan_exclusions:
+        values[EXCLUSIONS] = list(config.scan_exclusions)
+    return values
 
 
 def parse_assignments(assignments: list[str] | tuple[str, ...]) -> subd_pb2.Configuration:
@@ -100,6 +117,8 @@ def configuration_json(config: subd_pb2.Configuration) -> dict[str, Any]:
     """A configuration as plain data (snake_case keys, the Configuration fields)."""
     data: dict[str, Any] = {key: getattr(config, key) for key in SETTINGS}
     data[EXCLUSIONS] = list(config.scan_exclusions)
+    data["restore_unix"] = config.restore_unix
+    data["restore_keys"] = list(config.restore_keys)
     return data
 
 
@@ -114,4 +133,8 @@ def describe(config: subd_pb2.Configuration) -> list[str]:
     lines.append(f"{EXCLUSIONS:<{width}}  {len(config.scan_exclusions):<12}  "
                  f"{EXCLUSIONS_MEANING}")
     lines += [f"  {regex}" for regex in config.scan_exclusions]
+    if config.restore_unix:
+        when = time.strftime("%H:%M:%S", time.localtime(config.restore_unix))
+        lines.append(f"boost: {', '.join(config.restore_keys)} back to the values before "
+                     f"it at {when} ({ago(config.restore_unix)})")
     return lines

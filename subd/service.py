@@ -28,7 +28,12 @@ from fleetlib.rpc.status import abort
 from fleetlib.wire import subd_pb2, subd_pb2_grpc, tree_pb2
 from fleetlib.wire.codec import tree_to_proto
 from subd.changes import UpdatePlan, plan_from_proto
-from subd.configuration import check_configuration, configuration_json
+from subd.configuration import (
+    EXCLUSIONS,
+    check_configuration,
+    configuration_json,
+    requested,
+)
 from subd.fetcher import Fetcher, free_bytes
 from subd.scanner import Scanner
 from subd.state import SubdState, UpdateOutcome
@@ -77,6 +82,8 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         self._encoded: tuple[int, bytes] | None = None  # (generation, serialized tree)
         self._cached: tuple[int, int] | None = None  # (generation, objects in the cache)
         self._pinned: tuple[tuple[int, int], int] | None = None  # ((generation, pins), count)
+        # A boost's end: (timer, settings to restore by key, when in Unix time).
+        self._restore: tuple[asyncio.TimerHandle, dict[str, Any], float] | None = None
 
     def status(self) -> subd_pb2.SubStatus:
         """Everything Poll always reports."""
@@ -247,25 +254,80 @@ class SubdService(subd_pb2_grpc.SubdServicer):
     async def SetConfiguration(self, request: subd_pb2.Configuration,
                                context: grpc.aio.ServicerContext) -> subd_pb2.Configuration:
         """Change what the request sets (0 or an empty list: unchanged), all or nothing;
-        INVALID_ARGUMENT for a value out of range. Lasts until subd restarts."""
+        INVALID_ARGUMENT for a value out of range. With for_seconds, a boost: the old
+        values come back after that long. Lasts until subd restarts."""
         try:
             check_configuration(request)
-            changes: dict[str, Any] = {key: getattr(request, key) for key in SCAN_SETTINGS
-                                       if getattr(request, key)}
-            if request.scan_exclusions:
-                changes["exclusions"] = list(request.scan_exclusions)
-            self.scanner.reconfigure(dataclasses.replace(self.scanner.config, **changes))
+            values = requested(request)
+            previous = {key: value for key, value in self._settings().items()
+                        if key in values}
+            self._use_settings(values)
         except FleetError as err:
             await abort(context, err)
-        if request.network_speed_percent:
-            self.fetcher.network_speed_percent = request.network_speed_percent
-        log.info("configuration changed: %s", configuration_json(self._configuration()))
+        self._plan_restore(values, previous, request.for_seconds)
+        log.info("configuration changed%s: %s",
+                 f" for {request.for_seconds} s" if request.for_seconds else "",
+                 configuration_json(self._configuration()))
         return self._configuration()
+
+    def _settings(self) -> dict[str, Any]:
+        """Every setting's current value, by Configuration key."""
+        config = self.scanner.config
+        values: dict[str, Any] = {key: getattr(config, key) for key in SCAN_SETTINGS}
+        values["network_speed_percent"] = self.fetcher.network_speed_percent
+        values[EXCLUSIONS] = list(config.exclusions)
+        return values
+
+    def _use_settings(self, values: dict[str, Any]) -> None:
+        """Use these settings (by Configuration key) from now on; FleetError when the
+        scanner refuses them (nothing changes then)."""
+        scan = {key: value for key, value in values.items() if key in SCAN_SETTINGS}
+        if EXCLUSIONS in values:
+            scan["exclusions"] = values[EXCLUSIONS]
+        self.scanner.reconfigure(dataclasses.replace(self.scanner.config, **scan))
+        if "network_speed_percent" in values:
+            self.fetcher.network_speed_percent = values["network_speed_percent"]
+
+    def _plan_restore(self, values: dict[str, Any], previous: dict[str, Any],
+                      seconds: int) -> None:
+        """After a change: a boost adds what it changed to the settings to restore (a
+        boost on a boost keeps the first values) and sets when; a lasting change is the
+        new value to keep, so it is no longer restored."""
+        restore: dict[str, Any] = {}
+        until = 0.0
+        if self._restore is not None:
+            handle, restore, until = self._restore
+            handle.cancel()
+            self._restore = None
+        if seconds:
+            restore = {**previous, **restore}
+            until = time.time() + seconds
+        else:
+            restore = {key: value for key, value in restore.items() if key not in values}
+        if restore:
+            handle = asyncio.get_running_loop().call_later(max(0.0, until - time.time()),
+                                                           self._end_boost)
+            self._restore = (handle, restore, until)
+
+    def _end_boost(self) -> None:
+        if self._restore is None:
+            return
+        _, values, _ = self._restore
+        self._restore = None
+        try:
+            self._use_settings(values)
+        except FleetError as err:  # they were in use before the boost: cannot happen
+            log.error("cannot restore the settings a boost changed: %s", err)
+            return
+        log.info("boost over: restored %s", values)
 
     def _configuration(self) -> subd_pb2.Configuration:
         config = self.scanner.config
+        restore = self._restore
         return subd_pb2.Configuration(
             scan_speed_percent=int(config.scan_speed_percent), cpu_percent=int(config.cpu_percent),
             network_speed_percent=int(self.fetcher.network_speed_percent),
             scan_exclusions=config.exclusions,
-            verify_period_seconds=int(config.verify_period_seconds))
+            verify_period_seconds=int(config.verify_period_seconds),
+            restore_unix=int(restore[2]) if restore else 0,
+            restore_keys=sorted(restore[1]) if restore else [])

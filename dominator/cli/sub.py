@@ -35,8 +35,8 @@ from dominator.herd.convergence import (
     unreachable_for,
 )
 from fleetlib.cli.display import echo_json, format_bytes, progress_bar
-from fleetlib.cli.endpoints import check_not_url, origin_of, remember
-from fleetlib.cli.options import security_options
+from fleetlib.cli.endpoints import check_not_url, explain, origin_of, remember
+from fleetlib.cli.options import Duration, security_options
 from fleetlib.cli.run import EXIT_REFUSED, EXIT_UNAVAILABLE, rpc_exit_code
 from fleetlib.errors import (
     FleetError,
@@ -57,6 +57,7 @@ from subd.client import SubClient
 from subd.configuration import (
     EXCLUSIONS,
     SETTINGS,
+    check_configuration,
     configuration_json,
     describe,
     parse_assignments,
@@ -118,8 +119,8 @@ def from_mdb(host: SubHost, name: str, port: int, security: Security) -> str:
                              f"({asked})") from None
         kind = {EXIT_UNAVAILABLE: UnavailableError,
                 EXIT_REFUSED: PreconditionError}.get(rpc_exit_code(err), FleetError)
-        raise kind(f"{name} does not resolve, and its MDB record could not be read "
-                   f"({asked}): {describe_rpc_error(err)}") from None
+        why = explain(err) or f"{asked}: {describe_rpc_error(err)}"
+        raise kind(f"{name} does not resolve, and the MDB could not be asked: {why}") from None
     address = record.get("IpAddress") or ""
     if not isinstance(address, str) or not address:
         raise FleetError(f"{name} does not resolve and its MDB record has no IpAddress "
@@ -468,13 +469,21 @@ SET_HELP = ("Change a setting, KEY=VALUE, repeatable: " + ", ".join(
 @sub.command(name="config")
 @host_argument
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--for", "for_seconds", type=Duration(), metavar="DURATION",
+              help="With --set: a boost, undone after DURATION (90, 30m, 12h, up to 7d).")
 @json_option
 @security_options
-def config_command(host: SubHost, assignments: tuple[str, ...], as_json: bool,
-                   security: Security) -> None:
+def config_command(host: SubHost, assignments: tuple[str, ...], for_seconds: int | None,
+                   as_json: bool, security: Security) -> None:
     """Show HOST's scan, CPU and network limits and scan exclusions, or change them
-    with --set (the reference's get-config / set-config)."""
+    with --set, for a while with --for (the reference's get-config, set-config and
+    boost commands)."""
+    if for_seconds is not None and not assignments:
+        raise click.UsageError("--for needs --set KEY=VALUE: what to boost")
     changes = parse_assignments(assignments) if assignments else None
+    if changes is not None and for_seconds is not None:
+        changes.for_seconds = for_seconds
+        check_configuration(changes)
     with connect(host, security) as client:
         config = client.get_configuration() if changes is None \
             else client.set_configuration(changes)
@@ -483,6 +492,6 @@ def config_command(host: SubHost, assignments: tuple[str, ...], as_json: bool,
     else:
         for line in describe(config):
             click.echo(line)
-    if changes is not None:
+    if changes is not None and not changes.for_seconds:
         click.echo(f"changed on {client.address} until subd restarts (its flags are the "
                    "defaults)", err=True)

@@ -203,18 +203,24 @@ class GetFilesResponse(_message.Message):
     def __init__(self, path: _Optional[bytes] = ..., data: _Optional[bytes] = ..., missing: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class Configuration(_message.Message):
-    __slots__ = ("scan_speed_percent", "cpu_percent", "network_speed_percent", "scan_exclusions", "verify_period_seconds")
+    __slots__ = ("scan_speed_percent", "cpu_percent", "network_speed_percent", "scan_exclusions", "verify_period_seconds", "for_seconds", "restore_unix", "restore_keys")
     SCAN_SPEED_PERCENT_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     NETWORK_SPEED_PERCENT_FIELD_NUMBER: _ClassVar[int]
     SCAN_EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_KEYS_FIELD_NUMBER: _ClassVar[int]
     scan_speed_percent: int
     cpu_percent: int
     network_speed_percent: int
     scan_exclusions: _containers.RepeatedScalarFieldContainer[str]
     verify_period_seconds: int
-    def __init__(self, scan_speed_percent: _Optional[int] = ..., cpu_percent: _Optional[int] = ..., network_speed_percent: _Optional[int] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., verify_period_seconds: _Optional[int] = ...) -> None: ...
+    for_seconds: int
+    restore_unix: int
+    restore_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, scan_speed_percent: _Optional[int] = ..., cpu_percent: _Optional[int] = ..., network_speed_percent: _Optional[int] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., verify_period_seconds: _Optional[int] = ..., for_seconds: _Optional[int] = ..., restore_unix: _Optional[int] = ..., restore_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetConfigurationRequest(_message.Message):
     __slots__ = ()

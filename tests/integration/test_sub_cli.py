@@ -140,6 +140,23 @@ def test_config_shows_and_sets_limits_checked_on_both_sides(
     host.start()
     assert config() == before
 
+    boosted = cli("sub", "config", host.address, "--set", "scan_speed_percent=100", "--set",
+                  "cpu_percent=90", "--for", "5", "--json", env=cli_env)  # the reference's boosts
+    assert boosted.returncode == 0, boosted.stderr
+    during = json.loads(boosted.stdout)
+    assert during["cpu_percent"] == 90 and during["scan_speed_percent"] == 100
+    assert during["restore_keys"] == ["cpu_percent", "scan_speed_percent"]
+    assert during["restore_unix"] > time.time() - 1
+    shown = cli("sub", "config", host.address, env=cli_env, check=True).stdout
+    assert "boost: cpu_percent, scan_speed_percent back to the values before it at" in shown \
+        or config() == before  # unless a slow machine took 5 s
+    wait_for(lambda: config() == before, "the boost ends: scan 0 (no limit), CPU 50 again",
+             timeout=30)
+    assert_one_line_error(cli("sub", "config", host.address, "--for", "1m", env=cli_env),
+                          "--for needs --set")
+    assert_one_line_error(cli("sub", "config", host.address, "--set", "cpu_percent=5",
+                              "--for", "8d", env=cli_env), "at most 7 days")
+
 
 def test_pins_expire() -> None:
     pins = Pins(seconds=0.2)
