@@ -141,17 +141,19 @@ def test_config_shows_and_sets_limits_checked_on_both_sides(
     assert config() == before
 
     boosted = cli("sub", "config", host.address, "--set", "scan_speed_percent=100", "--set",
-                  "cpu_percent=90", "--for", "5", "--json", env=cli_env)  # the reference's boosts
+                  "cpu_percent=90", "--for", "15", "--json", env=cli_env)  # the reference's boosts
     assert boosted.returncode == 0, boosted.stderr
     during = json.loads(boosted.stdout)
     assert during["cpu_percent"] == 90 and during["scan_speed_percent"] == 100
     assert during["restore_keys"] == ["cpu_percent", "scan_speed_percent"]
-    assert during["restore_unix"] > time.time() - 1
+    assert during["restore_unix"] > time.time()
     shown = cli("sub", "config", host.address, env=cli_env, check=True).stdout
-    assert "boost: cpu_percent, scan_speed_percent back to the values before it at" in shown \
-        or config() == before  # unless a slow machine took 5 s
-    wait_for(lambda: config() == before, "the boost ends: scan 0 (no limit), CPU 50 again",
-             timeout=30)
+    assert "boost: cpu_percent, scan_speed_percent back to the values before it at" in shown
+    kept = json.loads(cli("sub", "config", host.address, "--set", "cpu_percent=30", "--json",
+                          env=cli_env, check=True).stdout)  # a lasting change in a boost
+    assert kept["restore_keys"] == ["scan_speed_percent"] and kept["cpu_percent"] == 30
+    wait_for(lambda: config() == {**before, "cpu_percent": 30},
+             "the boost ends: scan 0 (no limit) again, the lasting CPU 30 kept", timeout=60)
     assert_one_line_error(cli("sub", "config", host.address, "--for", "1m", env=cli_env),
                           "--for needs --set")
     assert_one_line_error(cli("sub", "config", host.address, "--set", "cpu_percent=5",
