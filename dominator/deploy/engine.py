@@ -92,9 +92,10 @@ class DeployEngine:
 
     # Requests.
 
-    async def submit(self, request: dict[str, Any], key: str | None) -> tuple[Deploy, bool]:
-        """Start a deploy (or a dry run): (the deploy, whether it is new). With an
-        idempotency key already used, the deploy made for it."""
+    async def submit(self, request: dict[str, Any], key: str | None,
+                     by: str = "") -> tuple[Deploy, bool]:
+        """Start a deploy (or a dry run) for `by` (who asks): (the deploy, whether it
+        is new). With an idempotency key already used, the deploy made for it."""
         async with self._submit:
             if key:
                 existing = await self._stored(lambda: self.store.by_key(key))
@@ -109,7 +110,7 @@ class DeployEngine:
             hosts = await self._select(spec)
             await self._check_capacity(spec, hosts)
             deploy = Deploy(secrets.token_hex(8), key or None, request,
-                            waves=[], hosts={})
+                            waves=[], hosts={}, started_by=by)
             for index, (wave_spec, target, implied) in enumerate(
                     wave_targets(list(spec.waves), len(hosts)), 1):
                 done = sum(len(w.hosts) for w in deploy.waves)
@@ -135,9 +136,10 @@ class DeployEngine:
             raise UnknownDeploy(f"no deploy {deploy_id!r}")
         return deploy
 
-    async def newest(self, limit: int, status: str | None = None) -> list[Deploy]:
-        """Deploys, newest first (optionally of one status)."""
-        deploys = await self._stored(lambda: self.store.newest(limit, status))
+    async def newest(self, limit: int, status: str | None = None,
+                     dry_run: bool | None = None) -> list[Deploy]:
+        """Deploys, newest first (optionally of one status, only dry runs or none)."""
+        deploys = await self._stored(lambda: self.store.newest(limit, status, dry_run))
         return [self._running.get(deploy.id, deploy) for deploy in deploys]
 
     def get(self, deploy_id: str) -> Deploy | None:

@@ -178,6 +178,15 @@ class DeployRequest(Strict):
         DEFAULT_WAVE_TIMEOUT, gt=0, le=7 * 86400,
         description="How long a host of a wave may take to be synced before it counts as "
                     "failed (time while updates are disabled fleet-wide does not count).")
+    allow_disruption: bool = Field(
+        False, strict=True,
+        description="Each host the deploy updates may run HighImpact triggers (reboots, "
+                    "...): the deploy allows it once, just before it updates the host.")
+    max_disruptions: int | None = Field(
+        None, ge=1, strict=True,
+        description="With allowDisruption: at most this many hosts of a wave are being "
+                    "updated (so possibly disrupted) at a time; the others of the wave wait "
+                    "until one is synced. Absent: no limit.")
 
     @field_validator("image")
     @classmethod
@@ -195,9 +204,20 @@ class DeployRequest(Strict):
         except DeployError as err:
             raise ValueError(str(err)) from None
 
+    @model_validator(mode="after")
+    def disruptions_need_allowance(self) -> DeployRequest:
+        if self.max_disruptions is not None and not self.allow_disruption:
+            raise ValueError("maxDisruptions needs allowDisruption: true")
+        return self
+
     def to_json(self) -> dict[str, Any]:
-        """The request as stored with its deploy (camelCase, defaults filled in)."""
-        return self.model_dump(by_alias=True, exclude_none=True)
+        """The request as stored with its deploy (camelCase, defaults filled in; no
+        allowDisruption when false, so a request stored before it existed still
+        matches its replay under the same Idempotency-Key)."""
+        stored = self.model_dump(by_alias=True, exclude_none=True)
+        if not self.allow_disruption:
+            del stored["allowDisruption"]
+        return stored
 
 
 class CancelRequest(Strict):
@@ -218,6 +238,8 @@ class DeploySpec:
     dry_run: bool = False
     health: HealthCheck | None = None
     wave_timeout: float = DEFAULT_WAVE_TIMEOUT
+    allow_disruption: bool = False
+    max_disruptions: int | None = None  # hosts of a wave in flight at once (None: all)
 
     @classmethod
     def from_request(cls, request: Mapping[str, Any],
@@ -240,7 +262,7 @@ class DeploySpec:
         return cls(body.image, body.select.model_dump(by_alias=True, exclude_none=True),
                    tuple(str(wave) for wave in body.waves), body.max_failures, body.dry_run,
                    body.health_check.gate() if body.health_check else None,
-                   body.wave_timeout_seconds)
+                   body.wave_timeout_seconds, body.allow_disruption, body.max_disruptions)
 
     def selects(self, machine: Machine) -> bool:
         """Whether the selector takes this machine (by tags or all; hosts are by name)."""
@@ -265,6 +287,7 @@ class HostProgress:
     started_unix: float = 0.0
     finished_unix: float = 0.0
     plan: dict[str, Any] | None = None  # dry run
+    disruption_granted: bool = False   # holds a HighImpact allowance the deploy gave it
 
     def __post_init__(self) -> None:
         self.state = HostState(self.state)
@@ -301,6 +324,7 @@ class Deploy:
     wave: int = 0                      # index of the wave in progress
     ending: str = ""                   # status once the rollback is done
     cancel: dict[str, Any] | None = None
+    started_by: str = ""               # who asked for it (`token:NAME`; "" before it was kept)
     created_unix: float = field(default_factory=time.time)
     updated_unix: float = field(default_factory=time.time)
 

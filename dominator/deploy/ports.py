@@ -18,13 +18,16 @@ from subd.changes import UpdatePlan
 
 
 class HerdPort(Protocol):
-    """The herd: the subs it runs, and what converging one would change."""
+    """The herd: the subs it runs, what converging one would change, and the
+    once-only permission for a host's next update to run HighImpact triggers."""
 
     @property
     def subs(self) -> Mapping[str, Sub]: ...
 
     async def plan_for(self, hostname: str, image_name: str
                        ) -> tuple[UpdatePlan, PlanSummary, str]: ...
+
+    def allow_disruption(self, hostname: str) -> None: ...
 
 
 class StatePort(Protocol):
@@ -37,6 +40,8 @@ class StatePort(Protocol):
     def updates_disabled(self) -> Disabled | None: ...
 
     def host(self, hostname: str) -> HostRecord: ...
+
+    def consume_disruption(self, hostname: str) -> None: ...
 
 
 class MdbPort(Protocol):

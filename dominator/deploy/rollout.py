@@ -3,8 +3,11 @@ until the herd has them synced on it, runs the health gate on each, and only the
 lets the next wave start. More failed hosts than `maxFailures` stop the deploy:
 every host it touched gets its previous required image back, and it ends TERMINAL.
 A cancel lets the hosts in flight finish and leaves the rest untouched (or rolls
-back, if asked). A dry run plans every selected host with the herd's own planning
-and changes nothing."""
+back, if asked). With `allowDisruption` the deploy lets each host's update run
+HighImpact triggers, granting the once-only allowance just before it sets the
+host's image (and taking back one the update left unused); `maxDisruptions` keeps
+at most that many hosts of a wave updating at a time. A dry run plans every
+selected host with the herd's own planning and changes nothing."""
 
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ log = logging.getLogger(__name__)
 SYNCED = {Status.SYNCED, Status.INTRUSION}
 # Herd verdicts that fail a host (when it gives them twice for the deploy's image:
 # the first may be the end of a cycle that began before the MDB changed).
-FAILING = {Status.UNSAFE, Status.FAILED, Status.MISSING_COMPUTED, Status.NO_SPACE}
+FAILING = {Status.UNSAFE, Status.FAILED, Status.MISSING_COMPUTED, Status.NO_SPACE,
+           Status.DISRUPTION_DENIED}
+DENIED = f"{Status.DISRUPTION_DENIED.value}: "  # a plan's stop: HighImpact, not allowed
 FAILURE_VERDICTS = 2
 
 
@@ -101,8 +106,10 @@ class Rollout:
                  deploy.progress())
 
     async def dry_run(self, deploy: Deploy) -> None:
-        """Plan every host of a dry run with the herd's planning; change nothing."""
+        """Plan every host of a dry run with the herd's planning; change nothing.
+        With allowDisruption, HighImpact triggers do not stop a host's plan."""
         image = deploy.request["image"]
+        allowed = deploy.spec.allow_disruption
 
         async def plan(name: str) -> None:
             host = deploy.hosts[name]
@@ -115,7 +122,10 @@ class Rollout:
                 except grpc.RpcError as err:
                     host.state, host.error = HostState.FAILED, describe_rpc_error(err)
                 else:
-                    host.state, host.plan = HostState.PLANNED, plan_view(*planned)
+                    plan, summary, stop = planned
+                    if allowed and stop.startswith(DENIED):  # the deploy would allow it
+                        stop = ""
+                    host.state, host.plan = HostState.PLANNED, plan_view(plan, summary, stop)
             host.finished_unix = time.time()
 
         for wave in deploy.waves:
@@ -141,6 +151,9 @@ class Rollout:
                 return
             wave = deploy.waves[deploy.wave]
             outcome = await self._run_wave(deploy, spec, wave)
+            if outcome == "canceled":
+                await self._stop_canceled(deploy)
+                return
             if outcome == "failed":
                 failed = [(h.finished_unix, n, h.error) for n, h in deploy.hosts.items()
                           if h.error]
@@ -172,6 +185,9 @@ class Rollout:
         return "; ".join(notes)
 
     async def _stop_canceled(self, deploy: Deploy) -> None:
+        within = (deploy.wave < len(deploy.waves)
+                  and deploy.waves[deploy.wave].state == WaveState.CANCELED)
+        where = (f"during wave {deploy.wave + 1}" if within else f"after wave {deploy.wave}")
         untouched = 0
         for wave in deploy.waves[deploy.wave:]:
             if wave.state == WaveState.PENDING:
@@ -182,7 +198,7 @@ class Rollout:
                     host.state = HostState.SKIPPED
                     untouched += 1
         await self.finish(deploy, DeployStatus.CANCELED,
-                           f"canceled after wave {deploy.wave} of {len(deploy.waves)}; "
+                           f"canceled {where} of {len(deploy.waves)}; "
                            f"{untouched} host(s) left untouched")
 
     async def _enter_rollback(self, deploy: Deploy, ending: DeployStatus, reason: str) -> None:
@@ -209,21 +225,25 @@ class Rollout:
         wake.clear()
 
     async def _run_wave(self, deploy: Deploy, spec: DeploySpec, wave: Wave) -> str:
-        """Converge and check one wave: "ok", "failed" (too many failures) or
-        "rollback" (canceled with rollback)."""
+        """Converge and check one wave: "ok", "failed" (too many failures),
+        "rollback" (canceled with rollback) or "canceled" (canceled while hosts of
+        the wave still waited for a disruption slot)."""
         if wave.state == WaveState.PENDING:
             wave.state, wave.started_unix = WaveState.RUNNING, time.time()
             await self.save(deploy)
         if wave.state != WaveState.RUNNING:
             return "ok"
-        await self._start_hosts(deploy, spec, wave.hosts)
-        deadlines = {name: time.monotonic() + spec.wave_timeout for name in wave.hosts}
+        await self._start_hosts(deploy, spec, wave.hosts, self._free_slots(deploy, spec, wave))
+        deadlines: dict[str, float] = {}
         watches: dict[str, HostWatch] = {}
         checks: dict[str, asyncio.Task[tuple[bool, str]]] = {}
         try:
             while True:
                 if deploy.cancel and deploy.cancel["rollback"]:
                     return "rollback"
+                for name in wave.hosts:
+                    if deploy.hosts[name].state == HostState.UPDATING:
+                        deadlines.setdefault(name, time.monotonic() + spec.wave_timeout)
                 changed = await self._judge(deploy, spec.image, wave.hosts, HostState.UPDATING,
                                             deadlines, watches, spec.wave_timeout,
                                             HostState.CHECKING if spec.health
@@ -248,11 +268,21 @@ class Rollout:
                 if deploy.failures() > spec.max_failures:
                     wave.finished_unix = time.time()
                     return "failed"
-                if all(deploy.hosts[name].state in (HostState.CONVERGED, HostState.FAILED)
-                       for name in wave.hosts):
+                states = [deploy.hosts[name].state for name in wave.hosts]
+                if all(state in (HostState.CONVERGED, HostState.FAILED) for state in states):
                     wave.state, wave.finished_unix = WaveState.SUCCEEDED, time.time()
                     await self.save(deploy)
                     return "ok"
+                if deploy.cancel and HostState.PENDING in states and not any(
+                        state in (HostState.UPDATING, HostState.CHECKING) for state in states):
+                    wave.state, wave.finished_unix = WaveState.CANCELED, time.time()
+                    return "canceled"
+                slots = self._free_slots(deploy, spec, wave)
+                if slots and not deploy.cancel and HostState.PENDING in states:
+                    await self._start_hosts(deploy, spec, [
+                        name for name in wave.hosts
+                        if deploy.hosts[name].state == HostState.PENDING][:slots])
+                    continue
                 if changed:
                     await self.save(deploy)
                 await self._sleep(deploy)
@@ -262,10 +292,49 @@ class Rollout:
             for watch in watches.values():
                 watch.close()
 
-    async def _start_hosts(self, deploy: Deploy, spec: DeploySpec, names: list[str]) -> None:
-        """Record each pending host's required image, then set the deploy's (and
-        set it again for hosts a crash may have caught in between)."""
-        pending = [name for name in names if deploy.hosts[name].state == HostState.PENDING]
+    @staticmethod
+    def _free_slots(deploy: Deploy, spec: DeploySpec, wave: Wave) -> int | None:
+        """How many more hosts of the wave may start now under maxDisruptions (a
+        host counts until it is synced); None: no limit."""
+        if spec.max_disruptions is None:
+            return None
+        updating = sum(1 for name in wave.hosts
+                       if deploy.hosts[name].state == HostState.UPDATING)
+        return max(0, spec.max_disruptions - updating)
+
+    async def _allow_disruption(self, deploy: Deploy, names: list[str]) -> None:
+        """Give each host its once-only HighImpact allowance (before its update)."""
+        def grant() -> None:
+            for name in names:
+                try:
+                    self.herd.allow_disruption(name)
+                except FleetError as err:
+                    log.warning("deploy %s: %s: cannot allow disruption: %s",
+                                deploy.id, name, err)
+                else:
+                    deploy.hosts[name].disruption_granted = True
+        if names:
+            await asyncio.to_thread(grant)
+
+    async def _withdraw_disruption(self, deploy: Deploy, name: str) -> None:
+        """Take back an allowance the deploy gave the host and its update left
+        unused (a host that needed no update, or failed)."""
+        host = deploy.hosts[name]
+        if host.disruption_granted:
+            host.disruption_granted = False
+            try:
+                await asyncio.to_thread(self.state.consume_disruption, name)
+            except FleetError as err:
+                log.warning("deploy %s: %s: cannot withdraw its disruption allowance: %s",
+                            deploy.id, name, err)
+
+    async def _start_hosts(self, deploy: Deploy, spec: DeploySpec, names: list[str],
+                           slots: int | None = None) -> None:
+        """Record the required image of each pending host (the first `slots` of
+        them; None: all), allow it to be disrupted if the deploy may, then set the
+        deploy's image (and set it again for hosts a crash caught in between)."""
+        pending = [name for name in names
+                   if deploy.hosts[name].state == HostState.PENDING][:slots]
         machines = await asyncio.to_thread(lambda: {name: self.mdb.get(name) for name in names})
         now = time.time()
         for name in pending:
@@ -280,6 +349,9 @@ class Rollout:
                 host.state, host.previous_image = HostState.UPDATING, machine.required_image
             if host.error:
                 host.finished_unix = now
+        if spec.allow_disruption:
+            await self._allow_disruption(deploy, [
+                name for name in pending if deploy.hosts[name].state == HostState.UPDATING])
         await self.save(deploy)
         writes = [name for name in names if deploy.hosts[name].state == HostState.UPDATING
                   and (machine := machines[name]) is not None
@@ -329,6 +401,7 @@ class Rollout:
                         host.state = next_state
                         if next_state != HostState.CHECKING:
                             host.finished_unix = time.time()
+                        await self._withdraw_disruption(deploy, name)
                         changed = True
                         continue
                 if watch.verdicts >= FAILURE_VERDICTS:
@@ -347,6 +420,7 @@ class Rollout:
                 else:
                     host.rollback = error
                 host.finished_unix = time.time()
+                await self._withdraw_disruption(deploy, name)
                 changed = True
         return changed
 
@@ -390,6 +464,10 @@ class Rollout:
                     host.rollback = "required image cleared (it had none); files left as they are"
                 else:
                     host.state = HostState.ROLLING_BACK
+            if spec.allow_disruption:
+                await self._allow_disruption(deploy, [
+                    name for name in targets
+                    if deploy.hosts[name].state == HostState.ROLLING_BACK])
             await self.save(deploy)
         waiting = [name for name, host in deploy.hosts.items()
                    if host.state == HostState.ROLLING_BACK]

@@ -99,11 +99,14 @@ class DeployStore:
         return self._load(sa.select(DeployRow).where(DeployRow.status == DeployStatus.RUNNING)
                           .order_by(DeployRow.created_unix))
 
-    def newest(self, limit: int, status: str | None = None) -> list[Deploy]:
-        """Deploys, newest first (optionally of one status)."""
+    def newest(self, limit: int, status: str | None = None,
+               dry_run: bool | None = None) -> list[Deploy]:
+        """Deploys, newest first (optionally of one status, only dry runs or none)."""
         query = sa.select(DeployRow)
         if status:
             query = query.where(DeployRow.status == status)
+        if dry_run is not None:
+            query = query.where(DeployRow.dry_run == int(dry_run))
         return self._load(query.order_by(DeployRow.created_unix.desc(), DeployRow.id.desc())
                           .limit(limit))
 

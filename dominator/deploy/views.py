@@ -11,6 +11,7 @@ from typing import Any
 from dominator.deploy.health import redact
 from dominator.deploy.model import Deploy, HostProgress
 from dominator.herd.convergence import PlanSummary
+from dominator.herd.herd import high_impact
 from fleetlib.fstree.diff import Change
 from subd.changes import UpdatePlan
 
@@ -25,7 +26,8 @@ def deploy_view(deploy: Deploy, status_url: str) -> dict[str, Any]:
         "dryRun": deploy.dry_run, "statusUrl": status_url,
         "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix,
         "idempotencyKey": deploy.idempotency_key, "cancel": deploy.cancel,
-        "request": deploy.request,
+        "request": deploy.request, "started_by": deploy.started_by,
+        **wave_position(deploy),
         "waves": [{"index": index, "spec": wave.spec, "implied": wave.implied,
                    "target": wave.target, "status": wave.state, "hosts": wave.hosts,
                    "startedUnix": wave.started_unix, "finishedUnix": wave.finished_unix}
@@ -46,13 +48,22 @@ def relative_view(deploy: Deploy) -> dict[str, Any]:
     return deploy_view(deploy, f"/v1/deploys/{deploy.id}")
 
 
+def wave_position(deploy: Deploy) -> dict[str, int]:
+    """`wave` (1-based: the one in progress, or the last one reached) of `wave_count`."""
+    return {"wave": min(deploy.wave + 1, len(deploy.waves)), "wave_count": len(deploy.waves)}
+
+
 def deploy_summary(deploy: Deploy, status_url: str) -> dict[str, Any]:
-    """One line of GET /v1/deploys, redacted."""
+    """One line of GET /v1/deploys, redacted: the API's camelCase keys, and the
+    CLI's snake_case spelling of each next to them."""
     summary: dict[str, Any] = redact({
         "id": deploy.id, "status": deploy.status, "progress": deploy.progress(),
         "percent": deploy.percent(), "reason": deploy.reason, "image": deploy.request["image"],
         "dryRun": deploy.dry_run, "hosts": len(deploy.hosts), "statusUrl": status_url,
-        "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix})
+        "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix,
+        "dry_run": deploy.dry_run, "status_url": status_url,
+        "created_unix": int(deploy.created_unix), "updated_unix": int(deploy.updated_unix),
+        "started_by": deploy.started_by, **wave_position(deploy)})
     return summary
 
 
@@ -74,8 +85,9 @@ def printable_path(path: str) -> str:
 
 
 def plan_view(plan: UpdatePlan, summary: PlanSummary, stop: str) -> dict[str, Any]:
-    """A dry run's answer for one host: counts, bytes, triggers, the paths, and
-    why the herd would stop the update ("" when it would go ahead)."""
+    """A dry run's answer for one host: counts, bytes, triggers (and which of them
+    are HighImpact: `disruptive`), the paths, and why the herd would stop the
+    update ("" when it would go ahead)."""
     kinds = {Change.ADD: "added", Change.REPLACE: "replaced", Change.METADATA: "metadata",
              Change.DELETE: "deleted"}
     paths: dict[str, list[str]] = {name: [] for name in kinds.values()}
@@ -84,10 +96,12 @@ def plan_view(plan: UpdatePlan, summary: PlanSummary, stop: str) -> dict[str, An
         if listed < MAX_PLAN_PATHS:
             paths[kinds[entry.change]].append(printable_path(entry.path))
             listed += 1
+    disruptive = sorted(high_impact(plan))
     return {"added": summary.added, "replaced": summary.replaced,
             "metadata": summary.metadata, "deleted": summary.deleted,
             "objectsToFetch": summary.objects_to_fetch, "bytesToFetch": summary.bytes_to_fetch,
             "bytesToWrite": summary.bytes_to_write, "triggers": summary.triggers,
             "unsafe": summary.unsafe, "wouldStop": stop,
+            "highImpact": disruptive, "disruptive": bool(disruptive),
             "changes": {**paths, "count": len(plan.diff.entries),
                         "truncated": len(plan.diff.entries) > listed}}

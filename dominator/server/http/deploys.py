@@ -106,7 +106,8 @@ async def start_deploy(
     host the deploy touched and end it TERMINAL. Follow it at `Location`."""
     key = idempotency_key.strip() if idempotency_key else None
     try:
-        deploy, new = await deploys.submit(body.to_json(), key)
+        deploy, new = await deploys.submit(body.to_json(), key,
+                                           getattr(request.state, "caller", ""))
     except DeployError as err:
         raise refused(err) from None
     if not new:
@@ -114,7 +115,9 @@ async def start_deploy(
     else:  # the audit entry names no health check settings: they may hold credentials
         await audit(request, "deploy.start", f"started {'a dry run' if body.dry_run else 'deploy'}"
                     f" {deploy.id} of {body.image}", deploy=deploy.id, image=body.image,
-                    dry_run=body.dry_run, waves=body.waves, max_failures=body.max_failures)
+                    dry_run=body.dry_run, waves=body.waves, max_failures=body.max_failures,
+                    allow_disruption=body.allow_disruption,
+                    max_disruptions=body.max_disruptions)
     return accepted(request, response, deploy)
 
 
@@ -124,9 +127,13 @@ async def list_deploys(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         status: Annotated[str | None, Query(
             pattern=f"^({'|'.join(STATUSES)})$")] = None,
+        dry_run: Annotated[bool | None, Query(
+            description="true: only dry runs; false: no dry runs; absent: both.")] = None,
 ) -> dict[str, Any]:
+    """`deploys`: each with its `status`, `progress`, `wave` of `waves`, who
+    started it (`started_by`) and when (`createdUnix`, also `created_unix`)."""
     try:
-        found = await deploys.newest(limit, status)
+        found = await deploys.newest(limit, status, dry_run)
     except DeployError as err:
         raise refused(err) from None
     return {"deploys": [deploy_summary(deploy, status_url(request, deploy.id)) for deploy in found]}
