@@ -290,10 +290,11 @@ def wait_for(api: DeployApi, deploy_id: str) -> dict[str, Any]:
 @deploy.command(name="start")
 @rollout_options
 @click.option("--max-disruptions", type=click.IntRange(1), metavar="N",
-              help="With --allow-disruption: at most N hosts of a wave are being updated "
-                   "(so possibly disrupted) at a time; the others of the wave wait until one "
-                   "is synced (then passes to its health check). A rollback is not limited. "
-                   "Default: no limit.")
+              help="With --allow-disruption: at most N hosts of a wave are updating (so "
+                   "possibly disrupted) at once. A host counts from when the deploy sets its "
+                   "image until it is synced (its health check does not count); the wave's "
+                   "other hosts wait for a free slot. A rollback is not limited. Default: "
+                   "no limit.")
 @click.option("--waves", help="Comma-separated wave sizes, e.g. `1,10%,50%,100%`.")
 @click.option("--max-failures", default=0, show_default=True, type=click.IntRange(0),
               help="Hosts that may fail before the deploy stops and rolls back.")

@@ -165,6 +165,10 @@ def test_disruptive_deploys_from_plan_to_list(make_fleet: Callable[..., DeployFl
                           "nothing to cancel", code=4)
     assert_one_line_error(deploy_cli(fleet, "start", "nope", "--select", "all"),
                           "HTTP 400", "unknown image", code=2)
+    fleet.run("fleet", "disable-updates", "--reason", "freeze")
+    assert_one_line_error(deploy_cli(fleet, "start", "k", "--select", "all"), "HTTP 503",
+                          "freeze", "try again", code=3)
+    fleet.run("fleet", "enable-updates")
 
     # A deploy resumed after a restart keeps its settings: back to v2, whose deleted
     # /boot fires k's HighImpact trigger, one host at a time, the dominator killed mid-wave.
@@ -176,6 +180,9 @@ def test_disruptive_deploys_from_plan_to_list(make_fleet: Callable[..., DeployFl
     fleet.wait_until(deploy_id, lambda s: any(h["status"] in ("checking", "succeeded")
                                               for h in s["hosts"].values()),
                      "a first host is synced")
+    running = deploy_cli(fleet, "status", deploy_id)
+    assert running.returncode == 0, running  # still running is not a failure, and says so
+    assert "RUNNING (still running)" in running.stdout or "SUCCEEDED" in running.stdout
     fleet.dominator.kill()
     fleet.dominator.start()
     fleet.wait_http()
