@@ -238,6 +238,12 @@ def host_counts(state: dict[str, Any], names: list[str] | None = None) -> dict[s
     return counts
 
 
+def done_in(state: dict[str, Any], names: list[str]) -> int:
+    """How many of these hosts are done (converged, failed, rolled back, skipped)."""
+    counts = host_counts(state, names)
+    return sum(counts.get(status, 0) for status in DONE_HOSTS)
+
+
 def change_line(state: dict[str, Any]) -> str:
     """One line for a log: the wave, the status, the progress and the host counts."""
     waves = state.get("waves") or []
@@ -263,15 +269,16 @@ def wait_for(api: DeployApi, deploy_id: str) -> dict[str, Any]:
             if tty and waves:
                 members = waves[current].get("hosts", [])
                 if current != wave_shown:
-                    if bar is not None:
+                    if bar is not None:  # the wave it showed, as it ended
+                        bar.pos = done_in(state, waves[wave_shown].get("hosts", []))
+                        bar.render_progress()
                         bar.render_finish()
                     bar = click.progressbar(length=max(len(members), 1),
                                             label=f"wave {current + 1}/{len(waves)}",
                                             file=sys.stderr)
                     wave_shown = current
                 assert bar is not None
-                counts = host_counts(state, members)
-                bar.pos = sum(counts.get(s, 0) for s in DONE_HOSTS)
+                bar.pos = done_in(state, members)
                 bar.render_progress()
             elif not tty:
                 now = (state["status"], current, sorted(host_counts(state).items()),
