@@ -300,7 +300,8 @@ def cat_command(name: str, path: str, imageserver: str, security: Security) -> N
 @image.command(name="diff")
 @click.argument("first")
 @click.argument("second")
-@click.option("--path", help="Compare only this file's content: a unified diff (`diff -u`).")
+@click.option("--path", metavar="PATH",
+              help="Compare only this file's content: a unified diff (`diff -u`).")
 @imageserver_option
 @security_options
 def diff_command(first: str, second: str, path: str | None, imageserver: str,
@@ -447,8 +448,8 @@ def set_expiry_command(name: str, when: str, as_json: bool, imageserver: str,
                        security: Security) -> None:
     """Make image NAME expire DURATION from now (90, 30m, 12h, 7d, ...) or never.
 
-    The image server deletes an image once it expires (see `image add --expires-in`);
-    the change goes to its audit log. Exit 1 when there is no such image.
+    The image server deletes an image once it expires, as after `image add
+    --expires-in`; the change goes to its audit log. Exit 1 when there is no such image.
     """
     check_image_name(name)
     expires = 0 if when.strip().lower() == NEVER else int(time.time()) + parse_duration(when)
