@@ -27,6 +27,7 @@ import grpc
 
 from dominator.cli.options import dominator_option, imageserver_option, json_option
 from fleetlib.cli.display import ago, echo_json, echo_table, format_bytes, progress_bar
+from fleetlib.cli.endpoints import explain
 from fleetlib.cli.options import Duration, parse_duration, security_options
 from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, rpc_exit_code
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError, UnavailableError
@@ -588,8 +589,9 @@ def check_unused(name: str, dominator: str, security: Security) -> None:
     except grpc.RpcError as err:
         kind = {EXIT_UNAVAILABLE: UnavailableError,
                 EXIT_REFUSED: PreconditionError}.get(rpc_exit_code(err), FleetError)
-        raise kind(f"not deleting image {name}: cannot ask the dominator at {dominator} which "
-                   f"hosts use it ({describe_rpc_error(err)}); --force deletes without "
+        why = explain(err) or f"cannot ask the dominator at {dominator} which hosts use it " \
+            f"({describe_rpc_error(err)})"
+        raise kind(f"not deleting image {name} unchecked: {why}; --force deletes without "
                    "asking") from None
     uses = [(what, sorted(str(r.get("Hostname")) for r in records if r.get(key) == name))
             for what, key in (("required", "RequiredImage"), ("planned", "PlannedImage"))]

@@ -333,7 +333,8 @@ def test_delete_refuses_images_hosts_use(tmp_path: Path, ca: Path, imageserver: 
                               code=1)
         fleet.dominator.stop()
         unreachable = cli("image", "delete", "v1", env=fleet.env)
-        assert_one_line_error(unreachable, "cannot ask the dominator", "--force", code=3)
+        assert_one_line_error(unreachable, "not deleting image v1 unchecked",
+                              fleet.dominator.address, "--force", code=3)
         forced = json.loads(fleet.run("image", "delete", "v1", "--force", "--json"))
         assert forced == {"name": "v1", "objects_freed": 1, "bytes_freed": 2}
     finally:
