@@ -22,6 +22,7 @@ import httpx
 from click.core import ParameterSource
 
 from dominator.cli.options import json_option
+from dominator.herd.status import Status
 from fleetlib.cli.display import ago, echo_json, echo_table, format_bytes
 from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError, UnavailableError
@@ -341,8 +342,9 @@ def plan_rows(hosts: dict[str, Any]) -> list[list[object]]:
     for name, detail in sorted(hosts.items()):
         plan = detail.get("plan")
         if plan is None:
-            rows.append([name, "no", "-", "-", "-", "-", "-", "-",
-                         detail.get("error") or detail.get("status", "")])
+            error = detail.get("error") or detail.get("status", "")
+            reached = "no" if error.startswith(Status.UNREACHABLE.value) else "-"
+            rows.append([name, reached, "-", "-", "-", "-", "-", "-", f"cannot plan: {error}"])
             continue
         rows.append([name, "yes", plan["added"], plan["replaced"] + plan["metadata"],
                      plan["deleted"], format_bytes(plan["bytesToFetch"]),

@@ -212,7 +212,7 @@ def test_disruptive_deploys_from_plan_to_list(make_fleet: Callable[..., DeployFl
     plan = deploy_cli(fleet, "plan", "v2", "--select", "all", "--allow-disruption")
     assert plan.returncode == 3, plan
     row = next(line for line in plan.stdout.splitlines() if line.startswith("host-3"))
-    assert row.split()[1] == "no" and "unreachable" in row
+    assert row.split()[1] == "no" and "cannot plan: unreachable" in row
 
 
 def test_deploys_stored_before_disruption_settings_load(tmp_path: Path) -> None:
