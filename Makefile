@@ -16,8 +16,11 @@ install: $(BIN)/python
 quickstart: install
 	$(BIN)/dominator quickstart
 
+# Two workers (pytest-xdist), one test file each at a time: a file's module fixtures are
+# built once. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Style and types: ruff, then mypy (its files and settings are in pyproject.toml).
 lint: install
