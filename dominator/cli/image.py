@@ -124,15 +124,16 @@ def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
 @security_options
 def list_command(prefix: str, as_json: bool, imageserver: str, security: Security) -> None:
     """List images on the image server, by name: when each was created, when it expires
-    ('-': never), its inodes and bytes."""
+    ('-': never), its inodes and bytes. Nothing at all when there are none."""
     with ImageServerClient(imageserver, security) as client:
         images = client.list_images(prefix)
     if as_json:
         echo_json([summary_json(info) for info in images])
         return
-    echo_table(["name", "created", "expires", "inodes", "size"],
-               [[info.name, ago(info.created_unix), ago(info.expires_unix), info.inodes,
-                 format_bytes(info.total_bytes)] for info in images])
+    if images:
+        echo_table(["name", "created", "expires", "inodes", "size"],
+                   [[info.name, ago(info.created_unix), ago(info.expires_unix), info.inodes,
+                     format_bytes(info.total_bytes)] for info in images])
 
 
 def summary_json(info: imageserver_pb2.ImageSummary) -> dict[str, Any]:
