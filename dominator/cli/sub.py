@@ -309,7 +309,8 @@ def fetch_command(host: SubHost, image_name: str, imageserver: str, security: Se
         status, _ = client.poll(short=True)
     click.echo(f"fetched: {status.fetch.objects_done} objects "
                f"({format_bytes(status.fetch.bytes_done)}, "
-               f"{format_bytes(status.fetch.bytes_copied_locally)} copied from local files)")
+               f"{format_bytes(status.fetch.bytes_copied_locally)} copied from local files); "
+               f"the cache keeps them {PIN_SECONDS // 60} min for `sub update`")
 
 
 def report_update(result: subd_pb2.UpdateResult, as_json: bool, seconds: float) -> None:
