@@ -127,7 +127,7 @@ def test_refusals_change_nothing(tmp_path: Path, cli_env: dict[str, str],
     sub = start_subd(root)
     before = tree_of(root)
     refused = push(cli_env, sub, "tiny")
-    assert_one_line_error(refused, "more than half")
+    assert_one_line_error(refused, "more than half", code=4)  # a safety rule
     assert tree_of(root) == before
     forced = push(cli_env, sub, "tiny", "--disable-safety-check")
     assert forced.returncode == 0, forced.stderr

@@ -74,10 +74,10 @@ def test_read_and_deploy_tokens(one_host: FleetUnderTest, ca: Path) -> None:
     assert gone.status_code == 401 and gone.json()["error"] == "unknown or revoked bearer token"
     assert api(fleet, "fdt_no-such-token").get("/v1/deploys").status_code == 401
     again = cli("tokens", "create", "pipeline", "--scope", "read", env=fleet.env)
-    assert again.returncode == 2 and "names are never reused" in again.stderr
+    assert again.returncode == 4 and "names are never reused" in again.stderr
     bad = cli("tokens", "create", "admin", "--scope", "read", env=fleet.env)
     assert bad.returncode == 2 and "default token" in bad.stderr
-    assert cli("tokens", "revoke", "nobody", env=fleet.env).returncode == 2
+    assert cli("tokens", "revoke", "nobody", env=fleet.env).returncode == 1  # not found
 
     listed = fleet.run("tokens", "list", "--json")
     human = fleet.run("tokens", "list")
