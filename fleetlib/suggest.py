@@ -14,5 +14,5 @@ def close_matches(word: str, candidates: Iterable[str]) -> list[str]:
 
 
 def did_you_mean(matches: list[str]) -> str:
-    """'; did you mean a, b?' for an error message, or '' for no matches."""
-    return f"; did you mean {', '.join(matches)}?" if matches else ""
+    """'did you mean a, b?' for an error message, or '' for no matches."""
+    return f"did you mean {', '.join(matches)}?" if matches else ""

@@ -230,8 +230,10 @@ def disable_command(reason: str, expires_in: int | None, dominator: str,
                     security: Security) -> None:
     """Stop every update fleet-wide (persists across dominator restarts)."""
     reply = DominatorClient(dominator, security).disable_updates(reason, expires_in or 0)
-    until = f" until {when(reply.disabled_until_unix)}" if reply.disabled_until_unix else ""
-    click.echo(f"updates disabled by {reply.disabled_by}{until}: {reply.disabled_reason}")
+    until = reply.disabled_until_unix
+    lifts = f" until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(until))} " \
+        f"({ago(until)})" if until else ""
+    click.echo(f"updates disabled by {reply.disabled_by}{lifts}: {reply.disabled_reason}")
 
 
 @fleet.command(name="enable-updates")

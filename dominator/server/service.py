@@ -53,7 +53,8 @@ def unknown_images_message(unknown: dict[str, list[str]], uses: dict[str, list[s
         where = uses[name]
         named = ", ".join(where[:HOSTS_NAMED]) + (
             f" and {len(where) - HOSTS_NAMED} more" if len(where) > HOSTS_NAMED else "")
-        parts.append(f"{name} ({named}{did_you_mean(similar)})")
+        suggestion = did_you_mean(similar)
+        parts.append(f"{name} ({named}" + (f"; {suggestion})" if suggestion else ")"))
     what = "unknown image" if len(parts) == 1 else f"{len(parts)} unknown images"
     return (f"{what}: {', '.join(parts)}: the image server holds no such image; nothing "
             "changed: add the image first, or use --force to set it anyway")
@@ -229,7 +230,8 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
     async def _unknown_host(self, hostname: str, hint: str = "") -> str:
         """'unknown host NAME; did you mean ...?' over every hostname of the MDB."""
         hostnames = await asyncio.to_thread(self.mdb.hostnames)
-        return (f"unknown host {hostname}{did_you_mean(close_matches(hostname, hostnames))}"
+        suggestion = did_you_mean(close_matches(hostname, hostnames))
+        return (f"unknown host {hostname}" + (f" ({suggestion})" if suggestion else "")
                 + (f"; {hint}" if hint else ""))
 
     def _view(self, machines: list[Machine], one: bool = False) -> dominator_pb2.MachinesJson:
