@@ -29,6 +29,8 @@ class HerdPort(Protocol):
 
     def allow_disruption(self, hostname: str) -> None: ...
 
+    def host_held(self, machine: Machine) -> str: ...
+
 
 class StatePort(Protocol):
     """The dominator's state store: the fleet-wide switch, host records, and its

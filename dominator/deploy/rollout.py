@@ -342,9 +342,8 @@ class Rollout:
             host.started_unix = now
             if machine is None:
                 host.state, host.error = HostState.FAILED, "no longer in the MDB"
-            elif machine.disable_updates:
-                host.state = HostState.FAILED
-                host.error = "updates disabled for this host in the MDB"
+            elif held := self.herd.host_held(machine):
+                host.state, host.error = HostState.FAILED, f"updates {held}"
             else:
                 host.state, host.previous_image = HostState.UPDATING, machine.required_image
             if host.error:
@@ -406,8 +405,8 @@ class Rollout:
                         continue
                 if watch.verdicts >= FAILURE_VERDICTS:
                     error = watch.last
-                elif sub.machine.disable_updates:
-                    error = "updates disabled for this host in the MDB"
+                elif held := self.herd.host_held(sub.machine):
+                    error = f"updates {held}"
             if not error and time.monotonic() > deadlines[name]:
                 now = f"{sub.status.value}{': ' + sub.last_error if sub.last_error else ''}" \
                     if sub is not None else "not in the herd"

@@ -592,6 +592,11 @@ class Herd:
         disabled = self.state.updates_disabled()
         if disabled is not None:
             return f"fleet-wide, {describe_pause(disabled)}"
+        return self.host_held(machine)
+
+    def host_held(self, machine: Machine) -> str:
+        """Why updates of this one host are held ("" when they are not): its own pause,
+        or the MDB's DisableUpdates (the fleet-wide switch aside). From memory."""
         paused = self.state.host_paused(machine.hostname)
         if paused is not None:
             return (f"paused for this host {describe_pause(paused)}; `dominator mdb set "

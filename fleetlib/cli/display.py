@@ -36,7 +36,7 @@ def ago(unix: float, now: float | None = None) -> str:
     if size < 10:
         return "just now"
     unit, seconds = next((unit, seconds) for unit, seconds in TIME_UNITS if size >= seconds)
-    text = f"{int(size // seconds)} {unit}"
+    text = f"{int(size / seconds + 0.5)} {unit}"  # nearest: a 3 d expiry reads "in 3 d"
     return f"{text} ago" if delta > 0 else f"in {text}"
 
 

@@ -30,7 +30,7 @@ from dominator.deploy.store import DeployStore
 from dominator.deploy.views import deploy_view
 from dominator.deploy.waves import check_waves, wave_targets
 from dominator.herd.convergence import PlanSummary
-from dominator.herd.herd import Sub
+from dominator.herd.herd import Herd, Sub
 from dominator.herd.state import DominatorState
 from dominator.herd.status import Status
 from dominator.server.http.app import make_app
@@ -511,10 +511,14 @@ class FakeImages:
 
 
 class FakeHerd:
-    """The herd as the engine sees it: subs whose status the test sets."""
+    """The herd as the engine sees it: subs whose status the test sets; whether a
+    host's updates are held is the real herd's answer over the real state."""
 
-    def __init__(self) -> None:
+    host_held = Herd.host_held
+
+    def __init__(self, state: DominatorState) -> None:
         self.subs: dict[str, Sub] = {}
+        self.state = state
 
     async def plan_for(self, hostname: str, image_name: str
                        ) -> tuple[UpdatePlan, PlanSummary, str]:
@@ -537,7 +541,7 @@ async def test_engine_refusals_and_outcomes_in_process(tmp_path: Path) -> None:
     for name in ("h1", "h2", "h3"):
         mdb.set(Machine(name, required_image="v1"))
         state.record_sync(name, "v1", {})
-    herd = FakeHerd()
+    herd = FakeHerd(state)
     images = FakeImages()
     engine = DeployEngine(herd, state, mdb, images, max_running=2, tick=0.02)
     # FakeHerd and FakeImages stand in for Herd and ImageCache (duck-typed).
@@ -618,8 +622,18 @@ async def test_engine_refusals_and_outcomes_in_process(tmp_path: Path) -> None:
         assert "unsafe update: would delete too much" in fourth_state["reason"]
         assert fourth_state["hosts"]["h2"]["status"] == "rolledBack"
 
+        # A host paused in the dominator's state fails at once, saying who paused it,
+        # and is never told the new image.
+        state.pause_host("h3", "alice", "disk swap")
+        fifth = (await start({"image": "v3", "select": {"hosts": ["h3"]}})).json()["id"]
+        await until(lambda: engine.get(fifth).status != "RUNNING", "the fifth deploy ends")
+        fifth_state = await status(fifth)
+        assert fifth_state["status"] == "TERMINAL", fifth_state
+        assert "paused for this host by alice: disk swap" in fifth_state["hosts"]["h3"]["error"]
+        assert mdb.get("h3").required_image == "v1"
+
         listed = (await client.get("/v1/deploys")).json()["deploys"]
-        assert [d["id"] for d in listed] == [fourth, third, first]
+        assert [d["id"] for d in listed] == [fifth, fourth, third, first]
         assert [d["id"] for d in (await client.get(
             "/v1/deploys", params={"status": "CANCELED"})).json()["deploys"]] == [third]
     await engine.stop()
@@ -732,7 +746,7 @@ async def stored_command_resumed(tmp_path: Path) -> None:
     mdb = Mdb(str(tmp_path / "mdb.sqlite"))
     mdb.set(Machine("h1", required_image="v1"))
     state.record_sync("h1", "v1", {})
-    herd = FakeHerd()
+    herd = FakeHerd(state)
     herd.subs = {m.hostname: Sub(m) for m in mdb.list()}
     ran = tmp_path / "ran"
     request = {"image": "v2", "select": {"hosts": ["h1"]}, "waves": ["100%"],

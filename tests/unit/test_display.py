@@ -1,0 +1,23 @@
+"""Readable output: relative times and padded tables."""
+
+from __future__ import annotations
+
+from fleetlib.cli.display import ago, table
+
+NOW = 1_800_000_000.0
+
+
+def test_ago_reads_like_people_speak() -> None:
+    assert ago(0, NOW) == "-"
+    assert ago(NOW - 3, NOW) == "just now"
+    assert ago(NOW - 45, NOW) == "45 s ago"
+    assert ago(NOW - 150, NOW) == "3 min ago"
+    assert ago(NOW - 2 * 3600, NOW) == "2 h ago"
+    assert ago(NOW - 10 * 86400, NOW) == "10 d ago"
+    assert ago(NOW + 3 * 86400 - 5, NOW) == "in 3 d"  # an expiry just set for 3 d
+
+
+def test_table_pads_columns_under_headers() -> None:
+    text = table(("name", "size"), [("a", 1), ("longer", None)])
+    assert text.splitlines() == ["NAME    SIZE", "a       1", "longer  -"]
+    assert table(("x",), []) == "X"
