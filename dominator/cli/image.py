@@ -492,6 +492,8 @@ def filter_command(name: str, as_json: bool, imageserver: str, security: Securit
     else:
         for line in lines:
             click.echo(line)
+        if not lines:
+            click.echo(f"image {name} has an empty filter: it owns every path", err=True)
     sys.exit(EXIT_NEGATIVE if lines is None else EXIT_OK)
 
 

@@ -35,8 +35,12 @@ def ago(unix: float, now: float | None = None) -> str:
     size = abs(delta)
     if size < 10:
         return "just now"
-    unit, seconds = next((unit, seconds) for unit, seconds in TIME_UNITS if size >= seconds)
-    text = f"{int(size / seconds + 0.5)} {unit}"  # nearest: a 3 d expiry reads "in 3 d"
+    # The largest unit the time rounds up to, then the nearest whole number of it: a
+    # pause of 1 h set a moment ago reads "in 1 h", not "in 59 min".
+    unit, seconds = next((unit, seconds) for (unit, seconds), smaller
+                         in zip(TIME_UNITS, (*TIME_UNITS[1:], ("", 0)), strict=True)
+                         if size + smaller[1] / 2 >= seconds)
+    text = f"{int(size / seconds + 0.5)} {unit}"
     return f"{text} ago" if delta > 0 else f"in {text}"
 
 

@@ -40,6 +40,11 @@ async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> NoReturn:
     raise AssertionError("grpc.aio context.abort returned")
 
 
+# Refusals whose message already says what is wrong and what to do.
+SELF_EXPLAINING = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                   grpc.StatusCode.ALREADY_EXISTS)
+
+
 def describe_rpc_error(err: grpc.RpcError) -> str:
     """One line for a failed RPC: the server's message or why it was unreachable."""
     code = err.code() if hasattr(err, "code") else None
@@ -48,5 +53,7 @@ def describe_rpc_error(err: grpc.RpcError) -> str:
         return f"server unavailable: {details}"
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return f"permission denied: {details}"
+    if code in SELF_EXPLAINING:
+        return details  # the server's own sentence, without gRPC's status name
     name = code.name.lower().replace("_", " ") if code else "rpc failed"
     return f"{name}: {details}"

@@ -21,3 +21,9 @@ def test_table_pads_columns_under_headers() -> None:
     text = table(("name", "size"), [("a", 1), ("longer", None)])
     assert text.splitlines() == ["NAME    SIZE", "a       1", "longer  -"]
     assert table(("x",), []) == "X"
+
+
+def test_ago_rounds_to_the_unit_people_would_say() -> None:
+    assert ago(NOW + 3600 - 1, NOW) == "in 1 h"  # a 1 h pause set a second ago
+    assert ago(NOW - 86400 + 60, NOW) == "1 d ago"
+    assert ago(NOW - 90, NOW) == "2 min ago"
