@@ -3,6 +3,7 @@ line of text for a failed call."""
 
 from __future__ import annotations
 
+import re
 from typing import NoReturn
 
 import grpc
@@ -40,6 +41,11 @@ async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> NoReturn:
     raise AssertionError("grpc.aio context.abort returned")
 
 
+# "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.7:6969: Failed
+# to connect to remote host: Connection refused"
+CONNECT_FAILED = re.compile(r"last error: \w+: (?:ipv[46]:)?(\S+?): (?:Failed to connect to "
+                            r"remote host: )?(.*)$")
+
 # Refusals whose message already says what is wrong and what to do.
 SELF_EXPLAINING = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                    grpc.StatusCode.ALREADY_EXISTS)
@@ -50,6 +56,9 @@ def describe_rpc_error(err: grpc.RpcError) -> str:
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     if code == grpc.StatusCode.UNAVAILABLE:
+        failed = CONNECT_FAILED.search(details or "")
+        if failed:  # gRPC's long form, down to the address and the reason
+            return f"server unavailable: cannot connect to {failed.group(1)}: {failed.group(2)}"
         return f"server unavailable: {details}"
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return f"permission denied: {details}"
