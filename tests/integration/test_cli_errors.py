@@ -5,6 +5,8 @@ the documented exit codes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,10 @@ def test_unresolvable_host(ca: Path) -> None:
 def test_version_bare_groups_and_exit_codes_in_help() -> None:
     version = cli("--version", check=True)
     assert version.stdout.startswith("dominator ") and version.stdout.split()[1][0].isdigit()
+    for program in ("subd", "imageserver"):
+        daemon = subprocess.run([sys.executable, "-m", f"{program}.main", "--version"],
+                                capture_output=True, text=True, check=True)
+        assert daemon.stdout.split()[0] == program and daemon.stdout.split()[1][0].isdigit()
     for group in ("image", "mdb", "fleet", "deploy", "sub", "certs"):
         bare = cli(group)
         assert bare.returncode == 0 and "error" not in bare.stderr, (group, bare.stderr)
