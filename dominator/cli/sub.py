@@ -8,14 +8,11 @@ up in the MDB through the dominator (its IpAddress), so MDB hostnames work too.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import itertools
-import os
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,7 +42,7 @@ from fleetlib.errors import (
     UnavailableError,
 )
 from fleetlib.fstree.image import Image
-from fleetlib.fstree.objectstore import fsync_directory
+from fleetlib.fstree.objectstore import write_file_atomically
 from fleetlib.fstree.tree import Tree, check_clean_path
 from fleetlib.rpc.ports import SUBD_PORT
 from fleetlib.rpc.status import describe_rpc_error
@@ -408,22 +405,6 @@ def write_pieces(pieces: Iterator[bytes], out: IO[bytes]) -> None:
     out.flush()
 
 
-def write_atomically(path: Path, pieces: Iterator[bytes]) -> None:
-    """Stream pieces into `path` crash-safely: a temp name beside it, fsync, rename,
-    fsync the folder; on any failure the temp file goes and `path` is untouched."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write_pieces(pieces, out)
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(path.parent)
-
-
 def file_pieces(client: SubClient, path: str) -> Iterator[bytes]:
     """The content of the file at `path` on the host, piece by piece; NotFoundError
     (before any piece) when the host has no such file."""
@@ -458,7 +439,7 @@ def get_file_command(host: SubHost, path: str, output: Path | None,
         if output is None:
             write_pieces(content, sys.stdout.buffer)
         else:
-            write_atomically(output, content)
+            write_file_atomically(output, content, mode=0o600)  # host files may be secret
 
 
 SET_HELP = ("Change a setting, KEY=VALUE, repeatable: " + ", ".join(

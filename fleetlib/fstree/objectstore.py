@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -72,14 +72,16 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` via a temporary name in the same folder: fsync, rename,
-    fsync the folder. Readers see the old file or the new one, never a mix."""
+def write_file_atomically(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
+    """Write `data` (bytes, or pieces as they arrive) to `path` via a temporary name in
+    the same folder: fsync, rename, fsync the folder. Readers see the old file or the
+    new one, never a mix; on any failure the temporary file goes and `path` is as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in (data,) if isinstance(data, bytes) else data:
+                f.write(piece)
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())

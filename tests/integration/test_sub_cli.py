@@ -68,6 +68,7 @@ def test_get_file_to_stdout_or_crash_safely_to_a_file(
     assert saved.returncode == 0 and saved.stdout == "", saved.stderr
     assert (out / "blob").read_bytes() == blob
     assert os.listdir(out) == ["blob"]  # no temp file left behind
+    assert (out / "blob").stat().st_mode & 0o777 == 0o600  # a host's file may be secret
 
     missing = cli("sub", "get-file", host.address, "/etc/nope", "-o", str(out / "nope"),
                   env=cli_env)
