@@ -16,6 +16,8 @@ from fleetlib.jsoninput import load_json
 HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAX_HOSTNAME_LENGTH = 253
 BRACKETED_ADDRESS_RE = re.compile(r"\[(?P<host>[^\]]+)\](?::(?P<port>[0-9]{1,5}))?")
+LOCATION_COMPONENT_RE = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_LOCATION_LENGTH = 253
 
 
 class Tags(Mapping[str, str]):
@@ -52,6 +54,7 @@ FIELDS: tuple[tuple[str, str, type], ...] = (
     ("disable_updates", "DisableUpdates", bool),
     ("owner_group", "OwnerGroup", str),
     ("tags", "Tags", Mapping),
+    ("location", "Location", str),
 )
 JSON_KEYS = frozenset(key for _, key, _ in FIELDS)
 IMAGE_FIELDS = (("RequiredImage", "required_image"), ("PlannedImage", "planned_image"))
@@ -104,6 +107,19 @@ def check_address(address: str) -> str:
     return address
 
 
+def check_location(location: str) -> str:
+    """Where a host or an image server stands: REGION/DC or REGION/DC/RACK, each
+    component letters, digits, `-`, `_` and `.` (e.g. `us-east/dc1/rack4`)."""
+    parts = location.split("/")
+    if (len(location) > MAX_LOCATION_LENGTH or not 2 <= len(parts) <= 3
+            or not all(LOCATION_COMPONENT_RE.fullmatch(part) and part.strip(".")
+                       for part in parts)):
+        raise FleetError(f"invalid location {location!r}: use REGION/DC or REGION/DC/RACK, "
+                         f"each of letters, digits, '-', '_' and '.' "
+                         f"(e.g. us-east/dc1/rack4)")
+    return location
+
+
 @dataclass(frozen=True)
 class Machine:
     """What the MDB says about one host: where it is, which image it must run now
@@ -118,6 +134,7 @@ class Machine:
     disable_updates: bool = False
     owner_group: str = ""
     tags: Mapping[str, str] = field(default_factory=Tags)
+    location: str = ""
 
     def __post_init__(self) -> None:
         for attribute, key, kind in FIELDS:
@@ -138,7 +155,8 @@ class Machine:
         """Every field but the hostname; raises naming the JSON key."""
         checks = (("IpAddress", self.address, check_address),
                   ("RequiredImage", self.required_image, check_image_name),
-                  ("PlannedImage", self.planned_image, check_image_name))
+                  ("PlannedImage", self.planned_image, check_image_name),
+                  ("Location", self.location, check_location))
         for key, value, check in checks:
             if value:
                 try:

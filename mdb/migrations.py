@@ -48,8 +48,16 @@ def add_update_time_and_image_index(connection: Connection) -> None:
         "CREATE INDEX ix_machines_required_image ON machines (required_image)"))
 
 
+def add_location(connection: Connection) -> None:
+    """v3: where each host stands, REGION/DC[/RACK] ('' : unknown), which ranks the
+    image servers a host fetches from (Dominator's MDB field `Location`)."""
+    connection.execute(text(
+        "ALTER TABLE machines ADD COLUMN location VARCHAR NOT NULL DEFAULT ''"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "machines and the revision counter", create_machines),
     Migration(2, "machines.updated_unix and an index on required_image",
               add_update_time_and_image_index),
+    Migration(3, "machines.location", add_location),
 ]

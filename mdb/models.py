@@ -23,6 +23,7 @@ class MachineRow(Base):
     owner_group: Mapped[str] = mapped_column(String)
     tags: Mapped[str] = mapped_column(Text)
     updated_unix: Mapped[int] = mapped_column(BigInteger)
+    location: Mapped[str] = mapped_column(String)
 
 
 class RevisionRow(Base):

@@ -52,6 +52,8 @@ def parse_tags(tags: tuple[str, ...], untags: tuple[str, ...]) -> dict[str, str]
 @click.option("--address", help="HOST:PORT of its subd. Needed to add a host the MDB does not "
               "know (a typo never adds one).")
 @click.option("--owner-group", help="Who owns the host.")
+@click.option("--location", metavar="REGION/DC[/RACK]",
+              help="Where HOST stands (ranks the image servers it fetches from); '' clears it.")
 @click.option("--disable-updates/--enable-updates", default=None,
               help="Pause this host's updates, in the dominator's own state (an `mdb import` "
               "never lifts it); or resume them: lift the pause and the MDB's DisableUpdates.")
@@ -68,7 +70,8 @@ def parse_tags(tags: tuple[str, ...], untags: tuple[str, ...]) -> dict[str, str]
 @dominator_option
 @security_options
 def set_command(host: str, required_image: str | None, planned_image: str | None,
-                address: str | None, owner_group: str | None, disable_updates: bool | None,
+                address: str | None, owner_group: str | None, location: str | None,
+                disable_updates: bool | None,
                 reason: str | None, expires_in: int | None, tags: tuple[str, ...],
                 untags: tuple[str, ...], force: bool, dominator: str,
                 security: Security) -> None:
@@ -83,7 +86,8 @@ def set_command(host: str, required_image: str | None, planned_image: str | None
     wanted = parse_tags(tags, untags)
     patch: dict[str, object] = {key: value for key, value in (
         ("RequiredImage", required_image), ("PlannedImage", planned_image),
-        ("IpAddress", address), ("OwnerGroup", owner_group)) if value is not None}
+        ("IpAddress", address), ("OwnerGroup", owner_group), ("Location", location))
+        if value is not None}
     if not patch and not wanted and not untags and disable_updates is None:
         raise click.UsageError("nothing to change: give a field to set (see --help)")
     client = DominatorClient(dominator, security)
@@ -131,14 +135,14 @@ def updates_cell(record: dict[str, Any]) -> str:
 @dominator_option
 @security_options
 def list_command(as_json: bool, dominator: str, security: Security) -> None:
-    """Every host's record: images, address, what holds its updates, tags."""
+    """Every host's record: images, address, location, what holds its updates, tags."""
     machines = DominatorClient(dominator, security).list_machines(with_pause=True)
     if as_json:
         echo_json(machines)
         return
-    echo_table(["host", "required", "planned", "address", "updates", "tags"],
+    echo_table(["host", "required", "planned", "address", "location", "updates", "tags"],
                [[m["Hostname"], m["RequiredImage"], m["PlannedImage"], m["IpAddress"],
-                 updates_cell(m),
+                 m["Location"], updates_cell(m),
                  ",".join(f"{key}={value}" for key, value in sorted(m["Tags"].items()))]
                 for m in machines])
 

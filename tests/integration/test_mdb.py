@@ -31,15 +31,17 @@ POSTGRES_URL = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
 SAMPLE: list[dict[str, Any]] = [
     {"Hostname": "web1.example.com", "IpAddress": "10.0.0.1", "RequiredImage": "web/2024-05-01",
      "PlannedImage": "web/2024-05-08", "DisableUpdates": False, "OwnerGroup": "web",
-     "Tags": {"role": "web", "rack": "r12"}},
+     "Tags": {"role": "web", "rack": "r12"}, "Location": "us-east/dc1/rack4"},
     {"Hostname": "db1", "IpAddress": "[fd00::5]:6969", "RequiredImage": "db/17",
-     "PlannedImage": "", "DisableUpdates": True, "OwnerGroup": "dba", "Tags": {}},
+     "PlannedImage": "", "DisableUpdates": True, "OwnerGroup": "dba", "Tags": {}, "Location": ""},
     {"Hostname": "cache-7", "IpAddress": "cache-7.internal:6969", "RequiredImage": "",
-     "PlannedImage": "", "DisableUpdates": False, "OwnerGroup": "", "Tags": {"role": "cache"}},
+     "PlannedImage": "", "DisableUpdates": False, "OwnerGroup": "", "Tags": {"role": "cache"},
+     "Location": ""},
     {"Hostname": "web2.example.com", "IpAddress": "", "RequiredImage": "web/2024-05-01",
-     "PlannedImage": "", "DisableUpdates": False, "OwnerGroup": "web", "Tags": {"role": "web"}},
+     "PlannedImage": "", "DisableUpdates": False, "OwnerGroup": "web", "Tags": {"role": "web"},
+     "Location": ""},
     {"Hostname": "lb1", "IpAddress": "192.0.2.7", "RequiredImage": "lb/3", "PlannedImage": "",
-     "DisableUpdates": False, "OwnerGroup": "net", "Tags": {"role": "lb"}},
+     "DisableUpdates": False, "OwnerGroup": "net", "Tags": {"role": "lb"}, "Location": ""},
 ]
 
 
@@ -98,7 +100,7 @@ def test_optional_fields_default_and_export_writes_every_key() -> None:
     assert machine == Machine("a")
     assert machine.to_json() == {"Hostname": "a", "IpAddress": "", "RequiredImage": "",
                                  "PlannedImage": "", "DisableUpdates": False,
-                                 "OwnerGroup": "", "Tags": {}}
+                                 "OwnerGroup": "", "Tags": {}, "Location": ""}
 
 
 def test_machine_is_frozen_hashable_and_compares_by_value() -> None:
@@ -146,6 +148,13 @@ BAD_JSON = [
      "m.json: entry 0: machine 'a': RequiredImage: invalid image name 'web/../etc'"),
     ('[{"Hostname": "a", "IpAddress": "10.0.0.1:99999"}]',
      "m.json: entry 0: machine 'a': IpAddress: invalid address '10.0.0.1:99999'"),
+    ('[{"Hostname": "a", "Location": "us-east"}]',
+     "m.json: entry 0: machine 'a': Location: invalid location 'us-east': use REGION/DC"),
+    ('[{"Hostname": "a", "Location": "us east/dc1"}]', "Location: invalid location"),
+    ('[{"Hostname": "a", "Location": "us/dc1/r4/x"}]', "Location: invalid location"),
+    ('[{"Hostname": "a", "Location": "us//r4"}]', "Location: invalid location"),
+    ('[{"Hostname": "a", "Location": "us/../r4"}]', "Location: invalid location"),
+    ('[{"Hostname": "a", "Location": 4}]', "Location: expected a string, got a number"),
 ]
 
 
@@ -324,6 +333,9 @@ def test_reopening_keeps_everything(url: str) -> None:
 
 # --- migrations -----------------------------------------------------------------------
 
+WITHOUT_LOCATION = [{**item, "Location": ""} for item in SAMPLE]
+
+
 def test_migration_from_v1_keeps_every_row(url: str) -> None:
     engine = open_engine(url)
     assert migrate(engine, MIGRATIONS[:1]) == 1
@@ -334,14 +346,15 @@ def test_migration_from_v1_keeps_every_row(url: str) -> None:
                 "disable_updates, owner_group, tags) VALUES (:hostname, :address, "
                 ":required_image, :planned_image, :disable_updates, :owner_group, :tags)"),
                 {**{attribute: value for attribute, value in
-                    dataclasses.asdict(Machine.from_json(item, "sample")).items()},
+                    dataclasses.asdict(Machine.from_json(item, "sample")).items()
+                    if attribute != "location"},
                  "tags": json.dumps(item["Tags"])})
         connection.execute(sa.text("UPDATE mdb_revision SET revision = 41"))
     engine.dispose()
 
     with Mdb(url) as store:
-        assert store.schema_version == len(MIGRATIONS) == 2
-        assert [m.to_json() for m in store.list()] == as_sorted_json(SAMPLE)
+        assert store.schema_version == len(MIGRATIONS) == 3
+        assert [m.to_json() for m in store.list()] == as_sorted_json(WITHOUT_LOCATION)
         assert store.revision() == 41
         store.update("db1", required_image="db/18")
         assert store.revision() == 42
@@ -354,6 +367,24 @@ def test_migration_from_v1_keeps_every_row(url: str) -> None:
             sa.text("SELECT hostname, updated_unix FROM machines"))}
     engine.dispose()
     assert updated.pop("db1") > 0 and set(updated.values()) == {0}
+
+
+def test_migration_from_v2_keeps_every_host_and_adds_an_empty_location(url: str) -> None:
+    """An MDB made by the previous release (schema v2) keeps its hosts; v3 adds Location."""
+    engine = open_engine(url)
+    assert migrate(engine, MIGRATIONS[:2]) == 2
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO machines (hostname, address, required_image, tags, updated_unix) "
+            "VALUES ('old-host', '10.0.0.9', 'web/1', '{\"role\": \"web\"}', 7)"))
+    engine.dispose()
+    with Mdb(url) as store:
+        assert store.schema_version == 3
+        assert store.get("old-host") == Machine("old-host", "10.0.0.9", "web/1",
+                                                tags={"role": "web"})
+        moved = store.update("old-host", location="eu/dc2/r1")
+        assert moved.location == "eu/dc2/r1"
+        assert store.get("old-host") == moved
 
 
 def test_models_match_the_migrated_schema(store: Mdb, url: str) -> None:
@@ -369,10 +400,10 @@ def test_models_match_the_migrated_schema(store: Mdb, url: str) -> None:
 
 def test_database_newer_than_the_code_is_refused(url: str) -> None:
     engine = open_engine(url)
-    migrate(engine, [*MIGRATIONS, Migration(3, "from the future", lambda connection: None)])
+    migrate(engine, [*MIGRATIONS, Migration(4, "from the future", lambda connection: None)])
     engine.dispose()
-    with pytest.raises(FleetError, match=r"has schema version 3 \(schema_version\), newer than "
-                                         r"this program knows \(2\): upgrade the program"):
+    with pytest.raises(FleetError, match=r"has schema version 4 \(schema_version\), newer than "
+                                         r"this program knows \(3\): upgrade the program"):
         Mdb(url)
 
 

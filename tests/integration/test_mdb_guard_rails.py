@@ -128,15 +128,19 @@ def test_tags_untags_and_the_list_table(mdb_only: FleetUnderTest) -> None:
     refused(fleet, 2, ["mdb", "set", "host-1", "--tag", "rack"], "KEY=VALUE")
 
     fleet.run("mdb", "set", "host-2", "--disable-updates", "--reason", "disk swap")
+    located = json.loads(fleet.run("mdb", "set", "host-1", "--location", "us-east/dc1/rack4"))
+    assert located["Location"] == "us-east/dc1/rack4"
+    assert json.loads(fleet.run("mdb", "get", "host-1"))["Location"] == "us-east/dc1/rack4"
+    refused(fleet, 2, ["mdb", "set", "host-1", "--location", "us east"], "invalid location")
     lines = fleet.run("mdb", "list").splitlines()
-    assert re.fullmatch(r"HOST +REQUIRED +PLANNED +ADDRESS +UPDATES +TAGS", lines[0])
+    assert re.fullmatch(r"HOST +REQUIRED +PLANNED +ADDRESS +LOCATION +UPDATES +TAGS", lines[0])
     assert len(lines) == 3
-    assert re.match(r"host-1 +web/v1 +- +127\.0\.0\.1:1 +- +"
+    assert re.match(r"host-1 +web/v1 +- +127\.0\.0\.1:1 +us-east/dc1/rack4 +- +"
                     r"empty=,rack=r1$", lines[1]), lines[1]
     assert re.search(r" paused by \S+: disk swap +rack=r1$", lines[2]), lines[2]
     listed = json.loads(fleet.run("mdb", "list", "--json"))
     mdb_keys = {"Hostname", "IpAddress", "RequiredImage", "PlannedImage", "DisableUpdates",
-                "OwnerGroup", "Tags"}
+                "OwnerGroup", "Tags", "Location"}
     assert [set(item) for item in listed] == [mdb_keys | {"pause"}] * 2
     assert listed[0]["pause"] is None
     assert listed[1]["pause"]["reason"] == "disk swap"
