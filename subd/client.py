@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import grpc
 
@@ -62,6 +62,15 @@ def encode_update(plan: UpdatePlan) -> bytes:
     return plan_to_proto(plan).SerializeToString()
 
 
+def fetch_request(servers: str | Sequence[str], hashes: list[bytes]) -> subd_pb2.FetchRequest:
+    """A Fetch of `hashes` from `servers` (one or several, tried in order); `server`
+    carries the first, for a subd that predates `servers`."""
+    ordered = [servers] if isinstance(servers, str) else list(servers)
+    if not ordered:
+        raise FleetError("no image server to fetch from")
+    return subd_pb2.FetchRequest(server=ordered[0], servers=ordered, hashes=hashes)
+
+
 def older_subd(err: grpc.RpcError, address: str) -> bool:
     """Whether a failed UpdateStream means a subd from before it existed (which takes
     updates that fit one message): an image carrying a newer subd must still reach it."""
@@ -100,10 +109,10 @@ class SubClient:
         finally:
             stream.cancel()  # a no-op once the stream ended
 
-    def fetch(self, server: str, hashes: list[bytes]) -> None:
-        """Ask the sub to fetch objects from an image server (runs in the background)."""
-        self.stub.Fetch(subd_pb2.FetchRequest(server=server, hashes=hashes),
-                        timeout=call_timeout())
+    def fetch(self, servers: str | Sequence[str], hashes: list[bytes]) -> None:
+        """Ask the sub to fetch objects from image servers, tried in order (runs in the
+        background)."""
+        self.stub.Fetch(fetch_request(servers, hashes), timeout=call_timeout())
 
     def wait_fetch(self, progress: Callable[[subd_pb2.FetchStatus], None] | None = None,
                    timeout: float = 3600) -> subd_pb2.FetchStatus:
@@ -237,9 +246,9 @@ class AsyncSubClient:
         tree = await asyncio.to_thread(lambda: decode_tree(b"".join(parts)))
         return first.status, tree
 
-    async def fetch(self, server: str, hashes: list[bytes]) -> None:
-        """Start a fetch on the sub."""
-        await self.stub.Fetch(subd_pb2.FetchRequest(server=server, hashes=hashes), timeout=60)
+    async def fetch(self, servers: str | Sequence[str], hashes: list[bytes]) -> None:
+        """Start a fetch on the sub from image servers, tried in order."""
+        await self.stub.Fetch(fetch_request(servers, hashes), timeout=60)
 
     async def update(self, plan: UpdatePlan, timeout: float = UPDATE_TIMEOUT) -> None:
         """Apply an update of any size (raises grpc.aio.AioRpcError when refused or failed)."""

@@ -1,8 +1,11 @@
 """Fetch: bring the objects an update needs into subd's cache (ROOT/.subd/objects).
 
 Objects the host already holds in some file are copied locally instead of
-downloaded; the rest come from an image server, zstd-compressed on the wire,
-each verified against its SHA-256 before it is kept. Nothing outside `.subd`
+downloaded; the rest come from image servers, zstd-compressed on the wire,
+each verified against its SHA-256 before it is kept. The servers are tried in the
+order given (the dominator ranks them nearest first): what one lacks, or fails to
+send (unreachable, an error, a corrupt object), comes from the next; what each one
+served is counted in the fetch status (`bytes_by_server`) and logged. Nothing outside `.subd`
 changes. A fetch interrupted at any point resumes: objects already cached are
 skipped. Free space is checked before anything is written. No call to the image
 server waits forever: CheckObjects has a deadline and the download gives up when no
@@ -22,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -56,6 +59,7 @@ class FetchProgress:
     bytes_done: int = 0
     bytes_copied_locally: int = 0
     error: str = ""
+    bytes_by_server: dict[str, int] = field(default_factory=dict)
 
     def to_proto(self) -> subd_pb2.FetchStatus:
         """The wire form."""
@@ -132,24 +136,27 @@ class Fetcher:
         self.pins = Pins()
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, server: str, hashes: list[bytes]) -> None:
-        """Begin fetching in the background, pinning what is asked for (see Pins);
-        PreconditionError if one is running."""
+    def start(self, servers: list[str], hashes: list[bytes]) -> None:
+        """Begin fetching in the background from `servers` (tried in order, per object),
+        pinning what is asked for (see Pins); PreconditionError if one is running."""
         if self._task is not None and not self._task.done():
             raise PreconditionError("a fetch is already in progress")
-        address = parse_address(server, IMAGESERVER_PORT)
+        if not servers:
+            raise FleetError("no image server to fetch from")
+        addresses = list(dict.fromkeys(parse_address(server, IMAGESERVER_PORT)
+                                       for server in servers))
         self.pins.pin(hashes)
         self.progress = FetchProgress(in_progress=True)
-        self._task = asyncio.get_running_loop().create_task(self._run(address, hashes))
+        self._task = asyncio.get_running_loop().create_task(self._run(addresses, hashes))
 
     async def wait(self) -> None:
         """Until the current fetch (if any) ends."""
         if self._task is not None:
             await asyncio.shield(self._task)
 
-    async def _run(self, address: str, hashes: list[bytes]) -> None:
+    async def _run(self, addresses: list[str], hashes: list[bytes]) -> None:
         try:
-            await self._fetch(address, list(dict.fromkeys(hashes)))
+            await self._fetch(addresses, list(dict.fromkeys(hashes)))
         except FleetError as err:
             self.progress.error = str(err)
         except grpc.RpcError as err:
@@ -162,40 +169,69 @@ class Fetcher:
         finally:
             self.progress.in_progress = False
             if self.progress.error:
-                log.warning("fetch from %s failed: %s", address, self.progress.error)
+                log.warning("fetch from %s failed: %s", ", ".join(addresses),
+                            self.progress.error)
             else:
-                log.info("fetched %d objects (%d bytes, %d copied locally)",
+                log.info("fetched %d objects (%d bytes, %d copied locally, by server: %s)",
                          self.progress.objects_done, self.progress.bytes_done,
-                         self.progress.bytes_copied_locally)
+                         self.progress.bytes_copied_locally,
+                         ", ".join(f"{address} {count}" for address, count
+                                   in self.progress.bytes_by_server.items()) or "none")
             self.on_cache_change()
 
-    async def _fetch(self, address: str, hashes: list[bytes]) -> None:
+    async def _fetch(self, addresses: list[str], hashes: list[bytes]) -> None:
+        """Each object from the first server of `addresses` that has it and sends it
+        whole and true; FleetError naming every server's failure if some never came."""
         missing = [h for h in hashes if not self.cache.has(h)]
-        progress = self.progress
+        self.progress.objects_total = len(missing)
+        sized: set[bytes] = set()  # objects whose size is in bytes_total (and space checked)
+        failures: list[str] = []
+        for address in addresses:
+            if not missing:
+                break
+            failure = ""
+            try:
+                await self._fetch_from(address, missing, sized)
+            except FleetError as err:
+                failure = str(err)
+            except grpc.RpcError as err:
+                failure = describe_rpc_error(err)
+            if failure:
+                failures.append(failure)
+                log.info("fetch from %s incomplete (next server if any): %s", address, failure)
+            missing = [h for h in missing if not self.cache.has(h)]
+        if missing:
+            raise FleetError("; ".join(failures) or "no image server holds the objects")
+
+    async def _fetch_from(self, address: str, missing: list[bytes], sized: set[bytes]) -> None:
+        """What `address` holds of `missing`: copied from the host's files if there,
+        else downloaded; FleetError (or RpcError) if it lacks some or fails."""
         channel = open_channel(address, self.security, "imageserver", aio=True)
         try:
             stub = objectserver_pb2_grpc.ObjectServerStub(channel)
-            sizes = await self._sizes(stub, missing, address)
-            progress.objects_total = len(missing)
-            progress.bytes_total = sum(sizes.values())
-            check_free_space(self.root, progress.bytes_total)
+            sizes, absent = await self._sizes(stub, missing)
+            new = {h: size for h, size in sizes.items() if h not in sized}
+            check_free_space(self.root, sum(new.values()))
+            self.progress.bytes_total += sum(new.values())
+            sized.update(new)
             remote = await asyncio.to_thread(self._copy_local, sizes)
             if remote:
                 await self._download(stub, remote, address)
         finally:
             await channel.close()
-
-    async def _sizes(self, stub: objectserver_pb2_grpc.ObjectServerStub, hashes: list[bytes],
-                     address: str) -> dict[bytes, int]:
-        if not hashes:
-            return {}
-        reply = await stub.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=hashes),
-                                        timeout=call_timeout())
-        absent = [h for h, ok in zip(hashes, reply.present, strict=True) if not ok]
         if absent:
             raise PreconditionError(f"image server {address} lacks {len(absent)} object(s), "
                                     f"e.g. {format_hash(absent[0])}")
-        return dict(zip(hashes, reply.sizes, strict=True))
+
+    @staticmethod
+    async def _sizes(stub: objectserver_pb2_grpc.ObjectServerStub, hashes: list[bytes]
+                     ) -> tuple[dict[bytes, int], list[bytes]]:
+        """The sizes of the objects the server holds, and those it lacks."""
+        reply = await stub.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=hashes),
+                                        timeout=call_timeout())
+        answers = list(zip(hashes, reply.present, reply.sizes, strict=True))
+        return ({h: size for h, ok, size in answers if ok},
+                [h for h, ok, _ in answers if not ok])
 
     def _copy_local(self, sizes: dict[bytes, int]) -> dict[bytes, int]:
         """Copy objects the host holds in its own files; returns those still missing."""
@@ -247,8 +283,11 @@ class Fetcher:
                     wire += len(chunk.data)
                     done = receiver.feed(chunk)
                     if done is not None:
+                        size = sizes.get(done, 0)
                         self.progress.objects_done += 1
-                        self.progress.bytes_done += sizes.get(done, 0)
+                        self.progress.bytes_done += size
+                        served = self.progress.bytes_by_server
+                        served[address] = served.get(address, 0) + size
                 await limiter.account(wire)
             receiver.close()
         finally:

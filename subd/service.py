@@ -146,7 +146,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
                     ) -> subd_pb2.FetchResponse:
         try:
             hashes = [check_hash(h) for h in request.hashes]
-            self.fetcher.start(request.server, hashes)
+            self.fetcher.start(list(request.servers) or [request.server], hashes)
         except FleetError as err:
             await abort(context, err)
         return subd_pb2.FetchResponse()

@@ -31,7 +31,14 @@ class PollRequest(_message.Message):
     def __init__(self, have_generation: _Optional[int] = ..., short: _Optional[bool] = ...) -> None: ...
 
 class FetchStatus(_message.Message):
-    __slots__ = ("in_progress", "objects_total", "objects_done", "bytes_total", "bytes_done", "bytes_copied_locally", "error")
+    __slots__ = ("in_progress", "objects_total", "objects_done", "bytes_total", "bytes_done", "bytes_copied_locally", "error", "bytes_by_server")
+    class BytesByServerEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +46,7 @@ class FetchStatus(_message.Message):
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_COPIED_LOCALLY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BY_SERVER_FIELD_NUMBER: _ClassVar[int]
     in_progress: bool
     objects_total: int
     objects_done: int
@@ -46,7 +54,8 @@ class FetchStatus(_message.Message):
     bytes_done: int
     bytes_copied_locally: int
     error: str
-    def __init__(self, in_progress: _Optional[bool] = ..., objects_total: _Optional[int] = ..., objects_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_copied_locally: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    bytes_by_server: _containers.ScalarMap[str, int]
+    def __init__(self, in_progress: _Optional[bool] = ..., objects_total: _Optional[int] = ..., objects_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_copied_locally: _Optional[int] = ..., error: _Optional[str] = ..., bytes_by_server: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class UpdateResult(_message.Message):
     __slots__ = ("in_progress", "image_name", "success", "error", "finished_unix", "change_window_ns", "paths_changed", "triggers_run", "warnings")
@@ -119,12 +128,14 @@ class PollResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[SubStatus, _Mapping]] = ..., tree_follows: _Optional[bool] = ..., tree_chunk: _Optional[_Union[_tree_pb2.Chunk, _Mapping]] = ..., tree_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("server", "hashes")
+    __slots__ = ("server", "hashes", "servers")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
     server: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, server: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, server: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ()
