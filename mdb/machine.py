@@ -12,12 +12,11 @@ from typing import Any
 from fleetlib.errors import FleetError
 from fleetlib.fstree.image import check_image_name
 from fleetlib.jsoninput import load_json
+from fleetlib.location import check_location
 
 HOSTNAME_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAX_HOSTNAME_LENGTH = 253
 BRACKETED_ADDRESS_RE = re.compile(r"\[(?P<host>[^\]]+)\](?::(?P<port>[0-9]{1,5}))?")
-LOCATION_COMPONENT_RE = re.compile(r"[A-Za-z0-9_.-]+")
-MAX_LOCATION_LENGTH = 253
 
 
 class Tags(Mapping[str, str]):
@@ -105,19 +104,6 @@ def check_address(address: str) -> str:
     except FleetError as err:
         raise FleetError(f"{invalid}: {err}") from None
     return address
-
-
-def check_location(location: str) -> str:
-    """Where a host or an image server stands: REGION/DC or REGION/DC/RACK, each
-    component letters, digits, `-`, `_` and `.` (e.g. `us-east/dc1/rack4`)."""
-    parts = location.split("/")
-    if (len(location) > MAX_LOCATION_LENGTH or not 2 <= len(parts) <= 3
-            or not all(LOCATION_COMPONENT_RE.fullmatch(part) and part.strip(".")
-                       for part in parts)):
-        raise FleetError(f"invalid location {location!r}: use REGION/DC or REGION/DC/RACK, "
-                         f"each of letters, digits, '-', '_' and '.' "
-                         f"(e.g. us-east/dc1/rack4)")
-    return location
 
 
 @dataclass(frozen=True)
