@@ -14,7 +14,7 @@ import itertools
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +22,12 @@ from typing import IO, Any
 import click
 import grpc
 
-from dominator.cli.options import dominator_option, imageserver_option, json_option
+from dominator.cli.options import (
+    dominator_option,
+    imageserver_option,
+    imageservers_option,
+    json_option,
+)
 from dominator.client import DominatorClient
 from dominator.herd.convergence import (
     describe_entries,
@@ -275,12 +280,13 @@ def diff_command(host: SubHost, image_name: str, as_json: bool, imageserver: str
     raise SystemExit(1 if target.plan.diff else 0)
 
 
-def fetch_objects(client: SubClient, imageserver: str, plan: UpdatePlan) -> None:
-    """Have the sub fetch what the plan needs, showing progress."""
+def fetch_objects(client: SubClient, imageservers: str | Sequence[str],
+                  plan: UpdatePlan) -> None:
+    """Have the sub fetch what the plan needs (from the servers in order), showing progress."""
     needed = objects_to_fetch(plan)
     if not needed:
         return
-    client.fetch(imageserver, list(needed))
+    client.fetch(imageservers, list(needed))
     with progress_bar(sum(needed.values()), f"fetching {len(needed)} objects") as advance:
         shown = 0
 
@@ -366,16 +372,18 @@ def update_command(host: SubHost, image_name: str, disable_safety_check: bool,
 @click.argument("image_name", metavar="IMAGE")
 @with_update_options
 @json_option
-@imageserver_option
+@imageservers_option
 @security_options
 def push_image_command(host: SubHost, image_name: str, disable_safety_check: bool,
-                       allow_disruption: bool, as_json: bool, imageserver: str,
+                       allow_disruption: bool, as_json: bool, imageserver: tuple[str, ...],
                        security: Security) -> None:
     """Converge HOST onto IMAGE without a dominator: poll, diff, fetch, update, then
-    wait for the next scan and check the host matches."""
+    wait for the next scan and check the host matches. With --imageserver given more
+    than once, the image comes from the first and HOST fetches each object from the
+    first server that has it and sends it whole, in the order given."""
     started = time.monotonic()
     with connect(host, security) as client, \
-            ImageServerClient(imageserver, security) as images:
+            ImageServerClient(imageserver[0], security) as images:
         target = prepare(client, images, image_name, disable_safety_check, allow_disruption)
         if not target.plan.diff:
             if not as_json:

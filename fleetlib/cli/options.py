@@ -69,23 +69,27 @@ def security_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def address_option(
-    name: str, envvar: str, default: str, help: str
+    name: str, envvar: str, default: str, help: str, multiple: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A `--NAME HOST:PORT` option read from ENVVAR when not given, defaulting to DEFAULT.
+    """A `--NAME HOST:PORT` option read from ENVVAR when not given, defaulting to DEFAULT
+    (with `multiple`: repeatable, a tuple in the order given; ENVVAR splits on spaces).
 
     NAME is the server's role; the value and where it came from are remembered, so a
     failed connection can say which setting to change."""
 
-    def record(ctx: click.Context, param: click.Parameter, value: str) -> str:
-        check_not_url(value)
-        remember(name, value, origin_of(f"--{name}", envvar,
-                                        ctx.get_parameter_source(param.name or name)))
+    def record(ctx: click.Context, param: click.Parameter,
+               value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        origin = origin_of(f"--{name}", envvar, ctx.get_parameter_source(param.name or name))
+        for address in (value,) if isinstance(value, str) else value:
+            check_not_url(address)
+            remember(name, address, origin)
         return value
 
     return click.option(
         f"--{name}",
         envvar=envvar,
-        default=default,
+        multiple=multiple,
+        default=(default,) if multiple else default,
         show_default=True,
         show_envvar=True,
         metavar="HOST:PORT",
