@@ -72,7 +72,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Every store test runs on a SQLite file and on PostgreSQL."""
     if request.param == "sqlite":
         return str(tmp_path / "mdb.sqlite")
-    return request.getfixturevalue("postgres_url")
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture
