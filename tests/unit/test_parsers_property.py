@@ -344,6 +344,8 @@ def machine_objects() -> st.SearchStrategy[Any]:
              "[::1]:\u0661", "[x]:1", "fe80::1%eth0", "1.2.3.4:5:6", "h:+1", "h: 1", ""])),
         "RequiredImage": images, "PlannedImage": images, "DisableUpdates": st.booleans(),
         "OwnerGroup": st.text(max_size=4),
+        "Location": st.one_of(st.text(max_size=8), st.sampled_from(
+            ["us/dc1", "us/dc1/r4", "us", "a/b/c/d", "us//r", "../x/y", "us/./r", "u s/d", ""])),
         "Tags": st.dictionaries(st.text(max_size=4), st.one_of(st.text(max_size=4),
                                                               JSON_VALUES), max_size=3)})
 
