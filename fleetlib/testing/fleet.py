@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+
 from fleetlib.rpc.tls import Security
 from fleetlib.testing.daemons import Daemon, cli, free_port
 from fleetlib.testing.trees import make_tree
@@ -86,15 +88,32 @@ class FleetUnderTest:
         """`dominator fleet list --json`, by hostname."""
         return {h["hostname"]: h for h in json.loads(self.run("fleet", "list", "--json"))}
 
+    def shown(self) -> dict[str, dict[str, Any]]:
+        """Every host as the dashboard's /hosts.json shows it (`fleet list --json`'s
+        fields and more), by hostname; {} while the dominator does not answer. Waits poll
+        this: a request, where each CLI run costs seconds of CPU."""
+        try:
+            reply = httpx.get(f"{self.base}/hosts.json", timeout=30)
+            reply.raise_for_status()
+        except httpx.HTTPError:
+            return {}
+        return {host["hostname"]: host for host in reply.json()["hosts"]}
+
     def wait_status(self, names: list[str], status: str, image: str | None = None,
                     timeout: float = 60.0) -> dict[str, dict[str, Any]]:
-        """Wait until every host of `names` has `status` (and holds `image`)."""
+        """Wait until every host of `names` has `status` (and holds `image`) in
+        `fleet list --json`, polled through shown() and confirmed by the CLI; returns the
+        CLI's hosts."""
+        def holds(hosts: dict[str, dict[str, Any]]) -> bool:
+            return all(name in hosts and hosts[name]["status"] == status
+                       and (image is None or hosts[name]["current_image"] == image)
+                       for name in names)
+
         def reached() -> dict[str, dict[str, Any]] | None:
+            if not holds(self.shown()):
+                return None
             hosts = self.hosts()
-            ok = all(name in hosts and hosts[name]["status"] == status
-                     and (image is None or hosts[name]["current_image"] == image)
-                     for name in names)
-            return hosts if ok else None
+            return hosts if holds(hosts) else None
         return wait_for(reached, f"{names} are {status}", timeout)
 
     def stop(self) -> None:
