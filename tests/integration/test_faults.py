@@ -397,11 +397,9 @@ def test_fleet_rollout_through_a_faulty_link(tmp_path: Path, ca: Path, imageserv
     hosts converge meanwhile, host-1 shows as unreachable and converges once the link
     heals; with one fetch and one update slot, a slot the faulty host kept would stall
     the next rollout."""
-    fleet = FleetUnderTest(tmp_path, ca, imageserver, start_subd, hosts=3)
+    fleet = FleetUnderTest(tmp_path, ca, imageserver, start_subd, hosts=3,
+                           serve_args=("--fetch-slots", "1", "--update-slots", "1"))
     try:
-        fleet.dominator.stop()
-        fleet.dominator.args += ["--fetch-slots", "1", "--update-slots", "1"]
-        fleet.dominator.start()
         v1 = make_tree(tmp_path / "v1")
         v2 = tmp_path / "v2"
         subprocess.run(["cp", "-a", str(v1), str(v2)], check=True)
