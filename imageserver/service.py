@@ -19,6 +19,7 @@ from fleetlib.fstree.hashing import check_hash, format_hash
 from fleetlib.rpc.chunks import join_chunks_async, split_message
 from fleetlib.rpc.objects import ObjectReceiver, object_chunks, pack
 from fleetlib.rpc.status import abort
+from fleetlib.signing import check_self_signed
 from fleetlib.wire import (
     audit_pb2,
     imageserver_pb2,
@@ -136,6 +137,7 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
         try:
             data = await join_chunks_async(request_iterator)
             image = image_from_proto(imageserver_pb2.Image.FromString(data))
+            await asyncio.to_thread(check_self_signed, image)
             self.store.add(image)
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed image message")

@@ -33,7 +33,7 @@ from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILA
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError, UnavailableError
 from fleetlib.fstree.diff import Change, diff_trees
 from fleetlib.fstree.filter import EMPTY, Filter, prune
-from fleetlib.fstree.image import Image, check_image_name, parse_computed_files
+from fleetlib.fstree.image import Image, ImageSignature, check_image_name, parse_computed_files
 from fleetlib.fstree.listing import format_inode, listing, quote
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.source import open_source
@@ -42,6 +42,7 @@ from fleetlib.fstree.triggers import load_triggers
 from fleetlib.fstree.unpack import check_empty_destination, unpack_tree
 from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security
+from fleetlib.signing import describe_signer, fingerprint, load_private_key, sign_image
 from fleetlib.wire import imageserver_pb2
 from imageserver.client import ImageServerClient
 
@@ -70,12 +71,16 @@ def image() -> None:
 @click.option("--computed-files", "computed_file", type=click.Path(dir_okay=False, path_type=Path),
               help='Computed files JSON: [{"Filename": "/etc/x", "Source": "generator"}].')
 @click.option("--expires-in", help="Delete the image automatically after this long (e.g. 7d).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Sign the image with this private key (DIR/NAME.key of `dominator keys "
+                   "create`).")
 @json_option
 @imageserver_option
 @security_options
 def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
                 triggers_file: Path | None, computed_file: Path | None, expires_in: str | None,
-                as_json: bool, imageserver: str, security: Security) -> None:
+                sign_key: Path | None, as_json: bool, imageserver: str,
+                security: Security) -> None:
     """Add image NAME from SOURCE: a directory, or a .tar, .tar.gz or .tar.zst file.
 
     Only the objects the server lacks are uploaded, over several streams.
@@ -88,6 +93,7 @@ def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
     computed = parse_computed_files(computed_file.read_text(), str(computed_file)) \
         if computed_file else []
     expires = int(time.time()) + parse_duration(expires_in) if expires_in else 0
+    key = load_private_key(sign_key) if sign_key else None
     with ImageServerClient(imageserver, security) as client:
         if client.image_exists(name):
             raise FleetError(f"image {name} already exists (images are immutable)")
@@ -98,13 +104,15 @@ def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
         missing = client.missing(wanted)
         with progress_bar(sum(missing.values()), f"uploading {len(missing)} objects") as advance:
             client.upload(src, missing, advance)
-        client.add_image(Image(name, tree, flt, triggers, computed, expires_unix=expires))
+        img = Image(name, tree, flt, triggers, computed, expires_unix=expires)
+        client.add_image(sign_image(img, key) if key else img)
     report: dict[str, Any] = {
         "image": name, "inodes": len(tree.inodes), "bytes": tree.total_bytes(),
         "uploaded_objects": len(missing), "uploaded_bytes": sum(missing.values()),
         "skipped_objects": len(wanted) - len(missing),
         "skipped_bytes": sum(wanted.values()) - sum(missing.values()),
         "seconds": round(time.monotonic() - started, 3),
+        "signed_by": key.name if key else None,
     }
     if as_json:
         echo_json(report)
@@ -115,6 +123,8 @@ def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
                f"({format_bytes(report['uploaded_bytes'])}), skipped "
                f"{report['skipped_objects']} the server already had "
                f"({format_bytes(report['skipped_bytes'])})")
+    if key:
+        click.echo(f"signed with key {key.name} ({fingerprint(key.public_key)})")
 
 
 @image.command(name="list")
@@ -174,10 +184,22 @@ def show_command(name: str, hashes: bool, as_json: bool, imageserver: str,
                                for c in img.computed_files],
             "listing": list(listing(img.tree, hashes=True)),
             "entries": tree_entries(img.tree),
+            "signature": signature_json(img.signature),
         })
         return
+    click.echo(f"image {img.name}: {describe_signer(img.signature)}", err=True)
     for line in listing(img.tree, hashes):
         click.echo(line)
+
+
+def signature_json(signature: ImageSignature | None) -> dict[str, str] | None:
+    """`image show --json`'s "signature": key name, fingerprint, raw public key and
+    signature in base64; None when unsigned."""
+    if signature is None:
+        return None
+    return {"key_name": signature.key_name, "fingerprint": fingerprint(signature.public_key),
+            "public_key": base64.b64encode(signature.public_key).decode(),
+            "signature": base64.b64encode(signature.signature).decode()}
 
 
 def filter_lines(img: Image) -> list[str] | None:

@@ -18,6 +18,7 @@ COMMANDS = {
     "deploy": "dominator.cli.deploy:deploy",
     "fleet": "dominator.cli.fleet:fleet",
     "image": "dominator.cli.image:image",
+    "keys": "dominator.cli.keys:keys",
     "mdb": "dominator.cli.mdb:mdb",
     "quickstart": "dominator.cli.quickstart:quickstart",
     "serve": "dominator.cli.serve:serve_command",

@@ -13,6 +13,7 @@ from dominator.server.daemon import DEFAULT_HTTP_PORT, DEFAULT_PORT, DaemonConfi
 from fleetlib.cli.options import address_option, security_options
 from fleetlib.cli.run import setup_logging
 from fleetlib.rpc.tls import Security
+from fleetlib.signing import load_trusted_keys
 from subd.client import DEFAULT_MAX_TREE_BYTES
 
 
@@ -58,23 +59,29 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
               help="Allow-list a health check deploys may name ({\"check\": \"NAME\"}): "
                    "COMMAND is split like a shell would (but run without one), {host} and "
                    "{address} fill one argument each; exit 0 is healthy. Repeatable.")
+@click.option("--trusted-keys", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of *.pub signing keys: hosts converge only onto images signed by "
+                   "one of them (others read 'image not trusted').")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
                   generators: Path | None, port: int, http_port: int, token: str | None,
                   host: str, poll_interval: float,
                   poll_slots: int, fetch_slots: int, update_slots: int, max_tree_bytes: int,
-                  health_checks: NamedChecks, verbose: bool, security: Security) -> None:
+                  health_checks: NamedChecks, trusted_keys: Path | None, verbose: bool,
+                  security: Security) -> None:
     """Run the dominator: keep every sub of the MDB on its required image.
 
     Reads the MDB, polls each sub, fetches and pushes what differs, restarts
     only what changed, and stops itself where an update looks unsafe.
     """
     setup_logging(verbose)
+    trusted = load_trusted_keys(trusted_keys) if trusted_keys else None
     state_dir.mkdir(parents=True, exist_ok=True)
     config = HerdConfig(imageserver=imageserver, poll_interval=poll_interval,
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
-                        update_slots=update_slots, max_tree_bytes=max_tree_bytes)
+                        update_slots=update_slots, max_tree_bytes=max_tree_bytes,
+                        trusted_keys=trusted)
     url = mdb_url or f"sqlite:///{state_dir.resolve() / 'mdb.sqlite'}"
     run(DaemonConfig(state_dir, url, config, generators, port, http_port, host,
                      api_token(state_dir, token), security, health_checks))

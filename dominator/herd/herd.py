@@ -42,6 +42,7 @@ from fleetlib.fstree.image import Image
 from fleetlib.fstree.tree import Tree
 from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security
+from fleetlib.signing import TrustedKeys, verify_trusted
 from fleetlib.wire import subd_pb2
 from mdb.machine import Machine
 from mdb.store import InvalidRow, Mdb
@@ -67,6 +68,7 @@ class HerdConfig:
     mdb_retry_first: float = 1.0  # after a failed MDB read; doubles while it keeps failing
     mdb_retry_max: float = 30.0
     max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES  # the most tree taken from one sub per poll
+    trusted_keys: TrustedKeys | None = None  # set: only images signed by one converge
 
 
 @dataclass
@@ -189,6 +191,29 @@ class Herd:
         self._revision = -1
         self._stopping = False
         self.mdb_error = ""  # why the MDB cannot be read now ("" while it can)
+        # Verdicts of --trusted-keys by image: "" trusted, else why not. Images are
+        # immutable; the signature is part of the key so a re-added name is checked anew.
+        self._trust: dict[tuple[str, bytes], str] = {}
+
+    async def distrust(self, image: Image) -> str:
+        """Why the herd must not converge a host onto `image` ("" when it may): with
+        `trusted_keys` set, an image unsigned or not verifiably signed by one of them.
+        Checked once per image."""
+        trusted = self.config.trusted_keys
+        if trusted is None:
+            return ""
+        key = (image.name, image.signature.signature if image.signature else b"")
+        verdict = self._trust.get(key)
+        if verdict is None:
+            try:
+                signer = await asyncio.to_thread(verify_trusted, image, trusted)
+                log.info("image %s is signed by trusted key %s", image.name, signer)
+                verdict = ""
+            except FleetError as err:
+                log.warning("not converging hosts onto image %s: %s", image.name, err)
+                verdict = str(err)
+            self._trust[key] = verdict
+        return verdict
 
     async def run(self) -> None:
         """Follow the MDB and run every sub's loop until cancelled. While the MDB
@@ -332,6 +357,10 @@ class Herd:
         if image is None:
             sub.set_status(Status.IMAGE_NOT_READY, f"image {machine.required_image} not found")
             return
+        distrust = await self.distrust(image)
+        if distrust:
+            sub.set_status(Status.IMAGE_NOT_TRUSTED, distrust)
+            return
         try:
             computed = await asyncio.to_thread(render_image_files, image, machine,
                                                self.renderer) if image.computed_files else {}
@@ -420,7 +449,7 @@ class Herd:
             if sub.prefetched == (planned_name, status.fingerprint):
                 return
             image = await self.images.get(planned_name)
-            if image is None:
+            if image is None or await self.distrust(image):
                 return
             try:
                 status, tree = await self._full_poll(client)
@@ -550,6 +579,9 @@ class Herd:
         image = await self.images.get(image_name)
         if image is None:
             raise FleetError(f"{Status.IMAGE_NOT_READY.value}: image {image_name} not found")
+        distrust = await self.distrust(image)
+        if distrust:
+            raise FleetError(f"{Status.IMAGE_NOT_TRUSTED.value}: {distrust}")
         machine = replace(sub.machine, required_image=image_name)
         try:
             computed = await asyncio.to_thread(render_image_files, image, machine, self.renderer)

@@ -26,6 +26,7 @@ class Status(enum.StrEnum):
     UNSAFE = "unsafe update"
     NO_SPACE = "insufficient space"
     IMAGE_NOT_READY = "image not ready"
+    IMAGE_NOT_TRUSTED = "image not trusted"  # unsigned or not by a `--trusted-keys` key
     MISSING_COMPUTED = "missing computed file"
     FAILED = "update failed"
     INTRUSION = "intrusion"

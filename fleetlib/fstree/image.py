@@ -23,6 +23,16 @@ class ComputedFile:
     source: str
 
 
+@dataclass(frozen=True)
+class ImageSignature:
+    """Who signed an image: an Ed25519 signature of its manifest digest
+    (fleetlib/signing.py) and the raw public key that made it."""
+
+    key_name: str
+    public_key: bytes
+    signature: bytes
+
+
 @dataclass
 class Image:
     """An image as stored by the image server. `filter` None means sparse."""
@@ -34,6 +44,7 @@ class Image:
     computed_files: list[ComputedFile] = field(default_factory=list)
     created_unix: int = 0
     expires_unix: int = 0
+    signature: ImageSignature | None = None
 
 
 def check_image_name(name: str) -> str:

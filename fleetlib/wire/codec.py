@@ -9,7 +9,7 @@ from typing import cast
 from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import Filter
 from fleetlib.fstree.hashing import HASH_SIZE
-from fleetlib.fstree.image import ComputedFile, Image, check_image_name
+from fleetlib.fstree.image import ComputedFile, Image, ImageSignature, check_image_name
 from fleetlib.fstree.tree import (
     DEVICE_KINDS,
     PERMISSION_BITS,
@@ -23,6 +23,8 @@ from fleetlib.fstree.triggers import make_trigger
 from fleetlib.wire import imageserver_pb2, tree_pb2
 
 _KINDS = {kind.value: kind for kind in Kind}
+PUBLIC_KEY_SIZE = 32  # Ed25519
+SIGNATURE_SIZE = 64
 
 
 def tree_to_proto(tree: Tree) -> tree_pb2.Tree:
@@ -149,7 +151,21 @@ def image_to_proto(image: Image) -> imageserver_pb2.Image:
     )
     if image.filter is not None:
         msg.filter.lines.extend(image.filter.lines)
+    if image.signature is not None:
+        msg.signature.CopyFrom(imageserver_pb2.Signature(
+            key_name=image.signature.key_name, public_key=image.signature.public_key,
+            signature=image.signature.signature))
     return msg
+
+
+def signature_from_proto(name: str, msg: imageserver_pb2.Signature) -> ImageSignature:
+    """Decode and check the shape of an image's signature (not whether it verifies)."""
+    if not msg.key_name or len(msg.key_name) > 255 or not msg.key_name.isprintable():
+        raise FleetError(f"image {name}: signature key name missing or not printable")
+    if len(msg.public_key) != PUBLIC_KEY_SIZE or len(msg.signature) != SIGNATURE_SIZE:
+        raise FleetError(f"image {name}: signature of key {msg.key_name} is malformed "
+                         f"(a {PUBLIC_KEY_SIZE}-byte key and a {SIGNATURE_SIZE}-byte signature)")
+    return ImageSignature(msg.key_name, msg.public_key, msg.signature)
 
 
 def image_from_proto(msg: imageserver_pb2.Image) -> Image:
@@ -163,5 +179,7 @@ def image_from_proto(msg: imageserver_pb2.Image) -> Image:
         computed = [ComputedFile(check_clean_path(c.path), c.source) for c in msg.computed_files]
     except FleetError as err:
         raise FleetError(f"image {name}: computed file {err}") from None
+    signature = signature_from_proto(name, msg.signature) if msg.HasField("signature") \
+        else None
     return Image(name, tree_from_proto(msg.tree), flt, triggers, computed,
-                 msg.created_unix, msg.expires_unix)
+                 msg.created_unix, msg.expires_unix, signature)

@@ -37,8 +37,18 @@ class ComputedFile(_message.Message):
     source: str
     def __init__(self, path: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
+class Signature(_message.Message):
+    __slots__ = ("key_name", "public_key", "signature")
+    KEY_NAME_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    key_name: str
+    public_key: bytes
+    signature: bytes
+    def __init__(self, key_name: _Optional[str] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class Image(_message.Message):
-    __slots__ = ("name", "tree", "filter", "triggers", "computed_files", "created_unix", "expires_unix")
+    __slots__ = ("name", "tree", "filter", "triggers", "computed_files", "created_unix", "expires_unix", "signature")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +56,7 @@ class Image(_message.Message):
     COMPUTED_FILES_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     tree: _tree_pb2.Tree
     filter: Filter
@@ -53,7 +64,8 @@ class Image(_message.Message):
     computed_files: _containers.RepeatedCompositeFieldContainer[ComputedFile]
     created_unix: int
     expires_unix: int
-    def __init__(self, name: _Optional[str] = ..., tree: _Optional[_Union[_tree_pb2.Tree, _Mapping]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ..., computed_files: _Optional[_Iterable[_Union[ComputedFile, _Mapping]]] = ..., created_unix: _Optional[int] = ..., expires_unix: _Optional[int] = ...) -> None: ...
+    signature: Signature
+    def __init__(self, name: _Optional[str] = ..., tree: _Optional[_Union[_tree_pb2.Tree, _Mapping]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[Trigger, _Mapping]]] = ..., computed_files: _Optional[_Iterable[_Union[ComputedFile, _Mapping]]] = ..., created_unix: _Optional[int] = ..., expires_unix: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ...) -> None: ...
 
 class ImageSummary(_message.Message):
     __slots__ = ("name", "created_unix", "expires_unix", "inodes", "total_bytes")
