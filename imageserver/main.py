@@ -20,6 +20,8 @@ from fleetlib.cli.run import (
     setup_logging,
     version_option,
 )
+from fleetlib.errors import FleetError
+from fleetlib.location import check_location
 from fleetlib.rpc.ports import IMAGESERVER_PORT
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
@@ -69,7 +71,8 @@ class ImageServerCollector(Collector):
 
 async def serve(state_dir: Path, port: int, security: Security, host: str = "[::]",
                 metrics_port: int = 0, orphan_grace: float = parse_duration(ORPHAN_GRACE),
-                orphan_interval: float = parse_duration(ORPHAN_INTERVAL)) -> None:
+                orphan_interval: float = parse_duration(ORPHAN_INTERVAL),
+                location: str = "") -> None:
     """Load the store, collect orphaned objects, and serve until cancelled."""
     store = ImageStore(state_dir)
     store.load()
@@ -78,13 +81,14 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
     objects = ObjectService(store)
     stop_metrics = serve_metrics(ImageServerCollector(store, objects), host, metrics_port) \
         if metrics_port else None
+    images = ImageService(store, audit, location)
     running = await start_server(
         [(objectserver_pb2_grpc.add_ObjectServerServicer_to_server, objects,
           "fleet.ObjectServer"),
-         (imageserver_pb2_grpc.add_ImageServerServicer_to_server, ImageService(store, audit),
-          "fleet.ImageServer")],
+         (imageserver_pb2_grpc.add_ImageServerServicer_to_server, images, "fleet.ImageServer")],
         port, security, host)
-    log.info("image server listening on port %d, state in %s", running.port, state_dir)
+    log.info("image server listening on port %d, state in %s%s", running.port, state_dir,
+             f", location {location}" if location else "")
     tasks = [asyncio.create_task(expire_images(store, audit)),
              asyncio.create_task(collect_orphans(store, orphan_grace, orphan_interval))]
     try:
@@ -94,6 +98,14 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
             task.cancel()
         if stop_metrics is not None:
             stop_metrics()
+
+
+def checked_location(value: str) -> str:
+    """--location, validated ('' : unknown); a usage error says what is wrong."""
+    try:
+        return check_location(value) if value else value
+    except FleetError as err:
+        raise click.BadParameter(str(err), param_hint="--location") from None
 
 
 @click.command(context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
@@ -112,10 +124,14 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
                    "the longest upload.")
 @click.option("--orphan-interval", default=ORPHAN_INTERVAL, show_default=True,
               type=Duration(), help="How often to look for such objects (also at start-up).")
+@click.option("--location", default="", metavar="REGION/DC[/RACK]",
+              callback=lambda ctx, param, value: checked_location(value),
+              help="Where this server stands (told in ListImages): the dominator sends each "
+                   "host to the servers nearest its MDB Location first.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def command(state_dir: Path, port: int, host: str, metrics_port: int, orphan_grace: int,
-            orphan_interval: int, verbose: bool, security: Security) -> None:
+            orphan_interval: int, location: str, verbose: bool, security: Security) -> None:
     """Serve images and their content-addressed objects over gRPC (mutual TLS).
 
     Images are immutable trees added with `dominator image add`; objects are
@@ -123,7 +139,7 @@ def command(state_dir: Path, port: int, host: str, metrics_port: int, orphan_gra
     """
     setup_logging(verbose)
     asyncio.run(serve(state_dir, port, security, host, metrics_port, orphan_grace,
-                      orphan_interval))
+                      orphan_interval, location))
 
 
 def main() -> None:

@@ -128,9 +128,10 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
     """Adds, lists, serves, deletes and announces images and changes their expiry;
     adds, deletes and expiry changes go to the audit log, which ListAudit serves."""
 
-    def __init__(self, store: ImageStore, audit: AuditLog) -> None:
+    def __init__(self, store: ImageStore, audit: AuditLog, location: str = "") -> None:
         self.store = store
         self.audit = audit
+        self.location = location  # where this server stands, told in ListImages
 
     async def AddImage(self, request_iterator: AsyncIterator[Chunk],
                        context: grpc.aio.ServicerContext) -> imageserver_pb2.AddImageResponse:
@@ -163,7 +164,8 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
                          context: grpc.aio.ServicerContext
                          ) -> imageserver_pb2.ListImagesResponse:
         return imageserver_pb2.ListImagesResponse(
-            images=[info.summary() for info in self.store.list(request.prefix)])
+            images=[info.summary() for info in self.store.list(request.prefix)],
+            location=self.location)
 
     async def DeleteImage(self, request: imageserver_pb2.DeleteImageRequest,
                           context: grpc.aio.ServicerContext

@@ -26,7 +26,7 @@ from fleetlib.wire import audit_pb2 as fleetlib_dot_wire_dot_audit__pb2
 from fleetlib.wire import tree_pb2 as fleetlib_dot_wire_dot_tree__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66leetlib/wire/imageserver.proto\x12\x05\x66leet\x1a\x19\x66leetlib/wire/audit.proto\x1a\x18\x66leetlib/wire/tree.proto\"\x17\n\x06\x46ilter\x12\r\n\x05lines\x18\x01 \x03(\t\"j\n\x07Trigger\x12\x13\n\x0bmatch_lines\x18\x01 \x03(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tdo_reload\x18\x03 \x01(\x08\x12\x11\n\tdo_reboot\x18\x04 \x01(\x08\x12\x13\n\x0bhigh_impact\x18\x05 \x01(\x08\",\n\x0c\x43omputedFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"D\n\tSignature\x12\x10\n\x08key_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xef\x01\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x04tree\x18\x02 \x01(\x0b\x32\x0b.fleet.Tree\x12\x1d\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\r.fleet.Filter\x12 \n\x08triggers\x18\x04 \x03(\x0b\x32\x0e.fleet.Trigger\x12+\n\x0e\x63omputed_files\x18\x05 \x03(\x0b\x32\x13.fleet.ComputedFile\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\x07 \x01(\x03\x12#\n\tsignature\x18\x08 \x01(\x0b\x32\x10.fleet.Signature\"m\n\x0cImageSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x02 \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\x03 \x01(\x03\x12\x0e\n\x06inodes\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\" \n\x10\x41\x64\x64ImageResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x11ListImagesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"9\n\x12ListImagesResponse\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.fleet.ImageSummary\"\"\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x13\x44\x65leteImageResponse\x12\x15\n\robjects_freed\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\"!\n\x11\x43heckImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x12\x43heckImageResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\".\n\x12WatchImagesRequest\x12\x18\n\x10include_existing\x18\x01 \x01(\x08\"v\n\nImageEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fleet.ImageEvent.Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\"4\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0b\n\x07\x44\x45LETED\x10\x02\";\n\x15SetImageExpiryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\"[\n\x16SetImageExpiryResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.fleet.ImageSummary\x12\x1d\n\x15previous_expires_unix\x18\x02 \x01(\x03\x32\x90\x04\n\x0bImageServer\x12\x33\n\x08\x41\x64\x64Image\x12\x0c.fleet.Chunk\x1a\x17.fleet.AddImageResponse(\x01\x12\x32\n\x08GetImage\x12\x16.fleet.GetImageRequest\x1a\x0c.fleet.Chunk0\x01\x12\x41\n\nListImages\x12\x18.fleet.ListImagesRequest\x1a\x19.fleet.ListImagesResponse\x12\x44\n\x0b\x44\x65leteImage\x12\x19.fleet.DeleteImageRequest\x1a\x1a.fleet.DeleteImageResponse\x12\x41\n\nCheckImage\x12\x18.fleet.CheckImageRequest\x1a\x19.fleet.CheckImageResponse\x12=\n\x0bWatchImages\x12\x19.fleet.WatchImagesRequest\x1a\x11.fleet.ImageEvent0\x01\x12>\n\tListAudit\x12\x17.fleet.ListAuditRequest\x1a\x18.fleet.ListAuditResponse\x12M\n\x0eSetImageExpiry\x12\x1c.fleet.SetImageExpiryRequest\x1a\x1d.fleet.SetImageExpiryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66leetlib/wire/imageserver.proto\x12\x05\x66leet\x1a\x19\x66leetlib/wire/audit.proto\x1a\x18\x66leetlib/wire/tree.proto\"\x17\n\x06\x46ilter\x12\r\n\x05lines\x18\x01 \x03(\t\"j\n\x07Trigger\x12\x13\n\x0bmatch_lines\x18\x01 \x03(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tdo_reload\x18\x03 \x01(\x08\x12\x11\n\tdo_reboot\x18\x04 \x01(\x08\x12\x13\n\x0bhigh_impact\x18\x05 \x01(\x08\",\n\x0c\x43omputedFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"D\n\tSignature\x12\x10\n\x08key_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xef\x01\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x04tree\x18\x02 \x01(\x0b\x32\x0b.fleet.Tree\x12\x1d\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\r.fleet.Filter\x12 \n\x08triggers\x18\x04 \x03(\x0b\x32\x0e.fleet.Trigger\x12+\n\x0e\x63omputed_files\x18\x05 \x03(\x0b\x32\x13.fleet.ComputedFile\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\x07 \x01(\x03\x12#\n\tsignature\x18\x08 \x01(\x0b\x32\x10.fleet.Signature\"m\n\x0cImageSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x02 \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\x03 \x01(\x03\x12\x0e\n\x06inodes\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\" \n\x10\x41\x64\x64ImageResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x11ListImagesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"K\n\x12ListImagesResponse\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.fleet.ImageSummary\x12\x10\n\x08location\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x13\x44\x65leteImageResponse\x12\x15\n\robjects_freed\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\"!\n\x11\x43heckImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x12\x43heckImageResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\".\n\x12WatchImagesRequest\x12\x18\n\x10include_existing\x18\x01 \x01(\x08\"v\n\nImageEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fleet.ImageEvent.Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\"4\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0b\n\x07\x44\x45LETED\x10\x02\";\n\x15SetImageExpiryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\"[\n\x16SetImageExpiryResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.fleet.ImageSummary\x12\x1d\n\x15previous_expires_unix\x18\x02 \x01(\x03\x32\x90\x04\n\x0bImageServer\x12\x33\n\x08\x41\x64\x64Image\x12\x0c.fleet.Chunk\x1a\x17.fleet.AddImageResponse(\x01\x12\x32\n\x08GetImage\x12\x16.fleet.GetImageRequest\x1a\x0c.fleet.Chunk0\x01\x12\x41\n\nListImages\x12\x18.fleet.ListImagesRequest\x1a\x19.fleet.ListImagesResponse\x12\x44\n\x0b\x44\x65leteImage\x12\x19.fleet.DeleteImageRequest\x1a\x1a.fleet.DeleteImageResponse\x12\x41\n\nCheckImage\x12\x18.fleet.CheckImageRequest\x1a\x19.fleet.CheckImageResponse\x12=\n\x0bWatchImages\x12\x19.fleet.WatchImagesRequest\x1a\x11.fleet.ImageEvent0\x01\x12>\n\tListAudit\x12\x17.fleet.ListAuditRequest\x1a\x18.fleet.ListAuditResponse\x12M\n\x0eSetImageExpiry\x12\x1c.fleet.SetImageExpiryRequest\x1a\x1d.fleet.SetImageExpiryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,25 +52,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTIMAGESREQUEST']._serialized_start=764
   _globals['_LISTIMAGESREQUEST']._serialized_end=799
   _globals['_LISTIMAGESRESPONSE']._serialized_start=801
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=858
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=860
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=894
-  _globals['_DELETEIMAGERESPONSE']._serialized_start=896
-  _globals['_DELETEIMAGERESPONSE']._serialized_end=961
-  _globals['_CHECKIMAGEREQUEST']._serialized_start=963
-  _globals['_CHECKIMAGEREQUEST']._serialized_end=996
-  _globals['_CHECKIMAGERESPONSE']._serialized_start=998
-  _globals['_CHECKIMAGERESPONSE']._serialized_end=1034
-  _globals['_WATCHIMAGESREQUEST']._serialized_start=1036
-  _globals['_WATCHIMAGESREQUEST']._serialized_end=1082
-  _globals['_IMAGEEVENT']._serialized_start=1084
-  _globals['_IMAGEEVENT']._serialized_end=1202
-  _globals['_IMAGEEVENT_KIND']._serialized_start=1150
-  _globals['_IMAGEEVENT_KIND']._serialized_end=1202
-  _globals['_SETIMAGEEXPIRYREQUEST']._serialized_start=1204
-  _globals['_SETIMAGEEXPIRYREQUEST']._serialized_end=1263
-  _globals['_SETIMAGEEXPIRYRESPONSE']._serialized_start=1265
-  _globals['_SETIMAGEEXPIRYRESPONSE']._serialized_end=1356
-  _globals['_IMAGESERVER']._serialized_start=1359
-  _globals['_IMAGESERVER']._serialized_end=1887
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=876
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=878
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=912
+  _globals['_DELETEIMAGERESPONSE']._serialized_start=914
+  _globals['_DELETEIMAGERESPONSE']._serialized_end=979
+  _globals['_CHECKIMAGEREQUEST']._serialized_start=981
+  _globals['_CHECKIMAGEREQUEST']._serialized_end=1014
+  _globals['_CHECKIMAGERESPONSE']._serialized_start=1016
+  _globals['_CHECKIMAGERESPONSE']._serialized_end=1052
+  _globals['_WATCHIMAGESREQUEST']._serialized_start=1054
+  _globals['_WATCHIMAGESREQUEST']._serialized_end=1100
+  _globals['_IMAGEEVENT']._serialized_start=1102
+  _globals['_IMAGEEVENT']._serialized_end=1220
+  _globals['_IMAGEEVENT_KIND']._serialized_start=1168
+  _globals['_IMAGEEVENT_KIND']._serialized_end=1220
+  _globals['_SETIMAGEEXPIRYREQUEST']._serialized_start=1222
+  _globals['_SETIMAGEEXPIRYREQUEST']._serialized_end=1281
+  _globals['_SETIMAGEEXPIRYRESPONSE']._serialized_start=1283
+  _globals['_SETIMAGEEXPIRYRESPONSE']._serialized_end=1374
+  _globals['_IMAGESERVER']._serialized_start=1377
+  _globals['_IMAGESERVER']._serialized_end=1905
 # @@protoc_insertion_point(module_scope)

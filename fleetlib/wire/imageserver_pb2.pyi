@@ -100,10 +100,12 @@ class ListImagesRequest(_message.Message):
     def __init__(self, prefix: _Optional[str] = ...) -> None: ...
 
 class ListImagesResponse(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "location")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageSummary]
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageSummary, _Mapping]]] = ...) -> None: ...
+    location: str
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageSummary, _Mapping]]] = ..., location: _Optional[str] = ...) -> None: ...
 
 class DeleteImageRequest(_message.Message):
     __slots__ = ("name",)
