@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
+from dominator.cli.options import imageservers_option
 from dominator.deploy.errors import DeployError
 from dominator.deploy.health import NamedChecks
 from dominator.herd.herd import HerdConfig
 from dominator.server.daemon import DEFAULT_HTTP_PORT, DEFAULT_PORT, DaemonConfig, api_token, run
-from fleetlib.cli.options import address_option, security_options
+from fleetlib.cli.options import security_options
 from fleetlib.cli.run import setup_logging
 from fleetlib.rpc.tls import Security
 from fleetlib.signing import load_trusted_keys
@@ -31,7 +32,7 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
 @click.option("--mdb-url", envvar="DOMINATOR_MDB_URL", show_envvar=True,
               help="SQLAlchemy URL of the machine database (default: SQLite in the state dir; "
                    "postgresql+psycopg://... for large fleets).")
-@address_option("imageserver", "DOMINATOR_IMAGESERVER", "localhost:6971", "The image server.")
+@imageservers_option
 @click.option("--generators", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of computed-file generators (jinja2 templates or programs).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
@@ -64,7 +65,7 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
                    "one of them (others read 'image not trusted').")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
-def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
+def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, ...],
                   generators: Path | None, port: int, http_port: int, token: str | None,
                   host: str, poll_interval: float,
                   poll_slots: int, fetch_slots: int, update_slots: int, max_tree_bytes: int,
@@ -78,7 +79,8 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: str,
     setup_logging(verbose)
     trusted = load_trusted_keys(trusted_keys) if trusted_keys else None
     state_dir.mkdir(parents=True, exist_ok=True)
-    config = HerdConfig(imageserver=imageserver, poll_interval=poll_interval,
+    config = HerdConfig(imageserver=imageserver[0], extra_imageservers=imageserver[1:],
+                        poll_interval=poll_interval,
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
                         update_slots=update_slots, max_tree_bytes=max_tree_bytes,
                         trusted_keys=trusted)

@@ -32,6 +32,7 @@ from dominator.herd.convergence import PlanSummary, objects_to_fetch, plan_updat
 from dominator.herd.images import ImageCache
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
+from dominator.herd.ranking import ImageServers
 from dominator.herd.state import Disabled, DominatorState
 from dominator.herd.status import Status, disruption_denied
 from fleetlib.audit import format_time
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 class HerdConfig:
     """Pace and concurrency of the herd."""
 
-    imageserver: str
+    imageserver: str               # the master
     poll_interval: float = 5.0     # between cycles of one sub
     poll_slots: int = 200
     fetch_slots: int = 50
@@ -68,6 +69,7 @@ class HerdConfig:
     mdb_retry_first: float = 1.0  # after a failed MDB read; doubles while it keeps failing
     mdb_retry_max: float = 30.0
     max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES  # the most tree taken from one sub per poll
+    extra_imageservers: tuple[str, ...] = ()  # more servers, ranked per host (ranking.py)
     trusted_keys: TrustedKeys | None = None  # set: only images signed by one converge
 
 
@@ -181,6 +183,7 @@ class Herd:
         self.renderer = renderer
         self.security = security
         self.config = config
+        self.servers = ImageServers(config.imageserver, config.extra_imageservers, security)
         self.subs: dict[str, Sub] = {}
         self.cache = DiffCache(config.diff_cache_size)
         self.metrics = HerdMetrics()
@@ -464,7 +467,7 @@ class Herd:
             if needed:
                 self.metrics.prefetches.inc()
                 async with self._fetch_slots:
-                    await client.fetch(self.config.imageserver, needed)
+                    await client.fetch(await self._servers_for(sub), needed)
             sub.prefetched = (planned_name, status.fingerprint)
         elif status.cached_objects > status.pinned_objects:  # subd keeps what a recent
             await client.cleanup_all_but([])  # fetch pinned (`sub fetch` then `sub update`)
@@ -512,11 +515,15 @@ class Herd:
             return
         await self._update(sub, client, image, computed, plan)
 
+    async def _servers_for(self, sub: Sub) -> list[str]:
+        """The image servers `sub` fetches from, nearest first, the master last."""
+        return await self.servers.ranked(sub.machine.hostname, sub.machine.location)
+
     async def _fetch(self, sub: Sub, client: AsyncSubClient, needed: dict[bytes, int]) -> bool:
         sub.set_status(Status.FETCHING)
         try:
             async with self._fetch_slots, self.metrics.timed("fetch"):
-                await client.fetch(self.config.imageserver, list(needed))
+                await client.fetch(await self._servers_for(sub), list(needed))
                 pause = 0.01  # small fetches end at once: do not hold the slot for long
                 while True:
                     await asyncio.sleep(pause)

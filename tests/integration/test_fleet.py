@@ -104,7 +104,7 @@ def test_fleet_converges_and_stays_safe(fleet: FleetUnderTest) -> None:
 def test_mdb_import_is_all_or_nothing(fleet: FleetUnderTest) -> None:
     good = [{"Hostname": f"web-{i}", "IpAddress": "127.0.0.1:1", "RequiredImage": "",
              "PlannedImage": "", "DisableUpdates": False, "OwnerGroup": "web",
-             "Tags": {"rack": str(i)}} for i in range(3)]
+             "Tags": {"rack": str(i)}, "Location": f"eu/dc1/r{i}"} for i in range(3)]
     (fleet.tmp / "good.json").write_text(json.dumps(good))
     assert "3 added" in fleet.run("mdb", "import", str(fleet.tmp / "good.json"))
     bad = good + [{"Hostname": "not a hostname!"}]
