@@ -76,7 +76,7 @@ def test_a_local_copy_from_a_file_swapped_for_a_fifo_fetches_from_the_server(
     fetcher = Fetcher(root, cache, admin, 100, lambda: tree, lambda: None)
 
     async def fetch() -> None:
-        fetcher.start(imageserver.address, [digest])
+        fetcher.start([imageserver.address], [digest])
         await asyncio.wait_for(fetcher.wait(), 20)
 
     rescue = threading.Timer(25, unblock, [root / "copy"])  # lets a stuck copy end
