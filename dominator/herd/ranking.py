@@ -88,6 +88,7 @@ class ImageServers:
         self.security = security
         self.locations: dict[str, str] = {}
         self._asked = -self.REFRESH_SECONDS
+        self._asked_once = False  # every server asked at least once (answered or not)
         self._lock = asyncio.Lock()
         self._refreshing: asyncio.Task[None] | None = None
 
@@ -103,14 +104,16 @@ class ImageServers:
                     log.warning("image server %s: location unknown: %s", address,
                                 describe_rpc_error(err))
             self._asked = time.monotonic()
+            self._asked_once = True
 
     async def ranked(self, host: str, location: str) -> list[str]:
         """The servers in the order `host` should try them (the master alone when
-        there are no others). The first call waits for the servers' locations; later
-        ones rank with what is known while a refresh runs in the background."""
+        there are no others). Calls wait until every server was asked once (hosts
+        converging together must not rank on a half-known map); later ones rank with
+        what is known while a refresh runs in the background."""
         if not self.others:
             return [self.master]
-        if not self.locations:
+        if not self._asked_once:
             await self._refresh()
         elif (time.monotonic() - self._asked >= self.REFRESH_SECONDS
               and (self._refreshing is None or self._refreshing.done())):

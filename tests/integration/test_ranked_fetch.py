@@ -4,6 +4,7 @@ in two locations whose hosts each fetch from their own location's server."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -16,8 +17,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dominator.herd.ranking import ImageServers
 from fleetlib.rpc.tls import Security
-from fleetlib.testing.daemons import PROJECT, Daemon, assert_one_line_error, cli, free_port
+from fleetlib.testing.daemons import (
+    PROJECT,
+    Daemon,
+    assert_one_line_error,
+    cli,
+    free_port,
+    imageserver_daemon,
+)
 from fleetlib.testing.fleet import FleetUnderTest
 from subd.client import SubClient
 
@@ -34,13 +43,9 @@ def start_imageserver(tmp_path: Path, ca: Path) -> Iterator[StartServer]:
         index = len(started)
         state = tmp_path / f"server-{index}-state"
         metrics_port = free_port()
-        daemon = Daemon("imageserver.main",
-                        ["--state-dir", str(state), "--tls-dir", str(ca / "imageserver"),
-                         "--metrics-port", str(metrics_port),
-                         *(["--location", location] if location else [])],
-                        "imageserver", free_port(),
-                        Security.from_options(str(ca / "admin"), insecure=False),
-                        tmp_path / f"server-{index}.log", state_dir=state)
+        daemon = imageserver_daemon(state, ca, tmp_path / f"server-{index}.log",
+                                    "--metrics-port", str(metrics_port),
+                                    *(["--location", location] if location else []))
         started.append(daemon)
         return daemon.start()
 
@@ -166,3 +171,21 @@ def test_a_bad_location_is_one_line(tmp_path: Path, location: str) -> None:
         cwd=PROJECT)
     assert_one_line_error(result, "--location", "invalid location", "REGION/DC")
     assert not (tmp_path / "state").exists()
+
+
+def test_hosts_ranked_while_servers_are_asked_wait_for_every_location(
+        imageserver: Daemon, start_imageserver: StartServer, admin: Security) -> None:
+    # Hosts converging together rank together: none may rank before every server was
+    # asked where it stands (a half-known map sent eu-west hosts to us-east).
+    east, west = start_imageserver("us-east/dc1"), start_imageserver("eu-west/dc1")
+    servers = ImageServers(imageserver.address, [east.address, west.address], admin)
+
+    async def rank_while_asking() -> list[list[str]]:
+        first = asyncio.create_task(servers.ranked("host-0", "eu-west/dc1/r1"))
+        while not servers.locations:  # the master answered, the others not yet
+            await asyncio.sleep(0.001)
+        later = [await servers.ranked(f"host-{i}", "eu-west/dc1/r1") for i in range(1, 9)]
+        return [await first, *later]
+
+    for order in asyncio.run(rank_while_asking()):
+        assert order == [west.address, east.address, imageserver.address]
