@@ -10,7 +10,7 @@ import pytest
 
 from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Security
-from fleetlib.testing.daemons import Daemon, free_port
+from fleetlib.testing.daemons import Daemon, free_port, imageserver_daemon
 from fleetlib.testing.fleet import FleetUnderTest
 
 
@@ -32,11 +32,7 @@ def admin(ca: Path) -> Security:
 def imageserver(tmp_path: Path, ca: Path) -> Iterator[Daemon]:
     """A real image server over mutual TLS on a loopback port."""
     state = tmp_path / "imageserver-state"
-    daemon = Daemon("imageserver.main",
-                    ["--state-dir", str(state), "--tls-dir", str(ca / "imageserver")],
-                    "imageserver", free_port(),
-                    Security.from_options(str(ca / "admin"), insecure=False),
-                    tmp_path / "imageserver.log", state_dir=state)
+    daemon = imageserver_daemon(state, ca, tmp_path / "imageserver.log")
     daemon.start()
     yield daemon
     daemon.stop()

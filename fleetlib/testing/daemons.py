@@ -141,6 +141,16 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
 
+def imageserver_daemon(state: Path, ca: Path, log: Path, *extra: str) -> Daemon:
+    """An image server (not yet started) over mutual TLS with the identities of CA (as
+    `certs init` makes them): STATE its state folder, LOG its log, EXTRA more flags."""
+    return Daemon("imageserver.main",
+                  ["--state-dir", str(state), "--tls-dir", str(ca / "imageserver"), *extra],
+                  "imageserver", free_port(),
+                  Security.from_options(str(ca / "admin"), insecure=False), log,
+                  state_dir=state)
+
+
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
         check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run the `dominator` CLI as a user would, capturing its output."""

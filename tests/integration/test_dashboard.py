@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from fleetlib.rpc.tls import Security
-from fleetlib.testing.daemons import PROJECT, Daemon, free_port
+from fleetlib.testing.daemons import PROJECT, Daemon, free_port, imageserver_daemon
 from fleetlib.testing.fleet import TOKEN, FleetUnderTest, wait_for
 from fleetlib.testing.trees import make_tree
 
@@ -32,9 +32,7 @@ def dash(tmp_path_factory: pytest.TempPathFactory, ca: Path) -> Iterator[FleetUn
     tmp = tmp_path_factory.mktemp("dashboard")
     admin = Security.from_options(str(ca / "admin"), insecure=False)
     started: list[Daemon] = []
-    imageserver = Daemon("imageserver.main", ["--state-dir", str(tmp / "imageserver"),
-                                              "--tls-dir", str(ca / "imageserver")],
-                         "imageserver", free_port(), admin, tmp / "imageserver.log")
+    imageserver = imageserver_daemon(tmp / "imageserver", ca, tmp / "imageserver.log")
     started.append(imageserver.start())
 
     def start_subd(root: Path) -> Daemon:

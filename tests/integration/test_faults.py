@@ -29,8 +29,8 @@ import pytest
 
 from fleetlib.fstree.scan import scan_directory
 from fleetlib.fstree.tree import Kind
-from fleetlib.rpc.tls import CALL_TIMEOUT_ENV, KEEPALIVE_ENV, Security
-from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli, free_port
+from fleetlib.rpc.tls import CALL_TIMEOUT_ENV, KEEPALIVE_ENV
+from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli, imageserver_daemon
 from fleetlib.testing.faultproxy import Fault, FaultProxy
 from fleetlib.testing.fleet import FleetUnderTest, wait_for
 from fleetlib.testing.trees import make_tree, rsync_differences
@@ -163,11 +163,7 @@ def shared_imageserver(short_timeouts: None, tmp_path_factory: pytest.TempPathFa
     """One image server for the module's push-image tests (they only read from it)."""
     folder = tmp_path_factory.mktemp("imageserver")
     state = folder / "state"
-    daemon = Daemon("imageserver.main",
-                    ["--state-dir", str(state), "--tls-dir", str(ca / "imageserver")],
-                    "imageserver", free_port(),
-                    Security.from_options(str(ca / "admin"), insecure=False),
-                    folder / "imageserver.log", state_dir=state)
+    daemon = imageserver_daemon(state, ca, folder / "imageserver.log")
     daemon.start()
     yield daemon
     daemon.stop()

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from fleetlib.rpc.tls import Security, open_channel
-from fleetlib.testing.daemons import PROJECT, Daemon, assert_one_line_error, cli, free_port
+from fleetlib.testing.daemons import (
+    PROJECT,
+    Daemon,
+    assert_one_line_error,
+    cli,
+    free_port,
+    imageserver_daemon,
+)
 from fleetlib.testing.fleet import FleetUnderTest, wait_for
 from fleetlib.testing.trees import make_tree
 from fleetlib.wire import audit_pb2, imageserver_pb2_grpc
@@ -33,10 +40,7 @@ TRIGGERS = [{"MatchLines": ["/etc/ssl/.*"], "Service": "nginx", "DoReload": True
 def reader_server(tmp_path_factory: pytest.TempPathFactory, ca: Path) -> Iterator[Daemon]:
     """One image server for the tests that only read images (they add new names only)."""
     folder = tmp_path_factory.mktemp("imageserver")
-    daemon = Daemon("imageserver.main",
-                    ["--state-dir", str(folder / "state"), "--tls-dir", str(ca / "imageserver")],
-                    "imageserver", free_port(), Security.from_options(str(ca / "admin"), False),
-                    folder / "imageserver.log", state_dir=folder / "state")
+    daemon = imageserver_daemon(folder / "state", ca, folder / "imageserver.log")
     daemon.start()
     yield daemon
     daemon.stop()

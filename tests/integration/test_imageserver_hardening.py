@@ -22,7 +22,13 @@ from fleetlib.fstree.source import DirectorySource
 from fleetlib.fstree.tree import TreeBuilder
 from fleetlib.rpc.chunks import split_message
 from fleetlib.rpc.tls import Security, open_channel
-from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, assert_one_line_error, cli, free_port
+from fleetlib.testing.daemons import (
+    TRACEBACK_RE,
+    Daemon,
+    assert_one_line_error,
+    cli,
+    imageserver_daemon,
+)
 from fleetlib.wire import imageserver_pb2_grpc, objectserver_pb2, objectserver_pb2_grpc
 from fleetlib.wire.codec import image_to_proto
 from imageserver.client import ImageServerClient
@@ -40,11 +46,7 @@ def tmpfs(folder: Path, size: str = "4m") -> None:
 
 
 def image_daemon(tmp_path: Path, ca: Path, state: Path, *extra: str) -> Daemon:
-    return Daemon("imageserver.main",
-                  ["--state-dir", str(state), "--tls-dir", str(ca / "imageserver"), *extra],
-                  "imageserver", free_port(),
-                  Security.from_options(str(ca / "admin"), insecure=False),
-                  tmp_path / "imageserver.log", state_dir=state)
+    return imageserver_daemon(state, ca, tmp_path / "imageserver.log", *extra)
 
 
 def final_objects(state: Path) -> list[Path]:
