@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 
 import click
@@ -14,7 +13,7 @@ from dominator.client import DominatorClient
 from dominator.deploy.model import DeploySpec
 from dominator.herd.state import Disabled
 from dominator.herd.status import Status, SubReport
-from fleetlib.cli.display import ago, echo_json, echo_table, table
+from fleetlib.cli.display import ago, echo_json, echo_table, table, utc
 from fleetlib.cli.options import Duration, security_options
 from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
 from fleetlib.errors import NotFoundError
@@ -33,7 +32,7 @@ def when(unix: float) -> str:
     """A point in time for people: '2 min ago (2026-01-02 03:04:05 UTC)', '-' for never."""
     if not unix:
         return "-"
-    return f"{ago(unix)} ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(unix))} UTC)"
+    return f"{ago(unix)} ({utc(unix)})"
 
 
 def describe_switch(switch: Disabled) -> str:
@@ -231,8 +230,7 @@ def disable_command(reason: str, expires_in: int | None, dominator: str,
     """Stop every update fleet-wide (persists across dominator restarts)."""
     reply = DominatorClient(dominator, security).disable_updates(reason, expires_in or 0)
     until = reply.disabled_until_unix
-    lifts = f" until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(until))} " \
-        f"({ago(until)})" if until else ""
+    lifts = f" until {utc(until)} ({ago(until)})" if until else ""
     click.echo(f"updates disabled by {reply.disabled_by}{lifts}: {reply.disabled_reason}")
 
 

@@ -26,7 +26,7 @@ import click
 import grpc
 
 from dominator.cli.options import dominator_option, imageserver_option, json_option
-from fleetlib.cli.display import ago, echo_json, echo_table, format_bytes, progress_bar
+from fleetlib.cli.display import ago, echo_json, echo_table, format_bytes, progress_bar, utc
 from fleetlib.cli.endpoints import explain
 from fleetlib.cli.options import Duration, parse_duration, security_options
 from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, rpc_exit_code
@@ -455,11 +455,6 @@ def latest_command(prefix: str, as_json: bool, imageserver: str, security: Secur
         echo_json(summary_json(newest))
     else:
         click.echo(newest.name)
-
-
-def utc(unix: int) -> str:
-    """A point in time as a UTC date and time."""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
 
 
 @image.command(name="set-expiry")

@@ -44,6 +44,11 @@ def ago(unix: float, now: float | None = None) -> str:
     return f"{text} ago" if delta > 0 else f"in {text}"
 
 
+def utc(unix: float) -> str:
+    """A point in time as a UTC date and time: '2026-01-02 03:04:05 UTC'."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Rows under upper-case headers, columns padded to their widest cell (kubectl style);
     an empty cell shows '-'."""

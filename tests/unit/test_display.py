@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetlib.cli.display import ago, table
+from fleetlib.cli.display import ago, table, utc
 
 NOW = 1_800_000_000.0
 
@@ -27,3 +27,7 @@ def test_ago_rounds_to_the_unit_people_would_say() -> None:
     assert ago(NOW + 3600 - 1, NOW) == "in 1 h"  # a 1 h pause set a second ago
     assert ago(NOW - 86400 + 60, NOW) == "1 d ago"
     assert ago(NOW - 90, NOW) == "2 min ago"
+
+
+def test_utc_spells_one_format() -> None:
+    assert utc(0) == "1970-01-01 00:00:00 UTC"
