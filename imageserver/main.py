@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fleetlib.audit import AuditLog
-from fleetlib.cli.options import Duration, parse_duration, security_options
+from fleetlib.cli.options import Duration, address_option, parse_duration, security_options
 from fleetlib.cli.run import (
     CONTEXT_SETTINGS,
     EXIT_CODES_HELP,
@@ -29,6 +29,7 @@ from fleetlib.sql.engine import open_engine
 from fleetlib.wire import imageserver_pb2_grpc, objectserver_pb2_grpc
 from imageserver.service import ImageService, ObjectService, collect_orphans, expire_images
 from imageserver.store import ImageStore
+from imageserver.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,18 @@ class ImageServerCollector(Collector):
 async def serve(state_dir: Path, port: int, security: Security, host: str = "[::]",
                 metrics_port: int = 0, orphan_grace: float = parse_duration(ORPHAN_GRACE),
                 orphan_interval: float = parse_duration(ORPHAN_INTERVAL),
-                location: str = "") -> None:
-    """Load the store, collect orphaned objects, and serve until cancelled."""
+                location: str = "", replicate_from: str = "") -> None:
+    """Load the store, collect orphaned objects, and serve until cancelled (as a replica
+    of `replicate_from` when given)."""
+    upstream = Upstream(replicate_from, security) if replicate_from else None
     store = ImageStore(state_dir)
     store.load()
     store.collect_orphans(orphan_grace)
     audit = AuditLog(open_engine(str(state_dir / "audit.sqlite")), "imageserver")
-    objects = ObjectService(store)
+    objects = ObjectService(store, upstream)
     stop_metrics = serve_metrics(ImageServerCollector(store, objects), host, metrics_port) \
         if metrics_port else None
-    images = ImageService(store, audit, location)
+    images = ImageService(store, audit, location, upstream)
     running = await start_server(
         [(objectserver_pb2_grpc.add_ObjectServerServicer_to_server, objects,
           "fleet.ObjectServer"),
@@ -98,6 +101,8 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
             task.cancel()
         if stop_metrics is not None:
             stop_metrics()
+        if upstream is not None:
+            await upstream.close()
 
 
 def checked_location(value: str) -> str:
@@ -128,10 +133,14 @@ def checked_location(value: str) -> str:
               callback=lambda ctx, param, value: checked_location(value),
               help="Where this server stands (told in ListImages): the dominator sends each "
                    "host to the servers nearest its MDB Location first.")
+@address_option("replicate-from", "FLEET_REPLICATE_FROM", "",
+                "Be a replica of this image server (a master or another replica): copy "
+                "its images, serve reads, write `image add` through to the master.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def command(state_dir: Path, port: int, host: str, metrics_port: int, orphan_grace: int,
-            orphan_interval: int, location: str, verbose: bool, security: Security) -> None:
+            orphan_interval: int, location: str, replicate_from: str, verbose: bool,
+            security: Security) -> None:
     """Serve images and their content-addressed objects over gRPC (mutual TLS).
 
     Images are immutable trees added with `dominator image add`; objects are
@@ -139,7 +148,7 @@ def command(state_dir: Path, port: int, host: str, metrics_port: int, orphan_gra
     """
     setup_logging(verbose)
     asyncio.run(serve(state_dir, port, security, host, metrics_port, orphan_grace,
-                      orphan_interval, location))
+                      orphan_interval, location, replicate_from))
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from fleetlib.wire import (
 from fleetlib.wire.codec import image_from_proto
 from fleetlib.wire.tree_pb2 import Chunk
 from imageserver.store import ImageStore
+from imageserver.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ def _check_hashes(hashes: Sequence[bytes]) -> None:
 class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
     """Receives verified objects and serves them back."""
 
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStore, upstream: Upstream | None = None) -> None:
         self.store = store
+        self.upstream = upstream  # a replica's upstream; None on a master
         # Totals since start, for metrics.
         self.received_bytes = 0  # object bytes arriving in AddObjects (as sent)
         self.added_bytes = 0  # bytes of objects new to the store
@@ -128,10 +130,12 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
     """Adds, lists, serves, deletes and announces images and changes their expiry;
     adds, deletes and expiry changes go to the audit log, which ListAudit serves."""
 
-    def __init__(self, store: ImageStore, audit: AuditLog, location: str = "") -> None:
+    def __init__(self, store: ImageStore, audit: AuditLog, location: str = "",
+                 upstream: Upstream | None = None) -> None:
         self.store = store
         self.audit = audit
         self.location = location  # where this server stands, told in ListImages
+        self.upstream = upstream  # a replica's upstream; None on a master
 
     async def AddImage(self, request_iterator: AsyncIterator[Chunk],
                        context: grpc.aio.ServicerContext) -> imageserver_pb2.AddImageResponse:

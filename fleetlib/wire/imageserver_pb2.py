@@ -26,7 +26,7 @@ from fleetlib.wire import audit_pb2 as fleetlib_dot_wire_dot_audit__pb2
 from fleetlib.wire import tree_pb2 as fleetlib_dot_wire_dot_tree__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66leetlib/wire/imageserver.proto\x12\x05\x66leet\x1a\x19\x66leetlib/wire/audit.proto\x1a\x18\x66leetlib/wire/tree.proto\"\x17\n\x06\x46ilter\x12\r\n\x05lines\x18\x01 \x03(\t\"j\n\x07Trigger\x12\x13\n\x0bmatch_lines\x18\x01 \x03(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tdo_reload\x18\x03 \x01(\x08\x12\x11\n\tdo_reboot\x18\x04 \x01(\x08\x12\x13\n\x0bhigh_impact\x18\x05 \x01(\x08\",\n\x0c\x43omputedFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"D\n\tSignature\x12\x10\n\x08key_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xef\x01\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x04tree\x18\x02 \x01(\x0b\x32\x0b.fleet.Tree\x12\x1d\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\r.fleet.Filter\x12 \n\x08triggers\x18\x04 \x03(\x0b\x32\x0e.fleet.Trigger\x12+\n\x0e\x63omputed_files\x18\x05 \x03(\x0b\x32\x13.fleet.ComputedFile\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\x07 \x01(\x03\x12#\n\tsignature\x18\x08 \x01(\x0b\x32\x10.fleet.Signature\"m\n\x0cImageSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x02 \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\x03 \x01(\x03\x12\x0e\n\x06inodes\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\" \n\x10\x41\x64\x64ImageResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x11ListImagesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"K\n\x12ListImagesResponse\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.fleet.ImageSummary\x12\x10\n\x08location\x18\x02 \x01(\t\"\"\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x13\x44\x65leteImageResponse\x12\x15\n\robjects_freed\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\"!\n\x11\x43heckImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x12\x43heckImageResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\".\n\x12WatchImagesRequest\x12\x18\n\x10include_existing\x18\x01 \x01(\x08\"v\n\nImageEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fleet.ImageEvent.Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\"4\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0b\n\x07\x44\x45LETED\x10\x02\";\n\x15SetImageExpiryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\"[\n\x16SetImageExpiryResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.fleet.ImageSummary\x12\x1d\n\x15previous_expires_unix\x18\x02 \x01(\x03\x32\x90\x04\n\x0bImageServer\x12\x33\n\x08\x41\x64\x64Image\x12\x0c.fleet.Chunk\x1a\x17.fleet.AddImageResponse(\x01\x12\x32\n\x08GetImage\x12\x16.fleet.GetImageRequest\x1a\x0c.fleet.Chunk0\x01\x12\x41\n\nListImages\x12\x18.fleet.ListImagesRequest\x1a\x19.fleet.ListImagesResponse\x12\x44\n\x0b\x44\x65leteImage\x12\x19.fleet.DeleteImageRequest\x1a\x1a.fleet.DeleteImageResponse\x12\x41\n\nCheckImage\x12\x18.fleet.CheckImageRequest\x1a\x19.fleet.CheckImageResponse\x12=\n\x0bWatchImages\x12\x19.fleet.WatchImagesRequest\x1a\x11.fleet.ImageEvent0\x01\x12>\n\tListAudit\x12\x17.fleet.ListAuditRequest\x1a\x18.fleet.ListAuditResponse\x12M\n\x0eSetImageExpiry\x12\x1c.fleet.SetImageExpiryRequest\x1a\x1d.fleet.SetImageExpiryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66leetlib/wire/imageserver.proto\x12\x05\x66leet\x1a\x19\x66leetlib/wire/audit.proto\x1a\x18\x66leetlib/wire/tree.proto\"\x17\n\x06\x46ilter\x12\r\n\x05lines\x18\x01 \x03(\t\"j\n\x07Trigger\x12\x13\n\x0bmatch_lines\x18\x01 \x03(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tdo_reload\x18\x03 \x01(\x08\x12\x11\n\tdo_reboot\x18\x04 \x01(\x08\x12\x13\n\x0bhigh_impact\x18\x05 \x01(\x08\",\n\x0c\x43omputedFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"D\n\tSignature\x12\x10\n\x08key_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xef\x01\n\x05Image\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x04tree\x18\x02 \x01(\x0b\x32\x0b.fleet.Tree\x12\x1d\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\r.fleet.Filter\x12 \n\x08triggers\x18\x04 \x03(\x0b\x32\x0e.fleet.Trigger\x12+\n\x0e\x63omputed_files\x18\x05 \x03(\x0b\x32\x13.fleet.ComputedFile\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\x07 \x01(\x03\x12#\n\tsignature\x18\x08 \x01(\x0b\x32\x10.fleet.Signature\"m\n\x0cImageSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x02 \x01(\x03\x12\x14\n\x0c\x65xpires_unix\x18\x03 \x01(\x03\x12\x0e\n\x06inodes\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\" \n\x10\x41\x64\x64ImageResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fGetImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x11ListImagesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"\x8b\x01\n\x12ListImagesResponse\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.fleet.ImageSummary\x12\x10\n\x08location\x18\x02 \x01(\t\x12,\n\x0bquarantined\x18\x03 \x03(\x0b\x32\x17.fleet.QuarantinedImage\x12\x10\n\x08upstream\x18\x04 \x01(\t\"c\n\x10QuarantinedImage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0clocal_digest\x18\x02 \x01(\x0c\x12\x17\n\x0fupstream_digest\x18\x03 \x01(\x0c\x12\x12\n\nsince_unix\x18\x04 \x01(\x03\"8\n\x12\x44\x65leteImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0creplica_only\x18\x02 \x01(\x08\"A\n\x13\x44\x65leteImageResponse\x12\x15\n\robjects_freed\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\"!\n\x11\x43heckImageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x12\x43heckImageResponse\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\".\n\x12WatchImagesRequest\x12\x18\n\x10include_existing\x18\x01 \x01(\x08\"v\n\nImageEvent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fleet.ImageEvent.Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\"4\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0b\n\x07\x44\x45LETED\x10\x02\";\n\x15SetImageExpiryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x02 \x01(\x03\"[\n\x16SetImageExpiryResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.fleet.ImageSummary\x12\x1d\n\x15previous_expires_unix\x18\x02 \x01(\x03\"0\n\x0eServerIdentity\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"S\n\x0cJournalEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x14\n\x0c\x65xpires_unix\x18\x03 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x08\"\xb6\x01\n\x0cJournalEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.fleet.JournalEvent.Kind\x12\"\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x13.fleet.JournalEntry\"H\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0b\n\x07\x44\x45LETED\x10\x02\x12\x12\n\x0e\x45XPIRY_CHANGED\x10\x03\"\xc5\x01\n\x0cReplicaHello\x12\'\n\x08identity\x18\x01 \x01(\x0b\x32\x15.fleet.ServerIdentity\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x14\n\x0c\x66ollowing_id\x18\x05 \x01(\t\x12\x1c\n\x14\x66ollowing_generation\x18\x06 \x01(\x04\x12\x15\n\rfrom_sequence\x18\x07 \x01(\x04\x12\x10\n\x08\x61ncestry\x18\x08 \x03(\t\"\x80\x01\n\x0fReplicaProgress\x12\x18\n\x10\x61pplied_sequence\x18\x01 \x01(\x04\x12\x18\n\x10\x62ytes_replicated\x18\x02 \x01(\x04\x12\x15\n\rbytes_pending\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bquarantined\x18\x05 \x01(\r\"o\n\x10ReplicateRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.fleet.ReplicaHelloH\x00\x12*\n\x08progress\x18\x02 \x01(\x0b\x32\x16.fleet.ReplicaProgressH\x00\x42\t\n\x07message\"\x8e\x01\n\rUpstreamHello\x12\'\n\x08identity\x18\x01 \x01(\x0b\x32\x15.fleet.ServerIdentity\x12\x10\n\x08\x61ncestry\x18\x02 \x03(\t\x12\x16\n\x0emaster_address\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x18\n\x10snapshot_follows\x18\x05 \x01(\x08\"W\n\x0fJournalSnapshot\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.fleet.JournalEntry\x12\x0c\n\x04last\x18\x02 \x01(\x08\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"\x97\x01\n\x11ReplicateResponse\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.fleet.UpstreamHelloH\x00\x12*\n\x08snapshot\x18\x02 \x01(\x0b\x32\x16.fleet.JournalSnapshotH\x00\x12$\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x13.fleet.JournalEventH\x00\x42\t\n\x07message\"\x15\n\x13ListReplicasRequest\"\xf2\x01\n\x0bReplicaInfo\x12\'\n\x08identity\x18\x01 \x01(\x0b\x32\x15.fleet.ServerIdentity\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08location\x18\x03 \x01(\t\x12\x18\n\x10\x61pplied_sequence\x18\x04 \x01(\x04\x12\x12\n\nlag_events\x18\x05 \x01(\x04\x12\x15\n\rbytes_pending\x18\x06 \x01(\x04\x12\x18\n\x10\x62ytes_replicated\x18\x07 \x01(\x04\x12\r\n\x05state\x18\x08 \x01(\t\x12\x11\n\tconnected\x18\t \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\n \x01(\x03\"\x9b\x01\n\x14ListReplicasResponse\x12\'\n\x08identity\x18\x01 \x01(\x0b\x32\x15.fleet.ServerIdentity\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x10\n\x08upstream\x18\x04 \x01(\t\x12$\n\x08replicas\x18\x05 \x03(\x0b\x32\x12.fleet.ReplicaInfo2\x9d\x05\n\x0bImageServer\x12\x33\n\x08\x41\x64\x64Image\x12\x0c.fleet.Chunk\x1a\x17.fleet.AddImageResponse(\x01\x12\x32\n\x08GetImage\x12\x16.fleet.GetImageRequest\x1a\x0c.fleet.Chunk0\x01\x12\x41\n\nListImages\x12\x18.fleet.ListImagesRequest\x1a\x19.fleet.ListImagesResponse\x12\x44\n\x0b\x44\x65leteImage\x12\x19.fleet.DeleteImageRequest\x1a\x1a.fleet.DeleteImageResponse\x12\x41\n\nCheckImage\x12\x18.fleet.CheckImageRequest\x1a\x19.fleet.CheckImageResponse\x12=\n\x0bWatchImages\x12\x19.fleet.WatchImagesRequest\x1a\x11.fleet.ImageEvent0\x01\x12>\n\tListAudit\x12\x17.fleet.ListAuditRequest\x1a\x18.fleet.ListAuditResponse\x12M\n\x0eSetImageExpiry\x12\x1c.fleet.SetImageExpiryRequest\x1a\x1d.fleet.SetImageExpiryResponse\x12\x42\n\tReplicate\x12\x17.fleet.ReplicateRequest\x1a\x18.fleet.ReplicateResponse(\x01\x30\x01\x12G\n\x0cListReplicas\x12\x1a.fleet.ListReplicasRequest\x1a\x1b.fleet.ListReplicasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,26 +51,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETIMAGEREQUEST']._serialized_end=762
   _globals['_LISTIMAGESREQUEST']._serialized_start=764
   _globals['_LISTIMAGESREQUEST']._serialized_end=799
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=801
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=876
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=878
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=912
-  _globals['_DELETEIMAGERESPONSE']._serialized_start=914
-  _globals['_DELETEIMAGERESPONSE']._serialized_end=979
-  _globals['_CHECKIMAGEREQUEST']._serialized_start=981
-  _globals['_CHECKIMAGEREQUEST']._serialized_end=1014
-  _globals['_CHECKIMAGERESPONSE']._serialized_start=1016
-  _globals['_CHECKIMAGERESPONSE']._serialized_end=1052
-  _globals['_WATCHIMAGESREQUEST']._serialized_start=1054
-  _globals['_WATCHIMAGESREQUEST']._serialized_end=1100
-  _globals['_IMAGEEVENT']._serialized_start=1102
-  _globals['_IMAGEEVENT']._serialized_end=1220
-  _globals['_IMAGEEVENT_KIND']._serialized_start=1168
-  _globals['_IMAGEEVENT_KIND']._serialized_end=1220
-  _globals['_SETIMAGEEXPIRYREQUEST']._serialized_start=1222
-  _globals['_SETIMAGEEXPIRYREQUEST']._serialized_end=1281
-  _globals['_SETIMAGEEXPIRYRESPONSE']._serialized_start=1283
-  _globals['_SETIMAGEEXPIRYRESPONSE']._serialized_end=1374
-  _globals['_IMAGESERVER']._serialized_start=1377
-  _globals['_IMAGESERVER']._serialized_end=1905
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=802
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=941
+  _globals['_QUARANTINEDIMAGE']._serialized_start=943
+  _globals['_QUARANTINEDIMAGE']._serialized_end=1042
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=1044
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=1100
+  _globals['_DELETEIMAGERESPONSE']._serialized_start=1102
+  _globals['_DELETEIMAGERESPONSE']._serialized_end=1167
+  _globals['_CHECKIMAGEREQUEST']._serialized_start=1169
+  _globals['_CHECKIMAGEREQUEST']._serialized_end=1202
+  _globals['_CHECKIMAGERESPONSE']._serialized_start=1204
+  _globals['_CHECKIMAGERESPONSE']._serialized_end=1240
+  _globals['_WATCHIMAGESREQUEST']._serialized_start=1242
+  _globals['_WATCHIMAGESREQUEST']._serialized_end=1288
+  _globals['_IMAGEEVENT']._serialized_start=1290
+  _globals['_IMAGEEVENT']._serialized_end=1408
+  _globals['_IMAGEEVENT_KIND']._serialized_start=1356
+  _globals['_IMAGEEVENT_KIND']._serialized_end=1408
+  _globals['_SETIMAGEEXPIRYREQUEST']._serialized_start=1410
+  _globals['_SETIMAGEEXPIRYREQUEST']._serialized_end=1469
+  _globals['_SETIMAGEEXPIRYRESPONSE']._serialized_start=1471
+  _globals['_SETIMAGEEXPIRYRESPONSE']._serialized_end=1562
+  _globals['_SERVERIDENTITY']._serialized_start=1564
+  _globals['_SERVERIDENTITY']._serialized_end=1612
+  _globals['_JOURNALENTRY']._serialized_start=1614
+  _globals['_JOURNALENTRY']._serialized_end=1697
+  _globals['_JOURNALEVENT']._serialized_start=1700
+  _globals['_JOURNALEVENT']._serialized_end=1882
+  _globals['_JOURNALEVENT_KIND']._serialized_start=1810
+  _globals['_JOURNALEVENT_KIND']._serialized_end=1882
+  _globals['_REPLICAHELLO']._serialized_start=1885
+  _globals['_REPLICAHELLO']._serialized_end=2082
+  _globals['_REPLICAPROGRESS']._serialized_start=2085
+  _globals['_REPLICAPROGRESS']._serialized_end=2213
+  _globals['_REPLICATEREQUEST']._serialized_start=2215
+  _globals['_REPLICATEREQUEST']._serialized_end=2326
+  _globals['_UPSTREAMHELLO']._serialized_start=2329
+  _globals['_UPSTREAMHELLO']._serialized_end=2471
+  _globals['_JOURNALSNAPSHOT']._serialized_start=2473
+  _globals['_JOURNALSNAPSHOT']._serialized_end=2560
+  _globals['_REPLICATERESPONSE']._serialized_start=2563
+  _globals['_REPLICATERESPONSE']._serialized_end=2714
+  _globals['_LISTREPLICASREQUEST']._serialized_start=2716
+  _globals['_LISTREPLICASREQUEST']._serialized_end=2737
+  _globals['_REPLICAINFO']._serialized_start=2740
+  _globals['_REPLICAINFO']._serialized_end=2982
+  _globals['_LISTREPLICASRESPONSE']._serialized_start=2985
+  _globals['_LISTREPLICASRESPONSE']._serialized_end=3140
+  _globals['_IMAGESERVER']._serialized_start=3143
+  _globals['_IMAGESERVER']._serialized_end=3812
 # @@protoc_insertion_point(module_scope)

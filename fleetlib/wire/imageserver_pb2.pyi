@@ -100,18 +100,36 @@ class ListImagesRequest(_message.Message):
     def __init__(self, prefix: _Optional[str] = ...) -> None: ...
 
 class ListImagesResponse(_message.Message):
-    __slots__ = ("images", "location")
+    __slots__ = ("images", "location", "quarantined", "upstream")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LOCATION_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageSummary]
     location: str
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageSummary, _Mapping]]] = ..., location: _Optional[str] = ...) -> None: ...
+    quarantined: _containers.RepeatedCompositeFieldContainer[QuarantinedImage]
+    upstream: str
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageSummary, _Mapping]]] = ..., location: _Optional[str] = ..., quarantined: _Optional[_Iterable[_Union[QuarantinedImage, _Mapping]]] = ..., upstream: _Optional[str] = ...) -> None: ...
+
+class QuarantinedImage(_message.Message):
+    __slots__ = ("name", "local_digest", "upstream_digest", "since_unix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    local_digest: bytes
+    upstream_digest: bytes
+    since_unix: int
+    def __init__(self, name: _Optional[str] = ..., local_digest: _Optional[bytes] = ..., upstream_digest: _Optional[bytes] = ..., since_unix: _Optional[int] = ...) -> None: ...
 
 class DeleteImageRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "replica_only")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    replica_only: bool
+    def __init__(self, name: _Optional[str] = ..., replica_only: _Optional[bool] = ...) -> None: ...
 
 class DeleteImageResponse(_message.Message):
     __slots__ = ("objects_freed", "bytes_freed")
@@ -170,3 +188,161 @@ class SetImageExpiryResponse(_message.Message):
     image: ImageSummary
     previous_expires_unix: int
     def __init__(self, image: _Optional[_Union[ImageSummary, _Mapping]] = ..., previous_expires_unix: _Optional[int] = ...) -> None: ...
+
+class ServerIdentity(_message.Message):
+    __slots__ = ("id", "generation")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    generation: int
+    def __init__(self, id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class JournalEntry(_message.Message):
+    __slots__ = ("name", "digest", "expires_unix", "deleted")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: bytes
+    expires_unix: int
+    deleted: bool
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[bytes] = ..., expires_unix: _Optional[int] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class JournalEvent(_message.Message):
+    __slots__ = ("sequence", "kind", "entry")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[JournalEvent.Kind]
+        ADDED: _ClassVar[JournalEvent.Kind]
+        DELETED: _ClassVar[JournalEvent.Kind]
+        EXPIRY_CHANGED: _ClassVar[JournalEvent.Kind]
+    KIND_UNSPECIFIED: JournalEvent.Kind
+    ADDED: JournalEvent.Kind
+    DELETED: JournalEvent.Kind
+    EXPIRY_CHANGED: JournalEvent.Kind
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    kind: JournalEvent.Kind
+    entry: JournalEntry
+    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[_Union[JournalEvent.Kind, str]] = ..., entry: _Optional[_Union[JournalEntry, _Mapping]] = ...) -> None: ...
+
+class ReplicaHello(_message.Message):
+    __slots__ = ("identity", "address", "port", "location", "following_id", "following_generation", "from_sequence", "ancestry")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_ID_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ANCESTRY_FIELD_NUMBER: _ClassVar[int]
+    identity: ServerIdentity
+    address: str
+    port: int
+    location: str
+    following_id: str
+    following_generation: int
+    from_sequence: int
+    ancestry: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, identity: _Optional[_Union[ServerIdentity, _Mapping]] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., location: _Optional[str] = ..., following_id: _Optional[str] = ..., following_generation: _Optional[int] = ..., from_sequence: _Optional[int] = ..., ancestry: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReplicaProgress(_message.Message):
+    __slots__ = ("applied_sequence", "bytes_replicated", "bytes_pending", "state", "quarantined")
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PENDING_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    applied_sequence: int
+    bytes_replicated: int
+    bytes_pending: int
+    state: str
+    quarantined: int
+    def __init__(self, applied_sequence: _Optional[int] = ..., bytes_replicated: _Optional[int] = ..., bytes_pending: _Optional[int] = ..., state: _Optional[str] = ..., quarantined: _Optional[int] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("hello", "progress")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    hello: ReplicaHello
+    progress: ReplicaProgress
+    def __init__(self, hello: _Optional[_Union[ReplicaHello, _Mapping]] = ..., progress: _Optional[_Union[ReplicaProgress, _Mapping]] = ...) -> None: ...
+
+class UpstreamHello(_message.Message):
+    __slots__ = ("identity", "ancestry", "master_address", "sequence", "snapshot_follows")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ANCESTRY_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
+    identity: ServerIdentity
+    ancestry: _containers.RepeatedScalarFieldContainer[str]
+    master_address: str
+    sequence: int
+    snapshot_follows: bool
+    def __init__(self, identity: _Optional[_Union[ServerIdentity, _Mapping]] = ..., ancestry: _Optional[_Iterable[str]] = ..., master_address: _Optional[str] = ..., sequence: _Optional[int] = ..., snapshot_follows: _Optional[bool] = ...) -> None: ...
+
+class JournalSnapshot(_message.Message):
+    __slots__ = ("entries", "last", "sequence")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[JournalEntry]
+    last: bool
+    sequence: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[JournalEntry, _Mapping]]] = ..., last: _Optional[bool] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class ReplicateResponse(_message.Message):
+    __slots__ = ("hello", "snapshot", "event")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    hello: UpstreamHello
+    snapshot: JournalSnapshot
+    event: JournalEvent
+    def __init__(self, hello: _Optional[_Union[UpstreamHello, _Mapping]] = ..., snapshot: _Optional[_Union[JournalSnapshot, _Mapping]] = ..., event: _Optional[_Union[JournalEvent, _Mapping]] = ...) -> None: ...
+
+class ListReplicasRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaInfo(_message.Message):
+    __slots__ = ("identity", "address", "location", "applied_sequence", "lag_events", "bytes_pending", "bytes_replicated", "state", "connected", "last_seen_unix")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAG_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PENDING_FIELD_NUMBER: _ClassVar[int]
+    BYTES_REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    identity: ServerIdentity
+    address: str
+    location: str
+    applied_sequence: int
+    lag_events: int
+    bytes_pending: int
+    bytes_replicated: int
+    state: str
+    connected: bool
+    last_seen_unix: int
+    def __init__(self, identity: _Optional[_Union[ServerIdentity, _Mapping]] = ..., address: _Optional[str] = ..., location: _Optional[str] = ..., applied_sequence: _Optional[int] = ..., lag_events: _Optional[int] = ..., bytes_pending: _Optional[int] = ..., bytes_replicated: _Optional[int] = ..., state: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix: _Optional[int] = ...) -> None: ...
+
+class ListReplicasResponse(_message.Message):
+    __slots__ = ("identity", "location", "sequence", "upstream", "replicas")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    identity: ServerIdentity
+    location: str
+    sequence: int
+    upstream: str
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
+    def __init__(self, identity: _Optional[_Union[ServerIdentity, _Mapping]] = ..., location: _Optional[str] = ..., sequence: _Optional[int] = ..., upstream: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ...) -> None: ...

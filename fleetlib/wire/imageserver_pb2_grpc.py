@@ -76,6 +76,16 @@ class ImageServerStub:
                 request_serializer=fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryRequest.SerializeToString,
                 response_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryResponse.FromString,
                 _registered_method=True)
+        self.Replicate = channel.stream_stream(
+                '/fleet.ImageServer/Replicate',
+                request_serializer=fleetlib_dot_wire_dot_imageserver__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
+        self.ListReplicas = channel.unary_unary(
+                '/fleet.ImageServer/ListReplicas',
+                request_serializer=fleetlib_dot_wire_dot_imageserver__pb2.ListReplicasRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.ListReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServerServicer:
@@ -130,6 +140,18 @@ class ImageServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replicate(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +194,16 @@ def add_ImageServerServicer_to_server(servicer, server):
                     servicer.SetImageExpiry,
                     request_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryRequest.FromString,
                     response_serializer=fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryResponse.SerializeToString,
+            ),
+            'Replicate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.ReplicateRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_imageserver__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'ListReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReplicas,
+                    request_deserializer=fleetlib_dot_wire_dot_imageserver__pb2.ListReplicasRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_imageserver__pb2.ListReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +422,60 @@ class ImageServer:
             '/fleet.ImageServer/SetImageExpiry',
             fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryRequest.SerializeToString,
             fleetlib_dot_wire_dot_imageserver__pb2.SetImageExpiryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleet.ImageServer/Replicate',
+            fleetlib_dot_wire_dot_imageserver__pb2.ReplicateRequest.SerializeToString,
+            fleetlib_dot_wire_dot_imageserver__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.ImageServer/ListReplicas',
+            fleetlib_dot_wire_dot_imageserver__pb2.ListReplicasRequest.SerializeToString,
+            fleetlib_dot_wire_dot_imageserver__pb2.ListReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -128,14 +128,16 @@ class PollResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[SubStatus, _Mapping]] = ..., tree_follows: _Optional[bool] = ..., tree_chunk: _Optional[_Union[_tree_pb2.Chunk, _Mapping]] = ..., tree_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("server", "hashes", "servers")
+    __slots__ = ("server", "hashes", "servers", "image_name")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_NAME_FIELD_NUMBER: _ClassVar[int]
     server: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     servers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, server: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., servers: _Optional[_Iterable[str]] = ...) -> None: ...
+    image_name: str
+    def __init__(self, server: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., servers: _Optional[_Iterable[str]] = ..., image_name: _Optional[str] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ()

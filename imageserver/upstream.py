@@ -1,0 +1,33 @@
+"""The server a replica follows (`imageserver --replicate-from HOST:PORT`): one channel
+to it shared by replication, pull-through and write-through, and what its hello said
+about the master."""
+
+from __future__ import annotations
+
+import logging
+
+from fleetlib.rpc.tls import Security, open_channel
+from fleetlib.wire import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Upstream:
+    """A replica's upstream: a master or another replica."""
+
+    def __init__(self, address: str, security: Security) -> None:
+        self.address = address
+        self.channel = open_channel(address, security, "imageserver", aio=True)
+        self.images = imageserver_pb2_grpc.ImageServerStub(self.channel)
+        self.objects = objectserver_pb2_grpc.ObjectServerStub(self.channel)
+        # What the upstream's last hello said (replication fills these in).
+        self.identity: imageserver_pb2.ServerIdentity | None = None
+        self.master_address = ""  # "" until known; the upstream itself when it is the master
+
+    def master(self) -> str:
+        """The master's HOST:PORT as best known, for messages that send the operator there."""
+        return self.master_address or self.address
+
+    async def close(self) -> None:
+        """Close the channel (on shutdown)."""
+        await self.channel.close()
