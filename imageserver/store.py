@@ -38,6 +38,7 @@ from fleetlib.fstree.objectstore import (
     space_error,
     write_file_atomically,
 )
+from fleetlib.signing import manifest_digest
 from fleetlib.wire import imageserver_pb2
 from fleetlib.wire.codec import image_from_proto, image_to_proto
 
@@ -57,6 +58,7 @@ class ImageInfo:
     inodes: int
     total_bytes: int
     objects: frozenset[bytes]
+    digest: bytes  # fleetlib.signing.manifest_digest: the content the name is bound to
 
     def summary(self) -> imageserver_pb2.ImageSummary:
         """The wire summary for ListImages."""
@@ -74,7 +76,7 @@ def _check_time(name: str, label: str, when: int) -> None:
 def _info(image: Image) -> ImageInfo:
     return ImageInfo(image.name, image.created_unix, image.expires_unix,
                      len(image.tree.inodes), image.tree.total_bytes(),
-                     frozenset(image.tree.object_sizes()))
+                     frozenset(image.tree.object_sizes()), manifest_digest(image))
 
 
 class ImageStore:
@@ -88,6 +90,8 @@ class ImageStore:
         self.images: dict[str, ImageInfo] = {}
         self.refcounts: Counter[bytes] = Counter()
         self.unreadable = 0  # image files `load` skipped: their objects are not orphans
+        # A replica's copies whose content differs from upstream's, moved aside, by name.
+        self.quarantined: dict[str, imageserver_pb2.QuarantinedImage] = {}
         self._watchers: set[asyncio.Queue[imageserver_pb2.ImageEvent]] = set()
 
     def load(self) -> None:
