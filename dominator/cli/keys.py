@@ -44,11 +44,16 @@ def create_command(name: str, out: Path, as_json: bool) -> None:
         if path.exists() or path.is_symlink():
             raise ExistsError(f"{path} exists: a key is never overwritten (pick another name)")
     private, public = new_key_pair()
-    try:
-        write_file_atomically(private_path, private, mode=0o600)
-        write_file_atomically(public_path, public, mode=0o644)
-    except OSError as err:
-        raise FleetError(f"cannot write the key pair in {out}: {err.strerror}") from None
+    # Never overwrite, even racing another `keys create NAME`: the loser stops at the
+    # private key, written first, so no public key outlives a lost race.
+    for path, data, mode in ((private_path, private, 0o600), (public_path, public, 0o644)):
+        try:
+            write_file_atomically(path, data, mode=mode, overwrite=False)
+        except FileExistsError:
+            raise ExistsError(f"{path} exists: a key is never overwritten (pick another "
+                              "name)") from None
+        except OSError as err:
+            raise FleetError(f"cannot write the key pair in {out}: {err.strerror}") from None
     shown = fingerprint(load_public_key(public_path))
     if as_json:
         echo_json({"name": name, "private_key": str(private_path),

@@ -72,10 +72,14 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_atomically(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> None:
+def write_file_atomically(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644,
+                          overwrite: bool = True) -> None:
     """Write `data` (bytes, or pieces as they arrive) to `path` via a temporary name in
     the same folder: fsync, rename, fsync the folder. Readers see the old file or the
-    new one, never a mix; on any failure the temporary file goes and `path` is as it was."""
+    new one, never a mix; on any failure the temporary file goes and `path` is as it was.
+    Without `overwrite` the file is published with a hard link instead of a rename, so
+    of two writers racing for one path exactly one wins and the other gets
+    FileExistsError."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=path.parent)
     try:
@@ -85,7 +89,11 @@ def write_file_atomically(path: Path, data: bytes | Iterable[bytes], mode: int =
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
-        os.rename(tmp, path)
+        if overwrite:
+            os.rename(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

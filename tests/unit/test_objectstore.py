@@ -248,6 +248,32 @@ def test_write_file_atomically_readers_never_see_a_mix(tmp_path: Path) -> None:
     assert seen  # the reader did read
 
 
+def test_write_file_atomically_without_overwrite_lets_exactly_one_racer_win(
+        tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    start = threading.Barrier(8)
+    outcomes: list[bytes | None] = []
+
+    def write(n: int) -> None:
+        data = str(n).encode() * 1000
+        start.wait()
+        try:
+            write_file_atomically(path, data, overwrite=False)
+            outcomes.append(data)
+        except FileExistsError:
+            outcomes.append(None)
+
+    writers = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    winners = [data for data in outcomes if data is not None]
+    assert len(outcomes) == 8 and len(winners) == 1
+    assert path.read_bytes() == winners[0]  # nobody overwrote the winner
+    assert os.listdir(tmp_path) == ["key"]  # the losers' temporary files are gone
+
+
 # ---------------------------------------------------------------- hashing
 
 
