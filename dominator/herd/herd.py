@@ -29,6 +29,7 @@ from dominator.herd.computed import (
     render_image_files,
 )
 from dominator.herd.convergence import PlanSummary, objects_to_fetch, plan_update, summarize
+from dominator.herd.fetchslots import ServerSlots
 from dominator.herd.images import ImageCache
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
@@ -71,6 +72,7 @@ class HerdConfig:
     max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES  # the most tree taken from one sub per poll
     extra_imageservers: tuple[str, ...] = ()  # more servers, ranked per host (ranking.py)
     trusted_keys: TrustedKeys | None = None  # set: only images signed by one converge
+    fetches_per_imageserver: int = 40  # fetches in flight per first-ranked server (0: no cap)
 
 
 @dataclass
@@ -190,6 +192,7 @@ class Herd:
         self._planning: dict[PlanKey, asyncio.Future[Planned | None]] = {}
         self._poll_slots = asyncio.Semaphore(config.poll_slots)
         self._fetch_slots = asyncio.Semaphore(config.fetch_slots)
+        self.server_slots = ServerSlots(config.fetches_per_imageserver)
         self._update_slots = asyncio.Semaphore(config.update_slots)
         self._revision = -1
         self._stopping = False
@@ -522,8 +525,10 @@ class Herd:
     async def _fetch(self, sub: Sub, client: AsyncSubClient, needed: dict[bytes, int]) -> bool:
         sub.set_status(Status.FETCHING)
         try:
-            async with self._fetch_slots, self.metrics.timed("fetch"):
-                await client.fetch(await self._servers_for(sub), list(needed))
+            servers = await self._servers_for(sub)  # the first one's slot waits for no other
+            async with (self.server_slots.hold(servers[0]), self._fetch_slots,
+                        self.metrics.timed("fetch")):
+                await client.fetch(servers, list(needed))
                 pause = 0.01  # small fetches end at once: do not hold the slot for long
                 while True:
                     await asyncio.sleep(pause)
