@@ -33,6 +33,8 @@ class UpdatePlan:
     disable_safety_check: bool = False
     disruption_permitted: bool = False
     inline_objects: list[bytes] = field(default_factory=list)  # computed files' content
+    servers: list[str] = field(default_factory=list)  # where subd --trusted-keys reads the
+    # image's signed manifest (image servers in order)
 
 
 def _triggers_to_wire(triggers: list[Trigger]) -> list[imageserver_pb2.Trigger]:
@@ -55,6 +57,7 @@ def plan_to_proto(plan: UpdatePlan) -> subd_pb2.UpdateRequest:
         disable_safety_check=plan.disable_safety_check,
         disruption_permitted=plan.disruption_permitted,
         inline_objects=plan.inline_objects,
+        servers=plan.servers,
     )
     for entry in plan.diff.entries:
         change = request.changes.add(path=os.fsencode(entry.path),
@@ -93,4 +96,5 @@ def plan_from_proto(request: subd_pb2.UpdateRequest) -> UpdatePlan:
     return UpdatePlan(request.image_name, TreeDiff(entries), flt,
                       _triggers_from_wire(request.triggers),
                       _triggers_from_wire(request.old_triggers),
-                      request.disable_safety_check, request.disruption_permitted, inline)
+                      request.disable_safety_check, request.disruption_permitted, inline,
+                      list(request.servers))

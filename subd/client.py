@@ -62,13 +62,16 @@ def encode_update(plan: UpdatePlan) -> bytes:
     return plan_to_proto(plan).SerializeToString()
 
 
-def fetch_request(servers: str | Sequence[str], hashes: list[bytes]) -> subd_pb2.FetchRequest:
-    """A Fetch of `hashes` from `servers` (one or several, tried in order); `server`
+def fetch_request(servers: str | Sequence[str], hashes: list[bytes], image_name: str = ""
+                  ) -> subd_pb2.FetchRequest:
+    """A Fetch of `hashes` (content of image `image_name`, which a subd with
+    --trusted-keys needs) from `servers` (one or several, tried in order); `server`
     carries the first, for a subd that predates `servers`."""
     ordered = [servers] if isinstance(servers, str) else list(servers)
     if not ordered:
         raise FleetError("no image server to fetch from")
-    return subd_pb2.FetchRequest(server=ordered[0], servers=ordered, hashes=hashes)
+    return subd_pb2.FetchRequest(server=ordered[0], servers=ordered, hashes=hashes,
+                                 image_name=image_name)
 
 
 def older_subd(err: grpc.RpcError, address: str) -> bool:
@@ -109,10 +112,11 @@ class SubClient:
         finally:
             stream.cancel()  # a no-op once the stream ended
 
-    def fetch(self, servers: str | Sequence[str], hashes: list[bytes]) -> None:
-        """Ask the sub to fetch objects from image servers, tried in order (runs in the
-        background)."""
-        self.stub.Fetch(fetch_request(servers, hashes), timeout=call_timeout())
+    def fetch(self, servers: str | Sequence[str], hashes: list[bytes], image_name: str = ""
+              ) -> None:
+        """Ask the sub to fetch objects of image `image_name` from image servers, tried
+        in order (runs in the background)."""
+        self.stub.Fetch(fetch_request(servers, hashes, image_name), timeout=call_timeout())
 
     def wait_fetch(self, progress: Callable[[subd_pb2.FetchStatus], None] | None = None,
                    timeout: float = 3600) -> subd_pb2.FetchStatus:
@@ -246,9 +250,11 @@ class AsyncSubClient:
         tree = await asyncio.to_thread(lambda: decode_tree(b"".join(parts)))
         return first.status, tree
 
-    async def fetch(self, servers: str | Sequence[str], hashes: list[bytes]) -> None:
-        """Start a fetch on the sub from image servers, tried in order."""
-        await self.stub.Fetch(fetch_request(servers, hashes), timeout=60)
+    async def fetch(self, servers: str | Sequence[str], hashes: list[bytes],
+                    image_name: str = "") -> None:
+        """Start a fetch on the sub of objects of image `image_name` from image
+        servers, tried in order."""
+        await self.stub.Fetch(fetch_request(servers, hashes, image_name), timeout=60)
 
     async def update(self, plan: UpdatePlan, timeout: float = UPDATE_TIMEOUT) -> None:
         """Apply an update of any size (raises grpc.aio.AioRpcError when refused or failed)."""

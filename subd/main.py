@@ -26,12 +26,14 @@ from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.rpc.ports import SUBD_PORT
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
+from fleetlib.signing import TrustedKeys, load_trusted_keys
 from fleetlib.wire import subd_pb2_grpc
 from subd.fetcher import Fetcher
 from subd.scanner import ScanConfig, Scanner
 from subd.service import SubdService
 from subd.state import SubdState
 from subd.trigger_runner import TriggerRunner
+from subd.trust import TrustedImages
 from subd.updater import Updater
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,9 @@ class SubdCollector(Collector):
 
 async def serve(root: Path, port: int, security: Security, config: ScanConfig,
                 network_speed_percent: float, trigger_command: str, host: str,
-                metrics_port: int = 0) -> None:
-    """Recover from any crash, start scanning, and serve until cancelled."""
+                metrics_port: int = 0, trusted_keys: TrustedKeys | None = None) -> None:
+    """Recover from any crash, start scanning, and serve until cancelled. With
+    `trusted_keys`, only images signed by one of them are fetched for and applied."""
     state_dir = root / SUBD_DIR
     state_dir.mkdir(mode=0o700, exist_ok=True)
     cache = ObjectStore(state_dir / "objects")
@@ -88,15 +91,17 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
     scanner = Scanner(root, config, state_dir)
     fetcher = Fetcher(root, cache, security, network_speed_percent, lambda: scanner.tree,
                       scanner.bump_generation)
-    service = SubdService(root, scanner, cache, fetcher, updater, state)
+    trust = TrustedImages(trusted_keys, security) if trusted_keys is not None else None
+    service = SubdService(root, scanner, cache, fetcher, updater, state, trust)
     stop_metrics = serve_metrics(SubdCollector(scanner, service), host, metrics_port) \
         if metrics_port else None
     running = await start_server(
         [(subd_pb2_grpc.add_SubdServicer_to_server, service, "fleet.Subd")],
         port, security, host)
     scanner.start()
-    log.info("subd serving %s on port %d%s", root, running.port,
-             "" if os.geteuid() == 0 else " (not root: ownership cannot be set)")
+    log.info("subd serving %s on port %d%s%s", root, running.port,
+             "" if os.geteuid() == 0 else " (not root: ownership cannot be set)",
+             "" if trust is None else "; only images signed by a trusted key")
     try:
         await serve_until_stopped(running)
     finally:
@@ -136,12 +141,18 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
 @click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="Serve Prometheus metrics (scans, bytes read, generation, cached objects) "
                    "over plain HTTP at :PORT/metrics on --host; 0: off.")
+@click.option("--trusted-keys", type=click.Path(path_type=Path),
+              help="A folder of public keys (*.pub, from `dominator keys create`): fetch "
+                   "for and apply only images signed by one of them. subd reads each "
+                   "image's signed manifest from the image servers itself (its certificate "
+                   "needs ImageServer.GetImage) and refuses a fetch or update that does not "
+                   "match it. Default: no signature check.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def command(root: Path, port: int, host: str, scan_speed_percent: float, cpu_percent: float,
             background_cpu_percent: float, network_speed_percent: float, verify_period: int,
             scan_exclusions: tuple[str, ...], trigger_command: str, metrics_port: int,
-            verbose: bool, security: Security) -> None:
+            trusted_keys: Path | None, verbose: bool, security: Security) -> None:
     """Scan ROOT continuously and converge it onto images when the dominator asks.
 
     Private state lives in ROOT/.subd (same filesystem, so installs are renames);
@@ -152,8 +163,9 @@ def command(root: Path, port: int, host: str, scan_speed_percent: float, cpu_per
                         background_cpu_percent=background_cpu_percent,
                         verify_period_seconds=verify_period,
                         exclusions=list(scan_exclusions or DEFAULT_EXCLUSIONS))
+    trusted = load_trusted_keys(trusted_keys) if trusted_keys is not None else None
     asyncio.run(serve(root.resolve(), port, security, config, network_speed_percent,
-                      trigger_command, host, metrics_port))
+                      trigger_command, host, metrics_port, trusted))
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from subd.configuration import (
 from subd.fetcher import Fetcher, free_bytes
 from subd.scanner import Scanner
 from subd.state import SubdState, UpdateOutcome
+from subd.trust import TrustedImages
 from subd.updater import Updater
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ class SubdService(subd_pb2_grpc.SubdServicer):
     """One host's agent."""
 
     def __init__(self, root: Path, scanner: Scanner, cache: ObjectStore, fetcher: Fetcher,
-                 updater: Updater, state: SubdState) -> None:
+                 updater: Updater, state: SubdState, trust: TrustedImages | None = None
+                 ) -> None:
         self.root = root
+        self.trust = trust  # subd --trusted-keys: only signed images are fetched and applied
         self.scanner = scanner
         self.cache = cache
         self.fetcher = fetcher
@@ -146,7 +149,11 @@ class SubdService(subd_pb2_grpc.SubdServicer):
                     ) -> subd_pb2.FetchResponse:
         try:
             hashes = [check_hash(h) for h in request.hashes]
-            self.fetcher.start(list(request.servers) or [request.server], hashes)
+            servers = list(request.servers) or [request.server]
+            if self.trust is not None:
+                manifest = await self.trust.manifest(request.image_name, servers, "fetch")
+                self.trust.check_fetch(manifest, hashes)
+            self.fetcher.start(servers, hashes)
         except FleetError as err:
             await abort(context, err)
         return subd_pb2.FetchResponse()
@@ -179,12 +186,27 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             if tree is None:
                 raise PreconditionError("subd has not finished its first scan yet")
             async with self._update_lock:
+                await self._check_signed(plan)
                 outcome = await asyncio.to_thread(self._apply, plan, tree)
         except FleetError as err:
             await abort(context, err)
         if not outcome.success:
             await context.abort(grpc.StatusCode.ABORTED, f"update failed: {outcome.error}")
         return subd_pb2.UpdateResponse()
+
+    async def _check_signed(self, plan: UpdatePlan) -> None:
+        """With trusted keys: refuse (and report as the last update) an update that does
+        not make the host hold exactly its signed image."""
+        if self.trust is None:
+            return
+        try:
+            manifest = await self.trust.manifest(plan.image_name, plan.servers, "update")
+            await asyncio.to_thread(self.trust.check_update, manifest, plan)
+        except FleetError as err:
+            log.warning("update to %s refused: %s", plan.image_name or "(unnamed)", err)
+            self.state.record(UpdateOutcome(plan.image_name, error=str(err),
+                                            finished_unix=int(time.time())))
+            raise
 
     def _apply(self, plan: UpdatePlan, tree: Tree) -> UpdateOutcome:
         """Apply with scanning paused, then let the next pass trust what was installed."""

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -286,7 +286,7 @@ def fetch_objects(client: SubClient, imageservers: str | Sequence[str],
     needed = objects_to_fetch(plan)
     if not needed:
         return
-    client.fetch(imageservers, list(needed))
+    client.fetch(imageservers, list(needed), plan.image_name)
     with progress_bar(sum(needed.values()), f"fetching {len(needed)} objects") as advance:
         shown = 0
 
@@ -363,7 +363,7 @@ def update_command(host: SubHost, image_name: str, disable_safety_check: bool,
     with connect(host, security) as client, \
             ImageServerClient(imageserver, security) as images:
         target = prepare(client, images, image_name, disable_safety_check, allow_disruption)
-        result = client.update(target.plan)
+        result = client.update(replace(target.plan, servers=[imageserver]))
     report_update(result, as_json, time.monotonic() - started)
 
 
@@ -390,7 +390,7 @@ def push_image_command(host: SubHost, image_name: str, disable_safety_check: boo
                 click.echo(f"{client.address} already matches {image_name}")
             return
         fetch_objects(client, imageserver, target.plan)
-        result = client.update(target.plan)
+        result = client.update(replace(target.plan, servers=list(imageserver)))
         status, _ = client.poll(short=True)
         client.wait_for_scan(status.scan_count)  # subd pauses scans during updates, so
         # the next pass to end began after this one

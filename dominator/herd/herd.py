@@ -51,6 +51,7 @@ from mdb.store import InvalidRow, Mdb
 from subd.changes import UpdatePlan
 from subd.client import DEFAULT_MAX_TREE_BYTES, AsyncSubClient, TreeTooLarge
 from subd.trigger_runner import plan_actions
+from subd.trust import is_trust_refusal
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +471,11 @@ class Herd:
             if needed:
                 self.metrics.prefetches.inc()
                 async with self._fetch_slots:
-                    await client.fetch(await self._servers_for(sub), needed)
+                    try:
+                        await client.fetch(await self._servers_for(sub), needed, planned_name)
+                    except grpc.RpcError as err:  # e.g. subd --trusted-keys refuses the image
+                        log.warning("%s: prefetch of %s refused: %s", sub.machine.hostname,
+                                    planned_name, describe_rpc_error(err))
             sub.prefetched = (planned_name, status.fingerprint)
         elif status.cached_objects > status.pinned_objects:  # subd keeps what a recent
             await client.cleanup_all_but([])  # fetch pinned (`sub fetch` then `sub update`)
@@ -514,7 +519,7 @@ class Herd:
             sub.set_status(Status.NO_SPACE, f"needs {plan.diff.bytes_to_write()} bytes, "
                            f"{status.free_bytes} free")
             return
-        if needed and not await self._fetch(sub, client, needed):
+        if needed and not await self._fetch(sub, client, needed, image.name):
             return
         await self._update(sub, client, image, computed, plan)
 
@@ -522,13 +527,14 @@ class Herd:
         """The image servers `sub` fetches from, nearest first, the master last."""
         return await self.servers.ranked(sub.machine.hostname, sub.machine.location)
 
-    async def _fetch(self, sub: Sub, client: AsyncSubClient, needed: dict[bytes, int]) -> bool:
+    async def _fetch(self, sub: Sub, client: AsyncSubClient, needed: dict[bytes, int],
+                     image_name: str) -> bool:
         sub.set_status(Status.FETCHING)
         try:
             servers = await self._servers_for(sub)  # the first one's slot waits for no other
             async with (self.server_slots.hold(servers[0]), self._fetch_slots,
                         self.metrics.timed("fetch")):
-                await client.fetch(servers, list(needed))
+                await client.fetch(servers, list(needed), image_name)
                 pause = 0.01  # small fetches end at once: do not hold the slot for long
                 while True:
                     await asyncio.sleep(pause)
@@ -537,7 +543,9 @@ class Herd:
                         break
                     pause = min(pause * 2, 0.2)
         except grpc.RpcError as err:
-            sub.set_status(Status.UNREACHABLE, describe_rpc_error(err))
+            text = describe_rpc_error(err)  # subd --trusted-keys refuses an untrusted image
+            sub.set_status(Status.IMAGE_NOT_TRUSTED if is_trust_refusal(text)
+                           else Status.UNREACHABLE, text)
             return False
         self.metrics.fetched_bytes.inc(
             max(0, status.fetch.bytes_done - status.fetch.bytes_copied_locally))
@@ -557,11 +565,13 @@ class Herd:
         sub.set_status(Status.UPDATING)
         try:
             async with self._update_slots, self.metrics.timed("update"):
-                await client.update(plan)
+                # servers: where a subd with --trusted-keys reads the signed manifest
+                await client.update(replace(plan, servers=await self._servers_for(sub)))
                 after, _ = await client.poll(short=True, timeout=30)
         except grpc.RpcError as err:
             text = describe_rpc_error(err)
-            kind = Status.UNSAFE if "more than half" in text else Status.FAILED
+            kind = Status.UNSAFE if "more than half" in text else \
+                Status.IMAGE_NOT_TRUSTED if is_trust_refusal(text) else Status.FAILED
             sub.set_status(kind, text)
             return
         sub.change_window_ns = after.last_update.change_window_ns

@@ -35,7 +35,8 @@ ROLE_METHODS: dict[str, list[str]] = {
     "admin": ["*"],
     # An image server replicates from another image server.
     "imageserver": ["ImageServer.*", "ObjectServer.*"],
-    "subd": ["ObjectServer.GetObjects", "ObjectServer.CheckObjects"],
+    # subd --trusted-keys reads an image's signed manifest itself (ImageServer.GetImage).
+    "subd": ["ObjectServer.GetObjects", "ObjectServer.CheckObjects", "ImageServer.GetImage"],
     "dominator": [
         "Subd.*",
         "ImageServer.GetImage",

@@ -156,7 +156,7 @@ class Change(_message.Message):
     def __init__(self, path: _Optional[bytes] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., inode: _Optional[_Union[_tree_pb2.Inode, _Mapping]] = ..., link_to: _Optional[bytes] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("image_name", "changes", "filter", "triggers", "old_triggers", "disable_safety_check", "disruption_permitted", "inline_objects")
+    __slots__ = ("image_name", "changes", "filter", "triggers", "old_triggers", "disable_safety_check", "disruption_permitted", "inline_objects", "servers")
     IMAGE_NAME_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class UpdateRequest(_message.Message):
     DISABLE_SAFETY_CHECK_FIELD_NUMBER: _ClassVar[int]
     DISRUPTION_PERMITTED_FIELD_NUMBER: _ClassVar[int]
     INLINE_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
     image_name: str
     changes: _containers.RepeatedCompositeFieldContainer[Change]
     filter: _imageserver_pb2.Filter
@@ -173,7 +174,8 @@ class UpdateRequest(_message.Message):
     disable_safety_check: bool
     disruption_permitted: bool
     inline_objects: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, image_name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., filter: _Optional[_Union[_imageserver_pb2.Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., old_triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., disable_safety_check: _Optional[bool] = ..., disruption_permitted: _Optional[bool] = ..., inline_objects: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image_name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., filter: _Optional[_Union[_imageserver_pb2.Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., old_triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., disable_safety_check: _Optional[bool] = ..., disruption_permitted: _Optional[bool] = ..., inline_objects: _Optional[_Iterable[bytes]] = ..., servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ()
