@@ -49,6 +49,10 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
               help="Polls in flight at once.")
 @click.option("--fetch-slots", default=50, show_default=True, type=click.IntRange(1),
               help="Fetches in flight at once.")
+@click.option("--fetches-per-imageserver", default=40, show_default=True,
+              type=click.IntRange(0),
+              help="Fetches in flight at once per image server (the one ranked first for "
+                   "the host); hosts beyond it wait. 0: no cap.")
 @click.option("--update-slots", default=50, show_default=True, type=click.IntRange(1),
               help="Updates in flight at once.")
 @click.option("--max-tree-bytes", default=DEFAULT_MAX_TREE_BYTES, show_default=True,
@@ -68,13 +72,16 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
 def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, ...],
                   generators: Path | None, port: int, http_port: int, token: str | None,
                   host: str, poll_interval: float,
-                  poll_slots: int, fetch_slots: int, update_slots: int, max_tree_bytes: int,
+                  poll_slots: int, fetch_slots: int, fetches_per_imageserver: int,
+                  update_slots: int, max_tree_bytes: int,
                   health_checks: NamedChecks, trusted_keys: Path | None, verbose: bool,
                   security: Security) -> None:
     """Run the dominator: keep every sub of the MDB on its required image.
 
     Reads the MDB, polls each sub, fetches and pushes what differs, restarts
-    only what changed, and stops itself where an update looks unsafe.
+    only what changed, and stops itself where an update looks unsafe. Hosts fetch
+    from the nearest healthy replica of the master (learned from it) or of the
+    servers given by hand, the master last.
     """
     setup_logging(verbose)
     trusted = load_trusted_keys(trusted_keys) if trusted_keys else None
@@ -82,6 +89,7 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, 
     config = HerdConfig(imageserver=imageserver[0], extra_imageservers=imageserver[1:],
                         poll_interval=poll_interval,
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
+                        fetches_per_imageserver=fetches_per_imageserver,
                         update_slots=update_slots, max_tree_bytes=max_tree_bytes,
                         trusted_keys=trusted)
     url = mdb_url or f"sqlite:///{state_dir.resolve() / 'mdb.sqlite'}"

@@ -43,6 +43,7 @@ ROLE_METHODS: dict[str, list[str]] = {
         "ImageServer.ListImages",
         "ImageServer.CheckImage",
         "ImageServer.WatchImages",
+        "ImageServer.ListReplicas",  # the replicas hosts may fetch from
         "ObjectServer.CheckObjects",
         "ObjectServer.GetObjects",
     ],
