@@ -26,6 +26,7 @@ import click
 import grpc
 
 from dominator.cli.options import dominator_option, imageserver_option, json_option
+from dominator.cli.replicas import replicas_command
 from fleetlib.cli.display import ago, echo_json, echo_table, format_bytes, progress_bar, utc
 from fleetlib.cli.endpoints import explain
 from fleetlib.cli.options import Duration, parse_duration, security_options
@@ -56,6 +57,9 @@ NEVER = "never"
 @click.group(name="image")
 def image() -> None:
     """Images: immutable trees (plus filter, triggers, computed files) on the image server."""
+
+
+image.add_command(replicas_command)
 
 
 @image.command(name="add")
