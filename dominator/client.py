@@ -11,6 +11,7 @@ from typing import Any
 from dominator.herd.status import SubReport
 from dominator.herd.tokens import ApiToken
 from fleetlib.audit import AuditEntry
+from fleetlib.rpc.deadline import with_default_deadline
 from fleetlib.rpc.ports import DOMINATOR_PORT
 from fleetlib.rpc.tls import Security, open_channel, parse_address
 from fleetlib.wire import audit_pb2, dominator_pb2, dominator_pb2_grpc
@@ -46,7 +47,7 @@ class DominatorClient:
     def __init__(self, address: str, security: Security) -> None:
         self.address = parse_address(address, DEFAULT_PORT)
         self.channel = open_channel(self.address, security, "dominator")
-        self.stub = dominator_pb2_grpc.DominatorStub(self.channel)
+        self.stub = dominator_pb2_grpc.DominatorStub(with_default_deadline(self.channel))
 
     def close(self) -> None:
         """Close the connection."""
