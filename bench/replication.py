@@ -1,0 +1,205 @@
+"""Issue 10's replication figure, on the debootstrap trees (A: minbase, B: minbase +
+nginx-light, curl, python3-minimal, openssh-server; B shares most of its content with A):
+a master holding A and a replica that replicated A; B is added on the master. Measured:
+
+- wall time from B visible on the master to B visible on the replica (both followed
+  through WatchImages from this process, so the two clocks are one), and the bytes the
+  master sent for it (its `imageserver_served_wire_bytes` as sent, `served_bytes`
+  before compression; the replica's own replication counters are reported when it has
+  them);
+- the operator's alternative in the same run: rsync of the master's object store
+  (`<master state>/objects/`) into a copy (`cp -a`, untimed) of the replica's object
+  store as it was before B, pulled from an rsync daemon on loopback (TCP, as the replica's
+  own path is; no ssh on this machine), with `-a --ignore-existing --stats`, once plain
+  and once with `-z`; bytes are rsync's "Total bytes received" (file list included).
+
+Fair to rsync, deliberately: `--ignore-existing` is the best an operator can do with a
+content-addressed store (a name that exists holds the same bytes) and skips rsync's
+quick check, which would otherwise resend every object whose mtime differs (the
+replica wrote its own copies); rsync gets no TLS, and our time is compared with the
+faster of its two runs, our bytes with the smaller. rsync also leaves the replica's image
+list untouched, so its "replica" could not serve B yet: the comparison flatters rsync.
+
+Each run restores both servers' state from a snapshot taken with A replicated
+(untimed), starts them, waits until the master reports the replica "in sync", then
+adds B. Medians of `--runs`.
+
+`nice -n 10 python -m bench.replication [--runs 3] [--json]`
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from bench.imageservers import Cluster, Server, copy_tree, log, warm
+from bench.timing import RESULTS, Report, timed
+from fleetlib.testing.daemons import free_port
+from fleetlib.testing.debootstrap import debootstrap_tree
+from imageserver.client import ImageServerClient
+
+NAME = "replication"
+
+
+def note(text: str) -> None:
+    log(NAME, text)
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """Counters that moved, by name."""
+    return {name: after[name] - before.get(name, 0.0) for name in after
+            if after[name] != before.get(name, 0.0)}
+
+
+def change_bytes(cluster: Cluster, master: Server) -> tuple[int, int]:
+    """(bytes of B's objects that A lacks, how many objects): what must move at least."""
+    with ImageServerClient(master.address, cluster.admin) as client:
+        held = client.get_image("a").tree.object_sizes()
+        wanted = client.get_image("b").tree.object_sizes()
+    new = {digest: size for digest, size in wanted.items() if digest not in held}
+    return sum(new.values()), len(new)
+
+
+def replicate_once(cluster: Cluster, master: Server, replica: Server,
+                   tree_b: Path) -> dict[str, float]:
+    """Add B on the master; seconds until the replica shows it and the counters moved."""
+    if not cluster.wait_in_sync(master, 1):
+        raise RuntimeError("the replica never reported 'in sync' to the master")
+    on_master = cluster.watch(master, "b")
+    on_replica = cluster.watch(replica, "b")
+    master_before, replica_before = master.metrics(), replica.metrics()
+    subprocess.run(["sync"], check=True)
+    cluster.image_add(master, "b", tree_b)
+    added, seen = on_master.wait(), on_replica.wait()
+    moved = delta(master.metrics(), master_before)
+    replicated = delta(replica.metrics(), replica_before)
+    result = {"seconds": seen - added,
+              "master_served_wire_bytes": moved.get("imageserver_served_wire_bytes", 0.0),
+              "master_served_bytes": moved.get("imageserver_served_bytes", 0.0)}
+    result.update({f"replica_{name}": value for name, value in replicated.items()
+                   if "replicat" in name or "added_bytes" in name})
+    note(f"replicated B in {result['seconds']:.2f} s: {json.dumps(result)}")
+    return result
+
+
+def rsync_pull(objects: Path, base: Path, dest: Path, compress: bool) -> tuple[float, int]:
+    """Median seconds and bytes received of rsync pulling OBJECTS from a loopback daemon
+    into a fresh copy of BASE at DEST."""
+    port = free_port()
+    config = dest.parent / "rsyncd.conf"
+    config.write_text(f"port = {port}\nuse chroot = no\n[objects]\npath = {objects}\n"
+                      "read only = yes\nuid = root\ngid = root\n")
+    daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={config}"])
+    received: list[int] = []
+
+    def reset() -> None:
+        shutil.rmtree(dest, ignore_errors=True)
+        copy_tree(base, dest)
+
+    def pull() -> None:
+        stats = subprocess.run(
+            ["rsync", "-a", "--ignore-existing", "--stats", *(["-z"] if compress else []),
+             f"rsync://127.0.0.1:{port}/objects/", f"{dest}/"],
+            check=True, capture_output=True, text=True).stdout
+        match = re.search(r"Total bytes received: ([\d,.]+)", stats)
+        if match is None:
+            raise RuntimeError(f"no byte count in rsync's --stats:\n{stats}")
+        received.append(int(re.sub(r"[,.]", "", match.group(1))))
+
+    try:
+        time.sleep(0.5)  # the daemon binds its port
+        seconds = timed(pull, reset=reset)
+    finally:
+        daemon.terminate()
+        daemon.wait()
+    return seconds, int(statistics.median(received))
+
+
+def run(work: Path, runs: int) -> tuple[Report, dict[str, object]]:
+    """Measure; the report and the raw figures."""
+    tree_a, tree_b = debootstrap_tree("minbase"), debootstrap_tree("minbase-nginx")
+    warm(tree_a, tree_b)
+    cluster = Cluster(work)
+    snapshot = work / "snapshot"
+    try:
+        note("master: image add a")
+        master = cluster.start("master")
+        cluster.image_add(master, "a", tree_a)
+        note("replica: replicating a")
+        replica = cluster.start("replica", "--replicate-from", master.address)
+        cluster.watch(replica, "a").wait()
+        if not cluster.wait_in_sync(master, 1):
+            raise RuntimeError("the replica never reported 'in sync' to the master")
+        cluster.stop()
+        snapshot.mkdir()
+        for server in (master, replica):
+            copy_tree(work / server.name, snapshot / server.name)
+        results = []
+        needed = objects = 0
+        for number in range(runs):
+            for server in (master, replica):
+                shutil.rmtree(work / server.name)
+                copy_tree(snapshot / server.name, work / server.name)
+                server.daemon.start()
+            note(f"run {number + 1}/{runs}: image add b on the master")
+            results.append(replicate_once(cluster, master, replica, tree_b))
+            if number == 0:
+                needed, objects = change_bytes(cluster, master)
+            cluster.stop()
+    finally:
+        cluster.stop()
+    note("rsync from a loopback daemon, plain and -z")
+    base = snapshot / "replica/objects"
+    rsync = {mode: rsync_pull(work / "master/objects", base, work / f"rsync-{mode}", mode == "z")
+             for mode in ("plain", "z")}
+    ours = {key: statistics.median(r.get(key, 0.0) for r in results) for key in results[0]}
+    report = Report(NAME)
+    fastest = min(rsync, key=lambda mode: rsync[mode][0])
+    smallest = min(rsync, key=lambda mode: rsync[mode][1])
+    label = {"plain": "rsync daemon", "z": "rsync -z daemon"}
+    report.add("replicate B to a replica holding A (wall)", ours["seconds"], label[fastest],
+               rsync[fastest][0], 1.0)
+    report.add("replicate B, master's bytes sent", ours["master_served_wire_bytes"] / 1e6,
+               label[smallest], rsync[smallest][1] / 1e6, 1.0, "MB")
+    report.add("replicate B, object bytes (uncompressed)", ours["master_served_bytes"] / 1e6,
+               "B's objects A lacks", needed / 1e6, 1.0, "MB")
+    raw = {"runs": results, "median": ours, "change_bytes": needed, "change_objects": objects,
+           "rsync": {mode: {"seconds": s, "bytes_received": b} for mode, (s, b) in rsync.items()}}
+    return report, raw
+
+
+@click.command()
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 9),
+              help="Replications of B (each from the same snapshot); the median is shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--work-dir", default="/var/tmp", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where the scratch folder (servers' state, rsync copies) goes.")
+def main(runs: int, as_json: bool, work_dir: Path) -> None:
+    """Replicating B to a replica holding A, against rsync of the object store."""
+    with tempfile.TemporaryDirectory(prefix="bench-replication-", dir=work_dir) as work:
+        report, raw = run(Path(work), runs)
+    save(report, raw, as_json)
+
+
+def save(report: Report, raw: dict[str, object], as_json: bool) -> None:
+    """The table (or, with `as_json`, the JSON) on stdout; both in bench/results/."""
+    if not as_json:
+        report.print()
+    figures = json.dumps({"rows": report.rows, "raw": raw}, indent=2)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{report.name}.json").write_text(figures)
+    if as_json:
+        click.echo(figures)
+
+
+if __name__ == "__main__":
+    main()
