@@ -28,6 +28,7 @@ of the change per replica), each replica's share of the bytes the hosts got
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -197,7 +198,7 @@ class Hosts:
     def fetch(self, servers: list[ImageServerInfo]) -> tuple[float, list[dict[str, Any]]]:
         """Every host fetches once from its ranking of SERVERS: wall seconds, results."""
         started = time.perf_counter()
-        line = json.dumps([server.__dict__ for server in servers]) + "\n"
+        line = json.dumps([dataclasses.asdict(server) for server in servers]) + "\n"
         for process in self.processes:
             assert process.stdin is not None
             process.stdin.write(line)
@@ -235,13 +236,15 @@ def summary(seconds: float, results: list[dict[str, Any]], servers: list[Server]
             "served_wire_bytes": {name: m.get("imageserver_served_wire_bytes", 0.0)
                                   for name, m in moved.items()},
             "served_bytes": {name: m.get("imageserver_served_bytes", 0.0)
-                             for name, m in moved.items()}}
+                             for name, m in moved.items()},
+            "replicas_moved": {name: {key: value for key, value in m.items()
+                                      if "replicat" in key or "pulled" in key}
+                               for name, m in moved.items() if name != "master"}}
 
 
-def run(work: Path, hosts_count: int, change: int, processes: int, slots: int
+def run(work: Path, tree_a: Path, hosts_count: int, change: int, processes: int, slots: int
         ) -> tuple[Report, dict[str, Any]]:
     """Measure; the report and the raw figures."""
-    tree_a = debootstrap_tree("minbase")
     warm(tree_a)
     hashes, change = make_change(tree_a, work / "tree-b", change)
     cluster = Cluster(work)
@@ -309,22 +312,25 @@ def table(runs: dict[str, Any], change: int, hosts: int) -> Report:
               help="Processes the hosts run in (asyncio tasks in each).")
 @click.option("--slots", default=40, show_default=True, type=click.IntRange(1),
               help="Fetches in flight at once, over all processes.")
+@click.option("--tree-a", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Tree of image A instead of debootstrap minbase (for a quick try).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--work-dir", default="/var/tmp", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Where the scratch folder (servers' state, tree B) goes.")
 @click.option("--worker", "worker_spec", type=click.Path(dir_okay=False, path_type=Path),
               hidden=True)
-def main(hosts_count: int, change_mb: float, processes: int, slots: int, as_json: bool,
-         work_dir: Path, worker_spec: Path | None) -> None:
+def main(hosts_count: int, change_mb: float, processes: int, slots: int, tree_a: Path | None,
+         as_json: bool, work_dir: Path, worker_spec: Path | None) -> None:
     """Hosts in three locations fetching a change via three replicas, against the master
     alone."""
     if worker_spec is not None:
         worker(worker_spec)
         return
+    tree_a = tree_a or debootstrap_tree("minbase")
     with tempfile.TemporaryDirectory(prefix="bench-fanout-", dir=work_dir) as work:
-        report, raw = run(Path(work), hosts_count, int(change_mb * 1e6),
-                           min(processes, hosts_count), max(slots, processes))
+        report, raw = run(Path(work), tree_a, hosts_count, int(change_mb * 1e6),
+                          min(processes, hosts_count), max(slots, processes))
     save(report, raw, as_json)
 
 

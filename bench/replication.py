@@ -85,7 +85,7 @@ def replicate_once(cluster: Cluster, master: Server, replica: Server,
               "master_served_wire_bytes": moved.get("imageserver_served_wire_bytes", 0.0),
               "master_served_bytes": moved.get("imageserver_served_bytes", 0.0)}
     result.update({f"replica_{name}": value for name, value in replicated.items()
-                   if "replicat" in name or "added_bytes" in name})
+                   if "replicat" in name or "pulled" in name})
     note(f"replicated B in {result['seconds']:.2f} s: {json.dumps(result)}")
     return result
 
@@ -123,9 +123,8 @@ def rsync_pull(objects: Path, base: Path, dest: Path, compress: bool) -> tuple[f
     return seconds, int(statistics.median(received))
 
 
-def run(work: Path, runs: int) -> tuple[Report, dict[str, object]]:
+def run(work: Path, runs: int, tree_a: Path, tree_b: Path) -> tuple[Report, dict[str, object]]:
     """Measure; the report and the raw figures."""
-    tree_a, tree_b = debootstrap_tree("minbase"), debootstrap_tree("minbase-nginx")
     warm(tree_a, tree_b)
     cluster = Cluster(work)
     snapshot = work / "snapshot"
@@ -179,14 +178,21 @@ def run(work: Path, runs: int) -> tuple[Report, dict[str, object]]:
 @click.command()
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 9),
               help="Replications of B (each from the same snapshot); the median is shown.")
+@click.option("--tree-a", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Tree of image A instead of debootstrap minbase (for a quick try).")
+@click.option("--tree-b", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Tree of image B instead of debootstrap minbase-nginx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--work-dir", default="/var/tmp", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Where the scratch folder (servers' state, rsync copies) goes.")
-def main(runs: int, as_json: bool, work_dir: Path) -> None:
+def main(runs: int, tree_a: Path | None, tree_b: Path | None, as_json: bool,
+         work_dir: Path) -> None:
     """Replicating B to a replica holding A, against rsync of the object store."""
+    tree_a = tree_a or debootstrap_tree("minbase")
+    tree_b = tree_b or debootstrap_tree("minbase-nginx")
     with tempfile.TemporaryDirectory(prefix="bench-replication-", dir=work_dir) as work:
-        report, raw = run(Path(work), runs)
+        report, raw = run(Path(work), runs, tree_a, tree_b)
     save(report, raw, as_json)
 
 
