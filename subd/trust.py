@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 REFUSED = "this host requires signed images (subd --trusted-keys)"
 MANIFESTS_KEPT = 4       # verified manifests in memory (100k files are ~10 MB each)
 SERVERS_KEPT = 256       # images whose last servers are remembered
+REFUSAL_SECONDS = 10.0   # a refusal is repeated, not re-read, for as long (a dominator
+                         # without --trusted-keys asks again every cycle)
 
 
 def is_trust_refusal(text: str) -> bool:
@@ -107,6 +110,8 @@ class TrustedImages:
         self._manifests: OrderedDict[str, SignedManifest] = OrderedDict()
         self._servers: OrderedDict[str, list[str]] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Recent refusals: name -> (until (time.monotonic()), the servers asked, the error).
+        self._refused: dict[str, tuple[float, list[str], str]] = {}
 
     async def manifest(self, name: str, servers: Iterable[str], what: str) -> SignedManifest:
         """The verified manifest of image `name`, read from `servers` in order (or those
@@ -130,10 +135,20 @@ class TrustedImages:
         if not addresses:
             raise _refuse(f"the {what} of image {name} names no image server to read its "
                           "signed manifest from")
+        refused = self._refused.get(name)
+        if refused is not None and refused[0] > time.monotonic() and refused[1] == addresses:
+            raise PreconditionError(refused[2])
         async with self._locks.setdefault(name, asyncio.Lock()):
             if name in self._manifests:
                 return self._manifests[name]
-            manifest = await self._read_verified(name, addresses)
+            try:
+                manifest = await self._read_verified(name, addresses)
+            except PreconditionError as err:
+                now = time.monotonic()
+                self._refused = {n: r for n, r in self._refused.items() if r[0] > now}
+                self._refused[name] = (now + REFUSAL_SECONDS, addresses, str(err))
+                raise
+            self._refused.pop(name, None)
             self._manifests[name] = manifest
             while len(self._manifests) > self.capacity:
                 self._manifests.popitem(last=False)
