@@ -1,12 +1,19 @@
 """The herd's own Prometheus instruments: counters and histograms it updates as it
 polls, fetches and updates (one HerdMetrics per Herd, registered nowhere by itself:
-the /metrics collector exports them)."""
+the /metrics collector exports them), and the gauges of the image servers it sends
+hosts to (`imageserver_metrics`: fetches in flight per server, each replica's lag,
+bytes and state)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from dominator.herd.fetchslots import ServerSlots
+from dominator.herd.replicas import STATES, ReplicaTree
 
 # Seconds: from a short poll on loopback (a millisecond) to a fetch of gigabytes.
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -89,3 +96,41 @@ class HerdMetrics:
         return [self.polls, self.poll_errors, self.poll_seconds, self.fetches,
                 self.fetch_failures, self.fetch_seconds, self.fetched_bytes, self.prefetches,
                 self.updates, self.update_failures, self.update_seconds, self.mdb_read_errors]
+
+
+def imageserver_metrics(slots: ServerSlots, tree: ReplicaTree | None
+                        ) -> Iterator[GaugeMetricFamily]:
+    """Gauges by image server (label `server`): fetches in flight on it, waiting for
+    one of its slots, and the most in flight at once; and per replica of the last walk
+    of the master's tree: lag in events, bytes pending and replicated, and its state
+    (label `state`: 1 for the one it is in, 0 for the others)."""
+    for name, doc, counts in (
+            ("dominator_fetches_in_flight", "Fetches in flight by the host's first server.",
+             slots.in_flight),
+            ("dominator_fetches_waiting", "Fetches waiting for a slot of their first server "
+             "(serve --fetches-per-imageserver).", slots.waiting),
+            ("dominator_fetches_in_flight_max", "The most fetches in flight at once on a "
+             "server since the dominator started.", slots.peak)):
+        family = GaugeMetricFamily(name, doc, labels=["server"])
+        for server in sorted(counts):
+            family.add_metric([server], counts[server])
+        yield family
+    replicas = tree.replicas if tree is not None else []
+    for name, doc, field in (
+            ("dominator_replica_lag_events", "Journal events a replica is behind its "
+             "upstream.", "lag_events"),
+            ("dominator_replica_bytes_pending", "Object bytes a replica still lacks for "
+             "images its upstream announced.", "bytes_pending"),
+            ("dominator_replica_bytes_replicated", "Object bytes a replica moved from its "
+             "upstream since it started.", "bytes_replicated")):
+        family = GaugeMetricFamily(name, doc, labels=["server", "upstream"])
+        for row in replicas:
+            family.add_metric([row.address, row.upstream], getattr(row, field))
+        yield family
+    states = GaugeMetricFamily("dominator_replica_state", "A replica's state, as its "
+                               "upstream reports it (1: the state it is in).",
+                               labels=["server", "state"])
+    for row in replicas:
+        for state in sorted({*STATES, row.state}):
+            states.add_metric([row.address, state], int(state == row.state))
+    yield states

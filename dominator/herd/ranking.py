@@ -157,10 +157,20 @@ class ImageServers:
         start a refresh in the background when it is due."""
         if not self._asked_once:
             await self._refresh()
-        elif (time.monotonic() - self._asked >= self.REFRESH_SECONDS
-              and (self._refreshing is None or self._refreshing.done())):
-            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        else:
+            self._refresh_when_due()
         return self.tree
+
+    def known(self) -> ReplicaTree | None:
+        """The replica tree as last learned, without waiting (None: none known, or not
+        asked yet); starts a refresh in the background when one is due."""
+        self._refresh_when_due()
+        return self.tree
+
+    def _refresh_when_due(self) -> None:
+        if (time.monotonic() - self._asked >= self.REFRESH_SECONDS
+                and (self._refreshing is None or self._refreshing.done())):
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
 
     def candidates(self) -> list[ImageServerInfo]:
         """Every server a host may be sent to, as last learned (the master last)."""

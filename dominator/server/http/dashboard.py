@@ -135,6 +135,24 @@ def image_counts(hosts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [rows[name] for name in sorted(rows)]
 
 
+def imageservers_view(ctx: HttpContext) -> dict[str, Any]:
+    """The image servers hosts fetch from, as `dominator image replicas --json` lists
+    them (the last walk of the master's replicas, refreshed in the background), each
+    with the fetches in flight on it and waiting for it; the servers given by hand;
+    and why no replicas are known ("" when they are)."""
+    servers = ctx.herd.servers
+    tree = servers.known()
+    slots = ctx.herd.server_slots
+    rows = [{**row.to_json(), "fetches_in_flight": slots.in_flight[row.address],
+             "fetches_waiting": slots.waiting[row.address]}
+            for row in (tree.rows if tree is not None else [])]
+    return {"master": servers.master, "servers": rows, "given": servers.others,
+            "unreachable": [{"address": address, "error": error} for address, error
+                            in sorted((tree.unreachable if tree is not None else {}).items())],
+            "error": servers.replication_error,
+            "fetch_cap": slots.cap}
+
+
 async def overview(ctx: HttpContext) -> dict[str, Any]:
     """The fleet at a glance."""
     hosts = await host_views(ctx)
@@ -160,6 +178,7 @@ async def overview(ctx: HttpContext) -> dict[str, Any]:
         "updates_disabled": None if disabled is None else {
             "by": disabled.by, "reason": disabled.reason, "unix": disabled.unix},
         "diff_cache": {"hits": ctx.herd.cache.hits, "misses": ctx.herd.cache.misses},
+        "imageservers": imageservers_view(ctx),
         "deploy_engine": deploys is not None,
         "deploys": deploys or [],
     }

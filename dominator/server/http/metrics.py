@@ -6,7 +6,9 @@ Two kinds of metrics:
   (`HerdMetrics`, one per Herd: `herd.metrics`);
 - gauges computed at scrape time from the herd, its diff cache, the state store
   and the deploy engine (`FleetCollector`): hosts by status, compliant hosts,
-  diff cache hits and misses, the fleet-wide switch, deploys by status.
+  diff cache hits and misses, the fleet-wide switch, deploys by status, fetches in
+  flight per image server and each replica's lag, bytes and state (from the last
+  walk of the master's replicas, refreshed in the background: no scrape waits on it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from dominator.deploy.model import DeployStatus
-from dominator.herd.instruments import HerdMetrics
+from dominator.herd.instruments import HerdMetrics, imageserver_metrics
+from dominator.herd.replicas import ReplicaTree
 from dominator.herd.status import Status
 from dominator.server.http.context import HttpContext
 
@@ -33,9 +36,11 @@ class FleetCollector(Collector):
         self.ctx = ctx
         self._updates_disabled = False
         self._deploys: dict[DeployStatus, int] | None = None
+        self._replicas: ReplicaTree | None = None
 
     async def refresh(self) -> None:
         """Read what lives in the state store (off the event loop) before a scrape."""
+        self._replicas = self.ctx.herd.servers.known()
         disabled = await asyncio.to_thread(self.ctx.state.updates_disabled)
         self._updates_disabled = disabled is not None
         engine = self.ctx.deploys
@@ -73,6 +78,7 @@ class FleetCollector(Collector):
             for status, count in self._deploys.items():
                 deploys.add_metric([status], count)
             yield deploys
+        yield from imageserver_metrics(herd.server_slots, self._replicas)
         metrics: HerdMetrics | None = getattr(herd, "metrics", None)
         if metrics is not None:
             for metric in metrics.collectors():

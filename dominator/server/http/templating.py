@@ -41,15 +41,16 @@ def size(count: float) -> str:
     return f"{count} B"
 
 
-OK_STATES = {Status.SYNCED.value, "succeeded", "planned"}
+OK_STATES = {Status.SYNCED.value, "succeeded", "planned", "in sync", "master"}
 BUSY_STATES = {Status.POLLING.value, Status.FETCHING.value, Status.UPDATING.value, "running",
-               "pending", "checking", "rollingback"}
+               "pending", "checking", "rollingback", "syncing"}
 WARN_STATES = {Status.UPDATES_DISABLED.value, Status.NO_IMAGE.value,
                Status.IMAGE_NOT_READY.value, "canceled", "skipped", "rolledback"}
 
 
 def status_class(status: str) -> str:
-    """CSS class of a status badge (a host's, or a deploy's, wave's or deploy host's):
+    """CSS class of a status badge (a host's, a deploy's, wave's or deploy host's, or an
+    image server's replication state):
     its severity, ok, busy, warn or bad."""
     status = status.lower()
     for css, states in (("ok", OK_STATES), ("busy", BUSY_STATES), ("warn", WARN_STATES)):
