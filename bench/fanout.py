@@ -59,6 +59,7 @@ NAME = "fanout"
 REPLICAS = 3
 MASTER_LOCATION = "r0/dc0"
 SMALLEST, LARGEST = 64 << 10, 4 << 20  # sizes of the change's files (log-uniform)
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def note(text: str) -> None:
@@ -147,7 +148,10 @@ def worker(spec_path: Path) -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         servers = [ImageServerInfo(**server) for server in json.loads(line)]
-        print(json.dumps(asyncio.run(fetch_hosts(spec, servers))), flush=True)
+        cpu = time.process_time()
+        results = asyncio.run(fetch_hosts(spec, servers))
+        print(json.dumps({"hosts": results, "cpu_seconds": time.process_time() - cpu}),
+              flush=True)
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -195,39 +199,61 @@ class Hosts:
             if process.stdout.readline().strip() != "ready":
                 raise RuntimeError("a host process did not start")
 
-    def fetch(self, servers: list[ImageServerInfo]) -> tuple[float, list[dict[str, Any]]]:
-        """Every host fetches once from its ranking of SERVERS: wall seconds, results."""
+    def fetch(self, servers: list[ImageServerInfo]
+              ) -> tuple[float, list[dict[str, Any]], float]:
+        """Every host fetches once from its ranking of SERVERS: wall seconds, results, CPU
+        seconds of the host processes."""
         started = time.perf_counter()
         line = json.dumps([dataclasses.asdict(server) for server in servers]) + "\n"
         for process in self.processes:
             assert process.stdin is not None
             process.stdin.write(line)
             process.stdin.flush()
-        results = []
+        results, cpu = [], 0.0
         for process in self.processes:
             assert process.stdout is not None
             reply = process.stdout.readline()
             if not reply:
                 raise RuntimeError("a host process died (its traceback is above)")
-            results.extend(json.loads(reply))
-        return time.perf_counter() - started, results
+            figures = json.loads(reply)
+            results.extend(figures["hosts"])
+            cpu += figures["cpu_seconds"]
+        return time.perf_counter() - started, results, cpu
 
     def close(self) -> None:
+        """End the processes (they exit at the end of their input)."""
         for process in self.processes:
             assert process.stdin is not None
             process.stdin.close()
-            process.wait()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # stuck mid-fetch after a failure elsewhere
+                process.kill()
+                process.wait()
 
 
-def summary(seconds: float, results: list[dict[str, Any]], servers: list[Server],
-            before: dict[str, dict[str, float]]) -> dict[str, Any]:
+def counters(servers: list[Server]) -> dict[str, dict[str, float]]:
+    """Each server's metrics, and its CPU seconds as `cpu_seconds`, by server name."""
+    figures = {}
+    for server in servers:
+        assert server.daemon.process is not None
+        fields = Path(f"/proc/{server.daemon.process.pid}/stat").read_text().rsplit(")", 1)[1]
+        user, system = fields.split()[11:13]
+        figures[server.name] = {**server.metrics(),
+                                "cpu_seconds": (int(user) + int(system)) / TICKS}
+    return figures
+
+
+def summary(seconds: float, results: list[dict[str, Any]], hosts_cpu: float,
+            servers: list[Server], before: dict[str, dict[str, float]]) -> dict[str, Any]:
     """One run's figures: wall time, host times, errors, bytes by server (as the hosts
-    counted them and as each server's /metrics moved)."""
+    counted them and as each server's /metrics moved), each server's CPU."""
     by_server: Counter[str] = Counter()
     for result in results:
         by_server.update(result["by_server"])
     names = {server.address: server.name for server in servers}
-    moved = {server.name: delta(server.metrics(), before[server.name]) for server in servers}
+    after = counters(servers)
+    moved = {server.name: delta(after[server.name], before[server.name]) for server in servers}
     times = sorted(result["seconds"] for result in results)
     errors = [f"{r['host']}: {r['error']}" for r in results if r["error"]]
     return {"seconds": seconds, "host_seconds_median": statistics.median(times),
@@ -237,6 +263,9 @@ def summary(seconds: float, results: list[dict[str, Any]], servers: list[Server]
                                   for name, m in moved.items()},
             "served_bytes": {name: m.get("imageserver_served_bytes", 0.0)
                              for name, m in moved.items()},
+            "cpu_seconds": {"hosts": round(hosts_cpu, 2),
+                            **{name: round(m.get("cpu_seconds", 0.0), 2)
+                               for name, m in moved.items()}},
             "replicas_moved": {name: {key: value for key, value in m.items()
                                       if "replicat" in key or "pulled" in key}
                                for name, m in moved.items() if name != "master"}}
@@ -266,7 +295,7 @@ def run(work: Path, tree_a: Path, hosts_count: int, change: int, processes: int,
                   *(ImageServerInfo(r.address, f"r{n}/dc1") for n, r in enumerate(replicas, 1))]
         note(f"replicas: image add b, then {hosts_count} hosts fetch {change / 1e6:.1f} MB")
         watches = [cluster.watch(replica, "b") for replica in replicas]
-        before = {server.name: server.metrics() for server in everyone}
+        before = counters(everyone)
         cluster.image_add(master, "b", work / "tree-b")
         added = time.perf_counter()
         runs = {"replicas": summary(*hosts.fetch(ranked), everyone, before)}
@@ -274,7 +303,7 @@ def run(work: Path, tree_a: Path, hosts_count: int, change: int, processes: int,
             round(watch.wait() - added, 3) for watch in watches]
         note(f"replicas: {json.dumps(runs['replicas'])}")
         note(f"master alone: {hosts_count} hosts fetch the change")
-        before = {server.name: server.metrics() for server in everyone}
+        before = counters(everyone)
         runs["master alone"] = summary(*hosts.fetch(ranked[:1]), everyone, before)
         note(f"master alone: {json.dumps(runs['master alone'])}")
     finally:
