@@ -24,11 +24,19 @@ from fleetlib.errors import FleetError
 from fleetlib.location import check_location
 from fleetlib.rpc.ports import IMAGESERVER_PORT
 from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
-from fleetlib.rpc.tls import Security
+from fleetlib.rpc.tls import Security, parse_address
 from fleetlib.sql.engine import open_engine
-from fleetlib.wire import imageserver_pb2_grpc, objectserver_pb2_grpc
+from fleetlib.wire import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2_grpc
+from imageserver.journal import new_id, peek
+from imageserver.replication import (
+    Follower,
+    ReplicaRegistry,
+    Session,
+    is_this_server,
+    open_session,
+)
 from imageserver.service import ImageService, ObjectService, collect_orphans, expire_images
-from imageserver.store import ImageStore
+from imageserver.store import JOURNAL, ImageStore
 from imageserver.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -41,9 +49,13 @@ ORPHAN_INTERVAL = "1h"
 class ImageServerCollector(Collector):
     """The image server's metrics, read at scrape time from its store and service."""
 
-    def __init__(self, store: ImageStore, objects: ObjectService) -> None:
+    def __init__(self, store: ImageStore, objects: ObjectService,
+                 replicas: ReplicaRegistry | None = None, follower: Follower | None = None
+                 ) -> None:
         self.store = store
         self.objects = objects
+        self.replicas = replicas  # the servers following this one
+        self.follower = follower  # a replica's replication from its upstream
 
     def collect(self) -> Iterator[Metric]:
         store, objects = self.store, self.objects
@@ -68,6 +80,43 @@ class ImageServerCollector(Collector):
         yield CounterMetricFamily("imageserver_served_wire_bytes",
                                   "Object bytes sent by GetObjects (as sent, compressed where "
                                   "asked).", value=objects.served_wire_bytes)
+        yield from self._replication()
+
+    def _replication(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("imageserver_journal_sequence",
+                                "The last sequence number of this server's journal.",
+                                value=self.store.journal.sequence)
+        yield GaugeMetricFamily("imageserver_quarantined_images",
+                                "Images a replica moved aside: its copy's content differs "
+                                "from upstream's (an alarm).", value=len(self.store.quarantined))
+        if self.replicas is not None:
+            yield GaugeMetricFamily("imageserver_followers_connected",
+                                    "Servers replicating from this one now.",
+                                    value=self.replicas.connected_count())
+            yield CounterMetricFamily("imageserver_snapshots_sent",
+                                      "Journal snapshots sent to followers (a resume sends "
+                                      "none).", value=self.replicas.snapshots_sent)
+        follower = self.follower
+        if follower is None:
+            return
+        yield GaugeMetricFamily("imageserver_replication_lag_events",
+                                "Upstream journal events this replica has not applied yet.",
+                                value=follower.lag())
+        yield CounterMetricFamily("imageserver_replicated_bytes",
+                                  "Object bytes this replica moved from its upstream.",
+                                  value=follower.bytes_replicated)
+        yield GaugeMetricFamily("imageserver_replication_pending_bytes",
+                                "Object bytes this replica still lacks for the images its "
+                                "upstream announced.", value=follower.bytes_pending)
+        yield GaugeMetricFamily("imageserver_replication_diverged",
+                                "1 when this replica found its upstream replaced or older "
+                                "(it then applies no deletes).", value=int(follower.diverged))
+        yield GaugeMetricFamily("imageserver_replication_connected",
+                                "1 while this replica's stream to its upstream is open.",
+                                value=int(follower.connected))
+        yield CounterMetricFamily("imageserver_replication_snapshots",
+                                  "Journal snapshots this replica received from upstream.",
+                                  value=follower.snapshots)
 
 
 async def serve(state_dir: Path, port: int, security: Security, host: str = "[::]",
@@ -75,16 +124,21 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
                 orphan_interval: float = parse_duration(ORPHAN_INTERVAL),
                 location: str = "", replicate_from: str = "") -> None:
     """Load the store, collect orphaned objects, and serve until cancelled (as a replica
-    of `replicate_from` when given)."""
+    of `replicate_from` when given: a first start reaches the upstream before it touches
+    the state directory, and refuses to start when it cannot)."""
     upstream = Upstream(replicate_from, security) if replicate_from else None
-    store = ImageStore(state_dir)
+    ident, first = await _first_contact(state_dir, upstream, port, location)
+    store = ImageStore(state_dir, ident)
     store.load()
     store.collect_orphans(orphan_grace)
     audit = AuditLog(open_engine(str(state_dir / "audit.sqlite")), "imageserver")
     objects = ObjectService(store, upstream)
-    stop_metrics = serve_metrics(ImageServerCollector(store, objects), host, metrics_port) \
-        if metrics_port else None
     images = ImageService(store, audit, location, upstream)
+    follower = Follower(store, upstream, port, location) if upstream is not None else None
+    if follower is not None and first is not None:
+        follower.adopt(first.hello)
+    stop_metrics = serve_metrics(ImageServerCollector(store, objects, images.replicas, follower),
+                                 host, metrics_port) if metrics_port else None
     running = await start_server(
         [(objectserver_pb2_grpc.add_ObjectServerServicer_to_server, objects,
           "fleet.ObjectServer"),
@@ -94,6 +148,9 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
              f", location {location}" if location else "")
     tasks = [asyncio.create_task(expire_images(store, audit)),
              asyncio.create_task(collect_orphans(store, orphan_grace, orphan_interval))]
+    if follower is not None:
+        follower.port = running.port
+        tasks.append(asyncio.create_task(follower.run(first)))
     try:
         await serve_until_stopped(running)
     finally:
@@ -103,6 +160,29 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
             stop_metrics()
         if upstream is not None:
             await upstream.close()
+
+
+async def _first_contact(state_dir: Path, upstream: Upstream | None, port: int, location: str
+                         ) -> tuple[str, Session | None]:
+    """A replica's first start (no position persisted): reach the upstream and exchange
+    hellos before touching STATE_DIR, so a wrong --replicate-from fails at once and
+    changes nothing. (The id a new journal takes, the open session or None.)"""
+    if upstream is None:
+        return "", None
+    if is_this_server(upstream.address, port):
+        raise FleetError(f"--replicate-from {upstream.address} is this server itself")
+    identity, followed = peek(state_dir / JOURNAL)
+    if followed:
+        log.info("replicating from %s, serving the images held meanwhile", upstream.address)
+        return "", None
+    identity = identity or imageserver_pb2.ServerIdentity(id=new_id(), generation=1)
+    try:
+        session = await open_session(upstream, imageserver_pb2.ReplicaHello(
+            identity=identity, port=port, location=location))
+    except FleetError:
+        await upstream.close()
+        raise
+    return identity.id, session
 
 
 def checked_location(value: str) -> str:
@@ -147,6 +227,8 @@ def command(state_dir: Path, port: int, host: str, metrics_port: int, orphan_gra
     verified against their SHA-256 on arrival and stored crash-safely.
     """
     setup_logging(verbose)
+    if replicate_from:
+        replicate_from = parse_address(replicate_from, DEFAULT_PORT)
     asyncio.run(serve(state_dir, port, security, host, metrics_port, orphan_grace,
                       orphan_interval, location, replicate_from))
 

@@ -29,6 +29,7 @@ from fleetlib.wire import (
 )
 from fleetlib.wire.codec import image_from_proto
 from fleetlib.wire.tree_pb2 import Chunk
+from imageserver.replication import ReplicaRegistry, feed, list_replicas
 from imageserver.store import ImageStore
 from imageserver.upstream import Upstream
 
@@ -136,6 +137,7 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
         self.audit = audit
         self.location = location  # where this server stands, told in ListImages
         self.upstream = upstream  # a replica's upstream; None on a master
+        self.replicas = ReplicaRegistry()  # the servers following this one
 
     async def AddImage(self, request_iterator: AsyncIterator[Chunk],
                        context: grpc.aio.ServicerContext) -> imageserver_pb2.AddImageResponse:
@@ -220,6 +222,20 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
             expires_unix=info.expires_unix, previous_expires_unix=previous)
         return imageserver_pb2.SetImageExpiryResponse(image=info.summary(),
                                                       previous_expires_unix=previous)
+
+
+    async def Replicate(self, request_iterator: AsyncIterator[imageserver_pb2.ReplicateRequest],
+                        context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[imageserver_pb2.ReplicateResponse]:
+        async for response in feed(self.store, self.replicas, self.upstream, request_iterator,
+                                   context):
+            yield response
+
+    async def ListReplicas(self, request: imageserver_pb2.ListReplicasRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> imageserver_pb2.ListReplicasResponse:
+        return list_replicas(self.store, self.replicas, self.location, self.upstream)
+
 
 
 async def expire_images(store: ImageStore, audit: AuditLog, interval: float = 1.0) -> None:

@@ -8,6 +8,16 @@ Layout under the state directory:
                               hold `/` (image streams), and no name component
                               starts with ".", so no image file collides with a
                               stream's folder
+  quarantine/<name>/.<local>-<upstream>
+                              a replica's copy whose digest differs from its
+                              upstream's (hex digests), moved aside, never served
+  journal.sqlite              identity, ordered change log, tombstones, a
+                              follower's position (imageserver/journal.py)
+
+Every visible change (add, delete, expiry, quarantine) appends to the journal after
+its file write; `load` reconciles the two, so a crash between them heals. A name is
+bound to one content forever: `add` refuses a name that exists, or that was deleted
+while bound to another digest.
 
 An image's tree, filter, triggers and computed files never change; its expiry is
 metadata, changed (`set_expiry`) by rewriting its file the same crash-safe way.
@@ -39,12 +49,16 @@ from fleetlib.fstree.objectstore import (
     write_file_atomically,
 )
 from fleetlib.signing import manifest_digest
+from fleetlib.sql.engine import open_engine
 from fleetlib.wire import imageserver_pb2
 from fleetlib.wire.codec import image_from_proto, image_to_proto
+from imageserver.journal import ADDED, DELETED, EXPIRY_CHANGED, Journal
 
 log = logging.getLogger(__name__)
 
 IMAGE_FILE = ".image"
+QUARANTINE = "quarantine"
+JOURNAL = "journal.sqlite"
 MAX_UNIX = 253402300799  # 9999-12-31 23:59:59 UTC: the last time every client can print
 
 
@@ -73,6 +87,11 @@ def _check_time(name: str, label: str, when: int) -> None:
                          f"{MAX_UNIX} (unix seconds)")
 
 
+def short(digest: bytes) -> str:
+    """A digest as people compare them: its first 12 hex digits."""
+    return digest.hex()[:12]
+
+
 def _info(image: Image) -> ImageInfo:
     return ImageInfo(image.name, image.created_unix, image.expires_unix,
                      len(image.tree.inodes), image.tree.total_bytes(),
@@ -82,7 +101,8 @@ def _info(image: Image) -> ImageInfo:
 class ImageStore:
     """Images and objects of one image server."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, ident: str = "") -> None:
+        """IDENT: the server identity a new journal takes (random when empty)."""
         self.state_dir = Path(state_dir)
         self.objects = ObjectStore(self.state_dir / "objects")
         self.images_dir = self.state_dir / "images"
@@ -92,26 +112,75 @@ class ImageStore:
         self.unreadable = 0  # image files `load` skipped: their objects are not orphans
         # A replica's copies whose content differs from upstream's, moved aside, by name.
         self.quarantined: dict[str, imageserver_pb2.QuarantinedImage] = {}
+        self.quarantine_dir = self.state_dir / QUARANTINE
+        self._quarantined_objects: dict[Path, frozenset[bytes]] = {}  # kept referenced
         self._watchers: set[asyncio.Queue[imageserver_pb2.ImageEvent]] = set()
+        self.journal = Journal(open_engine(str(self.state_dir / JOURNAL)), ident)
 
     def load(self) -> None:
-        """Recover from any crash and load every stored image."""
+        """Recover from any crash, load every stored and quarantined image, and bring
+        the journal in line with the image files."""
         self.objects.recover()
+        unreadable: set[str] = set()
         for path in sorted(self.images_dir.rglob("*")):
             if path.name.startswith(".tmp."):
                 path.unlink()  # an image write that never reached its rename
                 continue
             if path.name != IMAGE_FILE or not path.is_file():
                 continue
-            try:
-                image = image_from_proto(imageserver_pb2.Image.FromString(path.read_bytes()))
-            except Exception as err:  # noqa: BLE001 - one bad file must not stop the server
-                log.error("skipping unreadable image file %s: %s", path, err)
-                self.unreadable += 1
+            image = self._read_file(path)
+            if image is None:
+                unreadable.add(path.parent.relative_to(self.images_dir).as_posix())
                 continue
             self._remember(_info(image))
+        self._load_quarantine()
+        self._reconcile(unreadable)
         log.info("loaded %d image(s) referencing %d object(s)", len(self.images),
                  len(self.refcounts))
+
+    def _read_file(self, path: Path) -> Image | None:
+        try:
+            return image_from_proto(imageserver_pb2.Image.FromString(path.read_bytes()))
+        except Exception as err:  # noqa: BLE001 - one bad file must not stop the server
+            log.error("skipping unreadable image file %s: %s", path, err)
+            self.unreadable += 1
+            return None
+
+    def _load_quarantine(self) -> None:
+        if not self.quarantine_dir.is_dir():
+            return
+        for path in sorted(self.quarantine_dir.rglob(".*")):
+            if path.name.startswith(".tmp.") or not path.is_file():
+                continue
+            image = self._read_file(path)
+            if image is None:
+                continue
+            upstream = bytes.fromhex(path.name[1:].partition("-")[2] or "00")
+            self._keep_quarantined(path, image, upstream, int(path.stat().st_mtime))
+
+    def _keep_quarantined(self, path: Path, image: Image, upstream: bytes, since: int) -> None:
+        objects = frozenset(image.tree.object_sizes())
+        self._quarantined_objects[path] = objects
+        self.refcounts.update(objects)
+        self.quarantined[image.name] = imageserver_pb2.QuarantinedImage(
+            name=image.name, local_digest=manifest_digest(image), upstream_digest=upstream,
+            since_unix=since)
+
+    def _reconcile(self, unreadable: set[str]) -> None:
+        """Journal what a crash left unjournaled: an image file without its live entry
+        (ADDED, or EXPIRY_CHANGED), a live entry without its file (DELETED)."""
+        live = self.journal.live()
+        for name, info in sorted(self.images.items()):
+            entry = live.get(name)
+            if entry is None or entry.digest != info.digest:
+                log.warning("journal: image %s was not journaled (a crash?): adding it", name)
+                self.journal.append(ADDED, name, info.digest, info.expires_unix)
+            elif entry.expires_unix != info.expires_unix:
+                self.journal.append(EXPIRY_CHANGED, name, info.digest, info.expires_unix)
+        for name, entry in sorted(live.items()):
+            if name not in self.images and name not in unreadable:
+                log.warning("journal: image %s is gone (a crash?): journaling its delete", name)
+                self.journal.append(DELETED, name, entry.digest)
 
     def _path(self, name: str) -> Path:
         return self.images_dir / check_image_name(name) / IMAGE_FILE
@@ -121,11 +190,39 @@ class ImageStore:
         self.refcounts.update(info.objects)
 
     def add(self, image: Image) -> None:
-        """Store a new image; refused when the name exists or an object is missing."""
+        """Store a new image; refused when the name exists, was bound to another content
+        (a tombstone), or an object is missing."""
+        digest = manifest_digest(image)
+        bound = self.journal.tombstone(image.name)
+        if image.name not in self.images and bound is not None and bound != digest:
+            raise ExistsError(
+                f"image {image.name} existed with other content (digest {short(bound)}, "
+                f"this one is {short(digest)}): a name is bound to one content forever; "
+                "choose a new name")
+        if not image.created_unix:
+            image.created_unix = int(time.time())
+        self._commit(image, image_to_proto(image).SerializeToString(deterministic=True))
+
+    def add_replicated(self, data: bytes, digest: bytes) -> ImageInfo:
+        """Store an image exactly as upstream serialized it (DATA), bound to DIGEST as
+        upstream announced it; refused when the name is held, or the content differs."""
+        image = image_from_proto(imageserver_pb2.Image.FromString(data))
+        if manifest_digest(image) != digest:
+            raise PreconditionError(
+                f"image {image.name}: upstream served content with digest "
+                f"{short(manifest_digest(image))}, its journal says {short(digest)}")
+        return self._commit(image, data)
+
+    def missing_objects(self, image: Image) -> dict[bytes, int]:
+        """The objects of IMAGE the store lacks, with their sizes."""
+        return {digest: size for digest, size in image.tree.object_sizes().items()
+                if not self.objects.has(digest)}
+
+    def _commit(self, image: Image, data: bytes) -> ImageInfo:
+        """Check, write and journal a new image (DATA: its file's bytes)."""
         if image.name in self.images:
             raise ExistsError(f"image {image.name} already exists (images are immutable)")
-        missing = [digest for digest in image.tree.object_sizes()
-                   if not self.objects.has(digest)]
+        missing = list(self.missing_objects(image))
         if missing:
             raise PreconditionError(f"image {image.name} names {len(missing)} object(s) the server "
                              f"does not hold, e.g. {format_hash(missing[0])}")
@@ -135,12 +232,13 @@ class ImageStore:
             if image.tree.lookup(computed.path) is None:
                 raise FleetError(f"image {image.name}: computed file {computed.path} is not in "
                                  "the tree")
-        if not image.created_unix:
-            image.created_unix = int(time.time())
-        self._write(image.name, image_to_proto(image).SerializeToString(deterministic=True))
-        self._remember(_info(image))
+        self._write(image.name, data)
+        info = _info(image)
+        self._remember(info)
+        self.journal.append(ADDED, info.name, info.digest, info.expires_unix)
         self._notify(imageserver_pb2.ImageEvent.ADDED, image.name)
         log.info("added image %s", image.name)
+        return info
 
     def _write(self, name: str, data: bytes) -> None:
         """Write an image's file crash-safely: readers see the old file or the new one."""
@@ -162,6 +260,7 @@ class ImageStore:
         message.expires_unix = expires_unix
         self._write(name, message.SerializeToString(deterministic=True))
         self.images[name] = replace(info, expires_unix=expires_unix)
+        self.journal.append(EXPIRY_CHANGED, name, info.digest, expires_unix)
         log.info("image %s now expires at %d (was %d; 0 is never)", name, expires_unix,
                  info.expires_unix)
         return self.images[name], info.expires_unix
@@ -180,21 +279,74 @@ class ImageStore:
         path = self._path(name)
         os.unlink(path)
         fsync_directory(path.parent)
-        del self.images[name]
-        self.refcounts.subtract(info.objects)
+        self._forget(info)
+        freed, freed_bytes = self._release(info.objects)
+        self._remove_empty_parents(path.parent, self.images_dir)
+        log.info("deleted image %s, freeing %d object(s), %d bytes", name, freed, freed_bytes)
+        return freed, freed_bytes
+
+    def delete_if(self, name: str, digest: bytes) -> bool:
+        """Delete image NAME if it is bound to DIGEST (a replica applying its upstream's
+        delete); False when it is not held, or holds other content."""
+        info = self.images.get(name)
+        if info is None or info.digest != digest:
+            return False
+        self.delete(name)
+        return True
+
+    def _forget(self, info: ImageInfo) -> None:
+        """Stop serving an image whose file is gone: journal and announce it."""
+        del self.images[info.name]
+        self.journal.append(DELETED, info.name, info.digest)
+        self._notify(imageserver_pb2.ImageEvent.DELETED, info.name)
+
+    def _release(self, objects: frozenset[bytes]) -> tuple[int, int]:
+        """Drop one reference to each of OBJECTS, removing those nothing references:
+        (objects, bytes) freed."""
+        self.refcounts.subtract(objects)
         freed = freed_bytes = 0
-        for digest in info.objects:
+        for digest in objects:
             if self.refcounts[digest] <= 0:
                 del self.refcounts[digest]
                 freed_bytes += self.objects.remove(digest)
                 freed += 1
-        self._remove_empty_parents(path.parent)
-        self._notify(imageserver_pb2.ImageEvent.DELETED, name)
-        log.info("deleted image %s, freeing %d object(s), %d bytes", name, freed, freed_bytes)
         return freed, freed_bytes
 
-    def _remove_empty_parents(self, folder: Path) -> None:
-        while folder != self.images_dir:
+    def quarantine(self, name: str, upstream_digest: bytes) -> None:
+        """Move a replica's copy of NAME aside (its content differs from upstream's
+        UPSTREAM_DIGEST): no longer served, kept with its objects under quarantine/."""
+        info = self.images[name]
+        path = self._path(name)
+        target = self.quarantine_dir / name / f".{info.digest.hex()}-{upstream_digest.hex()}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image = image_from_proto(imageserver_pb2.Image.FromString(path.read_bytes()))
+        os.rename(path, target)
+        fsync_directory(target.parent)
+        fsync_directory(path.parent)
+        self._keep_quarantined(target, image, upstream_digest, int(time.time()))
+        self._forget(info)
+        self.refcounts.subtract(info.objects)  # the quarantined copy holds them now
+        self._remove_empty_parents(path.parent, self.images_dir)
+        log.error("QUARANTINED image %s: this server's copy has digest %s, upstream binds the "
+                  "name to %s; moved to %s", name, short(info.digest), short(upstream_digest),
+                  target)
+
+    def discard_quarantined(self, name: str) -> tuple[int, int]:
+        """Delete every quarantined copy of NAME and the objects only they referenced."""
+        freed = freed_bytes = 0
+        folder = self.quarantine_dir / name
+        for path in [p for p in self._quarantined_objects if p.parent == folder]:
+            path.unlink()
+            fsync_directory(path.parent)
+            objects, freed_now = self._release(self._quarantined_objects.pop(path))
+            freed, freed_bytes = freed + objects, freed_bytes + freed_now
+            self._remove_empty_parents(path.parent, self.quarantine_dir)
+        self.quarantined.pop(name, None)
+        return freed, freed_bytes
+
+    @staticmethod
+    def _remove_empty_parents(folder: Path, top: Path) -> None:
+        while folder != top:
             try:
                 folder.rmdir()
             except OSError:

@@ -1,0 +1,585 @@
+"""Replication: an image server streams its journal to the servers that follow it
+(`feed`, behind ImageService.Replicate), and a replica follows its upstream (`Follower`,
+started by `imageserver --replicate-from`).
+
+The stream: the follower's hello (its identity, how far it applied whose journal, its
+ancestry), the upstream's hello, then either the events after the follower's position
+(when the upstream still holds them and the follower followed this very server) or a
+snapshot of every live image and tombstone, then every event as it is appended. The
+follower applies each event, persists its position after it, and reports its progress
+on the same stream. It fetches only the objects it lacks, verified by SHA-256 before they
+are visible, and commits an image only once all its objects are in.
+
+A name is bound to one content forever: a replica's copy whose digest differs from
+upstream's is quarantined (moved aside, an alarm) and upstream's copy fetched. A
+replica that finds its upstream replaced (another id) or older (an older generation, a
+sequence behind the one it applied) is diverged: it keeps everything and applies no
+deletes, only adds, until an operator looks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from fleetlib.errors import FleetError, PreconditionError, UnavailableError
+from fleetlib.rpc.chunks import join_chunks_async
+from fleetlib.rpc.objects import ObjectReceiver
+from fleetlib.rpc.status import describe_rpc_error
+from fleetlib.wire import imageserver_pb2, objectserver_pb2
+from fleetlib.wire.codec import image_from_proto
+from imageserver.journal import DELETED, EXPIRY_CHANGED, LiveEntry, Position
+from imageserver.store import ImageStore, short
+from imageserver.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+FORGET_AFTER = 3600.0  # a follower gone this long leaves ListReplicas
+PROGRESS_INTERVAL = 1.0  # a follower reports at least this often
+HELLO_TIMEOUT = 15.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 15.0
+FETCH_GROUP_BYTES = 64 << 20  # objects asked for in one GetObjects call
+FETCH_GROUP_OBJECTS = 4096
+
+SYNCING, IN_SYNC, DIVERGED, ALARM = "syncing", "in sync", "diverged", "alarm"
+DISCONNECTED = "disconnected"
+
+Response = imageserver_pb2.ReplicateResponse
+Request = imageserver_pb2.ReplicateRequest
+
+
+def ancestry(store: ImageStore) -> list[str]:
+    """This server's upstream chain (ids, nearest first), as its last hello said; [] on a
+    master."""
+    position = store.journal.position()
+    return position.ancestry if position is not None else []
+
+
+def cycle_error(follower: str, me: str, chain: list[str]) -> PreconditionError | None:
+    """Why a server FOLLOWER following server ME (whose upstream chain is CHAIN) would
+    close a cycle, or None."""
+    if follower == me:
+        return PreconditionError(f"replication cycle: server {me[:12]} cannot follow itself")
+    if follower in chain:
+        return PreconditionError(f"replication cycle: server {follower[:12]} is upstream of "
+                                 f"{me[:12]}, so it cannot follow it")
+    return None
+
+
+# ---------------------------------------------------------------- the upstream's side
+
+@dataclass
+class FollowerRecord:
+    """What an upstream knows of one follower."""
+
+    info: imageserver_pb2.ReplicaInfo
+    connections: int = 0
+    gone_unix: float = 0.0
+
+
+class ReplicaRegistry:
+    """The servers following this one (ListReplicas), disconnected ones for a while."""
+
+    def __init__(self) -> None:
+        self.followers: dict[str, FollowerRecord] = {}
+        self.snapshots_sent = 0  # snapshots sent since start (a resume sends none)
+
+    def connected(self, hello: imageserver_pb2.ReplicaHello, address: str) -> FollowerRecord:
+        """A follower said hello."""
+        record = self.followers.get(hello.identity.id)
+        if record is None:
+            record = self.followers[hello.identity.id] = FollowerRecord(
+                imageserver_pb2.ReplicaInfo(applied_sequence=hello.from_sequence,
+                                            state=SYNCING))
+        record.info.identity.CopyFrom(hello.identity)
+        record.info.address = address
+        record.info.location = hello.location
+        record.info.connected = True
+        record.info.last_seen_unix = int(time.time())
+        record.connections += 1
+        return record
+
+    @staticmethod
+    def progress(record: FollowerRecord, progress: imageserver_pb2.ReplicaProgress) -> None:
+        """A follower reported how far it is."""
+        info = record.info
+        info.applied_sequence = progress.applied_sequence
+        info.bytes_replicated = progress.bytes_replicated
+        info.bytes_pending = progress.bytes_pending
+        info.state = progress.state
+        info.last_seen_unix = int(time.time())
+
+    @staticmethod
+    def disconnected(record: FollowerRecord) -> None:
+        """A follower's stream ended."""
+        record.connections -= 1
+        if record.connections <= 0:
+            record.info.connected = False
+            record.gone_unix = time.time()
+
+    def connected_count(self) -> int:
+        """Followers with a stream open now."""
+        return sum(1 for r in self.followers.values() if r.info.connected)
+
+    def listing(self, sequence: int) -> list[imageserver_pb2.ReplicaInfo]:
+        """Every follower known, by address, with its lag against SEQUENCE."""
+        now = time.time()
+        for ident in [i for i, r in self.followers.items()
+                      if not r.info.connected and now - r.gone_unix > FORGET_AFTER]:
+            del self.followers[ident]
+        infos = []
+        for record in self.followers.values():
+            info = imageserver_pb2.ReplicaInfo()
+            info.CopyFrom(record.info)
+            info.lag_events = max(sequence - info.applied_sequence, 0)
+            if not info.connected:
+                info.state = DISCONNECTED
+            infos.append(info)
+        return sorted(infos, key=lambda i: i.address)
+
+
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    """The caller's IP from gRPC's peer string (ipv4:1.2.3.4:5, ipv6:[::1]:5)."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    host = rest.rpartition(":")[0]
+    return host if kind == "ipv6" else host or "unknown"
+
+
+async def feed(store: ImageStore, registry: ReplicaRegistry, upstream: Upstream | None,
+               requests: AsyncIterator[Request], context: grpc.aio.ServicerContext
+               ) -> AsyncIterator[Response]:
+    """ImageService.Replicate: stream this server's journal to one follower."""
+    try:
+        first = await anext(requests)
+    except StopAsyncIteration:
+        return
+    if first.WhichOneof("message") != "hello" or not first.hello.identity.id:
+        raise FleetError("Replicate: the first message must be a hello with the follower's "
+                         "identity")
+    hello = first.hello
+    journal = store.journal
+    me = journal.identity
+    chain = ancestry(store)
+    refused = cycle_error(hello.identity.id, me.id, chain)
+    if refused is not None:
+        raise refused
+    address = hello.address or f"{_peer_host(context)}:{hello.port}"
+    record = registry.connected(hello, address)
+    changed = journal.listen()
+    reader = asyncio.create_task(_read_progress(requests, record))
+    try:
+        resume = (hello.following_id == me.id and hello.following_generation <= me.generation
+                  and 0 < hello.from_sequence <= journal.sequence
+                  and journal.oldest_sequence() <= hello.from_sequence + 1)
+        yield Response(hello=imageserver_pb2.UpstreamHello(
+            identity=me, ancestry=chain, sequence=journal.sequence, snapshot_follows=not resume,
+            master_address=upstream.master() if upstream is not None else ""))
+        if resume:
+            sent = hello.from_sequence
+            log.info("replica %s (%s) resumes after sequence %d", address,
+                     hello.identity.id[:12], sent)
+        else:
+            batches = journal.snapshot([LiveEntry(i.name, i.digest, i.expires_unix)
+                                        for i in store.list()])
+            sent = batches[-1].sequence
+            registry.snapshots_sent += 1
+            log.info("sending replica %s (%s) a snapshot: %d entries as of sequence %d",
+                     address, hello.identity.id[:12], sum(len(b.entries) for b in batches),
+                     sent)
+            for batch in batches:
+                yield Response(snapshot=batch)
+        while True:
+            changed.clear()
+            events = journal.events_after(sent)
+            for event in events:
+                yield Response(event=event)
+                sent = event.sequence
+            if not events:
+                await changed.wait()
+    finally:
+        reader.cancel()
+        journal.unlisten(changed)
+        registry.disconnected(record)
+        log.info("replica %s (%s) disconnected", address, hello.identity.id[:12])
+
+
+async def _read_progress(requests: AsyncIterator[Request], record: FollowerRecord) -> None:
+    with contextlib.suppress(grpc.RpcError, FleetError):
+        async for request in requests:
+            if request.WhichOneof("message") == "progress":
+                ReplicaRegistry.progress(record, request.progress)
+
+
+def list_replicas(store: ImageStore, registry: ReplicaRegistry, location: str,
+                  upstream: Upstream | None) -> imageserver_pb2.ListReplicasResponse:
+    """ImageService.ListReplicas: this server and the servers following it."""
+    sequence = store.journal.sequence
+    return imageserver_pb2.ListReplicasResponse(
+        identity=store.journal.identity, location=location, sequence=sequence,
+        upstream=upstream.address if upstream is not None else "",
+        replicas=registry.listing(sequence))
+
+
+# ---------------------------------------------------------------- the follower's side
+
+def is_this_server(address: str, port: int) -> bool:
+    """Whether HOST:PORT names this machine on the port this server listens on."""
+    host, _, port_text = address.rpartition(":")
+    if not port or int(port_text) != port:
+        return False
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))
+                return True  # an address of this machine
+            except OSError as err:
+                if err.errno != errno.EADDRNOTAVAIL:
+                    return True
+    return False
+
+
+@dataclass
+class Session:
+    """One open Replicate stream and what the upstream's hello said."""
+
+    call: grpc.aio.StreamStreamCall[Request, Response]
+    hello: imageserver_pb2.UpstreamHello
+
+
+async def open_session(upstream: Upstream, hello: imageserver_pb2.ReplicaHello) -> Session:
+    """Open the Replicate stream and exchange hellos; FleetError (one line) when the
+    upstream cannot be reached, refuses us, or would close a cycle."""
+    me = hello.identity.id
+    call = upstream.images.Replicate()
+    try:
+        async with asyncio.timeout(HELLO_TIMEOUT):
+            await call.write(Request(hello=hello))
+            answer = await call.read()
+    except TimeoutError:
+        call.cancel()
+        raise UnavailableError(f"upstream {upstream.address} did not answer the replication "
+                               f"hello within {HELLO_TIMEOUT:.0f} s") from None
+    except grpc.RpcError as err:
+        call.cancel()
+        what = describe_rpc_error(err)
+        if isinstance(err, grpc.aio.AioRpcError) \
+                and err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            raise PreconditionError(f"upstream {upstream.address} refused to be followed: "
+                                    f"{what}") from None
+        raise UnavailableError(f"cannot replicate from {upstream.address}: {what}") from None
+    if answer is grpc.aio.EOF or answer.WhichOneof("message") != "hello":
+        call.cancel()
+        raise UnavailableError(f"upstream {upstream.address} ended the replication stream "
+                               "without a hello")
+    theirs = answer.hello
+    if theirs.identity.id == me:
+        call.cancel()
+        raise PreconditionError(f"--replicate-from {upstream.address} is this server itself")
+    refused = cycle_error(me, theirs.identity.id, list(theirs.ancestry))
+    if refused is not None:
+        call.cancel()
+        raise refused
+    return Session(call, theirs)
+
+
+@dataclass
+class Follower:
+    """A replica following its upstream: applies its journal, reports its progress."""
+
+    store: ImageStore
+    upstream: Upstream
+    port: int = 0
+    location: str = ""
+    address: str = ""  # how hosts reach this server; "": the upstream sees our IP
+    bytes_replicated: int = 0  # object bytes moved from upstream since start
+    bytes_pending: int = 0  # object bytes still lacking for images upstream announced
+    upstream_sequence: int = 0  # upstream's latest sequence as last heard
+    snapshots: int = 0  # snapshots received since start
+    quarantines: int = 0  # images quarantined since start
+    connected: bool = False
+    busy: bool = False  # applying a snapshot or an event
+    position: Position | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.position = self.store.journal.position()
+
+    @property
+    def diverged(self) -> bool:
+        """Whether this replica found its upstream replaced or older."""
+        return self.position is not None and self.position.diverged
+
+    @property
+    def applied(self) -> int:
+        """The last upstream sequence applied."""
+        return self.position.applied_sequence if self.position is not None else 0
+
+    def state(self) -> str:
+        """syncing, in sync, diverged or alarm (a quarantined image)."""
+        if self.diverged:
+            return DIVERGED
+        if self.store.quarantined:
+            return ALARM
+        if self.busy or not self.connected or self.applied < self.upstream_sequence:
+            return SYNCING
+        return IN_SYNC
+
+    def lag(self) -> int:
+        """Upstream events not applied yet, as far as known."""
+        return max(self.upstream_sequence - self.applied, 0)
+
+    def progress(self) -> imageserver_pb2.ReplicaProgress:
+        """What the follower reports upstream."""
+        return imageserver_pb2.ReplicaProgress(
+            applied_sequence=self.applied, bytes_replicated=self.bytes_replicated,
+            bytes_pending=self.bytes_pending, state=self.state(),
+            quarantined=len(self.store.quarantined))
+
+    async def connect(self) -> Session:
+        """Open the stream and exchange hellos (see `open_session`); persists what the
+        upstream's hello says."""
+        position = self.position
+        session = await open_session(self.upstream, imageserver_pb2.ReplicaHello(
+            identity=self.store.journal.identity, address=self.address, port=self.port,
+            location=self.location,
+            following_id=position.upstream_id if position else "",
+            following_generation=position.generation if position else 0,
+            from_sequence=position.applied_sequence if position else 0,
+            ancestry=position.ancestry if position else []))
+        self.adopt(session.hello)
+        return session
+
+    def adopt(self, hello: imageserver_pb2.UpstreamHello) -> None:
+        """Take in the upstream's hello: divergence, the position to persist."""
+        upstream = hello.identity
+        self.upstream.identity = upstream
+        self.upstream.master_address = hello.master_address or self.upstream.address
+        self.upstream_sequence = hello.sequence
+        position = self.position
+        chain = [upstream.id, *hello.ancestry]
+        if position is None or not position.upstream_id:
+            self.position = Position(upstream.id, upstream.generation, 0, False, chain)
+        else:
+            why = ""
+            if upstream.id != position.upstream_id:
+                why = (f"its identity changed from {position.upstream_id[:12]} to "
+                       f"{upstream.id[:12]} (a new or wiped master?)")
+            elif upstream.generation < position.generation:
+                why = (f"its generation went back from {position.generation} to "
+                       f"{upstream.generation} (restored from an old copy?)")
+            elif hello.sequence < position.applied_sequence:
+                why = (f"its journal ends at sequence {hello.sequence}, before the "
+                       f"{position.applied_sequence} this replica applied")
+            if why:
+                log.error("DIVERGED from upstream %s: %s; keeping every image, applying no "
+                          "deletes", self.upstream.address, why)
+                position = Position(upstream.id, upstream.generation, 0, True, chain)
+            else:
+                position.generation = upstream.generation
+                position.ancestry = chain
+            self.position = position
+        self.store.journal.save_position(self.position)
+        self._changed.set()
+
+    async def run(self, first: Session | None = None) -> None:
+        """Follow the upstream for the server's lifetime, reconnecting with backoff."""
+        delay = BACKOFF_FIRST
+        while True:
+            session = first
+            first = None
+            applied_before = self.applied
+            try:
+                if session is None:
+                    session = await self.connect()
+                await self._follow(session)
+                log.warning("upstream %s ended the replication stream", self.upstream.address)
+            except FleetError as err:
+                log.warning("%s; retrying in %.1f s", err, delay)
+            except (grpc.RpcError, OSError) as err:
+                what = describe_rpc_error(err) if isinstance(err, grpc.RpcError) else str(err)
+                log.warning("replication from %s: %s; retrying in %.1f s",
+                            self.upstream.address, what, delay)
+            finally:
+                self.connected = self.busy = False
+                if session is not None:
+                    session.call.cancel()
+            if self.applied != applied_before:
+                delay = BACKOFF_FIRST
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _follow(self, session: Session) -> None:
+        self.connected = True
+        log.info("replicating from %s (server %s, generation %d, sequence %d)%s",
+                 self.upstream.address, session.hello.identity.id[:12],
+                 session.hello.identity.generation, session.hello.sequence,
+                 ": snapshot follows" if session.hello.snapshot_follows else
+                 f": resuming after sequence {self.applied}")
+        reporter = asyncio.create_task(self._report(session.call))
+        try:
+            snapshot: list[imageserver_pb2.JournalEntry] = []
+            while True:
+                response = await session.call.read()
+                if response is grpc.aio.EOF:
+                    return
+                kind = response.WhichOneof("message")
+                if kind == "snapshot":
+                    snapshot.extend(response.snapshot.entries)
+                    if response.snapshot.last:
+                        await self._apply_snapshot(snapshot, response.snapshot.sequence)
+                        snapshot = []
+                elif kind == "event":
+                    await self._apply_event(response.event)
+        finally:
+            reporter.cancel()
+
+    async def _report(self, call: grpc.aio.StreamStreamCall[Request, Response]) -> None:
+        """Send our progress every second, or soon after it changed."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PROGRESS_INTERVAL):
+                    await self._changed.wait()
+            self._changed.clear()
+            try:
+                await call.write(Request(progress=self.progress()))
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                return  # the stream ended: the reading side reconnects
+            await asyncio.sleep(0.05)  # coalesce a burst of changes into one report
+
+    def _advance(self, sequence: int) -> None:
+        assert self.position is not None  # set by the hello
+        self.position.applied_sequence = sequence
+        self.upstream_sequence = max(self.upstream_sequence, sequence)
+        self.store.journal.save_position(self.position)
+        self._changed.set()
+
+    async def _apply_snapshot(self, entries: list[imageserver_pb2.JournalEntry],
+                              sequence: int) -> None:
+        self.snapshots += 1
+        self.busy = True
+        log.info("applying upstream's snapshot: %d entries as of sequence %d", len(entries),
+                 sequence)
+        self.upstream_sequence = max(self.upstream_sequence, sequence)
+        live = [e for e in entries if not e.deleted]
+        self.bytes_pending = 0
+        for entry in live:
+            await self._ensure(entry)
+        for entry in entries:
+            if entry.deleted:
+                self._delete(entry)
+        self.busy = False
+        self._advance(sequence)
+
+    async def _apply_event(self, event: imageserver_pb2.JournalEvent) -> None:
+        self.upstream_sequence = max(self.upstream_sequence, event.sequence)
+        if event.sequence <= self.applied:
+            return  # seen already
+        self.busy = True
+        entry = event.entry
+        if event.kind == DELETED:
+            self._delete(entry)
+        elif event.kind == EXPIRY_CHANGED:
+            info = self.store.images.get(entry.name)
+            if info is not None and info.digest == entry.digest \
+                    and info.expires_unix != entry.expires_unix:
+                self.store.set_expiry(entry.name, entry.expires_unix)
+        else:
+            await self._ensure(entry)
+        self.busy = False
+        self._advance(event.sequence)
+
+    def _delete(self, entry: imageserver_pb2.JournalEntry) -> None:
+        info = self.store.images.get(entry.name)
+        if info is None:
+            return
+        if info.digest != entry.digest:
+            log.warning("upstream deleted image %s (digest %s); this server's copy has digest "
+                        "%s: kept", entry.name, short(entry.digest), short(info.digest))
+        elif self.diverged:
+            log.error("not deleting image %s as upstream did: this replica diverged from it",
+                      entry.name)
+        else:
+            self.store.delete(entry.name)
+
+    async def _ensure(self, entry: imageserver_pb2.JournalEntry) -> None:
+        """Hold image ENTRY as upstream binds it: fetch it, or fix its expiry, or
+        quarantine a copy with other content first."""
+        info = self.store.images.get(entry.name)
+        if info is not None and info.digest == entry.digest:
+            if info.expires_unix != entry.expires_unix:
+                self.store.set_expiry(entry.name, entry.expires_unix)
+            return
+        if info is not None:
+            if self.diverged:
+                log.error("image %s: upstream binds it to digest %s, this server holds %s; "
+                          "diverged from upstream, so kept", entry.name, short(entry.digest),
+                          short(info.digest))
+                return
+            self.store.quarantine(entry.name, entry.digest)
+            self.quarantines += 1
+            self._changed.set()
+        try:
+            data = await join_chunks_async(self.upstream.images.GetImage(
+                imageserver_pb2.GetImageRequest(name=entry.name)))
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                log.info("image %s is gone from upstream already", entry.name)
+                return
+            raise
+        image = image_from_proto(imageserver_pb2.Image.FromString(data))
+        missing = self.store.missing_objects(image)
+        await self._fetch(missing)
+        self.store.add_replicated(data, entry.digest)
+
+    async def _fetch(self, missing: dict[bytes, int]) -> None:
+        """Move the MISSING objects from upstream, verified, into the store."""
+        hashes = sorted(missing)
+        self.bytes_pending += sum(missing.values())
+        self._changed.set()
+        start = 0
+        while start < len(hashes):
+            group: list[bytes] = []
+            size = 0
+            while start < len(hashes) and size < FETCH_GROUP_BYTES \
+                    and len(group) < FETCH_GROUP_OBJECTS:
+                group.append(hashes[start])
+                size += missing[hashes[start]]
+                start += 1
+            await self._fetch_group(group, missing)
+
+    async def _fetch_group(self, group: list[bytes], sizes: dict[bytes, int]) -> None:
+        receiver = ObjectReceiver(self.store.objects)
+        counted = 0
+        try:
+            call = self.upstream.objects.GetObjects(
+                objectserver_pb2.GetObjectsRequest(hashes=group, compress=True))
+            async for message in call:
+                receiver.feed_message(message)
+                if receiver.stats.bytes_added != counted:
+                    receiver.commit()  # durable at once: a restart never fetches it again
+                    self._count(receiver.stats.bytes_added - counted)
+                    counted = receiver.stats.bytes_added
+        finally:
+            receiver.close(strict=False)  # keep every object that arrived whole
+        self._count(receiver.stats.bytes_added - counted)
+        present = sum(sizes[d] for d in group) - receiver.stats.bytes_added
+        self.bytes_pending = max(self.bytes_pending - present, 0)  # held already meanwhile
+
+    def _count(self, moved: int) -> None:
+        if moved:
+            self.bytes_replicated += moved
+            self.bytes_pending = max(self.bytes_pending - moved, 0)
+            self._changed.set()
