@@ -126,13 +126,21 @@ class ImageServerClient:
 
     def list_images(self, prefix: str = "") -> list[imageserver_pb2.ImageSummary]:
         """Summaries of the images whose names start with `prefix`."""
-        return list(self.images.ListImages(
-            imageserver_pb2.ListImagesRequest(prefix=prefix), timeout=call_timeout()).images)
+        return list(self.listing(prefix).images)
 
-    def delete_image(self, name: str) -> imageserver_pb2.DeleteImageResponse:
-        """Delete an image; the server frees objects no other image needs."""
+    def listing(self, prefix: str = "") -> imageserver_pb2.ListImagesResponse:
+        """ListImages' whole answer: the summaries, and what a replica quarantined."""
+        reply: imageserver_pb2.ListImagesResponse = self.images.ListImages(
+            imageserver_pb2.ListImagesRequest(prefix=prefix), timeout=call_timeout())
+        return reply
+
+    def delete_image(self, name: str, replica_only: bool = False
+                     ) -> imageserver_pb2.DeleteImageResponse:
+        """Delete an image; the server frees objects no other image needs. REPLICA_ONLY:
+        a replica's own copy only (the master keeps it)."""
         reply: imageserver_pb2.DeleteImageResponse = self.images.DeleteImage(
-            imageserver_pb2.DeleteImageRequest(name=name), timeout=call_timeout())
+            imageserver_pb2.DeleteImageRequest(name=name, replica_only=replica_only),
+            timeout=call_timeout())
         return reply
 
     def image_exists(self, name: str) -> bool:

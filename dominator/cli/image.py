@@ -133,14 +133,30 @@ def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
 
 @image.command(name="list")
 @click.option("--prefix", default="", help="Only images whose names start with this.")
+@click.option("--quarantined", "only_quarantined", is_flag=True,
+              help="List instead the names a replica quarantined: its copy's content differs "
+                   "from its upstream's, so it serves the name only once the upstream's copy "
+                   "is in (`image delete NAME --replica-only` drops the copy).")
 @json_option
 @imageserver_option
 @security_options
-def list_command(prefix: str, as_json: bool, imageserver: str, security: Security) -> None:
+def list_command(prefix: str, only_quarantined: bool, as_json: bool, imageserver: str,
+                 security: Security) -> None:
     """List images on the image server, by name: when each was created, when it expires
-    ('-': never), its inodes and bytes. Nothing at all when there are none."""
+    ('-': never), its inodes and bytes. Nothing at all when there are none.
+
+    On a replica, each quarantined name also gets a line on stderr (QUARANTINED ...).
+    """
     with ImageServerClient(imageserver, security) as client:
-        images = client.list_images(prefix)
+        reply = client.listing(prefix)
+    if only_quarantined:
+        list_quarantined(list(reply.quarantined), as_json)
+        return
+    for entry in reply.quarantined:
+        click.echo(f"QUARANTINED {entry.name}: local copy {entry.local_digest.hex()[:12]} "
+                   f"differs from upstream's {entry.upstream_digest.hex()[:12]} (since "
+                   f"{utc(entry.since_unix)})", err=True)
+    images = list(reply.images)
     if as_json:
         echo_json([summary_json(info) for info in images])
         return
@@ -148,6 +164,18 @@ def list_command(prefix: str, as_json: bool, imageserver: str, security: Securit
         echo_table(["name", "created", "expires", "inodes", "size"],
                    [[info.name, ago(info.created_unix), ago(info.expires_unix), info.inodes,
                      format_bytes(info.total_bytes)] for info in images])
+
+
+def list_quarantined(entries: list[imageserver_pb2.QuarantinedImage], as_json: bool) -> None:
+    """`image list --quarantined`: a table, or a JSON list with each digest in hex."""
+    if as_json:
+        echo_json([{"name": e.name, "local_digest": e.local_digest.hex(),
+                    "upstream_digest": e.upstream_digest.hex(), "since_unix": e.since_unix}
+                   for e in entries])
+    elif entries:
+        echo_table(["name", "local copy", "upstream's", "since"],
+                   [[e.name, e.local_digest.hex()[:12], e.upstream_digest.hex()[:12],
+                     ago(e.since_unix)] for e in entries])
 
 
 def summary_json(info: imageserver_pb2.ImageSummary) -> dict[str, Any]:
@@ -566,31 +594,39 @@ def get_command(name: str, directory: Path, imageserver: str, security: Security
 @click.option("--force", is_flag=True,
               help="Delete even while hosts require or plan the image: the dominator is not "
                    "asked.")
+@click.option("--replica-only", is_flag=True,
+              help="On a replica (--imageserver REPLICA): delete only that server's copy, "
+                   "e.g. one that differs from the master's; the master keeps the image, "
+                   "and the dominator is not asked. A replica refuses a plain delete.")
 @json_option
 @imageserver_option
 @dominator_option
 @security_options
-def delete_command(name: str, force: bool, as_json: bool, imageserver: str, dominator: str,
-                   security: Security) -> None:
+def delete_command(name: str, force: bool, replica_only: bool, as_json: bool, imageserver: str,
+                   dominator: str, security: Security) -> None:
     """Delete image NAME; objects no other image uses are freed.
 
     The dominator is asked first (the image server does not know the MDB): while hosts
     require or plan the image the delete is refused (exit 4) naming them, and when the
     dominator cannot be reached it is refused too (exit 3). --force deletes without
-    asking.
+    asking. Deletes are made on the master (replicas follow it); --replica-only drops
+    one replica's copy.
     """
     check_image_name(name)
     with ImageServerClient(imageserver, security) as client:
-        if not force:
-            if not client.image_exists(name):
-                raise NotFoundError(f"unknown image {name}")
-            check_unused(name, dominator, security)
-        reply = client.delete_image(name)
+        if not force and not replica_only:
+            listed = client.listing(name)
+            if not listed.upstream:  # a replica refuses by itself, naming its master
+                if name not in {info.name for info in listed.images}:
+                    raise NotFoundError(f"unknown image {name}")
+                check_unused(name, dominator, security)
+        reply = client.delete_image(name, replica_only)
     if as_json:
         echo_json({"name": name, "objects_freed": reply.objects_freed,
-                   "bytes_freed": reply.bytes_freed})
+                   "bytes_freed": reply.bytes_freed, "replica_only": replica_only})
         return
-    click.echo(f"deleted image {name}, freed {reply.objects_freed} objects "
+    what = f"this replica's copy of image {name}" if replica_only else f"image {name}"
+    click.echo(f"deleted {what}, freed {reply.objects_freed} objects "
                f"({format_bytes(reply.bytes_freed)})")
 
 

@@ -153,11 +153,14 @@ class ObjectReceiver:
         else:
             self._writer = self._batch.begin(self._digest, chunk.size)
 
-    def commit(self) -> None:
+    def commit(self) -> Future[int]:
         """Make every object verified so far durable and visible, on the store's I/O
-        thread while more arrive; `close` waits for it."""
-        self._commits.append(self._batch.commit_later())
+        thread while more arrive; `close` waits for it, or the future it returns says
+        when (earlier commits are done by then too)."""
+        future = self._batch.commit_later()
+        self._commits.append(future)
         self._batch_bytes = 0
+        return future
 
     def close(self, strict: bool = True) -> None:
         """Commit what arrived whole and drop a partial object; when `strict`,

@@ -1,0 +1,209 @@
+"""Pull-through: a replica asked for objects it does not hold fetches them from its
+upstream, once per object however many callers wait for it (single-flight by hash),
+verifies each against its SHA-256 before it is visible, stores it and serves every
+waiter. Objects pulled this way are orphans until an image references them: the
+orphan collector removes them after its grace period, as it does abandoned uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import grpc
+
+from fleetlib.errors import FleetError, NoSpaceError, NotFoundError, UnavailableError
+from fleetlib.fstree.hashing import format_hash
+from fleetlib.rpc.objects import ObjectReceiver
+from fleetlib.rpc.status import describe_rpc_error
+from fleetlib.rpc.tls import call_timeout
+from fleetlib.wire import objectserver_pb2
+from imageserver.store import ImageStore
+from imageserver.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+CHECK_BATCH = 16384  # hashes per CheckObjects call to the upstream
+PUBLISH_BYTES = 4 << 20  # pulled objects become visible (and are served) this often,
+PUBLISH_SECONDS = 0.2  # or this often, whichever comes first
+# Transport failures: the upstream could not be asked (its refusals pass through as such).
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+               grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+Waiting = dict[bytes, "asyncio.Future[None]"]
+
+
+def unreachable(upstream: Upstream, doing: str, err: grpc.RpcError) -> UnavailableError:
+    """The one-line error for an upstream that could not be reached while DOING."""
+    return UnavailableError(f"upstream image server {upstream.address} could not be reached "
+                            f"to {doing}: {describe_rpc_error(err)}")
+
+
+async def upstream_sizes(upstream: Upstream, hashes: Sequence[bytes], timeout: float,
+                         ) -> dict[bytes, int]:
+    """The sizes of the objects among HASHES the upstream holds (it restarts their orphan
+    grace period); UnavailableError when it cannot say."""
+    sizes: dict[bytes, int] = {}
+    for start in range(0, len(hashes), CHECK_BATCH):
+        batch = hashes[start:start + CHECK_BATCH]
+        try:
+            reply = await upstream.objects.CheckObjects(
+                objectserver_pb2.CheckObjectsRequest(hashes=batch), timeout=timeout)
+        except grpc.RpcError as err:
+            raise unreachable(upstream, "check objects", err) from None
+        sizes.update((digest, size) for digest, present, size
+                     in zip(batch, reply.present, reply.sizes, strict=True) if present)
+    return sizes
+
+
+async def arrivals(waiting: Waiting) -> AsyncIterator[list[bytes]]:
+    """The hashes of WAITING in groups as they are stored; once all are settled, the
+    first failure (a FleetError of its kind) if some could not be."""
+    pending = {future: digest for digest, future in waiting.items()}
+    failure: BaseException | None = None
+    while pending:
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        group = []
+        for future in done:
+            digest = pending.pop(future)
+            err = future.exception()
+            if err is None:
+                group.append(digest)
+            elif failure is None:
+                failure = err
+        if group:
+            yield group
+    if failure is not None:  # a copy: other waiters raise the same failure
+        raise type(failure)(str(failure))
+
+
+class PullThrough:
+    """A replica's fetches from its upstream of the objects callers want and it lacks."""
+
+    def __init__(self, store: ImageStore, upstream: Upstream) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.inflight: Waiting = {}  # hash -> settles once stored (or not)
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Totals since start, for metrics.
+        self.pulled_objects = 0  # objects stored by pull-through
+        self.pulled_bytes = 0
+        self.upstream_requests = 0  # GetObjects calls made to the upstream
+
+    def pull(self, hashes: Iterable[bytes]) -> Waiting:
+        """Begin fetching those of HASHES neither stored nor already on their way: a
+        future per hash not stored, that settles once it is (or with a FleetError)."""
+        waiting: Waiting = {}
+        new = []
+        for digest in hashes:
+            if digest in waiting:
+                continue
+            future = self.inflight.get(digest)
+            if future is None:
+                if self.store.objects.has(digest):
+                    continue
+                future = asyncio.get_running_loop().create_future()
+                self.inflight[digest] = future
+                new.append(digest)
+            waiting[digest] = future
+        if new:
+            task = asyncio.create_task(self._fetch(new))  # not the caller's: others wait too
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return waiting
+
+    async def ensure(self, hashes: Iterable[bytes]) -> None:
+        """Wait until every one of HASHES is stored; the first failure if one cannot be."""
+        async for _ in arrivals(self.pull(hashes)):
+            pass
+
+    async def _fetch(self, hashes: list[bytes]) -> None:
+        """Fetch HASHES from the upstream, settling each one's future."""
+        failure: FleetError = UnavailableError(
+            f"pulling objects from upstream image server {self.upstream.address} stopped")
+        try:
+            sizes = await upstream_sizes(self.upstream, hashes, call_timeout())
+            for digest in hashes:
+                if digest not in sizes:
+                    self._settle([digest], NotFoundError(
+                        f"object {format_hash(digest)} is stored neither here nor on upstream "
+                        f"image server {self.upstream.address}"))
+            if sizes:
+                await self._download(sizes)
+        except FleetError as err:
+            failure = err
+        except OSError as err:
+            failure = FleetError(f"storing objects pulled from {self.upstream.address} failed: "
+                                 f"{err.strerror or err}")
+        except Exception as err:  # noqa: BLE001 - every waiter must hear of it
+            log.exception("pull-through from %s failed", self.upstream.address)
+            failure = FleetError(f"internal error pulling objects through: {err}")
+        finally:  # also when cancelled (shutdown): no waiter waits forever
+            self._settle(hashes, failure)
+        if isinstance(failure, UnavailableError):
+            log.warning("%s", failure)
+
+    async def _download(self, sizes: dict[bytes, int]) -> None:
+        """One GetObjects call for SIZES' objects, each verified, stored and its waiters
+        settled in groups as they arrive."""
+        receiver = ObjectReceiver(self.store.objects)
+        call = self.upstream.objects.GetObjects(
+            objectserver_pb2.GetObjectsRequest(hashes=list(sizes), compress=True))
+        self.upstream_requests += 1
+        idle = call_timeout()
+        arrived: list[bytes] = []
+        arrived_bytes, since = 0, time.monotonic()
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(call.read(), idle)
+                except TimeoutError:
+                    raise UnavailableError(f"upstream image server {self.upstream.address} "
+                                           f"sent nothing for {idle:g} s") from None
+                if message is grpc.aio.EOF:
+                    break
+                for chunk in message.chunks:
+                    done = receiver.feed(chunk)
+                    if done is not None:
+                        arrived.append(done)
+                        arrived_bytes += sizes.get(done, 0)
+                if arrived and (arrived_bytes >= PUBLISH_BYTES
+                                or time.monotonic() - since >= PUBLISH_SECONDS):
+                    await asyncio.wrap_future(receiver.commit())
+                    self._settle(arrived)
+                    arrived, arrived_bytes, since = [], 0, time.monotonic()
+            await asyncio.to_thread(receiver.close)
+            self._settle(arrived)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # deleted upstream meanwhile
+                raise NotFoundError(f"upstream image server {self.upstream.address}: "
+                                    f"{err.details()}") from None
+            raise unreachable(self.upstream, "pull objects through", err) from None
+        except NoSpaceError:
+            raise
+        except FleetError as err:  # a corrupt or malformed object: none of it is kept
+            raise UnavailableError(f"upstream image server {self.upstream.address} sent a bad "
+                                   f"object: {err}") from None
+        finally:
+            call.cancel()  # a no-op once the stream ended
+            await asyncio.to_thread(receiver.close, False)  # keep what arrived whole
+            self.pulled_objects += receiver.stats.added
+            self.pulled_bytes += receiver.stats.bytes_added
+            log.info("pulled %d object(s), %d bytes through from %s", receiver.stats.added,
+                     receiver.stats.bytes_added, self.upstream.address)
+
+    def _settle(self, hashes: Iterable[bytes], failure: FleetError | None = None) -> None:
+        """Settle the futures of HASHES still in flight: done if stored, else FAILURE."""
+        for digest in hashes:
+            future = self.inflight.get(digest)
+            if future is None or future.done():
+                continue
+            del self.inflight[digest]
+            if self.store.objects.has(digest):
+                future.set_result(None)
+            else:
+                future.set_exception(failure or FleetError(
+                    f"object {format_hash(digest)} was not stored"))
+                future.exception()  # retrieved: nobody may be waiting any more
