@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 
 
 class ServerSlots:
-    """Per-server fetch slots (`cap` 0: no cap, only counted). `in_flight`, `waiting`
-    and `peak` (the most in flight at once since start) are by server address."""
+    """Per-server fetch slots (`cap` 0: no cap, only counted). `in_flight`, `waiting`,
+    `peak` (the most in flight at once since start) and `waited` (fetches that found
+    every slot taken) are by server address."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -20,6 +21,7 @@ class ServerSlots:
         self.in_flight: collections.Counter[str] = collections.Counter()
         self.waiting: collections.Counter[str] = collections.Counter()
         self.peak: collections.Counter[str] = collections.Counter()
+        self.waited: collections.Counter[str] = collections.Counter()
 
     @contextlib.asynccontextmanager
     async def hold(self, server: str) -> AsyncIterator[None]:
@@ -28,6 +30,8 @@ class ServerSlots:
         semaphore = None
         if self.cap:
             semaphore = self._semaphores.setdefault(server, asyncio.Semaphore(self.cap))
+            if semaphore.locked():
+                self.waited[server] += 1
             self.waiting[server] += 1
             try:
                 await semaphore.acquire()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dominator.herd.fetchslots import ServerSlots
 from dominator.herd.replicas import STATES, ReplicaTree
@@ -99,11 +99,11 @@ class HerdMetrics:
 
 
 def imageserver_metrics(slots: ServerSlots, tree: ReplicaTree | None
-                        ) -> Iterator[GaugeMetricFamily]:
-    """Gauges by image server (label `server`): fetches in flight on it, waiting for
-    one of its slots, and the most in flight at once; and per replica of the last walk
-    of the master's tree: lag in events, bytes pending and replicated, and its state
-    (label `state`: 1 for the one it is in, 0 for the others)."""
+                        ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """By image server (label `server`): fetches in flight on it, waiting for one of its
+    slots, the most in flight at once, and a count of those that waited; and per replica
+    of the last walk of the master's tree: lag in events, bytes pending and replicated,
+    and its state (label `state`: 1 for the one it is in, 0 for the others)."""
     for name, doc, counts in (
             ("dominator_fetches_in_flight", "Fetches in flight by the host's first server.",
              slots.in_flight),
@@ -115,6 +115,11 @@ def imageserver_metrics(slots: ServerSlots, tree: ReplicaTree | None
         for server in sorted(counts):
             family.add_metric([server], counts[server])
         yield family
+    waited = CounterMetricFamily("dominator_fetches_waited", "Fetches that found every slot "
+                                 "of their first server taken, and waited.", labels=["server"])
+    for server in sorted(slots.waited):
+        waited.add_metric([server], slots.waited[server])
+    yield waited
     replicas = tree.replicas if tree is not None else []
     for name, doc, field in (
             ("dominator_replica_lag_events", "Journal events a replica is behind its "
