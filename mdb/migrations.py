@@ -8,6 +8,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Connection,
+    DateTime,
     Integer,
     MetaData,
     String,
@@ -55,9 +56,40 @@ def add_location(connection: Connection) -> None:
         "ALTER TABLE machines ADD COLUMN location VARCHAR NOT NULL DEFAULT ''"))
 
 
+def add_shard_leases(connection: Connection) -> None:
+    """v4: several dominators on one database. Each running dominator registers a row
+    in `dominators` (a new id per process) and heartbeats `last_renewal`; `shard_leases`
+    holds one row per shard (made by the first dominator, which also fixes the shard
+    count in the single `lease_settings` row) with its owner (a dominators.id, NULL:
+    free), fencing token and expiry, all times by the database clock. Tokens come from
+    the sequence shard_lease_token on PostgreSQL, from lease_settings.last_token on
+    SQLite (one dominator)."""
+    metadata = MetaData()
+    Table("dominators", metadata,
+          Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+          Column("name", String, nullable=False),
+          Column("address", String, nullable=False, server_default=""),
+          Column("started", DateTime(timezone=True), nullable=False),
+          Column("last_renewal", DateTime(timezone=True), nullable=False))
+    Table("shard_leases", metadata,
+          Column("shard", Integer, primary_key=True, autoincrement=False),
+          Column("owner", BigInteger, nullable=True),
+          Column("token", BigInteger, nullable=False, server_default="0"),
+          Column("granted", DateTime(timezone=True), nullable=True),
+          Column("expires_at", DateTime(timezone=True), nullable=True))
+    Table("lease_settings", metadata,
+          Column("id", Integer, primary_key=True, autoincrement=False),
+          Column("shards", Integer, nullable=False),
+          Column("last_token", BigInteger, nullable=False, server_default="0"))
+    metadata.create_all(connection)
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("CREATE SEQUENCE shard_lease_token"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "machines and the revision counter", create_machines),
     Migration(2, "machines.updated_unix and an index on required_image",
               add_update_time_and_image_index),
     Migration(3, "machines.location", add_location),
+    Migration(4, "dominators, shard leases and their fencing tokens", add_shard_leases),
 ]

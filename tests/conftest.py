@@ -1,17 +1,23 @@
-"""Shared fixtures: a certificate authority, real image server and subd daemons, and a
-whole fleet."""
+"""Shared fixtures: a certificate authority, real image server and subd daemons, a
+whole fleet and a fresh PostgreSQL database (with FLEET_TEST_POSTGRES_URL)."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Security
 from fleetlib.testing.daemons import Daemon, free_port, imageserver_daemon
 from fleetlib.testing.fleet import FleetUnderTest
+
+POSTGRES_URL = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +89,20 @@ def fleet(tmp_path: Path, ca: Path, imageserver: Daemon,
     under_test = FleetUnderTest(tmp_path, ca, imageserver, start_subd)
     yield under_test
     under_test.stop()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped after it."""
+    if not POSTGRES_URL:
+        pytest.skip("PostgreSQL tests need FLEET_TEST_POSTGRES_URL (set by .ci/run)")
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"fleet_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.dispose()

@@ -7,15 +7,12 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 import mdb.store
 from fleetlib.errors import FleetError, NotFoundError
@@ -25,8 +22,6 @@ from mdb.machine import Machine, check_address, machines_json, parse_machines_js
 from mdb.migrations import MIGRATIONS
 from mdb.models import Base
 from mdb.store import Mdb
-
-POSTGRES_URL = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
 
 SAMPLE: list[dict[str, Any]] = [
     {"Hostname": "web1.example.com", "IpAddress": "10.0.0.1", "RequiredImage": "web/2024-05-01",
@@ -48,23 +43,6 @@ SAMPLE: list[dict[str, Any]] = [
 def machines(*hostnames: str, **fields: object) -> list[Machine]:
     # `fields` are Machine's keyword arguments, whose types differ: each test gives the right ones.
     return [Machine(hostname, **fields) for hostname in hostnames]  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped after it."""
-    if not POSTGRES_URL:
-        pytest.skip("PostgreSQL tests need FLEET_TEST_POSTGRES_URL (set by .ci/run)")
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"fleet_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -353,7 +331,7 @@ def test_migration_from_v1_keeps_every_row(url: str) -> None:
     engine.dispose()
 
     with Mdb(url) as store:
-        assert store.schema_version == len(MIGRATIONS) == 3
+        assert store.schema_version == len(MIGRATIONS) == 4
         assert [m.to_json() for m in store.list()] == as_sorted_json(WITHOUT_LOCATION)
         assert store.revision() == 41
         store.update("db1", required_image="db/18")
@@ -379,7 +357,7 @@ def test_migration_from_v2_keeps_every_host_and_adds_an_empty_location(url: str)
             "VALUES ('old-host', '10.0.0.9', 'web/1', '{\"role\": \"web\"}', 7)"))
     engine.dispose()
     with Mdb(url) as store:
-        assert store.schema_version == 3
+        assert store.schema_version == len(MIGRATIONS)
         assert store.get("old-host") == Machine("old-host", "10.0.0.9", "web/1",
                                                 tags={"role": "web"})
         moved = store.update("old-host", location="eu/dc2/r1")
@@ -400,10 +378,10 @@ def test_models_match_the_migrated_schema(store: Mdb, url: str) -> None:
 
 def test_database_newer_than_the_code_is_refused(url: str) -> None:
     engine = open_engine(url)
-    migrate(engine, [*MIGRATIONS, Migration(4, "from the future", lambda connection: None)])
+    migrate(engine, [*MIGRATIONS, Migration(5, "from the future", lambda connection: None)])
     engine.dispose()
-    with pytest.raises(FleetError, match=r"has schema version 4 \(schema_version\), newer than "
-                                         r"this program knows \(3\): upgrade the program"):
+    with pytest.raises(FleetError, match=r"has schema version 5 \(schema_version\), newer than "
+                                         r"this program knows \(4\): upgrade the program"):
         Mdb(url)
 
 
