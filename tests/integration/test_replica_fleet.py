@@ -105,6 +105,7 @@ def test_a_fleet_fetches_from_the_replicas_it_learns_from_the_master(
         start_replica: StartReplica, start_subd: Callable[..., Daemon]) -> None:
     east = start_replica(imageserver, "us-east/dc1")
     west = start_replica(imageserver, "eu-west/dc1")
+    deeper = start_replica(east, "us-east/dc2")  # a replica of a replica
     payloads = {}
     for image in ("img", "img2"):
         source = tmp_path / image
@@ -112,13 +113,16 @@ def test_a_fleet_fetches_from_the_replicas_it_learns_from_the_master(
         payloads[image] = os.urandom(PAYLOAD)
         (source / "payload").write_bytes(payloads[image])
         add_image(ca, imageserver, image, source)
-    rows = wait_for(lambda: in_sync(cli_env, [east, west]), "both replicas are in sync",
-                    timeout=60)
+    rows = wait_for(lambda: in_sync(cli_env, [east, west, deeper]),
+                    "every replica is in sync", timeout=60)
     assert {rows[r.address]["upstream"] for r in (east, west)} == {imageserver.address}
+    assert (rows[deeper.address]["upstream"], rows[deeper.address]["depth"]) == \
+        (east.address, 2)
     assert rows[east.address]["location"] == "us-east/dc1"
     master_row = rows[imageserver.address]
     assert (master_row["state"], master_row["depth"], master_row["upstream"]) == \
         ("master", 0, "")
+    replicated = {r.address: served_bytes(r) for r in (east, west)}  # deeper's from east
     # The dominator is given the master only, and one fetch in flight per server.
     fleet = FleetUnderTest(tmp_path, ca, imageserver, start_subd, hosts=3,
                            serve_args=("--fetches-per-imageserver", "1"))
@@ -129,13 +133,14 @@ def test_a_fleet_fetches_from_the_replicas_it_learns_from_the_master(
         # Each host's bytes came from its own location's replica, none from the master.
         assert fetched_from(fleet) == [{east.address: PAYLOAD}, {east.address: PAYLOAD},
                                        {west.address: PAYLOAD}]
-        assert (served_bytes(east), served_bytes(west)) == (2 * PAYLOAD, PAYLOAD)
+        assert served_bytes(east) - replicated[east.address] == 2 * PAYLOAD
+        assert served_bytes(west) - replicated[west.address] == PAYLOAD
         # All three hosts move to us-east: every fetch goes to the one replica there,
         # never more than one at a time (the dominator's own count of it).
         import_machines(fleet, "img2", ["us-east/dc1/r1", "us-east/dc1/r2", "us-east/dc1/r3"])
         fleet.wait_status(fleet.names, "synced", "img2", timeout=120)
         assert fetched_from(fleet) == [{east.address: PAYLOAD}] * 3
-        assert served_bytes(east) == 5 * PAYLOAD
+        assert served_bytes(east) - replicated[east.address] == 5 * PAYLOAD
         peaks = dominator_gauges(fleet, "dominator_fetches_in_flight_max")
         assert peaks == {(east.address,): 1.0, (west.address,): 1.0}
         assert set(dominator_gauges(fleet, "dominator_fetches_in_flight").values()) == {0.0}
@@ -145,12 +150,13 @@ def test_a_fleet_fetches_from_the_replicas_it_learns_from_the_master(
         assert states[(east.address, "diverged")] == 0.0
         lags = dominator_gauges(fleet, "dominator_replica_lag_events")
         assert lags == {(east.address, imageserver.address): 0.0,
-                        (west.address, imageserver.address): 0.0}
-        replicated = dominator_gauges(fleet, "dominator_replica_bytes_replicated")
-        assert replicated[(east.address, imageserver.address)] >= 2 * PAYLOAD
+                        (west.address, imageserver.address): 0.0,
+                        (deeper.address, east.address): 0.0}
+        moved = dominator_gauges(fleet, "dominator_replica_bytes_replicated")
+        assert moved[(east.address, imageserver.address)] >= 2 * PAYLOAD
         overview = httpx.get(f"{fleet.base}/index.json", timeout=30).json()["imageservers"]
         assert [row["address"] for row in overview["servers"]] == \
-            [imageserver.address, *sorted([east.address, west.address])]
+            [imageserver.address, *sorted([east.address, west.address]), deeper.address]
         assert overview["fetch_cap"] == 1 and overview["error"] == ""
         page = httpx.get(f"{fleet.base}/", timeout=30).text
         assert 'id="imageservers"' in page and east.address in page
