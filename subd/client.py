@@ -4,6 +4,10 @@ No call waits forever: unary calls and short polls have a deadline
 (`fleetlib.rpc.tls.call_timeout`), an update UPDATE_TIMEOUT, and a stream of unknown
 size (a poll with the tree, GetFiles) relies on the channel's keepalive, which fails
 it once the connection goes silent.
+
+Every mutating call takes an optional `fence` (subd.fence): the caller's lease on the
+host, which subd checks; without it the call is unfenced (an operator's, or a single
+dominator's).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import grpc
 
@@ -24,6 +29,7 @@ from fleetlib.rpc.tls import Security, call_timeout, open_channel, parse_address
 from fleetlib.wire import subd_pb2, subd_pb2_grpc, tree_pb2
 from fleetlib.wire.codec import tree_from_proto
 from subd.changes import UpdatePlan, plan_to_proto
+from subd.fence import FenceToken
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ POLL_INTERVAL = 0.2
 DEFAULT_MAX_TREE_BYTES = 512 << 20
 # How long an update may take on the sub, from the first chunk sent to its result.
 UPDATE_TIMEOUT = 600.0
+Fenceable = TypeVar("Fenceable", subd_pb2.CleanupRequest, subd_pb2.Configuration)
 
 
 class TreeTooLarge(FleetError):
@@ -57,13 +64,23 @@ def read_poll(responses: Iterable[subd_pb2.PollResponse]
     return first.status, decode_tree(join_chunks(r.tree_chunk for r in stream))
 
 
-def encode_update(plan: UpdatePlan) -> bytes:
+def encode_update(plan: UpdatePlan, fence: FenceToken | None = None) -> bytes:
     """An update serialized, to travel in 1 MiB chunks of an UpdateStream call."""
-    return plan_to_proto(plan).SerializeToString()
+    request = plan_to_proto(plan)
+    if fence is not None:
+        request.fence.CopyFrom(fence.to_proto())
+    return request.SerializeToString()
 
 
-def fetch_request(servers: str | Sequence[str], hashes: list[bytes], image_name: str = ""
-                  ) -> subd_pb2.FetchRequest:
+def fenced(request: Fenceable, fence: FenceToken | None) -> Fenceable:
+    """`request` carrying `fence` (unchanged when None)."""
+    if fence is not None:
+        request.fence.CopyFrom(fence.to_proto())
+    return request
+
+
+def fetch_request(servers: str | Sequence[str], hashes: list[bytes], image_name: str = "",
+                  fence: FenceToken | None = None) -> subd_pb2.FetchRequest:
     """A Fetch of `hashes` (content of image `image_name`, which a subd with
     --trusted-keys needs) from `servers` (one or several, tried in order); `server`
     carries the first, for a subd that predates `servers`."""
@@ -71,7 +88,8 @@ def fetch_request(servers: str | Sequence[str], hashes: list[bytes], image_name:
     if not ordered:
         raise FleetError("no image server to fetch from")
     return subd_pb2.FetchRequest(server=ordered[0], servers=ordered, hashes=hashes,
-                                 image_name=image_name)
+                                 image_name=image_name,
+                                 fence=fence.to_proto() if fence is not None else None)
 
 
 def older_subd(err: grpc.RpcError, address: str) -> bool:
@@ -112,11 +130,12 @@ class SubClient:
         finally:
             stream.cancel()  # a no-op once the stream ended
 
-    def fetch(self, servers: str | Sequence[str], hashes: list[bytes], image_name: str = ""
-              ) -> None:
+    def fetch(self, servers: str | Sequence[str], hashes: list[bytes], image_name: str = "",
+              fence: FenceToken | None = None) -> None:
         """Ask the sub to fetch objects of image `image_name` from image servers, tried
         in order (runs in the background)."""
-        self.stub.Fetch(fetch_request(servers, hashes, image_name), timeout=call_timeout())
+        self.stub.Fetch(fetch_request(servers, hashes, image_name, fence),
+                        timeout=call_timeout())
 
     def wait_fetch(self, progress: Callable[[subd_pb2.FetchStatus], None] | None = None,
                    timeout: float = 3600) -> subd_pb2.FetchStatus:
@@ -134,9 +153,10 @@ class SubClient:
                 raise FleetError(f"fetch on {self.address} still running after {timeout:.0f} s")
             time.sleep(POLL_INTERVAL)
 
-    def update(self, plan: UpdatePlan) -> subd_pb2.UpdateResult:
+    def update(self, plan: UpdatePlan, fence: FenceToken | None = None
+               ) -> subd_pb2.UpdateResult:
         """Apply an update of any size and return its result (the sub refuses unsafe ones)."""
-        data = encode_update(plan)
+        data = encode_update(plan, fence)
         try:
             self.stub.UpdateStream(split_message(data), timeout=UPDATE_TIMEOUT)
         except grpc.RpcError as err:
@@ -157,16 +177,17 @@ class SubClient:
                 raise FleetError(f"{self.address} did not finish a scan within {timeout:.0f} s")
             time.sleep(POLL_INTERVAL)
 
-    def cleanup(self, hashes: list[bytes]) -> int:
+    def cleanup(self, hashes: list[bytes], fence: FenceToken | None = None) -> int:
         """Remove cached objects; returns how many were removed."""
         reply: subd_pb2.CleanupResponse = self.stub.Cleanup(
-            subd_pb2.CleanupRequest(hashes=hashes), timeout=call_timeout())
+            fenced(subd_pb2.CleanupRequest(hashes=hashes), fence), timeout=call_timeout())
         return reply.removed
 
-    def cleanup_all_but(self, keep: list[bytes]) -> int:
+    def cleanup_all_but(self, keep: list[bytes], fence: FenceToken | None = None) -> int:
         """Remove every cached object not in `keep`; returns how many were removed."""
         reply: subd_pb2.CleanupResponse = self.stub.Cleanup(
-            subd_pb2.CleanupRequest(all_but_keep=True, keep=keep), timeout=call_timeout())
+            fenced(subd_pb2.CleanupRequest(all_but_keep=True, keep=keep), fence),
+            timeout=call_timeout())
         return reply.removed
 
     def get_files(self, paths: list[str]) -> dict[str, bytes | None]:
@@ -199,9 +220,12 @@ class SubClient:
             subd_pb2.GetConfigurationRequest(), timeout=call_timeout())
         return reply
 
-    def set_configuration(self, changes: subd_pb2.Configuration) -> subd_pb2.Configuration:
+    def set_configuration(self, changes: subd_pb2.Configuration,
+                          fence: FenceToken | None = None) -> subd_pb2.Configuration:
         """Change what `changes` sets (0 or empty: unchanged); the configuration after."""
-        reply: subd_pb2.Configuration = self.stub.SetConfiguration(changes,
+        request = subd_pb2.Configuration()
+        request.CopyFrom(changes)
+        reply: subd_pb2.Configuration = self.stub.SetConfiguration(fenced(request, fence),
                                                                    timeout=call_timeout())
         return reply
 
@@ -251,14 +275,15 @@ class AsyncSubClient:
         return first.status, tree
 
     async def fetch(self, servers: str | Sequence[str], hashes: list[bytes],
-                    image_name: str = "") -> None:
+                    image_name: str = "", fence: FenceToken | None = None) -> None:
         """Start a fetch on the sub of objects of image `image_name` from image
         servers, tried in order."""
-        await self.stub.Fetch(fetch_request(servers, hashes, image_name), timeout=60)
+        await self.stub.Fetch(fetch_request(servers, hashes, image_name, fence), timeout=60)
 
-    async def update(self, plan: UpdatePlan, timeout: float = UPDATE_TIMEOUT) -> None:
+    async def update(self, plan: UpdatePlan, timeout: float = UPDATE_TIMEOUT,
+                     fence: FenceToken | None = None) -> None:
         """Apply an update of any size (raises grpc.aio.AioRpcError when refused or failed)."""
-        data = await asyncio.to_thread(encode_update, plan)  # 100k paths take a while
+        data = await asyncio.to_thread(encode_update, plan, fence)  # 100k paths take a while
         try:
             await self.stub.UpdateStream(split_message(data), timeout=timeout)
         except grpc.RpcError as err:
@@ -266,8 +291,8 @@ class AsyncSubClient:
                 raise
             await self.stub.Update(subd_pb2.UpdateRequest.FromString(data), timeout=timeout)
 
-    async def cleanup_all_but(self, keep: list[bytes]) -> int:
+    async def cleanup_all_but(self, keep: list[bytes], fence: FenceToken | None = None) -> int:
         """Remove every cached object not in `keep`."""
-        request = subd_pb2.CleanupRequest(all_but_keep=True, keep=keep)
+        request = fenced(subd_pb2.CleanupRequest(all_but_keep=True, keep=keep), fence)
         reply: subd_pb2.CleanupResponse = await self.stub.Cleanup(request, timeout=60)
         return reply.removed

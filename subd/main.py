@@ -28,6 +28,7 @@ from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
 from fleetlib.signing import TrustedKeys, load_trusted_keys
 from fleetlib.wire import subd_pb2_grpc
+from subd.fence import Fences
 from subd.fetcher import Fetcher
 from subd.scanner import ScanConfig, Scanner
 from subd.service import SubdService
@@ -73,6 +74,16 @@ class SubdCollector(Collector):
         yield CounterMetricFamily("subd_fetch_bytes",
                                   "Bytes the last (or current) fetch has fetched or copied.",
                                   value=status.fetch.bytes_done)
+        fences = self.service.fences
+        token = GaugeMetricFamily("subd_fence_token",
+                                  "The highest fencing token accepted from a dominator "
+                                  "(0: none), labelled with its owner.", labels=["owner"])
+        token.add_metric([fences.highest.owner if fences.highest else ""],
+                         fences.highest.token if fences.highest else 0)
+        yield token
+        yield CounterMetricFamily("subd_fenced_calls_refused",
+                                  "Mutating calls refused for an older fencing token.",
+                                  value=fences.refused)
 
 
 async def serve(root: Path, port: int, security: Security, config: ScanConfig,
@@ -92,7 +103,8 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
     fetcher = Fetcher(root, cache, security, network_speed_percent, lambda: scanner.tree,
                       scanner.bump_generation)
     trust = TrustedImages(trusted_keys, security) if trusted_keys is not None else None
-    service = SubdService(root, scanner, cache, fetcher, updater, state, trust)
+    service = SubdService(root, scanner, cache, fetcher, updater, state,
+                          Fences.in_dir(state_dir), trust)
     stop_metrics = serve_metrics(SubdCollector(scanner, service), host, metrics_port) \
         if metrics_port else None
     running = await start_server(

@@ -34,6 +34,7 @@ from subd.configuration import (
     configuration_json,
     requested,
 )
+from subd.fence import Fences, fence_of
 from subd.fetcher import Fetcher, free_bytes
 from subd.scanner import Scanner
 from subd.state import SubdState, UpdateOutcome
@@ -72,9 +73,10 @@ class SubdService(subd_pb2_grpc.SubdServicer):
     """One host's agent."""
 
     def __init__(self, root: Path, scanner: Scanner, cache: ObjectStore, fetcher: Fetcher,
-                 updater: Updater, state: SubdState, trust: TrustedImages | None = None
-                 ) -> None:
+                 updater: Updater, state: SubdState, fences: Fences,
+                 trust: TrustedImages | None = None) -> None:
         self.root = root
+        self.fences = fences  # refuses mutating calls of a former lease holder
         self.trust = trust  # subd --trusted-keys: only signed images are fetched and applied
         self.scanner = scanner
         self.cache = cache
@@ -102,7 +104,8 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             cached_objects=self._cached_objects(),
             inodes=len(tree.inodes) if tree is not None else 0,
             is_root=os.geteuid() == 0, scan_exclusions=scanner.config.exclusions,
-            scan_error=quote(scanner.scan_error), pinned_objects=self._pinned_objects())
+            scan_error=quote(scanner.scan_error), pinned_objects=self._pinned_objects(),
+            fence=self.fences.to_proto(), fence_error=quote(self.fences.error))
 
     def _free_bytes(self) -> int:
         """Free bytes on ROOT's filesystem; 0 while ROOT cannot be reached (Poll still
@@ -148,11 +151,14 @@ class SubdService(subd_pb2_grpc.SubdServicer):
     async def Fetch(self, request: subd_pb2.FetchRequest, context: grpc.aio.ServicerContext
                     ) -> subd_pb2.FetchResponse:
         try:
+            fence = fence_of(request)
+            self.fences.check(fence, "fetch")
             hashes = [check_hash(h) for h in request.hashes]
             servers = list(request.servers) or [request.server]
             if self.trust is not None:
                 manifest = await self.trust.manifest(request.image_name, servers, "fetch")
                 self.trust.check_fetch(manifest, hashes)
+            self.fences.admit(fence, "fetch")  # again: a newer owner may have come meanwhile
             self.fetcher.start(servers, hashes)
         except FleetError as err:
             await abort(context, err)
@@ -177,6 +183,8 @@ class SubdService(subd_pb2_grpc.SubdServicer):
                       ) -> subd_pb2.UpdateResponse:
         """Validate and apply one update, however it arrived."""
         try:
+            fence = fence_of(request)
+            self.fences.check(fence, "update")
             plan = await asyncio.to_thread(plan_from_proto, request)  # 100k paths take a while
             if self._update_lock.locked():
                 raise PreconditionError("an update is already in progress")
@@ -187,6 +195,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
                 raise PreconditionError("subd has not finished its first scan yet")
             async with self._update_lock:
                 await self._check_signed(plan)
+                self.fences.admit(fence, "update")  # no await until the apply has started
                 outcome = await asyncio.to_thread(self._apply, plan, tree)
         except FleetError as err:
             await abort(context, err)
@@ -228,6 +237,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         try:
             hashes = [check_hash(h) for h in request.hashes]
             keep = {check_hash(h) for h in request.keep}
+            self.fences.admit(fence_of(request), "cleanup")
         except FleetError as err:
             await abort(context, err)
         if request.all_but_keep:
@@ -280,6 +290,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         values come back after that long. Lasts until subd restarts."""
         try:
             check_configuration(request)
+            self.fences.admit(fence_of(request), "configuration change")
             values = requested(request)
             previous = {key: value for key, value in self._settings().items()
                         if key in values}

@@ -176,6 +176,8 @@ def status_json(status: subd_pb2.SubStatus) -> dict[str, Any]:
                         "triggers_run": list(update.triggers_run),
                         "warnings": list(update.warnings)},
         "scan_exclusions": list(status.scan_exclusions),
+        "fence": {"owner": status.fence.owner, "token": status.fence.token,
+                  "error": status.fence_error},  # the highest lease token accepted
     }
 
 

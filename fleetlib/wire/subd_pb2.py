@@ -26,7 +26,7 @@ from fleetlib.wire import imageserver_pb2 as fleetlib_dot_wire_dot_imageserver__
 from fleetlib.wire import tree_pb2 as fleetlib_dot_wire_dot_tree__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66leetlib/wire/subd.proto\x12\x05\x66leet\x1a\x1f\x66leetlib/wire/imageserver.proto\x1a\x18\x66leetlib/wire/tree.proto\"5\n\x0bPollRequest\x12\x17\n\x0fhave_generation\x18\x01 \x01(\x04\x12\r\n\x05short\x18\x02 \x01(\x08\"\x9b\x02\n\x0b\x46\x65tchStatus\x12\x13\n\x0bin_progress\x18\x01 \x01(\x08\x12\x15\n\robjects_total\x18\x02 \x01(\x04\x12\x14\n\x0cobjects_done\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x12\n\nbytes_done\x18\x05 \x01(\x04\x12\x1c\n\x14\x62ytes_copied_locally\x18\x06 \x01(\x04\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12>\n\x0f\x62ytes_by_server\x18\x08 \x03(\x0b\x32%.fleet.FetchStatus.BytesByServerEntry\x1a\x34\n\x12\x42ytesByServerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xc7\x01\n\x0cUpdateResult\x12\x13\n\x0bin_progress\x18\x01 \x01(\x08\x12\x12\n\nimage_name\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rfinished_unix\x18\x05 \x01(\x03\x12\x18\n\x10\x63hange_window_ns\x18\x06 \x01(\x04\x12\x15\n\rpaths_changed\x18\x07 \x01(\x04\x12\x14\n\x0ctriggers_run\x18\x08 \x03(\t\x12\x10\n\x08warnings\x18\t \x03(\t\"\x89\x03\n\tSubStatus\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x12\n\nscan_count\x18\x03 \x01(\x04\x12\x14\n\x0clast_scan_ns\x18\x04 \x01(\x04\x12\x16\n\x0elast_scan_unix\x18\x05 \x01(\x03\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12!\n\x05\x66\x65tch\x18\x07 \x01(\x0b\x32\x12.fleet.FetchStatus\x12(\n\x0blast_update\x18\x08 \x01(\x0b\x32\x13.fleet.UpdateResult\x12\x1d\n\x15last_successful_image\x18\t \x01(\t\x12\x16\n\x0e\x63\x61\x63hed_objects\x18\n \x01(\x04\x12\x0e\n\x06inodes\x18\x0b \x01(\x04\x12\x0f\n\x07is_root\x18\x0c \x01(\x08\x12\x17\n\x0fscan_exclusions\x18\r \x03(\t\x12\x13\n\x0bstart_error\x18\x0e \x01(\t\x12\x12\n\nscan_error\x18\x0f \x01(\t\x12\x16\n\x0epinned_objects\x18\x10 \x01(\x04\"|\n\x0cPollResponse\x12 \n\x06status\x18\x01 \x01(\x0b\x32\x10.fleet.SubStatus\x12\x14\n\x0ctree_follows\x18\x02 \x01(\x08\x12 \n\ntree_chunk\x18\x03 \x01(\x0b\x32\x0c.fleet.Chunk\x12\x12\n\ntree_bytes\x18\x04 \x01(\x04\"S\n\x0c\x46\x65tchRequest\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x0f\n\x07servers\x18\x03 \x03(\t\x12\x12\n\nimage_name\x18\x04 \x01(\t\"\x0f\n\rFetchResponse\"e\n\x06\x43hange\x12\x0c\n\x04path\x18\x01 \x01(\x0c\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.fleet.ChangeKind\x12\x1b\n\x05inode\x18\x03 \x01(\x0b\x32\x0c.fleet.Inode\x12\x0f\n\x07link_to\x18\x04 \x01(\x0c\"\x8f\x02\n\rUpdateRequest\x12\x12\n\nimage_name\x18\x01 \x01(\t\x12\x1e\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\r.fleet.Change\x12\x1d\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\r.fleet.Filter\x12 \n\x08triggers\x18\x04 \x03(\x0b\x32\x0e.fleet.Trigger\x12$\n\x0cold_triggers\x18\x05 \x03(\x0b\x32\x0e.fleet.Trigger\x12\x1c\n\x14\x64isable_safety_check\x18\x06 \x01(\x08\x12\x1c\n\x14\x64isruption_permitted\x18\x07 \x01(\x08\x12\x16\n\x0einline_objects\x18\x08 \x03(\x0c\x12\x0f\n\x07servers\x18\t \x03(\t\"\x10\n\x0eUpdateResponse\"D\n\x0e\x43leanupRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x14\n\x0c\x61ll_but_keep\x18\x02 \x01(\x08\x12\x0c\n\x04keep\x18\x03 \x03(\x0c\"7\n\x0f\x43leanupResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\x12\x13\n\x0bkept_pinned\x18\x02 \x01(\x04\" \n\x0fGetFilesRequest\x12\r\n\x05paths\x18\x01 \x03(\x0c\"M\n\x10GetFilesResponse\x12\x0c\n\x04path\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07missing\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\xd8\x01\n\rConfiguration\x12\x1a\n\x12scan_speed_percent\x18\x01 \x01(\r\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\r\x12\x1d\n\x15network_speed_percent\x18\x03 \x01(\r\x12\x17\n\x0fscan_exclusions\x18\x04 \x03(\t\x12\x1d\n\x15verify_period_seconds\x18\x05 \x01(\x04\x12\x13\n\x0b\x66or_seconds\x18\x06 \x01(\x04\x12\x14\n\x0crestore_unix\x18\x07 \x01(\x03\x12\x14\n\x0crestore_keys\x18\x08 \x03(\t\"\x19\n\x17GetConfigurationRequest*T\n\nChangeKind\x12\x16\n\x12\x43HANGE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41\x44\x44\x10\x01\x12\x0b\n\x07REPLACE\x10\x02\x12\x0c\n\x08METADATA\x10\x03\x12\n\n\x06\x44\x45LETE\x10\x04\x32\xde\x03\n\x04Subd\x12\x31\n\x04Poll\x12\x12.fleet.PollRequest\x1a\x13.fleet.PollResponse0\x01\x12\x32\n\x05\x46\x65tch\x12\x13.fleet.FetchRequest\x1a\x14.fleet.FetchResponse\x12\x35\n\x06Update\x12\x14.fleet.UpdateRequest\x1a\x15.fleet.UpdateResponse\x12\x35\n\x0cUpdateStream\x12\x0c.fleet.Chunk\x1a\x15.fleet.UpdateResponse(\x01\x12\x38\n\x07\x43leanup\x12\x15.fleet.CleanupRequest\x1a\x16.fleet.CleanupResponse\x12=\n\x08GetFiles\x12\x16.fleet.GetFilesRequest\x1a\x17.fleet.GetFilesResponse0\x01\x12H\n\x10GetConfiguration\x12\x1e.fleet.GetConfigurationRequest\x1a\x14.fleet.Configuration\x12>\n\x10SetConfiguration\x12\x14.fleet.Configuration\x1a\x14.fleet.Configurationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66leetlib/wire/subd.proto\x12\x05\x66leet\x1a\x1f\x66leetlib/wire/imageserver.proto\x1a\x18\x66leetlib/wire/tree.proto\"%\n\x05\x46\x65nce\x12\r\n\x05owner\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\"5\n\x0bPollRequest\x12\x17\n\x0fhave_generation\x18\x01 \x01(\x04\x12\r\n\x05short\x18\x02 \x01(\x08\"\x9b\x02\n\x0b\x46\x65tchStatus\x12\x13\n\x0bin_progress\x18\x01 \x01(\x08\x12\x15\n\robjects_total\x18\x02 \x01(\x04\x12\x14\n\x0cobjects_done\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x12\n\nbytes_done\x18\x05 \x01(\x04\x12\x1c\n\x14\x62ytes_copied_locally\x18\x06 \x01(\x04\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12>\n\x0f\x62ytes_by_server\x18\x08 \x03(\x0b\x32%.fleet.FetchStatus.BytesByServerEntry\x1a\x34\n\x12\x42ytesByServerEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xc7\x01\n\x0cUpdateResult\x12\x13\n\x0bin_progress\x18\x01 \x01(\x08\x12\x12\n\nimage_name\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rfinished_unix\x18\x05 \x01(\x03\x12\x18\n\x10\x63hange_window_ns\x18\x06 \x01(\x04\x12\x15\n\rpaths_changed\x18\x07 \x01(\x04\x12\x14\n\x0ctriggers_run\x18\x08 \x03(\t\x12\x10\n\x08warnings\x18\t \x03(\t\"\xbb\x03\n\tSubStatus\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x12\n\nscan_count\x18\x03 \x01(\x04\x12\x14\n\x0clast_scan_ns\x18\x04 \x01(\x04\x12\x16\n\x0elast_scan_unix\x18\x05 \x01(\x03\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12!\n\x05\x66\x65tch\x18\x07 \x01(\x0b\x32\x12.fleet.FetchStatus\x12(\n\x0blast_update\x18\x08 \x01(\x0b\x32\x13.fleet.UpdateResult\x12\x1d\n\x15last_successful_image\x18\t \x01(\t\x12\x16\n\x0e\x63\x61\x63hed_objects\x18\n \x01(\x04\x12\x0e\n\x06inodes\x18\x0b \x01(\x04\x12\x0f\n\x07is_root\x18\x0c \x01(\x08\x12\x17\n\x0fscan_exclusions\x18\r \x03(\t\x12\x13\n\x0bstart_error\x18\x0e \x01(\t\x12\x12\n\nscan_error\x18\x0f \x01(\t\x12\x16\n\x0epinned_objects\x18\x10 \x01(\x04\x12\x1b\n\x05\x66\x65nce\x18\x11 \x01(\x0b\x32\x0c.fleet.Fence\x12\x13\n\x0b\x66\x65nce_error\x18\x12 \x01(\t\"|\n\x0cPollResponse\x12 \n\x06status\x18\x01 \x01(\x0b\x32\x10.fleet.SubStatus\x12\x14\n\x0ctree_follows\x18\x02 \x01(\x08\x12 \n\ntree_chunk\x18\x03 \x01(\x0b\x32\x0c.fleet.Chunk\x12\x12\n\ntree_bytes\x18\x04 \x01(\x04\"p\n\x0c\x46\x65tchRequest\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\x0f\n\x07servers\x18\x03 \x03(\t\x12\x12\n\nimage_name\x18\x04 \x01(\t\x12\x1b\n\x05\x66\x65nce\x18\x05 \x01(\x0b\x32\x0c.fleet.Fence\"\x0f\n\rFetchResponse\"e\n\x06\x43hange\x12\x0c\n\x04path\x18\x01 \x01(\x0c\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.fleet.ChangeKind\x12\x1b\n\x05inode\x18\x03 \x01(\x0b\x32\x0c.fleet.Inode\x12\x0f\n\x07link_to\x18\x04 \x01(\x0c\"\xac\x02\n\rUpdateRequest\x12\x12\n\nimage_name\x18\x01 \x01(\t\x12\x1e\n\x07\x63hanges\x18\x02 \x03(\x0b\x32\r.fleet.Change\x12\x1d\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\r.fleet.Filter\x12 \n\x08triggers\x18\x04 \x03(\x0b\x32\x0e.fleet.Trigger\x12$\n\x0cold_triggers\x18\x05 \x03(\x0b\x32\x0e.fleet.Trigger\x12\x1c\n\x14\x64isable_safety_check\x18\x06 \x01(\x08\x12\x1c\n\x14\x64isruption_permitted\x18\x07 \x01(\x08\x12\x16\n\x0einline_objects\x18\x08 \x03(\x0c\x12\x0f\n\x07servers\x18\t \x03(\t\x12\x1b\n\x05\x66\x65nce\x18\n \x01(\x0b\x32\x0c.fleet.Fence\"\x10\n\x0eUpdateResponse\"a\n\x0e\x43leanupRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x14\n\x0c\x61ll_but_keep\x18\x02 \x01(\x08\x12\x0c\n\x04keep\x18\x03 \x03(\x0c\x12\x1b\n\x05\x66\x65nce\x18\x04 \x01(\x0b\x32\x0c.fleet.Fence\"7\n\x0f\x43leanupResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\x12\x13\n\x0bkept_pinned\x18\x02 \x01(\x04\" \n\x0fGetFilesRequest\x12\r\n\x05paths\x18\x01 \x03(\x0c\"M\n\x10GetFilesResponse\x12\x0c\n\x04path\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07missing\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\"\xf5\x01\n\rConfiguration\x12\x1a\n\x12scan_speed_percent\x18\x01 \x01(\r\x12\x13\n\x0b\x63pu_percent\x18\x02 \x01(\r\x12\x1d\n\x15network_speed_percent\x18\x03 \x01(\r\x12\x17\n\x0fscan_exclusions\x18\x04 \x03(\t\x12\x1d\n\x15verify_period_seconds\x18\x05 \x01(\x04\x12\x13\n\x0b\x66or_seconds\x18\x06 \x01(\x04\x12\x14\n\x0crestore_unix\x18\x07 \x01(\x03\x12\x14\n\x0crestore_keys\x18\x08 \x03(\t\x12\x1b\n\x05\x66\x65nce\x18\t \x01(\x0b\x32\x0c.fleet.Fence\"\x19\n\x17GetConfigurationRequest*T\n\nChangeKind\x12\x16\n\x12\x43HANGE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41\x44\x44\x10\x01\x12\x0b\n\x07REPLACE\x10\x02\x12\x0c\n\x08METADATA\x10\x03\x12\n\n\x06\x44\x45LETE\x10\x04\x32\xde\x03\n\x04Subd\x12\x31\n\x04Poll\x12\x12.fleet.PollRequest\x1a\x13.fleet.PollResponse0\x01\x12\x32\n\x05\x46\x65tch\x12\x13.fleet.FetchRequest\x1a\x14.fleet.FetchResponse\x12\x35\n\x06Update\x12\x14.fleet.UpdateRequest\x1a\x15.fleet.UpdateResponse\x12\x35\n\x0cUpdateStream\x12\x0c.fleet.Chunk\x1a\x15.fleet.UpdateResponse(\x01\x12\x38\n\x07\x43leanup\x12\x15.fleet.CleanupRequest\x1a\x16.fleet.CleanupResponse\x12=\n\x08GetFiles\x12\x16.fleet.GetFilesRequest\x1a\x17.fleet.GetFilesResponse0\x01\x12H\n\x10GetConfiguration\x12\x1e.fleet.GetConfigurationRequest\x1a\x14.fleet.Configuration\x12>\n\x10SetConfiguration\x12\x14.fleet.Configuration\x1a\x14.fleet.Configurationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,42 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FETCHSTATUS_BYTESBYSERVERENTRY']._loaded_options = None
   _globals['_FETCHSTATUS_BYTESBYSERVERENTRY']._serialized_options = b'8\001'
-  _globals['_CHANGEKIND']._serialized_start=2142
-  _globals['_CHANGEKIND']._serialized_end=2226
-  _globals['_POLLREQUEST']._serialized_start=94
-  _globals['_POLLREQUEST']._serialized_end=147
-  _globals['_FETCHSTATUS']._serialized_start=150
-  _globals['_FETCHSTATUS']._serialized_end=433
-  _globals['_FETCHSTATUS_BYTESBYSERVERENTRY']._serialized_start=381
-  _globals['_FETCHSTATUS_BYTESBYSERVERENTRY']._serialized_end=433
-  _globals['_UPDATERESULT']._serialized_start=436
-  _globals['_UPDATERESULT']._serialized_end=635
-  _globals['_SUBSTATUS']._serialized_start=638
-  _globals['_SUBSTATUS']._serialized_end=1031
-  _globals['_POLLRESPONSE']._serialized_start=1033
-  _globals['_POLLRESPONSE']._serialized_end=1157
-  _globals['_FETCHREQUEST']._serialized_start=1159
-  _globals['_FETCHREQUEST']._serialized_end=1242
-  _globals['_FETCHRESPONSE']._serialized_start=1244
-  _globals['_FETCHRESPONSE']._serialized_end=1259
-  _globals['_CHANGE']._serialized_start=1261
-  _globals['_CHANGE']._serialized_end=1362
-  _globals['_UPDATEREQUEST']._serialized_start=1365
-  _globals['_UPDATEREQUEST']._serialized_end=1636
-  _globals['_UPDATERESPONSE']._serialized_start=1638
-  _globals['_UPDATERESPONSE']._serialized_end=1654
-  _globals['_CLEANUPREQUEST']._serialized_start=1656
-  _globals['_CLEANUPREQUEST']._serialized_end=1724
-  _globals['_CLEANUPRESPONSE']._serialized_start=1726
-  _globals['_CLEANUPRESPONSE']._serialized_end=1781
-  _globals['_GETFILESREQUEST']._serialized_start=1783
-  _globals['_GETFILESREQUEST']._serialized_end=1815
-  _globals['_GETFILESRESPONSE']._serialized_start=1817
-  _globals['_GETFILESRESPONSE']._serialized_end=1894
-  _globals['_CONFIGURATION']._serialized_start=1897
-  _globals['_CONFIGURATION']._serialized_end=2113
-  _globals['_GETCONFIGURATIONREQUEST']._serialized_start=2115
-  _globals['_GETCONFIGURATIONREQUEST']._serialized_end=2140
-  _globals['_SUBD']._serialized_start=2229
-  _globals['_SUBD']._serialized_end=2707
+  _globals['_CHANGEKIND']._serialized_start=2347
+  _globals['_CHANGEKIND']._serialized_end=2431
+  _globals['_FENCE']._serialized_start=94
+  _globals['_FENCE']._serialized_end=131
+  _globals['_POLLREQUEST']._serialized_start=133
+  _globals['_POLLREQUEST']._serialized_end=186
+  _globals['_FETCHSTATUS']._serialized_start=189
+  _globals['_FETCHSTATUS']._serialized_end=472
+  _globals['_FETCHSTATUS_BYTESBYSERVERENTRY']._serialized_start=420
+  _globals['_FETCHSTATUS_BYTESBYSERVERENTRY']._serialized_end=472
+  _globals['_UPDATERESULT']._serialized_start=475
+  _globals['_UPDATERESULT']._serialized_end=674
+  _globals['_SUBSTATUS']._serialized_start=677
+  _globals['_SUBSTATUS']._serialized_end=1120
+  _globals['_POLLRESPONSE']._serialized_start=1122
+  _globals['_POLLRESPONSE']._serialized_end=1246
+  _globals['_FETCHREQUEST']._serialized_start=1248
+  _globals['_FETCHREQUEST']._serialized_end=1360
+  _globals['_FETCHRESPONSE']._serialized_start=1362
+  _globals['_FETCHRESPONSE']._serialized_end=1377
+  _globals['_CHANGE']._serialized_start=1379
+  _globals['_CHANGE']._serialized_end=1480
+  _globals['_UPDATEREQUEST']._serialized_start=1483
+  _globals['_UPDATEREQUEST']._serialized_end=1783
+  _globals['_UPDATERESPONSE']._serialized_start=1785
+  _globals['_UPDATERESPONSE']._serialized_end=1801
+  _globals['_CLEANUPREQUEST']._serialized_start=1803
+  _globals['_CLEANUPREQUEST']._serialized_end=1900
+  _globals['_CLEANUPRESPONSE']._serialized_start=1902
+  _globals['_CLEANUPRESPONSE']._serialized_end=1957
+  _globals['_GETFILESREQUEST']._serialized_start=1959
+  _globals['_GETFILESREQUEST']._serialized_end=1991
+  _globals['_GETFILESRESPONSE']._serialized_start=1993
+  _globals['_GETFILESRESPONSE']._serialized_end=2070
+  _globals['_CONFIGURATION']._serialized_start=2073
+  _globals['_CONFIGURATION']._serialized_end=2318
+  _globals['_GETCONFIGURATIONREQUEST']._serialized_start=2320
+  _globals['_GETCONFIGURATIONREQUEST']._serialized_end=2345
+  _globals['_SUBD']._serialized_start=2434
+  _globals['_SUBD']._serialized_end=2912
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,14 @@ REPLACE: ChangeKind
 METADATA: ChangeKind
 DELETE: ChangeKind
 
+class Fence(_message.Message):
+    __slots__ = ("owner", "token")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    token: int
+    def __init__(self, owner: _Optional[str] = ..., token: _Optional[int] = ...) -> None: ...
+
 class PollRequest(_message.Message):
     __slots__ = ("have_generation", "short")
     HAVE_GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -80,7 +88,7 @@ class UpdateResult(_message.Message):
     def __init__(self, in_progress: _Optional[bool] = ..., image_name: _Optional[str] = ..., success: _Optional[bool] = ..., error: _Optional[str] = ..., finished_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., paths_changed: _Optional[int] = ..., triggers_run: _Optional[_Iterable[str]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubStatus(_message.Message):
-    __slots__ = ("generation", "fingerprint", "scan_count", "last_scan_ns", "last_scan_unix", "free_bytes", "fetch", "last_update", "last_successful_image", "cached_objects", "inodes", "is_root", "scan_exclusions", "start_error", "scan_error", "pinned_objects")
+    __slots__ = ("generation", "fingerprint", "scan_count", "last_scan_ns", "last_scan_unix", "free_bytes", "fetch", "last_update", "last_successful_image", "cached_objects", "inodes", "is_root", "scan_exclusions", "start_error", "scan_error", "pinned_objects", "fence", "fence_error")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SCAN_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +105,8 @@ class SubStatus(_message.Message):
     START_ERROR_FIELD_NUMBER: _ClassVar[int]
     SCAN_ERROR_FIELD_NUMBER: _ClassVar[int]
     PINNED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    FENCE_ERROR_FIELD_NUMBER: _ClassVar[int]
     generation: int
     fingerprint: bytes
     scan_count: int
@@ -113,7 +123,9 @@ class SubStatus(_message.Message):
     start_error: str
     scan_error: str
     pinned_objects: int
-    def __init__(self, generation: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., scan_count: _Optional[int] = ..., last_scan_ns: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., free_bytes: _Optional[int] = ..., fetch: _Optional[_Union[FetchStatus, _Mapping]] = ..., last_update: _Optional[_Union[UpdateResult, _Mapping]] = ..., last_successful_image: _Optional[str] = ..., cached_objects: _Optional[int] = ..., inodes: _Optional[int] = ..., is_root: _Optional[bool] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., start_error: _Optional[str] = ..., scan_error: _Optional[str] = ..., pinned_objects: _Optional[int] = ...) -> None: ...
+    fence: Fence
+    fence_error: str
+    def __init__(self, generation: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., scan_count: _Optional[int] = ..., last_scan_ns: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., free_bytes: _Optional[int] = ..., fetch: _Optional[_Union[FetchStatus, _Mapping]] = ..., last_update: _Optional[_Union[UpdateResult, _Mapping]] = ..., last_successful_image: _Optional[str] = ..., cached_objects: _Optional[int] = ..., inodes: _Optional[int] = ..., is_root: _Optional[bool] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., start_error: _Optional[str] = ..., scan_error: _Optional[str] = ..., pinned_objects: _Optional[int] = ..., fence: _Optional[_Union[Fence, _Mapping]] = ..., fence_error: _Optional[str] = ...) -> None: ...
 
 class PollResponse(_message.Message):
     __slots__ = ("status", "tree_follows", "tree_chunk", "tree_bytes")
@@ -128,16 +140,18 @@ class PollResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[SubStatus, _Mapping]] = ..., tree_follows: _Optional[bool] = ..., tree_chunk: _Optional[_Union[_tree_pb2.Chunk, _Mapping]] = ..., tree_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("server", "hashes", "servers", "image_name")
+    __slots__ = ("server", "hashes", "servers", "image_name", "fence")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
     server: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     servers: _containers.RepeatedScalarFieldContainer[str]
     image_name: str
-    def __init__(self, server: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., servers: _Optional[_Iterable[str]] = ..., image_name: _Optional[str] = ...) -> None: ...
+    fence: Fence
+    def __init__(self, server: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., servers: _Optional[_Iterable[str]] = ..., image_name: _Optional[str] = ..., fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ()
@@ -156,7 +170,7 @@ class Change(_message.Message):
     def __init__(self, path: _Optional[bytes] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., inode: _Optional[_Union[_tree_pb2.Inode, _Mapping]] = ..., link_to: _Optional[bytes] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("image_name", "changes", "filter", "triggers", "old_triggers", "disable_safety_check", "disruption_permitted", "inline_objects", "servers")
+    __slots__ = ("image_name", "changes", "filter", "triggers", "old_triggers", "disable_safety_check", "disruption_permitted", "inline_objects", "servers", "fence")
     IMAGE_NAME_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +180,7 @@ class UpdateRequest(_message.Message):
     DISRUPTION_PERMITTED_FIELD_NUMBER: _ClassVar[int]
     INLINE_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
     image_name: str
     changes: _containers.RepeatedCompositeFieldContainer[Change]
     filter: _imageserver_pb2.Filter
@@ -175,21 +190,24 @@ class UpdateRequest(_message.Message):
     disruption_permitted: bool
     inline_objects: _containers.RepeatedScalarFieldContainer[bytes]
     servers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image_name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., filter: _Optional[_Union[_imageserver_pb2.Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., old_triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., disable_safety_check: _Optional[bool] = ..., disruption_permitted: _Optional[bool] = ..., inline_objects: _Optional[_Iterable[bytes]] = ..., servers: _Optional[_Iterable[str]] = ...) -> None: ...
+    fence: Fence
+    def __init__(self, image_name: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ..., filter: _Optional[_Union[_imageserver_pb2.Filter, _Mapping]] = ..., triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., old_triggers: _Optional[_Iterable[_Union[_imageserver_pb2.Trigger, _Mapping]]] = ..., disable_safety_check: _Optional[bool] = ..., disruption_permitted: _Optional[bool] = ..., inline_objects: _Optional[_Iterable[bytes]] = ..., servers: _Optional[_Iterable[str]] = ..., fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CleanupRequest(_message.Message):
-    __slots__ = ("hashes", "all_but_keep", "keep")
+    __slots__ = ("hashes", "all_but_keep", "keep", "fence")
     HASHES_FIELD_NUMBER: _ClassVar[int]
     ALL_BUT_KEEP_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     all_but_keep: bool
     keep: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., all_but_keep: _Optional[bool] = ..., keep: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    fence: Fence
+    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., all_but_keep: _Optional[bool] = ..., keep: _Optional[_Iterable[bytes]] = ..., fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
 
 class CleanupResponse(_message.Message):
     __slots__ = ("removed", "kept_pinned")
@@ -218,7 +236,7 @@ class GetFilesResponse(_message.Message):
     def __init__(self, path: _Optional[bytes] = ..., data: _Optional[bytes] = ..., missing: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class Configuration(_message.Message):
-    __slots__ = ("scan_speed_percent", "cpu_percent", "network_speed_percent", "scan_exclusions", "verify_period_seconds", "for_seconds", "restore_unix", "restore_keys")
+    __slots__ = ("scan_speed_percent", "cpu_percent", "network_speed_percent", "scan_exclusions", "verify_period_seconds", "for_seconds", "restore_unix", "restore_keys", "fence")
     SCAN_SPEED_PERCENT_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     NETWORK_SPEED_PERCENT_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +245,7 @@ class Configuration(_message.Message):
     FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RESTORE_UNIX_FIELD_NUMBER: _ClassVar[int]
     RESTORE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
     scan_speed_percent: int
     cpu_percent: int
     network_speed_percent: int
@@ -235,7 +254,8 @@ class Configuration(_message.Message):
     for_seconds: int
     restore_unix: int
     restore_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, scan_speed_percent: _Optional[int] = ..., cpu_percent: _Optional[int] = ..., network_speed_percent: _Optional[int] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., verify_period_seconds: _Optional[int] = ..., for_seconds: _Optional[int] = ..., restore_unix: _Optional[int] = ..., restore_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    fence: Fence
+    def __init__(self, scan_speed_percent: _Optional[int] = ..., cpu_percent: _Optional[int] = ..., network_speed_percent: _Optional[int] = ..., scan_exclusions: _Optional[_Iterable[str]] = ..., verify_period_seconds: _Optional[int] = ..., for_seconds: _Optional[int] = ..., restore_unix: _Optional[int] = ..., restore_keys: _Optional[_Iterable[str]] = ..., fence: _Optional[_Union[Fence, _Mapping]] = ...) -> None: ...
 
 class GetConfigurationRequest(_message.Message):
     __slots__ = ()
