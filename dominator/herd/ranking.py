@@ -114,21 +114,29 @@ class ImageServers:
         try:
             tree = walk_servers(self.master, self.security)
         except grpc.RpcError as err:
-            if not_replication_aware(err) or err.code() == grpc.StatusCode.PERMISSION_DENIED:
+            denied = err.code() == grpc.StatusCode.PERMISSION_DENIED
+            if not_replication_aware(err) or denied:
                 error = describe_rpc_error(err)
                 if error != self.replication_error:
-                    log.info("image server %s: no replicas learned (%s)", self.master, error)
+                    log.log(logging.WARNING if denied else logging.INFO,
+                            "image server %s: no replicas learned (%s)%s", self.master, error,
+                            "; a dominator certificate made before replication lacks "
+                            "ImageServer.ListReplicas" if denied else "")
                 self.tree, self.replication_error = None, error
             else:
                 self.replication_error = describe_rpc_error(err)
                 log.warning("image server %s: cannot list its replicas (keeping the last "
                             "known): %s", self.master, self.replication_error)
             return
-        if self.tree is None or [r.address for r in tree.rows] != [
-                r.address for r in self.tree.rows]:
+        before = self.tree
+        if before is None or [(r.address, r.state) for r in tree.rows] != [
+                (r.address, r.state) for r in before.rows]:
             log.info("image server %s: replicas %s", self.master,
                      ", ".join(f"{row.address} ({row.state})" for row in tree.replicas)
                      or "none")
+        for address, error in tree.unreachable.items():
+            if before is None or before.unreachable.get(address) != error:
+                log.warning("replica %s: cannot list its replicas: %s", address, error)
         self.tree, self.replication_error = tree, ""
         self.locations[self.master] = tree.rows[0].location
 

@@ -7,7 +7,6 @@ A server is asked once, however often it is listed: the walk is guarded by ident
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,8 +19,6 @@ from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security, call_timeout
 from fleetlib.wire import imageserver_pb2
 from imageserver.client import ImageServerClient
-
-log = logging.getLogger(__name__)
 
 MASTER_STATE = "master"
 DISCONNECTED = "disconnected"
@@ -125,8 +122,6 @@ def walk(root: str, ask: Ask) -> ReplicaTree:
                 child = ask(row.address)
             except grpc.RpcError as err:
                 tree.unreachable[row.address] = describe_rpc_error(err)
-                log.warning("replica %s (of %s): cannot list its replicas: %s", row.address,
-                            upstream, tree.unreachable[row.address])
                 continue
             if child.identity.id and child.identity.id != key and child.identity.id in asked:
                 continue  # that address answers as a server already walked
