@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -175,3 +177,38 @@ def test_a_corrupt_fence_file_is_kept_aside_and_the_next_token_rules(
     aside = list((root / ".subd").glob(f"{FENCE_FILE}.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().endswith(b'"tok')
     assert "ERROR" in sub.log() and "unreadable" in sub.log()
+
+
+def test_racing_owners_are_serialized(tmp_path: Path, admin: Security,
+                                      start_subd: Callable[..., Daemon]) -> None:
+    """The former owner keeps firing while the new one takes over: once the new owner's
+    call was answered, no call of the former one sent later gets through."""
+    root = tmp_path / "host"
+    root.mkdir()
+    sub = start_subd(root)
+    old, new = FenceToken("dominator-a", 10), FenceToken("dominator-b", 11)
+    with SubClient(sub.address, admin) as client:
+        client.wait_for_scan(0)
+        client.set_configuration(subd_pb2.Configuration(cpu_percent=40), fence=old)
+        late: list[str] = []  # the former owner's calls sent after the takeover
+        takeover = threading.Event()
+
+        def former_owner() -> None:
+            for _ in range(300):
+                sent_after = takeover.is_set()
+                try:
+                    client.set_configuration(subd_pb2.Configuration(cpu_percent=41),
+                                             fence=old)
+                    late.extend(["accepted"] if sent_after else [])
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    late.extend([err.details()] if sent_after else [])
+
+        with ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(former_owner) for _ in range(4)]
+            client.set_configuration(subd_pb2.Configuration(cpu_percent=42), fence=new)
+            takeover.set()
+            for call in calls:
+                call.result()
+        assert late and set(late) == {stale(old, new)}
+        assert client.poll(short=True)[0].fence == new.to_proto()
