@@ -44,7 +44,7 @@ def refused(call: Callable[[], object]) -> str:
     with pytest.raises(grpc.RpcError) as err:
         call()
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
-    message = err.value.details()
+    message = str(err.value.details())
     assert "\n" not in message
     return message
 
@@ -115,8 +115,8 @@ def test_older_tokens_are_refused_and_change_nothing(
     assert json.loads((root / ".subd" / FENCE_FILE).read_text()) == {"owner": "dominator-b",
                                                                    "token": 6}
     samples = metrics(metrics_port)
-    assert samples["subd_fence_token"] == ({"owner": "dominator-b"}, 6)
-    assert samples["subd_fenced_calls_refused_total"] == ({}, 4)
+    assert samples["subd_fence_token"] == ({"owner": "dominator-b"}, 6.0)
+    assert samples["subd_fenced_calls_refused_total"] == ({}, 4.0)
     assert "fetch refused: fenced: token 4 from dominator-b" in sub.log()
 
 

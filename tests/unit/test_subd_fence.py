@@ -58,7 +58,7 @@ def test_a_corrupt_file_is_kept_aside_and_the_next_token_rules(
         tmp_path: Path, content: bytes) -> None:
     (tmp_path / FENCE_FILE).write_bytes(content)
     fences = Fences.in_dir(tmp_path)
-    assert fences.highest is None and "unreadable" in fences.error
+    assert fences.to_proto() is None and "unreadable" in fences.error
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(f"{FENCE_FILE}.corrupt-")]
     assert len(aside) == 1 and aside[0].read_bytes() == content
     assert not (tmp_path / FENCE_FILE).exists()
