@@ -121,8 +121,7 @@ class PullThrough:
 
     async def _fetch(self, hashes: list[bytes]) -> None:
         """Fetch HASHES from the upstream, settling each one's future."""
-        failure: FleetError = UnavailableError(
-            f"pulling objects from upstream image server {self.upstream.address} stopped")
+        failure: FleetError | None = None
         try:
             sizes = await upstream_sizes(self.upstream, hashes, call_timeout())
             for digest in hashes:
@@ -141,7 +140,8 @@ class PullThrough:
             log.exception("pull-through from %s failed", self.upstream.address)
             failure = FleetError(f"internal error pulling objects through: {err}")
         finally:  # also when cancelled (shutdown): no waiter waits forever
-            self._settle(hashes, failure)
+            self._settle(hashes, failure or UnavailableError(
+                f"upstream image server {self.upstream.address} did not send the object"))
         if isinstance(failure, UnavailableError):
             log.warning("%s", failure)
 
@@ -191,8 +191,10 @@ class PullThrough:
             await asyncio.to_thread(receiver.close, False)  # keep what arrived whole
             self.pulled_objects += receiver.stats.added
             self.pulled_bytes += receiver.stats.bytes_added
-            log.info("pulled %d object(s), %d bytes through from %s", receiver.stats.added,
-                     receiver.stats.bytes_added, self.upstream.address)
+            if receiver.stats.added:
+                log.info("pulled %d object(s), %d bytes through from %s",
+                         receiver.stats.added, receiver.stats.bytes_added,
+                         self.upstream.address)
 
     def _settle(self, hashes: Iterable[bytes], failure: FleetError | None = None) -> None:
         """Settle the futures of HASHES still in flight: done if stored, else FAILURE."""

@@ -243,12 +243,16 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
                 raise PreconditionError(f"this image server is a master, not a replica: "
                                         f"--replica-only drops only a replica's copy; leave it "
                                         f"out to delete image {request.name}")
-            freed, freed_bytes = self.store.delete(request.name)
+            quarantined = request.replica_only and request.name in self.store.quarantined
+            freed, freed_bytes = self.store.discard_quarantined(request.name) if quarantined \
+                else self.store.delete(request.name)
         except FleetError as err:
             await abort(context, err)
-        summary = f"deleted this replica's copy of image {request.name} (replica-only; " \
-            f"{self.upstream.master()} keeps it)" if request.replica_only and self.upstream \
-            else f"deleted image {request.name}"
+        summary = f"deleted image {request.name}"
+        if self.upstream is not None:  # replica-only: the master keeps it
+            copy = "quarantined copy" if quarantined else "copy"
+            summary = f"deleted this replica's {copy} of image {request.name} (replica-only; " \
+                f"{self.upstream.master()} keeps the image)"
         await asyncio.to_thread(
             self.audit.record, caller(context), "image.delete", summary,
             image=request.name, objects_freed=freed, bytes_freed=freed_bytes,

@@ -32,6 +32,7 @@ from fleetlib.testing.daemons import (
     free_port,
     imageserver_daemon,
 )
+from fleetlib.testing.fleet import wait_for
 from fleetlib.testing.trees import make_tree
 from fleetlib.wire import (
     audit_pb2,
@@ -55,14 +56,30 @@ def start_server(tmp: Path, ca: Path, name: str, *extra: str) -> Daemon:
     return daemon.start()
 
 
+def start_pair(tmp: Path, ca: Path) -> tuple[Daemon, Daemon]:
+    """(master, replica of the master), started."""
+    master = start_server(tmp, ca, "master")
+    return master, start_server(tmp, ca, "replica", "--replicate-from", master.address)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, ca: Path
+            ) -> Iterator[tuple[Daemon, Daemon]]:
+    """A master and its replica shared by the tests that leave both running (each test
+    uses its own image names)."""
+    pair = start_pair(tmp_path_factory.mktemp("servers"), ca)
+    yield pair
+    for daemon in reversed(pair):
+        daemon.stop()
+
+
 @pytest.fixture
-def servers(tmp_path: Path, ca: Path) -> Iterator[tuple[Daemon, Daemon]]:
-    """(master, replica of the master)."""
-    master = start_server(tmp_path, ca, "master")
-    replica = start_server(tmp_path, ca, "replica", "--replicate-from", master.address)
-    yield master, replica
-    replica.stop()
-    master.stop()
+def own_servers(tmp_path: Path, ca: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    """A master and its replica for one test."""
+    pair = start_pair(tmp_path, ca)
+    yield pair
+    for daemon in reversed(pair):
+        daemon.stop()
 
 
 def metric(server: Daemon, name: str) -> float:
@@ -148,6 +165,15 @@ def audit_lines(server: Daemon, admin: Security) -> list[str]:
     return [f"{entry.who} {entry.summary}" for entry in reply.entries]
 
 
+def counters(master: Daemon, replica: Daemon) -> dict[str, float]:
+    """The counters pull-through moves: the master's objects served, the replica's
+    objects served and pulled through, and their bytes."""
+    return {"master served": metric(master, "imageserver_served_objects_total"),
+            "replica served": metric(replica, "imageserver_served_objects_total"),
+            "pulled": metric(replica, "imageserver_pulled_objects_total"),
+            "pulled bytes": metric(replica, "imageserver_pulled_bytes_total")}
+
+
 def test_fifty_callers_pull_one_object_through_once(servers: tuple[Daemon, Daemon],
                                                     admin: Security) -> None:
     master, replica = servers
@@ -157,20 +183,19 @@ def test_fifty_callers_pull_one_object_through_once(servers: tuple[Daemon, Daemo
     # CheckObjects on the replica counts what its upstream holds: a host asks it, not
     # the master, for the object.
     assert check(replica, admin, digest) == len(data)
-    served_before = metric(master, "imageserver_served_objects_total")
+    before = counters(master, replica)
 
     results = asyncio.run(fetch_all(replica, admin, digest, WAITERS))
 
     assert all(result == data for result in results), [
         r.details() if isinstance(r, grpc.RpcError) else len(r) for r in results]
-    assert metric(master, "imageserver_served_objects_total") - served_before == 1
-    assert metric(replica, "imageserver_pulled_objects_total") == 1
-    assert metric(replica, "imageserver_pulled_bytes_total") == len(data)
-    assert metric(replica, "imageserver_served_objects_total") == WAITERS
+    after = counters(master, replica)
+    assert {key: after[key] - before[key] for key in after} == {
+        "master served": 1, "replica served": WAITERS, "pulled": 1, "pulled bytes": len(data)}
     assert held(replica, digest)
     # Held now: served from the replica's own store.
     assert fetch(replica, admin, digest) == data
-    assert metric(master, "imageserver_served_objects_total") - served_before == 1
+    assert counters(master, replica)["master served"] == after["master served"]
 
 
 def test_unknown_and_corrupt_objects_are_not_served(servers: tuple[Daemon, Daemon],
@@ -183,6 +208,7 @@ def test_unknown_and_corrupt_objects_are_not_served(servers: tuple[Daemon, Daemo
     assert failed.code() == grpc.StatusCode.NOT_FOUND, failed.details()
     assert "neither here nor on upstream" in (failed.details() or "")
 
+    pulled = metric(replica, "imageserver_pulled_objects_total")
     data = os.urandom(200_000)
     digest = add_object(master, admin, data)
     assert master.state_dir is not None
@@ -195,7 +221,7 @@ def test_unknown_and_corrupt_objects_are_not_served(servers: tuple[Daemon, Daemo
     assert "sent a bad object" in (failed.details() or "")
     assert "does not match its hash" in (failed.details() or "")
     assert not held(replica, digest)
-    assert metric(replica, "imageserver_pulled_objects_total") == 0
+    assert metric(replica, "imageserver_pulled_objects_total") == pulled
 
 
 def test_image_add_on_a_replica_is_written_through(servers: tuple[Daemon, Daemon],
@@ -298,9 +324,9 @@ def test_delete_and_expiry_are_refused_on_a_replica(servers: tuple[Daemon, Daemo
     assert "app/1" in names(master, admin)
 
 
-def test_an_unreachable_upstream_is_named(servers: tuple[Daemon, Daemon], admin: Security,
-                                          ca: Path, tmp_path: Path) -> None:
-    master, replica = servers
+def test_an_unreachable_upstream_is_named(own_servers: tuple[Daemon, Daemon],
+                                          admin: Security, ca: Path, tmp_path: Path) -> None:
+    master, replica = own_servers
     digest = add_object(master, admin, os.urandom(1000))
     master.stop()
     failed = fetch(replica, admin, digest)
@@ -313,3 +339,66 @@ def test_an_unreachable_upstream_is_named(servers: tuple[Daemon, Daemon], admin:
                  env=env_for(ca, replica))
     assert_one_line_error(result, master.address, "could not be reached", code=3)
     assert "down/1" not in names(replica, admin)
+
+
+def small_tree(root: Path, text: str) -> Path:
+    root.mkdir()
+    (root / "content").write_text(text)
+    return root
+
+
+def test_a_deleted_name_stays_bound_through_a_replica(servers: tuple[Daemon, Daemon],
+                                                      admin: Security, ca: Path,
+                                                      tmp_path: Path) -> None:
+    master, replica = servers
+    cli("image", "add", "gone/1", str(small_tree(tmp_path / "a", "first\n")),
+        env=env_for(ca, replica), check=True)
+    cli("image", "delete", "gone/1", "--force", env=env_for(ca, master), check=True)
+    wait_for(lambda: "gone/1" not in names(replica, admin), "the replica applies the delete")
+    result = cli("image", "add", "gone/1", str(small_tree(tmp_path / "b", "second\n")),
+                 env=env_for(ca, replica))
+    assert_one_line_error(result, "image gone/1 existed with other content", code=4)
+    assert "gone/1" not in names(master, admin) and "gone/1" not in names(replica, admin)
+    # The same content again is welcome: the name is bound to it.
+    cli("image", "add", "gone/1", str(tmp_path / "a"), env=env_for(ca, replica), check=True)
+    assert "gone/1" in names(master, admin) and "gone/1" in names(replica, admin)
+
+
+def test_a_quarantined_name_is_marked_and_replica_only_drops_it(
+        tmp_path: Path, ca: Path, admin: Security) -> None:
+    seeded = start_server(tmp_path, ca, "replica")  # first a master of its own
+    cli("image", "add", "os/1", str(small_tree(tmp_path / "mine", "mine\n")),
+        env=env_for(ca, seeded), check=True)
+    seeded.stop()
+    master = start_server(tmp_path, ca, "master")
+    try:
+        cli("image", "add", "os/1", str(small_tree(tmp_path / "theirs", "theirs\n")),
+            env=env_for(ca, master), check=True)
+        replica = start_server(tmp_path, ca, "replica", "--replicate-from", master.address)
+        try:
+            entry = wait_for(lambda: next(iter(images(replica, admin).quarantined), None),
+                             "the replica quarantines its copy of os/1")
+            wait_for(lambda: "os/1" in names(replica, admin), "the master's copy is in")
+            env = env_for(ca, replica)
+            listed = cli("image", "list", env=env, check=True)
+            assert "os/1" in listed.stdout
+            assert f"QUARANTINED os/1: local copy {entry.local_digest.hex()[:12]} differs " \
+                f"from upstream's {entry.upstream_digest.hex()[:12]}" in listed.stderr
+            assert [i["name"] for i in json.loads(cli("image", "list", "--json", env=env,
+                                                      check=True).stdout)] == ["os/1"]
+            assert json.loads(cli("image", "list", "--quarantined", "--json", env=env,
+                                  check=True).stdout) == [{
+                "name": "os/1", "local_digest": entry.local_digest.hex(),
+                "upstream_digest": entry.upstream_digest.hex(),
+                "since_unix": entry.since_unix}]
+
+            cli("image", "delete", "os/1", "--replica-only", env=env, check=True)
+            assert not images(replica, admin).quarantined
+            assert "QUARANTINED" not in cli("image", "list", env=env, check=True).stderr
+            assert "os/1" in names(replica, admin) and "os/1" in names(master, admin)
+            assert any("quarantined copy of image os/1" in line
+                       for line in audit_lines(replica, admin))
+        finally:
+            replica.stop()
+    finally:
+        master.stop()
