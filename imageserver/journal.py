@@ -124,8 +124,11 @@ def peek(path: Path) -> tuple[imageserver_pb2.ServerIdentity | None, bool]:
     None if none was made; whether a follower's position is persisted)."""
     if not path.is_file():
         return None, False
+    # A journal closed cleanly has no -wal file: read it as immutable, or SQLite would
+    # make a -shm file beside it. After a crash the -wal holds what it says.
+    mode = "mode=ro" if path.with_name(path.name + "-wal").exists() else "immutable=1"
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?{mode}", uri=True)) as conn:
             row = conn.execute("SELECT id, generation FROM identity").fetchone()
             followed = conn.execute("SELECT COUNT(*) FROM follower").fetchone()[0] > 0
     except sqlite3.Error as err:

@@ -1,6 +1,13 @@
 """`imageserver`: the image and object server daemon."""
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import os
+
+# gRPC's C core logs a failed handshake to stderr at info level, beside the one line a
+# refused start prints; it reads this when it loads, so before anything imports grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import asyncio
 import logging
@@ -80,12 +87,6 @@ class ImageServerCollector(Collector):
         yield CounterMetricFamily("imageserver_served_wire_bytes",
                                   "Object bytes sent by GetObjects (as sent, compressed where "
                                   "asked).", value=objects.served_wire_bytes)
-        yield CounterMetricFamily("imageserver_pulled_objects",
-                                  "Objects a replica pulled through from its upstream for "
-                                  "callers (0 on a master).", value=objects.pulled_objects)
-        yield CounterMetricFamily("imageserver_pulled_bytes",
-                                  "Bytes of the objects pulled through from the upstream.",
-                                  value=objects.pulled_bytes)
         yield from self._replication()
 
     def _replication(self) -> Iterator[Metric]:
@@ -139,7 +140,7 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
     store.collect_orphans(orphan_grace)
     audit = AuditLog(open_engine(str(state_dir / "audit.sqlite")), "imageserver")
     objects = ObjectService(store, upstream)
-    images = ImageService(store, audit, location, upstream, objects.pullthrough)
+    images = ImageService(store, audit, location, upstream)
     follower = Follower(store, upstream, port, location) if upstream is not None else None
     if follower is not None and first is not None:
         follower.adopt(first.hello)
@@ -185,9 +186,9 @@ async def _first_contact(state_dir: Path, upstream: Upstream | None, port: int, 
     try:
         session = await open_session(upstream, imageserver_pb2.ReplicaHello(
             identity=identity, port=port, location=location))
-    except FleetError:
+    except FleetError as err:
         await upstream.close()
-        raise
+        raise FleetError(str(err)) from None  # a start-up error: exit 2, whatever the kind
     return identity.id, session
 
 

@@ -32,6 +32,7 @@ from fleetlib.wire.codec import image_from_proto
 from fleetlib.wire.tree_pb2 import Chunk
 from imageserver.pullthrough import PullThrough, Waiting, arrivals, upstream_sizes
 from imageserver.replication import ReplicaRegistry, feed, list_replicas
+from imageserver.replication import ReplicaRegistry, feed, list_replicas
 from imageserver.store import ImageStore
 from imageserver.upstream import Upstream
 from imageserver.writethrough import Refused, write_through
@@ -174,6 +175,7 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
         self.audit = audit
         self.location = location  # where this server stands, told in ListImages
         self.upstream = upstream  # a replica's upstream; None on a master
+        self.replicas = ReplicaRegistry()  # the servers following this one
         if upstream is not None and pullthrough is None:
             pullthrough = PullThrough(store, upstream)
         self.pullthrough = pullthrough  # a replica's, shared with its ObjectService
@@ -309,6 +311,20 @@ class ImageService(imageserver_pb2_grpc.ImageServerServicer):
                            context: grpc.aio.ServicerContext
                            ) -> imageserver_pb2.ListReplicasResponse:
         return list_replicas(self.store, self.replicas, self.location, self.upstream)
+
+
+    async def Replicate(self, request_iterator: AsyncIterator[imageserver_pb2.ReplicateRequest],
+                        context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[imageserver_pb2.ReplicateResponse]:
+        async for response in feed(self.store, self.replicas, self.upstream, request_iterator,
+                                   context):
+            yield response
+
+    async def ListReplicas(self, request: imageserver_pb2.ListReplicasRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> imageserver_pb2.ListReplicasResponse:
+        return list_replicas(self.store, self.replicas, self.location, self.upstream)
+
 
 
 async def expire_images(store: ImageStore, audit: AuditLog, interval: float = 1.0) -> None:

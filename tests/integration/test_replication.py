@@ -7,6 +7,8 @@ wiping them; cycles and bad upstreams are refused with one line."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleetlib.fstree.filter import EMPTY
 from fleetlib.fstree.image import Image
 from fleetlib.fstree.source import DirectorySource
+from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Security
 from fleetlib.testing.daemons import (
+    PROJECT,
     Daemon,
+    assert_one_line_error,
     free_port,
     imageserver_daemon,
 )
@@ -156,3 +161,184 @@ def test_master_and_two_replicas_and_a_replica_of_a_replica(
         wait_until(lambda s=server: "base" not in names(s, admin), what="base deleted")
     assert names(third, admin) == {"new"}
     assert metric(first, "imageserver_replication_lag_events") == 0
+
+
+def objects_bytes(server: Daemon) -> int:
+    """Bytes of the objects at their final paths in SERVER's store."""
+    assert server.state_dir is not None
+    return sum(path.stat().st_size for path in (server.state_dir / "objects").rglob("*")
+               if path.is_file() and ".tmp" not in path.parts)
+
+
+def test_a_replica_holding_most_of_an_image_moves_only_the_rest(
+        tmp_path: Path, admin: Security, start: Start) -> None:
+    master = start("master")
+    replica = start("replica", upstream=master)
+    shared = random_files(18, 256 << 10)
+    push(master, admin, "a", write_files(tmp_path / "a", shared))
+    wait_until(holds(replica, admin, "a"), what="a on the replica")
+    served = metric(master, "imageserver_served_bytes_total")
+    moved = metric(replica, "imageserver_replicated_bytes_total")
+    assert moved == 18 * (256 << 10)
+    fresh = random_files(2, 256 << 10, prefix="new")  # B: 90% of A's objects, 10% new
+    push(master, admin, "b", write_files(tmp_path / "b", {**shared, **fresh}))
+    wait_until(holds(replica, admin, "b"), what="b on the replica")
+    assert metric(master, "imageserver_served_bytes_total") - served == 2 * (256 << 10)
+    assert metric(replica, "imageserver_replicated_bytes_total") - moved == 2 * (256 << 10)
+
+
+def test_a_replica_killed_mid_replication_converges_without_fetching_twice(
+        tmp_path: Path, admin: Security, start: Start) -> None:
+    master = start("master")
+    size, count = 4 * MiB, 12
+    push(master, admin, "big", write_files(tmp_path / "big", random_files(count, size)))
+    replica = start("replica", upstream=master)
+    wait_until(lambda: objects_bytes(replica) >= size, what="replication under way")
+    replica.kill()
+    assert replica.state_dir is not None
+    assert not (replica.state_dir / "images" / "big" / ".image").exists(), \
+        "replication finished before the kill: make the image bigger"
+    kept = objects_bytes(replica)
+    replica.start()  # a persisted position: it serves at once and resumes
+    wait_until(holds(replica, admin, "big"), timeout=60, what="big on the replica")
+    # Every object the replica held at the kill stays: only the rest moves again.
+    assert metric(replica, "imageserver_replicated_bytes_total") == count * size - kept
+    assert objects_bytes(replica) == count * size
+    # The master counts an object served once it handed it to gRPC: the one cut in half,
+    # and one more on the wire at the kill, are all it sent twice.
+    served = metric(master, "imageserver_served_bytes_total")
+    assert served <= count * size + 2 * size, (served, kept)
+
+
+def test_a_name_bound_to_other_content_is_quarantined_then_upstreams_served(
+        tmp_path: Path, admin: Security, start: Start, ca: Path) -> None:
+    master = start("master")
+    push(master, admin, "app", write_files(tmp_path / "theirs", {"x": b"master's content"}))
+    push(master, admin, "same", write_files(tmp_path / "same", {"y": b"the same content"}))
+    # Before it became a replica, this server held "app" with other content.
+    loner = start("replica")
+    push(loner, admin, "app", write_files(tmp_path / "ours", {"x": b"a local variant"}))
+    push(loner, admin, "same", tmp_path / "same")
+    loner.stop()
+    replica = start("replica", upstream=master)
+    with ImageServerClient(master.address, admin) as client:
+        expected = client.get_image("app").tree.object_sizes()
+    def serves_masters() -> bool:
+        with ImageServerClient(replica.address, admin) as client:
+            return "app" in names(replica, admin) and \
+                client.get_image("app").tree.object_sizes() == expected
+    wait_until(serves_masters, what="the master's app on the replica")
+    assert metric(replica, "imageserver_quarantined_images") == 1
+    assert replica.state_dir is not None
+    assert len(list((replica.state_dir / "quarantine" / "app").glob(".*"))) == 1
+    assert "QUARANTINED image app" in replica.log()
+    wait_until(lambda: [r.state for r in replicas(master, admin).replicas] == ["alarm"],
+               what="the replica's alarm on the master")
+    # It survives a restart: still quarantined, still serving the master's copy.
+    replica.stop()
+    replica.start()
+    assert metric(replica, "imageserver_quarantined_images") == 1
+    assert serves_masters()
+
+
+def test_a_replaced_master_diverges_its_replica_which_deletes_nothing(
+        tmp_path: Path, admin: Security, start: Start) -> None:
+    master = start("master")
+    replica = start("replica", upstream=master)
+    push(master, admin, "kept", write_files(tmp_path / "kept", {"k": b"kept"}))
+    wait_until(holds(replica, admin, "kept"), what="kept on the replica")
+    master.stop()
+    assert master.state_dir is not None
+    for path in sorted(master.state_dir.rglob("*"), reverse=True):  # wiped: a new identity
+        path.rmdir() if path.is_dir() else path.unlink()
+    master.start()
+    wait_until(lambda: metric(replica, "imageserver_replication_diverged") == 1, timeout=60,
+               what="the replica diverged")
+    assert "DIVERGED from upstream" in replica.log()
+    push(master, admin, "later", write_files(tmp_path / "later", {"l": b"later"}))
+    wait_until(holds(replica, admin, "kept", "later"), what="adds still apply")
+    with ImageServerClient(master.address, admin) as client:
+        client.delete_image("later")
+    wait_until(lambda: replicas(master, admin).replicas[0].applied_sequence == 2,
+               what="the delete event applied")
+    assert names(replica, admin) == {"kept", "later"}  # no delete applied
+    assert [r.state for r in replicas(master, admin).replicas] == ["diverged"]
+
+
+def test_resuming_moves_only_the_changes(tmp_path: Path, admin: Security, start: Start) -> None:
+    master = start("master")
+    replica = start("replica", upstream=master)
+    push(master, admin, "one", write_files(tmp_path / "one", random_files(2, 1024)))
+    wait_until(holds(replica, admin, "one"), what="one on the replica")
+    assert metric(replica, "imageserver_replication_snapshots_total") == 1
+    # The connection is cut (the master restarts): the replica resumes with events.
+    master.stop()
+    master.start()
+    push(master, admin, "two", write_files(tmp_path / "two", random_files(2, 1024)))
+    wait_until(holds(replica, admin, "two"), timeout=60, what="two on the replica")
+    assert metric(replica, "imageserver_replication_snapshots_total") == 1
+    assert metric(master, "imageserver_snapshots_sent_total") == 0
+    # The replica restarts: it serves what it has and resumes from its position.
+    replica.kill()
+    replica.start()
+    assert names(replica, admin) == {"one", "two"}
+    push(master, admin, "three", write_files(tmp_path / "three", random_files(1, 1024)))
+    wait_until(holds(replica, admin, "three"), what="three on the replica")
+    assert metric(replica, "imageserver_replication_snapshots_total") == 0
+    assert metric(master, "imageserver_snapshots_sent_total") == 0
+    assert "resumes after sequence" in master.log()
+
+
+def state_of(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*")) if folder.exists() else []
+
+
+def run_replica(state: Path, ca: Path, upstream: str, port: int | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    """Start an image server replicating from UPSTREAM that must refuse to start."""
+    return subprocess.run(
+        [sys.executable, "-m", "imageserver.main", "--state-dir", str(state), "--tls-dir",
+         str(ca / "imageserver"), "--port", str(port or free_port()),
+         "--replicate-from", upstream],
+        capture_output=True, text=True, timeout=60, cwd=PROJECT)
+
+
+def test_a_cycle_is_refused(tmp_path: Path, admin: Security, ca: Path, start: Start) -> None:
+    a = start("a")
+    b = start("b", upstream=a)
+    push(a, admin, "img", write_files(tmp_path / "img", {"i": b"i"}))
+    wait_until(holds(b, admin, "img"), what="img on b")
+    a.stop()
+    assert a.state_dir is not None
+    before = state_of(a.state_dir)
+    result = run_replica(a.state_dir, ca, b.address, a.port)  # A -> B -> A
+    assert_one_line_error(result, "replication cycle", b.address)
+    assert state_of(a.state_dir) == before
+
+
+def test_bad_upstreams_are_refused_with_one_line(tmp_path: Path, ca: Path, start: Start) -> None:
+    foreign = tmp_path / "foreign-ca"
+    init_ca(foreign)
+    stranger = imageserver_daemon(tmp_path / "stranger", foreign, tmp_path / "stranger.log")
+    stranger.start()
+    try:
+        state = tmp_path / "replica"
+        port = free_port()
+        cases = [(f"127.0.0.1:{free_port()}", ("cannot replicate from", "127.0.0.1")),
+                 (stranger.address, ("cannot replicate from", stranger.address)),
+                 (f"127.0.0.1:{port}", ("is this server itself",)),
+                 ("bad:address:x", ("bad address",))]
+        for upstream, fragments in cases:
+            result = run_replica(state, ca, upstream, port)
+            assert_one_line_error(result, *fragments)
+            assert not state.exists(), upstream
+        existing = start("existing")
+        existing.stop()
+        assert existing.state_dir is not None
+        before = state_of(existing.state_dir)
+        assert_one_line_error(run_replica(existing.state_dir, ca, stranger.address),
+                              "cannot replicate from")
+        assert state_of(existing.state_dir) == before
+    finally:
+        stranger.stop()
