@@ -87,6 +87,12 @@ class ImageServerCollector(Collector):
         yield CounterMetricFamily("imageserver_served_wire_bytes",
                                   "Object bytes sent by GetObjects (as sent, compressed where "
                                   "asked).", value=objects.served_wire_bytes)
+        yield CounterMetricFamily("imageserver_pulled_objects",
+                                  "Objects a replica pulled through from its upstream for "
+                                  "callers (0 on a master).", value=objects.pulled_objects)
+        yield CounterMetricFamily("imageserver_pulled_bytes",
+                                  "Bytes of the objects pulled through from the upstream.",
+                                  value=objects.pulled_bytes)
         yield from self._replication()
 
     def _replication(self) -> Iterator[Metric]:
@@ -140,7 +146,7 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
     store.collect_orphans(orphan_grace)
     audit = AuditLog(open_engine(str(state_dir / "audit.sqlite")), "imageserver")
     objects = ObjectService(store, upstream)
-    images = ImageService(store, audit, location, upstream)
+    images = ImageService(store, audit, location, upstream, objects.pullthrough)
     follower = Follower(store, upstream, port, location) if upstream is not None else None
     if follower is not None and first is not None:
         follower.adopt(first.hello)
