@@ -63,7 +63,7 @@ def add_shard_leases(connection: Connection) -> None:
     count in the single `lease_settings` row) with its owner (a dominators.id, NULL:
     free), fencing token and expiry, all times by the database clock. Tokens come from
     the sequence shard_lease_token on PostgreSQL, from lease_settings.last_token on
-    SQLite (one dominator)."""
+    SQLite (one dominator); both start at the creation time in milliseconds."""
     metadata = MetaData()
     Table("dominators", metadata,
           Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
@@ -83,7 +83,11 @@ def add_shard_leases(connection: Connection) -> None:
           Column("last_token", BigInteger, nullable=False, server_default="0"))
     metadata.create_all(connection)
     if connection.dialect.name == "postgresql":
+        # Starting at the creation time in milliseconds puts a new database's tokens
+        # above those of the one it replaces, which subds remember.
         connection.execute(text("CREATE SEQUENCE shard_lease_token"))
+        connection.execute(text("SELECT setval('shard_lease_token', "
+                                "(extract(epoch FROM now()) * 1000)::bigint)"))
 
 
 MIGRATIONS: list[Migration] = [

@@ -27,10 +27,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
@@ -77,6 +77,7 @@ def fair_share(shards: int, live: int) -> int:
 class Renewal:
     """What one successful round did; shard -> fencing token maps."""
 
+    began: float  # time.monotonic() when the round began
     live: int  # live dominators, this one included
     share: int  # the most shards this one may hold
     held: Mapping[int, int]  # what it holds after the round
@@ -234,10 +235,8 @@ class LeaseManager:
             mutable_before = dict(before.tokens) if start < before.deadline else {}
             try:
                 with self._engine.begin() as connection:
-                    if self._sqlite:
-                        renewal = self._renew_sqlite(connection, before, mutable_before)
-                    else:
-                        renewal = self._renew_postgres(connection, before, mutable_before)
+                    renew = self._renew_sqlite if self._sqlite else self._renew_postgres
+                    renewal = renew(connection, start, before, mutable_before)
             except SQLAlchemyError as err:
                 self._failed(_reason(err))
                 return None
@@ -247,7 +246,7 @@ class LeaseManager:
             self._succeeded(start, renewal)
             return renewal
 
-    def _renew_postgres(self, connection: Connection, before: _Held,
+    def _renew_postgres(self, connection: Connection, start: float, before: _Held,
                         mutable_before: Mapping[int, int]) -> Renewal:
         """Heartbeat, count, renew, give back surplus or take up to the share. Row
         locks keep two dominators from holding one shard: taking skips rows another
@@ -260,10 +259,9 @@ class LeaseManager:
             "SELECT count(*) FROM dominators "
             "WHERE last_renewal > now() - :lease * interval '1 second'"), params).scalar_one())
         share = fair_share(self.shards, live)
-        renewed: dict[int, int] = dict(connection.execute(sa.text(
+        renewed = _grants(connection.execute(sa.text(
             "UPDATE shard_leases SET expires_at = now() + :lease * interval '1 second' "
-            "WHERE owner = :me AND expires_at > now() RETURNING shard, token"),
-            params).tuples().all())
+            "WHERE owner = :me AND expires_at > now() RETURNING shard, token"), params))
         released = tuple(sorted(renewed)[share:])
         taken: dict[int, int] = {}
         if released:
@@ -274,19 +272,20 @@ class LeaseManager:
                 "UPDATE shard_leases SET owner = NULL, granted = NULL, expires_at = NULL "
                 "WHERE owner = :me AND shard = ANY(:shards)"), {**params, "shards": list(released)})
         elif len(renewed) < share:
-            taken = dict(connection.execute(sa.text(
+            taken = _grants(connection.execute(sa.text(
                 "UPDATE shard_leases SET owner = :me, token = nextval('shard_lease_token'), "
                 "granted = now(), expires_at = now() + :lease * interval '1 second' "
                 "WHERE shard IN (SELECT shard FROM shard_leases "
                 "WHERE owner IS NULL OR expires_at <= now() "
                 "ORDER BY shard LIMIT :wanted FOR UPDATE SKIP LOCKED) RETURNING shard, token"),
-                {**params, "wanted": share - len(renewed)}).tuples().all())
+                {**params, "wanted": share - len(renewed)}))
         held = {shard: token for shard, token in renewed.items() if shard not in released}
         held.update(taken)
-        return Renewal(live=live, share=share, held=held, taken=taken, released=released,
-                       lost=_lost(before, renewed), mutable_before=mutable_before)
+        return Renewal(began=start, live=live, share=share, held=held, taken=taken,
+                       released=released, lost=_lost(before, renewed),
+                       mutable_before=mutable_before)
 
-    def _renew_sqlite(self, connection: Connection, before: _Held,
+    def _renew_sqlite(self, connection: Connection, start: float, before: _Held,
                       mutable_before: Mapping[int, int]) -> Renewal:
         """The one dominator: on registering, take every shard from whoever held it
         (new tokens from the counter row); after, heartbeat and read back what it
@@ -303,11 +302,11 @@ class LeaseManager:
                 .values(owner=self._id, token=sa.bindparam("b_token"), granted=sa.func.now(),
                         expires_at=None),
                 [{"b_shard": shard, "b_token": token} for shard, token in taken.items()])
-        held: dict[int, int] = dict(connection.execute(
+        held = _grants(connection.execute(
             sa.select(ShardLeaseRow.shard, ShardLeaseRow.token)
-            .where(ShardLeaseRow.owner == self._id)).tuples().all())
-        return Renewal(live=1, share=self.shards, held=held, taken=taken, released=(),
-                       lost=_lost(before, held), mutable_before=mutable_before)
+            .where(ShardLeaseRow.owner == self._id)))
+        return Renewal(began=start, live=1, share=self.shards, held=held, taken=taken,
+                       released=(), lost=_lost(before, held), mutable_before=mutable_before)
 
     def _bound(self, connection: Connection) -> None:
         """PostgreSQL: no statement, lock wait or idle pause (this process stopped
@@ -346,12 +345,14 @@ class LeaseManager:
         return True
 
     def _check_settings(self, connection: Connection) -> None:
-        """The first dominator on a database fixes the shard count and makes the shard
-        rows; the others must use the same count (else two would map a host to
-        different shards, and both manage it)."""
+        """The first dominator on a database fixes the shard count, makes the shard
+        rows and starts SQLite's token counter at the time in milliseconds (as the
+        PostgreSQL sequence starts); the others must use the same count (else two would
+        map a host to different shards, and both manage it)."""
         inserted = connection.execute(sa.text(
-            "INSERT INTO lease_settings (id, shards, last_token) VALUES (1, :shards, 0) "
-            "ON CONFLICT (id) DO NOTHING"), {"shards": self.shards})
+            "INSERT INTO lease_settings (id, shards, last_token) VALUES (1, :shards, :first) "
+            "ON CONFLICT (id) DO NOTHING"),
+            {"shards": self.shards, "first": int(time.time() * 1000)})  # SQLite's counter
         if inserted.rowcount == 1:
             connection.execute(sa.insert(ShardLeaseRow),
                                [{"shard": shard, "token": 0} for shard in range(self.shards)])
@@ -470,6 +471,11 @@ class LeaseManager:
                 lease_age=(now - min(grants)).total_seconds() if grants else None,
                 renewal_age=(now - last).total_seconds()))
         return sorted(live, key=lambda dominator: (dominator.name, dominator.id))
+
+
+def _grants(rows: Iterable[Any]) -> dict[int, int]:
+    """shard -> token from rows of (shard, token)."""
+    return {int(shard): int(token) for shard, token in rows}
 
 
 def _lost(before: _Held, now_held: Mapping[int, int]) -> tuple[int, ...]:

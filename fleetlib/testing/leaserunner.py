@@ -26,7 +26,8 @@ from fleetlib.sql.engine import open_engine
 
 
 def emit(event: str, **fields: Any) -> None:
-    """One JSON line on stdout, flushed (the test reads it while this runs)."""
+    """One JSON line on stdout, flushed (the test reads it while this runs), stamped
+    now unless `fields` has its own "t"."""
     print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
 
 
@@ -36,16 +37,20 @@ def report(manager: LeaseManager, renewal: Renewal | None) -> None:
         status = manager.status()
         emit("renewal", ok=False, state=status.state, reason=status.reason)
         return
-    emit("renewal", ok=True, id=manager.status().dominator_id, live=renewal.live,
+    emit("renewal", ok=True, id=manager.status().dominator_id, began=renewal.began,
+         live=renewal.live,
          share=renewal.share, held=renewal.held, taken=renewal.taken,
          released=renewal.released, lost=renewal.lost, mutable_before=renewal.mutable_before)
 
 
 async def tick(manager: LeaseManager, stop: asyncio.Event, every: float) -> None:
-    """What may be mutated, every `every` seconds until `stop`."""
+    """What may be mutated, every `every` seconds until `stop`. Stamped before asking:
+    were this process stopped in between, the answer would come after the stamp."""
     while not stop.is_set():
+        stamp = time.monotonic()
         status = manager.status()
-        emit("tick", mutable=manager.mutable(), state=status.state, reason=status.reason)
+        emit("tick", t=stamp, mutable=manager.mutable(), state=status.state,
+             reason=status.reason)
         try:
             await asyncio.wait_for(stop.wait(), every)
         except TimeoutError:
