@@ -74,16 +74,14 @@ class SubdCollector(Collector):
         yield CounterMetricFamily("subd_fetch_bytes",
                                   "Bytes the last (or current) fetch has fetched or copied.",
                                   value=status.fetch.bytes_done)
-        fences = self.service.fences
         token = GaugeMetricFamily("subd_fence_token",
                                   "The highest fencing token accepted from a dominator "
                                   "(0: none), labelled with its owner.", labels=["owner"])
-        token.add_metric([fences.highest.owner if fences.highest else ""],
-                         fences.highest.token if fences.highest else 0)
+        token.add_metric([status.fence.owner], status.fence.token)
         yield token
         yield CounterMetricFamily("subd_fenced_calls_refused",
                                   "Mutating calls refused for an older fencing token.",
-                                  value=fences.refused)
+                                  value=self.service.fences.refused)
 
 
 async def serve(root: Path, port: int, security: Security, config: ScanConfig,
