@@ -25,6 +25,12 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30
 CONNECT_TIMEOUT_SECONDS = 10
 # Drivers that take libpq's `connect_timeout` connection parameter.
 LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2"})
+# libpq settings (unless the URL sets them) that notice a server gone silent, as in a
+# network partition, within about half a minute rather than the kernel's quarter
+# hour: keepalive probes while waiting for an answer, and a limit on unacknowledged
+# sends. A lease renewal stuck on such a connection would otherwise stay stuck.
+LIBPQ_LIVENESS = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
+                  "keepalives_count": "3", "tcp_user_timeout": "20000"}
 # Execution option marking a transaction that will write (see `writer`).
 WRITE_OPTION = "fleet_write"
 
@@ -52,14 +58,19 @@ def open_engine(url: str) -> Engine:
     """An engine for `url`. SQLite: a file (in-memory databases are refused, as
     every thread would get its own), write-ahead log, foreign keys, transactional
     DDL. Other backends: connections checked before use (`pool_pre_ping`, for
-    databases that restart) and a connect timeout."""
+    databases that restart), a connect timeout and, with libpq, `LIBPQ_LIVENESS`."""
     parsed = parse_url(url)
     try:
         if parsed.get_backend_name() == "sqlite":
             return _sqlite_engine(parsed)
-        if parsed.get_driver_name() in LIBPQ_DRIVERS and "connect_timeout" not in parsed.query:
-            parsed = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_SECONDS)})
-        return create_engine(parsed, pool_pre_ping=True)
+        liveness: dict[str, str] = {}
+        if parsed.get_driver_name() in LIBPQ_DRIVERS:
+            if "connect_timeout" not in parsed.query:
+                parsed = parsed.update_query_dict(
+                    {"connect_timeout": str(CONNECT_TIMEOUT_SECONDS)})
+            liveness = {name: value for name, value in LIBPQ_LIVENESS.items()
+                        if name not in parsed.query}
+        return create_engine(parsed, pool_pre_ping=True, connect_args=liveness)
     except (NoSuchModuleError, ImportError) as err:
         raise FleetError(f"cannot use database {describe_url(parsed)}: {err}") from None
 

@@ -299,6 +299,58 @@ def test_an_unreachable_database_lapses_the_leases_then_they_come_back(
         assert "shard lease renewal works again" in caplog.text
 
 
+def test_a_renewal_paused_with_its_rows_locked_does_not_hold_up_the_takeover(
+        pg: str, open_manager: Callable[..., LeaseManager]) -> None:
+    """A dominator stopped inside its renewal transaction holds row locks that peers
+    skip: the server ends that transaction after a renew interval, so the shards
+    move once expired instead of when the paused process wakes up."""
+    engine = open_engine(pg)
+    paused = threading.Event()
+
+    def pause(_connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE shard_leases SET expires_at") and not paused.is_set():
+            paused.set()
+            time.sleep(5)  # idle in transaction, the renewed rows locked
+
+    try:
+        a = LeaseManager(engine, "dom-a", lease_seconds=1.5)
+        b = open_manager(pg, "dom-b", lease_seconds=1.5)
+        renewed(a)
+        sa.event.listen(engine, "after_cursor_execute", pause)
+        outcome: list[Renewal | None] = []
+        stuck = threading.Thread(target=lambda: outcome.append(a.renew()))
+        stuck.start()
+        assert paused.wait(5)
+
+        def b_holds_everything() -> bool:
+            renewal = b.renew()
+            return renewal is not None and len(renewal.held) == SHARDS
+
+        wait_for(b_holds_everything, 4, "b to take every shard", every=0.1)
+        assert stuck.is_alive()  # a is still paused
+        stuck.join(10)
+        assert outcome == [None] and a.status().state == "lapsed"  # its session was ended
+        assert renewed(a).lost == tuple(range(SHARDS))
+    finally:
+        engine.dispose()
+
+
+def test_database_sessions_notice_a_silent_server(pg: str) -> None:
+    """A partition (no answer, no reset) ends a session within about half a minute, so a
+    renewal stuck on one fails and the next starts afresh; the URL may override."""
+    for url, idle in ((pg, "10"), (f"{pg}?keepalives_idle=7", "7")):
+        engine = open_engine(url)
+        try:
+            with engine.connect() as connection:
+                dsn = connection.connection.dbapi_connection.info.dsn  # type: ignore[union-attr]
+        finally:
+            engine.dispose()
+        settings = dict(item.split("=", 1) for item in dsn.split())
+        assert (settings["keepalives_idle"], settings["keepalives_interval"],
+                settings["keepalives_count"], settings["tcp_user_timeout"]) == \
+            (idle, "5", "3", "20000")
+
+
 async def test_run_renews_in_the_background_and_gives_back_on_stop(
         pg: str, open_manager: Callable[..., LeaseManager]) -> None:
     manager = open_manager(pg, "dom-a", lease_seconds=1.5)
