@@ -260,3 +260,31 @@ class Configuration(_message.Message):
 class GetConfigurationRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("have_generation", "heartbeat_seconds")
+    HAVE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    have_generation: int
+    heartbeat_seconds: int
+    def __init__(self, have_generation: _Optional[int] = ..., heartbeat_seconds: _Optional[int] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("generation", "scan_count", "heartbeat", "fetch_in_progress", "update_in_progress", "last_update_finished_unix", "scan_error", "last_scan_unix")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SCAN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    FETCH_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LAST_UPDATE_FINISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SCAN_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCAN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    scan_count: int
+    heartbeat: bool
+    fetch_in_progress: bool
+    update_in_progress: bool
+    last_update_finished_unix: int
+    scan_error: str
+    last_scan_unix: int
+    def __init__(self, generation: _Optional[int] = ..., scan_count: _Optional[int] = ..., heartbeat: _Optional[bool] = ..., fetch_in_progress: _Optional[bool] = ..., update_in_progress: _Optional[bool] = ..., last_update_finished_unix: _Optional[int] = ..., scan_error: _Optional[str] = ..., last_scan_unix: _Optional[int] = ...) -> None: ...

@@ -75,6 +75,11 @@ class SubdStub:
                 request_serializer=fleetlib_dot_wire_dot_subd__pb2.Configuration.SerializeToString,
                 response_deserializer=fleetlib_dot_wire_dot_subd__pb2.Configuration.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/fleet.Subd/Watch',
+                request_serializer=fleetlib_dot_wire_dot_subd__pb2.WatchRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_subd__pb2.WatchEvent.FromString,
+                _registered_method=True)
 
 
 class SubdServicer:
@@ -129,6 +134,14 @@ class SubdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Generation changes as they happen, and heartbeats (a subd serves a few watchers at
+        most: RESOURCE_EXHAUSTED beyond them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SubdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +184,11 @@ def add_SubdServicer_to_server(servicer, server):
                     servicer.SetConfiguration,
                     request_deserializer=fleetlib_dot_wire_dot_subd__pb2.Configuration.FromString,
                     response_serializer=fleetlib_dot_wire_dot_subd__pb2.Configuration.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=fleetlib_dot_wire_dot_subd__pb2.WatchRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_subd__pb2.WatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +407,33 @@ class Subd:
             '/fleet.Subd/SetConfiguration',
             fleetlib_dot_wire_dot_subd__pb2.Configuration.SerializeToString,
             fleetlib_dot_wire_dot_subd__pb2.Configuration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.Subd/Watch',
+            fleetlib_dot_wire_dot_subd__pb2.WatchRequest.SerializeToString,
+            fleetlib_dot_wire_dot_subd__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,
