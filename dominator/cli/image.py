@@ -623,7 +623,7 @@ def delete_command(name: str, force: bool, replica_only: bool, as_json: bool, im
         reply = client.delete_image(name, replica_only)
     if as_json:
         echo_json({"name": name, "objects_freed": reply.objects_freed,
-                   "bytes_freed": reply.bytes_freed, "replica_only": replica_only})
+                   "bytes_freed": reply.bytes_freed})
         return
     what = f"this replica's copy of image {name}" if replica_only else f"image {name}"
     click.echo(f"deleted {what}, freed {reply.objects_freed} objects "
