@@ -16,39 +16,25 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from fleetlib.sql.engine import writer
-from fleetlib.sql.migrate import Migration, migrate
+from fleetlib.sql.schema import History, open_schema
 from fleetlib.wire import audit_pb2
 
 log = logging.getLogger(__name__)
 
-VERSION_TABLE = "audit_schema_version"  # its own, beside the host store's migrations
 # Detail keys that would carry a secret: refused, whatever the caller meant.
 SECRET_KEYS = frozenset({"token", "value", "password", "secret", "credentials", "headers"})
 MAX_LIMIT = 100_000
 
 
-def _create(conn: Connection) -> None:  # frozen history
-    if conn.dialect.name != "sqlite":
-        raise ValueError("the audit log is kept in SQLite")
-    conn.execute(sa.text(
-        "CREATE TABLE audit_log (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-        "unix_ns INTEGER NOT NULL, who TEXT NOT NULL, action TEXT NOT NULL, "
-        "summary TEXT NOT NULL, details TEXT NOT NULL)"))
-    conn.execute(sa.text("CREATE INDEX audit_log_unix ON audit_log (unix_ns)"))
-    for verb in ("UPDATE", "DELETE"):
-        conn.execute(sa.text(
-            f"CREATE TRIGGER audit_log_no_{verb.lower()} BEFORE {verb} ON audit_log "
-            "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"))
-
-
-MIGRATIONS = [Migration(1, "append-only audit log", _create)]
+HISTORY = History("audit", Path(__file__).with_name("audit_revisions"), "audit_schema_version")
 
 AUDIT = sa.Table("audit_log", sa.MetaData(),
                  sa.Column("id", sa.Integer, primary_key=True),
@@ -120,7 +106,7 @@ class AuditLog:
     migrations). Thread-safe: each call is one short transaction."""
 
     def __init__(self, engine: Engine, server: str) -> None:
-        migrate(engine, MIGRATIONS, VERSION_TABLE)
+        open_schema(engine, HISTORY, server)
         self._engine = writer(engine)
         self.server = server
 

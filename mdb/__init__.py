@@ -5,6 +5,6 @@ exchanged as Dominator's MDB JSON. The dominator polls `Mdb.revision()`, a singl
 counter every committed change moves, and reloads the machines when it moves.
 
 Modules: `machine` (the Machine value and its JSON), `store` (Mdb), `models` (ORM
-tables) and `migrations` (the schema history); the generic migration runner and
-the engine settings of each backend live in fleetlib/sql/, shared with the
-dominator's own state store."""
+tables); `revisions/` holds the schema history (Alembic revisions mdb_0001, ...). The
+migration driver and the engine settings of each backend live in fleetlib/sql/, shared
+with the dominator's own state store."""

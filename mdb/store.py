@@ -9,6 +9,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
@@ -16,9 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fleetlib.errors import FleetError, NotFoundError
 from fleetlib.sql.engine import database_errors, describe_url, open_engine, writer
-from fleetlib.sql.migrate import migrate
+from fleetlib.sql.schema import History, open_schema
 from mdb.machine import Machine, check_unique_hostnames
-from mdb.migrations import MIGRATIONS
 from mdb.models import MachineRow, RevisionRow
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ T = TypeVar("T")
 PLAIN_FIELDS = tuple(f.name for f in dataclasses.fields(Machine) if f.name != "tags")
 UPDATABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(Machine)) - {"hostname"}
 Outcome = Literal["added", "changed", "same"]
+HISTORY = History("mdb", Path(__file__).with_name("revisions"), "schema_version")
 
 
 def _machine(row: MachineRow) -> Machine:
@@ -74,7 +75,8 @@ def _existing(session: Session, hostname: str) -> MachineRow:
 
 
 class Mdb:
-    """The MDB at a SQLAlchemy URL (or a SQLite file path), migrated on open.
+    """The MDB at a SQLAlchemy URL (or a SQLite file path), migrated on open (SQLite) or
+    checked to be at this program's schema (PostgreSQL, see fleetlib.sql.schema).
     Every call is its own session and transaction, so the methods may be called
     from several threads (e.g. through `asyncio.to_thread`)."""
 
@@ -83,13 +85,13 @@ class Mdb:
         self.url = describe_url(self._engine.url)
         try:
             with database_errors(self._engine.url):
-                self.schema_version = migrate(self._engine, MIGRATIONS)
+                self.schema_revision = open_schema(self._engine, HISTORY)
         except FleetError:
             self._engine.dispose()
             raise
         self._reader = sessionmaker(self._engine)
         self._writer = sessionmaker(writer(self._engine))
-        log.debug("opened MDB %s at schema version %d", self.url, self.schema_version)
+        log.debug("opened MDB %s at schema %s", self.url, self.schema_revision)
 
     def __enter__(self) -> Mdb:
         return self

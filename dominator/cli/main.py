@@ -15,6 +15,7 @@ from fleetlib.cli.run import CONTEXT_SETTINGS, EXIT_CODES_HELP, run, version_opt
 COMMANDS = {
     "audit": "dominator.cli.audit:audit",
     "certs": "dominator.cli.certs:certs",
+    "db": "dominator.cli.db:db",
     "deploy": "dominator.cli.deploy:deploy",
     "fleet": "dominator.cli.fleet:fleet",
     "image": "dominator.cli.image:image",

@@ -6,31 +6,20 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import Float, Integer, Text
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dominator.deploy.model import Deploy, DeployStatus
-from fleetlib.sql.migrate import Migration, migrate
+from fleetlib.sql.schema import History, open_schema
 
-
-def _create_deploys(conn: Connection) -> None:  # frozen history: the table DeployRow maps
-    conn.execute(sa.text(
-        "CREATE TABLE deploys (id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, "
-        "image TEXT NOT NULL, dry_run INTEGER NOT NULL, request TEXT NOT NULL, "
-        "status TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, "
-        "created_unix REAL NOT NULL, updated_unix REAL NOT NULL)"))
-    conn.execute(sa.text("CREATE INDEX ix_deploys_status ON deploys (status)"))
-    conn.execute(sa.text("CREATE INDEX ix_deploys_created ON deploys (created_unix)"))
-
-
-DEPLOY_MIGRATIONS = [Migration(1, "deploys", _create_deploys)]
+HISTORY = History("deploys", Path(__file__).with_name("revisions"), "deploy_schema_version")
 
 
 class Base(DeclarativeBase):
-    """The deploy stage's tables (created by DEPLOY_MIGRATIONS, never by create_all)."""
+    """The deploy stage's tables (created by HISTORY's revisions, never by create_all)."""
 
 
 class DeployRow(Base):
@@ -55,7 +44,7 @@ class DeployStore:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        migrate(engine, DEPLOY_MIGRATIONS, table="deploy_schema_version")
+        open_schema(engine, HISTORY)
         self._lock = threading.Lock()
 
     def _write(self, statement: sa.Executable) -> None:

@@ -17,48 +17,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import BigInteger, Integer, Text
 from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fleetlib.sql.migrate import Migration, migrate
+from fleetlib.sql.schema import History, open_schema
 
 log = logging.getLogger(__name__)
 
 
-def _create(conn: Connection) -> None:  # frozen history: the tables the models map
-    conn.execute(sa.text("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)"))
-    conn.execute(sa.text(
-        "CREATE TABLE hosts (hostname TEXT PRIMARY KEY, safety_cleared INTEGER NOT NULL "
-        "DEFAULT 0, intrusion_paths TEXT, intrusion_unix INTEGER, last_sync_unix INTEGER, "
-        "current_image TEXT)"))
-    conn.execute(sa.text(
-        "CREATE TABLE desired_images (hostname TEXT NOT NULL, image TEXT NOT NULL, "
-        "last_unix INTEGER NOT NULL, PRIMARY KEY (hostname, image))"))
-    conn.execute(sa.text(
-        "CREATE TABLE desired_computed (hostname TEXT NOT NULL, path TEXT NOT NULL, "
-        "hash TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (hostname, path, hash))"))
-
-
-def _create_tokens(conn: Connection) -> None:  # frozen history (dominator/herd/tokens.py)
-    conn.execute(sa.text(
-        "CREATE TABLE api_tokens (name TEXT PRIMARY KEY, scope TEXT NOT NULL, "
-        "sha256 TEXT NOT NULL UNIQUE, created_unix INTEGER NOT NULL, created_by TEXT NOT NULL, "
-        "last_used_unix INTEGER, revoked_unix INTEGER, revoked_by TEXT)"))
-
-
-def _add_host_switches(conn: Connection) -> None:  # frozen history
-    for column in ("disruption_allowed INTEGER NOT NULL DEFAULT 0", "paused_by TEXT",
-                   "paused_reason TEXT", "paused_unix INTEGER", "paused_until_unix INTEGER"):
-        conn.execute(sa.text(f"ALTER TABLE hosts ADD COLUMN {column}"))
-
-
-MIGRATIONS = [Migration(1, "settings, hosts and desired states", _create),
-              Migration(2, "named, scoped HTTP API tokens", _create_tokens),
-              Migration(3, "per-host pauses and disruption allowances", _add_host_switches)]
+STATE_FILE = "dominator.sqlite"  # in the state directory: this store, deploys and audit log
+HISTORY = History("state", Path(__file__).with_name("state_revisions"), "schema_version")
 
 
 class Base(DeclarativeBase):
-    """The state store's tables (created by MIGRATIONS, never by create_all)."""
+    """The state store's tables (created by HISTORY's revisions, never by create_all)."""
 
 
 class SettingRow(Base):
@@ -152,7 +123,7 @@ class DominatorState:
         self.engine = sa.create_engine(f"sqlite:///{path}")
         with self.engine.connect() as conn:
             conn.execute(sa.text("PRAGMA journal_mode=WAL"))
-        migrate(self.engine, MIGRATIONS)
+        open_schema(self.engine, HISTORY)
         self._lock = threading.Lock()
         with Session(self.engine) as session:
             self._hosts = {row.hostname: self._record(row)

@@ -17,11 +17,9 @@ import sqlalchemy as sa
 import mdb.store
 from fleetlib.errors import FleetError, NotFoundError
 from fleetlib.sql.engine import open_engine
-from fleetlib.sql.migrate import Migration, migrate
 from mdb.machine import Machine, check_address, machines_json, parse_machines_json
-from mdb.migrations import MIGRATIONS
 from mdb.models import Base
-from mdb.store import Mdb
+from mdb.store import HISTORY, Mdb
 
 SAMPLE: list[dict[str, Any]] = [
     {"Hostname": "web1.example.com", "IpAddress": "10.0.0.1", "RequiredImage": "web/2024-05-01",
@@ -311,60 +309,6 @@ def test_reopening_keeps_everything(url: str) -> None:
 
 # --- migrations -----------------------------------------------------------------------
 
-WITHOUT_LOCATION = [{**item, "Location": ""} for item in SAMPLE]
-
-
-def test_migration_from_v1_keeps_every_row(url: str) -> None:
-    engine = open_engine(url)
-    assert migrate(engine, MIGRATIONS[:1]) == 1
-    with engine.begin() as connection:
-        for item in SAMPLE:
-            connection.execute(sa.text(
-                "INSERT INTO machines (hostname, address, required_image, planned_image, "
-                "disable_updates, owner_group, tags) VALUES (:hostname, :address, "
-                ":required_image, :planned_image, :disable_updates, :owner_group, :tags)"),
-                {**{attribute: value for attribute, value in
-                    dataclasses.asdict(Machine.from_json(item, "sample")).items()
-                    if attribute != "location"},
-                 "tags": json.dumps(item["Tags"])})
-        connection.execute(sa.text("UPDATE mdb_revision SET revision = 41"))
-    engine.dispose()
-
-    with Mdb(url) as store:
-        assert store.schema_version == len(MIGRATIONS) == 4
-        assert [m.to_json() for m in store.list()] == as_sorted_json(WITHOUT_LOCATION)
-        assert store.revision() == 41
-        store.update("db1", required_image="db/18")
-        assert store.revision() == 42
-    engine = open_engine(url)
-    inspector = sa.inspect(engine)
-    assert "ix_machines_required_image" in {index["name"] for index in
-                                            inspector.get_indexes("machines")}
-    with engine.connect() as connection:
-        updated: dict[str, int] = {hostname: unix for hostname, unix in connection.execute(
-            sa.text("SELECT hostname, updated_unix FROM machines"))}
-    engine.dispose()
-    assert updated.pop("db1") > 0 and set(updated.values()) == {0}
-
-
-def test_migration_from_v2_keeps_every_host_and_adds_an_empty_location(url: str) -> None:
-    """An MDB made by the previous release (schema v2) keeps its hosts; v3 adds Location."""
-    engine = open_engine(url)
-    assert migrate(engine, MIGRATIONS[:2]) == 2
-    with engine.begin() as connection:
-        connection.execute(sa.text(
-            "INSERT INTO machines (hostname, address, required_image, tags, updated_unix) "
-            "VALUES ('old-host', '10.0.0.9', 'web/1', '{\"role\": \"web\"}', 7)"))
-    engine.dispose()
-    with Mdb(url) as store:
-        assert store.schema_version == len(MIGRATIONS)
-        assert store.get("old-host") == Machine("old-host", "10.0.0.9", "web/1",
-                                                tags={"role": "web"})
-        moved = store.update("old-host", location="eu/dc2/r1")
-        assert moved.location == "eu/dc2/r1"
-        assert store.get("old-host") == moved
-
-
 def test_models_match_the_migrated_schema(store: Mdb, url: str) -> None:
     engine = open_engine(url)
     inspector = sa.inspect(engine)
@@ -376,48 +320,14 @@ def test_models_match_the_migrated_schema(store: Mdb, url: str) -> None:
     engine.dispose()
 
 
-def test_database_newer_than_the_code_is_refused(url: str) -> None:
-    engine = open_engine(url)
-    migrate(engine, [*MIGRATIONS, Migration(5, "from the future", lambda connection: None)])
-    engine.dispose()
-    with pytest.raises(FleetError, match=r"has schema version 5 \(schema_version\), newer than "
-                                         r"this program knows \(4\): upgrade the program"):
-        Mdb(url)
-
-
-def test_a_failing_migration_leaves_no_trace(url: str) -> None:
-    """DDL is transactional (on SQLite too): the step and its record go together."""
-    def half_done(connection: sa.Connection) -> None:
-        connection.execute(sa.text("CREATE TABLE half (x INTEGER)"))
-        raise RuntimeError("step failed")
-
-    def base(connection: sa.Connection) -> None:
-        connection.execute(sa.text("CREATE TABLE base (x INTEGER)"))
-
-    steps = [Migration(1, "base", base), Migration(2, "broken", half_done)]
-    engine = open_engine(url)
-    with pytest.raises(RuntimeError):
-        migrate(engine, steps, table="other_version")
-    assert set(sa.inspect(engine).get_table_names()) == {"base", "other_version"}
-    assert migrate(engine, steps[:1], table="other_version") == 1
-    engine.dispose()
-
-
 def test_processes_opening_a_new_database_at_once_take_turns(url: str) -> None:
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         opened = list(pool.map(lambda _: Mdb(url), range(6)))
-    assert {store.schema_version for store in opened} == {len(MIGRATIONS)}
+    assert {store.schema_revision for store in opened} == {HISTORY.head()}
     opened[0].set(Machine("a"))
     assert opened[-1].list() == [Machine("a")]
     for store in opened:
         store.close()
-
-
-def test_migrations_must_be_numbered_in_order(tmp_path: Path) -> None:
-    engine = open_engine(str(tmp_path / "x.sqlite"))
-    with pytest.raises(ValueError, match="numbered 1, 2, 3"):
-        migrate(engine, [MIGRATIONS[1]])
-    engine.dispose()
 
 
 # --- opening ------------------------------------------------------------------------------

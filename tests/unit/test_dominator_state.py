@@ -8,8 +8,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from dominator.herd.state import MIGRATIONS, DominatorState
-from fleetlib.sql.migrate import migrate
+from dominator.herd.state import DominatorState
+from tests import old_runner
 
 
 def test_pause_and_disruption_allowance_survive_a_restart(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_pauses_with_an_expiry_run_out(tmp_path: Path) -> None:
 def test_a_version_2_state_file_keeps_its_hosts(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite"
     engine = sa.create_engine(f"sqlite:///{path}")
-    migrate(engine, MIGRATIONS[:2])
+    old_runner.migrate(engine, old_runner.STATE)  # the release before host switches
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO hosts (hostname, safety_cleared) VALUES ('a', 1)"))
     engine.dispose()

@@ -1,0 +1,1 @@
+"""The deploys table's schema history (Alembic revisions, fleetlib.sql.schema)."""

@@ -1,0 +1,1 @@
+"""The dominator state file's schema history (Alembic revisions, fleetlib.sql.schema)."""

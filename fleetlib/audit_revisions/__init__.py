@@ -1,0 +1,1 @@
+"""The audit log's schema history (Alembic revisions, fleetlib.sql.schema)."""
