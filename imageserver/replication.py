@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 FORGET_AFTER = 3600.0  # a follower gone this long leaves ListReplicas
 PROGRESS_INTERVAL = 1.0  # a follower reports at least this often
 HELLO_TIMEOUT = 15.0
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 15.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 5.0
 FETCH_GROUP_BYTES = 64 << 20  # objects asked for in one GetObjects call
 FETCH_GROUP_OBJECTS = 4096
 
@@ -56,10 +56,10 @@ Response = imageserver_pb2.ReplicateResponse
 Request = imageserver_pb2.ReplicateRequest
 
 
-def ancestry(store: ImageStore) -> list[str]:
+def ancestry(store: ImageStore, upstream: Upstream | None) -> list[str]:
     """This server's upstream chain (ids, nearest first), as its last hello said; [] on a
-    master."""
-    position = store.journal.position()
+    master (also one that was a replica before)."""
+    position = store.journal.position() if upstream is not None else None
     return position.ancestry if position is not None else []
 
 
@@ -168,7 +168,7 @@ async def feed(store: ImageStore, registry: ReplicaRegistry, upstream: Upstream 
     hello = first.hello
     journal = store.journal
     me = journal.identity
-    chain = ancestry(store)
+    chain = ancestry(store, upstream)
     refused = cycle_error(hello.identity.id, me.id, chain)
     if refused is not None:
         raise refused

@@ -135,6 +135,7 @@ class ImageStore:
             self._remember(_info(image))
         self._load_quarantine()
         self._reconcile(unreadable)
+        self.journal.prune()
         log.info("loaded %d image(s) referencing %d object(s)", len(self.images),
                  len(self.refcounts))
 
