@@ -79,6 +79,13 @@ class SubdCollector(Collector):
                                   "(0: none), labelled with its owner.", labels=["owner"])
         token.add_metric([status.fence.owner], status.fence.token)
         yield token
+        yield CounterMetricFamily("subd_polls", "Poll calls answered.",
+                                  value=self.service.polls)
+        yield GaugeMetricFamily("subd_watchers", "Open Watch streams.",
+                                value=self.service.watchers.count)
+        yield CounterMetricFamily("subd_watches_refused",
+                                  "Watch streams refused: as many were open as subd serves.",
+                                  value=self.service.watchers.refused)
         yield CounterMetricFamily("subd_fenced_calls_refused",
                                   "Mutating calls refused for an older fencing token.",
                                   value=self.service.fences.refused)

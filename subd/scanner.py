@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +116,16 @@ class Scanner:
         self._wanted = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (from any thread, without locks held) whenever the generation
+        or the scan error changes."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def reconfigure(self, config: ScanConfig) -> None:
         """Use new limits and exclusions from the next pass on; FleetError for a bad
@@ -236,6 +246,7 @@ class Scanner:
         with self._cond:
             self._generation += 1
             self._cond.notify_all()
+        self._changed()
 
     def wait_for_scan(self, count: int, timeout: float) -> bool:
         """Block until more than `count` passes have completed; False on timeout."""
@@ -340,6 +351,7 @@ class Scanner:
         same = previous is not None and tree == previous  # cheap: unchanged inodes are shared
         fingerprint = self._fingerprint if same else tree.fingerprint()
         with self._cond:
+            news = fingerprint != self._fingerprint or bool(self._scan_error)
             if fingerprint != self._fingerprint:
                 self._generation += 1
             self._tree, self._fingerprint = tree, fingerprint
@@ -350,6 +362,8 @@ class Scanner:
             self._scan_seconds_total += seconds
             self._scan_error = ""
             self._cond.notify_all()
+        if news:
+            self._changed()
 
     # The background thread.
 
@@ -398,7 +412,9 @@ class Scanner:
                                 exc_info=not isinstance(err, FleetError))
                 last_error = repr(err)
                 with self._cond:  # Poll tells the dominator why the tree is stale
-                    self._scan_error = _one_line(err)
+                    news, self._scan_error = self._scan_error != _one_line(err), _one_line(err)
+                if news:
+                    self._changed()
             if not self._rest(self._pause_after(time.thread_time() - cpu_before,
                                                 time.monotonic() - wall_before)):
                 return

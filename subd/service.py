@@ -4,6 +4,7 @@ over the scanner, the object cache, the fetcher and the updater."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -40,6 +41,7 @@ from subd.scanner import Scanner
 from subd.state import SubdState, UpdateOutcome
 from subd.trust import TrustedImages
 from subd.updater import Updater
+from subd.watch import Watchers
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,9 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         self._pinned: tuple[tuple[int, int], int] | None = None  # ((generation, pins), count)
         # A boost's end: (timer, settings to restore by key, when in Unix time).
         self._restore: tuple[asyncio.TimerHandle, dict[str, Any], float] | None = None
+        self.polls = 0  # Poll calls answered (subd_polls)
+        self.watchers = Watchers(self.watch_event)  # the Watch streams
+        scanner.add_listener(self.watchers.changed)
 
     def status(self) -> subd_pb2.SubStatus:
         """Everything Poll always reports."""
@@ -106,6 +111,16 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             is_root=os.geteuid() == 0, scan_exclusions=scanner.config.exclusions,
             scan_error=quote(scanner.scan_error), pinned_objects=self._pinned_objects(),
             fence=self.fences.to_proto(), fence_error=quote(self.fences.error))
+
+    def watch_event(self) -> subd_pb2.WatchEvent:
+        """What a Watch stream reports now."""
+        scanner, last = self.scanner, self.state.last_update
+        return subd_pb2.WatchEvent(
+            generation=scanner.generation, scan_count=scanner.scan_count,
+            fetch_in_progress=self.fetcher.progress.in_progress,
+            update_in_progress=self._update_lock.locked(),
+            last_update_finished_unix=last.finished_unix if last is not None else 0,
+            scan_error=quote(scanner.scan_error), last_scan_unix=int(scanner.last_scan_unix))
 
     def _free_bytes(self) -> int:
         """Free bytes on ROOT's filesystem; 0 while ROOT cannot be reached (Poll still
@@ -139,6 +154,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
 
     async def Poll(self, request: subd_pb2.PollRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[subd_pb2.PollResponse]:
+        self.polls += 1
         status = self.status()
         send_tree = not request.short and request.have_generation != status.generation
         encoded = self._tree_bytes() if send_tree else None
@@ -160,6 +176,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
                 self.trust.check_fetch(manifest, hashes)
             self.fences.admit(fence, "fetch")  # again: a newer owner may have come meanwhile
             self.fetcher.start(servers, hashes)
+            self.watchers.changed()  # a fetch in progress (its end bumps the generation)
         except FleetError as err:
             await abort(context, err)
         return subd_pb2.FetchResponse()
@@ -193,7 +210,7 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             tree = self.scanner.tree
             if tree is None:
                 raise PreconditionError("subd has not finished its first scan yet")
-            async with self._update_lock:
+            async with self._updating():
                 await self._check_signed(plan)
                 self.fences.admit(fence, "update")  # no await until the apply has started
                 outcome = await asyncio.to_thread(self._apply, plan, tree)
@@ -202,6 +219,17 @@ class SubdService(subd_pb2_grpc.SubdServicer):
         if not outcome.success:
             await context.abort(grpc.StatusCode.ABORTED, f"update failed: {outcome.error}")
         return subd_pb2.UpdateResponse()
+
+    @contextlib.asynccontextmanager
+    async def _updating(self) -> AsyncIterator[None]:
+        """Hold the update lock, telling watchers when it is taken and released."""
+        await self._update_lock.acquire()
+        self.watchers.changed()
+        try:
+            yield
+        finally:
+            self._update_lock.release()
+            self.watchers.changed()
 
     async def _check_signed(self, plan: UpdatePlan) -> None:
         """With trusted keys: refuse (and report as the last update) an update that does
@@ -364,3 +392,8 @@ class SubdService(subd_pb2_grpc.SubdServicer):
             verify_period_seconds=int(config.verify_period_seconds),
             restore_unix=int(restore[2]) if restore else 0,
             restore_keys=sorted(restore[1]) if restore else [])
+
+    async def Watch(self, request: subd_pb2.WatchRequest, context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[subd_pb2.WatchEvent]:
+        async for event in self.watchers.stream(request, context):
+            yield event
