@@ -402,3 +402,26 @@ def test_a_quarantined_name_is_marked_and_replica_only_drops_it(
             replica.stop()
     finally:
         master.stop()
+
+
+def test_a_replica_of_a_replica_writes_through_and_pulls_through_both(
+        servers: tuple[Daemon, Daemon], admin: Security, ca: Path, tmp_path: Path) -> None:
+    master, middle = servers
+    leaf = start_server(tmp_path, ca, "leaf", "--replicate-from", middle.address)
+    try:
+        data = os.urandom(100_000)
+        digest = add_object(master, admin, data)
+        assert fetch(leaf, admin, digest) == data
+        assert held(middle, digest) and held(leaf, digest)
+
+        cli("image", "add", "chain/1", str(make_tree(tmp_path / "tree")),
+            env=env_for(ca, leaf), check=True)
+        for server in (master, middle, leaf):
+            assert "chain/1" in names(server, admin), server.address
+        wait_for(lambda: any(f"written through to {master.address}" in line
+                             for line in audit_lines(leaf, admin)),
+                 "the leaf's audit names the master")
+        assert_one_line_error(cli("image", "delete", "chain/1", env=env_for(ca, leaf)),
+                              f"replica of {master.address}", code=4)
+    finally:
+        leaf.stop()
