@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fleetlib.errors import FleetError, PreconditionError, UnavailableError
+from fleetlib.fstree.image import Image
 from fleetlib.rpc.chunks import join_chunks_async
 from fleetlib.rpc.objects import ObjectReceiver
 from fleetlib.rpc.status import describe_rpc_error
@@ -48,10 +49,12 @@ HELLO_TIMEOUT = 15.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 5.0
 FETCH_GROUP_BYTES = 64 << 20  # objects asked for in one GetObjects call
 FETCH_GROUP_OBJECTS = 4096
+MANIFEST_BUDGET = 256 << 20  # manifest bytes a snapshot reads ahead to announce what is pending
 
 SYNCING, IN_SYNC, DIVERGED, ALARM = "syncing", "in sync", "diverged", "alarm"
 DISCONNECTED = "disconnected"
 
+Manifest = tuple[bytes, Image]  # an image as upstream serialized it, and parsed
 Response = imageserver_pb2.ReplicateResponse
 Request = imageserver_pb2.ReplicateRequest
 
@@ -473,10 +476,26 @@ class Follower:
         log.info("applying upstream's snapshot: %d entries as of sequence %d", len(entries),
                  sequence)
         self.upstream_sequence = max(self.upstream_sequence, sequence)
-        live = [e for e in entries if not e.deleted]
-        self.bytes_pending = 0
-        for entry in live:
-            await self._ensure(entry)
+        # Read upstream's manifests first (as many as MANIFEST_BUDGET holds), so what this
+        # replica lacks is announced as pending before the objects move.
+        prepared: list[tuple[imageserver_pb2.JournalEntry, Manifest | None]] = []
+        held = 0
+        missing: dict[bytes, int] = {}
+        for entry in entries:
+            if entry.deleted:
+                continue
+            manifest = await self._manifest(entry) if held < MANIFEST_BUDGET else None
+            if manifest is not None:
+                held += len(manifest[0])
+                missing.update(self.store.missing_objects(manifest[1]))
+            if manifest is not None or held >= MANIFEST_BUDGET:
+                prepared.append((entry, manifest))
+        self.bytes_pending = sum(missing.values())
+        self._changed.set()
+        for entry, manifest in prepared:
+            manifest = manifest or await self._manifest(entry, announce=True)
+            if manifest is not None:
+                await self._complete(entry, manifest)
         for entry in entries:
             if entry.deleted:
                 self._delete(entry)
@@ -497,7 +516,9 @@ class Follower:
                     and info.expires_unix != entry.expires_unix:
                 self.store.set_expiry(entry.name, entry.expires_unix)
         else:
-            await self._ensure(entry)
+            manifest = await self._manifest(entry, announce=True)
+            if manifest is not None:
+                await self._complete(entry, manifest)
         self.busy = False
         self._advance(event.sequence)
 
@@ -514,20 +535,22 @@ class Follower:
         else:
             self.store.delete(entry.name)
 
-    async def _ensure(self, entry: imageserver_pb2.JournalEntry) -> None:
-        """Hold image ENTRY as upstream binds it: fetch it, or fix its expiry, or
-        quarantine a copy with other content first."""
+    async def _manifest(self, entry: imageserver_pb2.JournalEntry, announce: bool = False
+                        ) -> Manifest | None:
+        """Upstream's image ENTRY, when this server must fetch it (None when it holds it:
+        its expiry is fixed; or when upstream has deleted it since). A copy with other
+        content is quarantined first. ANNOUNCE: count its missing objects as pending."""
         info = self.store.images.get(entry.name)
         if info is not None and info.digest == entry.digest:
             if info.expires_unix != entry.expires_unix:
                 self.store.set_expiry(entry.name, entry.expires_unix)
-            return
+            return None
         if info is not None:
             if self.diverged:
                 log.error("image %s: upstream binds it to digest %s, this server holds %s; "
                           "diverged from upstream, so kept", entry.name, short(entry.digest),
                           short(info.digest))
-                return
+                return None
             self.store.quarantine(entry.name, entry.digest)
             self.quarantines += 1
             self._changed.set()
@@ -537,11 +560,18 @@ class Follower:
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 log.info("image %s is gone from upstream already", entry.name)
-                return
+                return None
             raise
         image = image_from_proto(imageserver_pb2.Image.FromString(data))
-        missing = self.store.missing_objects(image)
-        await self._fetch(missing)
+        if announce:
+            self.bytes_pending += sum(self.store.missing_objects(image).values())
+            self._changed.set()
+        return data, image
+
+    async def _complete(self, entry: imageserver_pb2.JournalEntry, manifest: Manifest) -> None:
+        """Fetch the objects of upstream's image that this server lacks, then commit it."""
+        data, image = manifest
+        await self._fetch(self.store.missing_objects(image))
         held = self.store.images.get(entry.name)
         if held is not None and held.digest == entry.digest:
             return  # written through this server meanwhile (imageserver/writethrough.py)
@@ -550,8 +580,6 @@ class Follower:
     async def _fetch(self, missing: dict[bytes, int]) -> None:
         """Move the MISSING objects from upstream, verified, into the store."""
         hashes = sorted(missing)
-        self.bytes_pending += sum(missing.values())
-        self._changed.set()
         start = 0
         while start < len(hashes):
             group: list[bytes] = []
