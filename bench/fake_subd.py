@@ -20,6 +20,8 @@ the fleet starts synced) and implements what the herd calls:
   plan's changes to the in-memory tree (memoized: equal subs given equal plans share
   one result), bumps the generation, and completes a scan `--rescan-delay` later.
 - Cleanup: drops cached hashes.
+- Watch: subd's own stream (subd/watch.py): an event whenever the generation or a
+  fetch's progress changes, heartbeats in between.
 
 `--mode echo` serves instead a plain unary echo (`bench.Echo/Echo`, raw bytes) on the
 same addresses: the ceiling the fleet benchmark compares against.
@@ -53,6 +55,7 @@ from fleetlib.rpc.chunks import split_message
 from fleetlib.rpc.tls import MESSAGE_SIZE_OPTIONS, Identity, server_credentials
 from fleetlib.wire import subd_pb2, subd_pb2_grpc
 from fleetlib.wire.codec import inode_from_proto, tree_to_proto
+from subd.watch import Watchers
 
 FREE_BYTES = 1 << 40
 ECHO_SERVICE = "bench.Echo"
@@ -253,6 +256,20 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
         self.last_update = subd_pb2.UpdateResult()
         self.last_successful_image = image
         self.updating = False
+        self.watchers = Watchers(self._watch_event)
+
+    def _watch_event(self) -> subd_pb2.WatchEvent:
+        status = self._status()
+        return subd_pb2.WatchEvent(
+            generation=status.generation, scan_count=status.scan_count,
+            fetch_in_progress=status.fetch.in_progress,
+            update_in_progress=status.last_update.in_progress,
+            last_update_finished_unix=status.last_update.finished_unix,
+            last_scan_unix=status.last_scan_unix)
+
+    async def Watch(self, request, context):
+        async for event in self.watchers.stream(request, context):
+            yield event
 
     def _status(self) -> subd_pb2.SubStatus:
         fleet = self.fleet
@@ -295,6 +312,10 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
         self.fetch_status = subd_pb2.FetchStatus(objects_total=total, objects_done=total,
                                                  in_progress=self.fleet.fetch_seconds > 0)
         self.generation += 1  # the cache changed
+        self.watchers.changed()
+        if self.fleet.fetch_seconds > 0:  # its end, as subd tells it
+            asyncio.get_running_loop().call_later(self.fleet.fetch_seconds,
+                                                  self.watchers.changed)
         return subd_pb2.FetchResponse()
 
     async def Update(self, request, context):
@@ -325,6 +346,7 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
             image_name=request.image_name, success=True, finished_unix=int(self.updated_unix),
             change_window_ns=100_000, paths_changed=len(request.changes))
         self.generation += 1
+        self.watchers.changed()
         asyncio.get_running_loop().call_later(self.fleet.rescan_delay, self._scanned)
         return subd_pb2.UpdateResponse()
 
@@ -341,6 +363,7 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
         self.fleet.cleanups += 1
         if gone:
             self.generation += 1
+            self.watchers.changed()
         return subd_pb2.CleanupResponse(removed=len(gone))
 
 

@@ -10,6 +10,7 @@ from dominator.cli.options import imageservers_option
 from dominator.deploy.errors import DeployError
 from dominator.deploy.health import NamedChecks
 from dominator.herd.herd import HerdConfig
+from dominator.herd.watch import WatchConfig
 from dominator.server.daemon import DEFAULT_HTTP_PORT, DEFAULT_PORT, DaemonConfig, api_token, run
 from fleetlib.cli.options import security_options
 from fleetlib.cli.run import setup_logging
@@ -44,7 +45,15 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
               help="Bearer token of the HTTP API (default: made once, kept in the state dir).")
 @click.option("--host", default="[::]", show_default=True, help="Address to listen on.")
 @click.option("--poll-interval", default=5.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds between two convergence cycles of one sub.")
+              help="Seconds between two convergence cycles of one sub that is not settled, "
+                   "or cannot be watched (an older subd).")
+@click.option("--backstop-interval", default=300.0, show_default=True,
+              type=click.FloatRange(1),
+              help="Seconds between two polls of a settled (synced) sub whose Watch stream "
+                   "is open: its changes are pushed, this poll is the safety net.")
+@click.option("--watch-heartbeat", default=30, show_default=True, type=click.IntRange(1, 600),
+              help="Seconds between two heartbeats of a Watch stream; two missed: the stream "
+                   "counts as dead, the sub is polled and the stream reopened.")
 @click.option("--poll-slots", default=200, show_default=True, type=click.IntRange(1),
               help="Polls in flight at once.")
 @click.option("--fetch-slots", default=50, show_default=True, type=click.IntRange(1),
@@ -71,7 +80,8 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
 @security_options
 def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, ...],
                   generators: Path | None, port: int, http_port: int, token: str | None,
-                  host: str, poll_interval: float,
+                  host: str, poll_interval: float, backstop_interval: float,
+                  watch_heartbeat: int,
                   poll_slots: int, fetch_slots: int, fetches_per_imageserver: int,
                   update_slots: int, max_tree_bytes: int,
                   health_checks: NamedChecks, trusted_keys: Path | None, verbose: bool,
@@ -88,6 +98,8 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, 
     state_dir.mkdir(parents=True, exist_ok=True)
     config = HerdConfig(imageserver=imageserver[0], extra_imageservers=imageserver[1:],
                         poll_interval=poll_interval,
+                        watch=WatchConfig(backstop_interval=backstop_interval,
+                                          heartbeat_seconds=watch_heartbeat),
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
                         fetches_per_imageserver=fetches_per_imageserver,
                         update_slots=update_slots, max_tree_bytes=max_tree_bytes,

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,6 +34,7 @@ from dominator.herd.intrusion import classify, history
 from dominator.herd.ranking import ImageServers
 from dominator.herd.state import Disabled, DominatorState
 from dominator.herd.status import Status, disruption_denied
+from dominator.herd.watch import WatchConfig, Watches
 from fleetlib.audit import format_time
 from fleetlib.errors import FleetError, NotFoundError
 from fleetlib.fstree.diff import too_many_deletes
@@ -74,6 +73,7 @@ class HerdConfig:
     extra_imageservers: tuple[str, ...] = ()  # more servers, ranked per host (ranking.py)
     trusted_keys: TrustedKeys | None = None  # set: only images signed by one converge
     fetches_per_imageserver: int = 40  # fetches in flight per first-ranked server (0: no cap)
+    watch: WatchConfig = field(default_factory=WatchConfig)  # watch streams, backstop polls
 
 
 @dataclass
@@ -190,6 +190,7 @@ class Herd:
         self.subs: dict[str, Sub] = {}
         self.cache = DiffCache(config.diff_cache_size)
         self.metrics = HerdMetrics()
+        self.watches = Watches(config.watch, self.metrics)
         self._planning: dict[PlanKey, asyncio.Future[Planned | None]] = {}
         self._poll_slots = asyncio.Semaphore(config.poll_slots)
         self._fetch_slots = asyncio.Semaphore(config.fetch_slots)
@@ -317,20 +318,19 @@ class Herd:
                 sub.wake.set()
 
     async def _loop(self, sub: Sub) -> None:
-        delay = random.uniform(0, self.config.poll_interval)  # spread the subs' polls
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await sub.wake.wait()  # an MDB change or a fast update cuts it short
-            sub.wake.clear()
-            try:
-                await self.cycle(sub)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # noqa: BLE001 - one sub must never stop the herd
-                log.exception("%s: cycle failed", sub.machine.hostname)
-                sub.set_status(Status.FAILED, f"internal error: {err}")
-            delay = self.config.poll_interval * random.uniform(0.9, 1.1)
+        watch = self.watches.open(sub, self._client)  # when to cycle: see herd/watch.py
+        try:
+            while not self._stopping:
+                await watch.next_cycle(self.config.poll_interval)
+                try:
+                    await self.cycle(sub)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - one sub must never stop the herd
+                    log.exception("%s: cycle failed", sub.machine.hostname)
+                    sub.set_status(Status.FAILED, f"internal error: {err}")
+        finally:
+            await watch.stop()
 
     def _client(self, sub: Sub) -> AsyncSubClient:
         if sub.client is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dominator.herd.fetchslots import ServerSlots
@@ -80,6 +80,14 @@ class HerdMetrics:
                                         "Latency of one update RPC.", TRANSFER_BUCKETS)
         self.mdb_read_errors = counter("dominator_mdb_read_errors",
                                        "Reads of the MDB that failed (each retry counts).")
+        self.polls_by_reason = Counter(
+            "dominator_polls_by_reason", "Convergence cycles (each a short poll first) by "
+            "why they ran (herd/watch.py Reason).", ["reason"], registry=None)
+        self.watch_reconnects = counter("dominator_watch_reconnects",
+                                        "Watch streams lost (ended, failed or silent "
+                                        "past two heartbeats) and reopened.")
+        self.hosts_watching = Gauge("dominator_hosts_watching",
+                                    "Hosts whose Watch stream is open.", registry=None)
 
     def timed(self, kind: str) -> Timed:
         """Count one `kind` ("poll", "fetch" or "update") around a block (`with` or
@@ -91,11 +99,12 @@ class HerdMetrics:
         }[kind]
         return Timed(total, failures, seconds)
 
-    def collectors(self) -> list[Counter | Histogram]:
+    def collectors(self) -> list[Counter | Gauge | Histogram]:
         """Every metric, for a collector to export."""
         return [self.polls, self.poll_errors, self.poll_seconds, self.fetches,
                 self.fetch_failures, self.fetch_seconds, self.fetched_bytes, self.prefetches,
-                self.updates, self.update_failures, self.update_seconds, self.mdb_read_errors]
+                self.updates, self.update_failures, self.update_seconds, self.mdb_read_errors,
+                self.polls_by_reason, self.watch_reconnects, self.hosts_watching]
 
 
 def imageserver_metrics(slots: ServerSlots, tree: ReplicaTree | None
