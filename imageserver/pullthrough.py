@@ -90,7 +90,6 @@ class PullThrough:
         # Totals since start, for metrics.
         self.pulled_objects = 0  # objects stored by pull-through
         self.pulled_bytes = 0
-        self.upstream_requests = 0  # GetObjects calls made to the upstream
 
     def pull(self, hashes: Iterable[bytes]) -> Waiting:
         """Begin fetching those of HASHES neither stored nor already on their way: a
@@ -151,7 +150,6 @@ class PullThrough:
         receiver = ObjectReceiver(self.store.objects)
         call = self.upstream.objects.GetObjects(
             objectserver_pb2.GetObjectsRequest(hashes=list(sizes), compress=True))
-        self.upstream_requests += 1
         idle = call_timeout()
         arrived: list[bytes] = []
         arrived_bytes, since = 0, time.monotonic()
