@@ -595,9 +595,10 @@ def get_command(name: str, directory: Path, imageserver: str, security: Security
               help="Delete even while hosts require or plan the image: the dominator is not "
                    "asked.")
 @click.option("--replica-only", is_flag=True,
-              help="On a replica (--imageserver REPLICA): delete only that server's copy, "
-                   "e.g. one that differs from the master's; the master keeps the image, "
-                   "and the dominator is not asked. A replica refuses a plain delete.")
+              help="On a replica (--imageserver REPLICA): delete only that server's copy "
+                   "(its quarantined copy if it has one, which clears the alarm); the master "
+                   "keeps the image and the dominator is not asked. A replica refuses a "
+                   "plain delete.")
 @json_option
 @imageserver_option
 @dominator_option
