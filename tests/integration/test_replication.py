@@ -92,13 +92,14 @@ def names(server: Daemon, security: Security) -> set[str]:
         return {summary.name for summary in client.list_images()}
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 30, what: str = "") -> float:
+def wait_until(check: Callable[[], bool], timeout: float = 30, what: str = "",
+               interval: float = 0.05) -> float:
     """Poll CHECK until true; the seconds it took."""
     began = time.monotonic()
     while not check():
         if time.monotonic() - began > timeout:
             raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.05)
+        time.sleep(interval)
     return time.monotonic() - began
 
 
@@ -183,10 +184,12 @@ def objects_bytes(server: Daemon) -> int:
 def test_a_replica_killed_mid_replication_converges_without_fetching_twice(
         tmp_path: Path, admin: Security, start: Start) -> None:
     master = start("master")
-    size, count = 4 * MiB, 10
-    push(master, admin, "big", write_files(tmp_path / "big", random_files(count, size)))
     replica = start("replica", upstream=master)
-    wait_until(lambda: objects_bytes(replica) >= size, what="replication under way")
+    size, count = 4 * MiB, 10
+    folder = write_files(tmp_path / "big", random_files(count, size))
+    push(master, admin, "big", folder)
+    wait_until(lambda: objects_bytes(replica) >= size, what="replication under way",
+               interval=0.005)
     replica.kill()
     assert replica.state_dir is not None
     assert not (replica.state_dir / "images" / "big" / ".image").exists(), \
