@@ -71,6 +71,12 @@ class DominatorClient:
         return SubReport.from_wire(self.stub.GetSubInfo(dominator_pb2.HostRequest(
             hostname=hostname)))
 
+    def dominators(self) -> dominator_pb2.ListDominatorsResponse:
+        """The live dominators sharing this one's MDB."""
+        reply: dominator_pb2.ListDominatorsResponse = self.stub.ListDominators(
+            dominator_pb2.ListDominatorsRequest())
+        return reply
+
     def fleet_status(self, timeout: float | None = None) -> dominator_pb2.FleetStatus:
         """Hosts by status, the fleet-wide switch, diff cache counters."""
         reply: dominator_pb2.FleetStatus = self.stub.GetFleetStatus(

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import click
 
 from dominator.cli.deploy import parse_selector
+from dominator.cli.dominators import dominators_command
 from dominator.cli.options import dominator_option, json_option
 from dominator.client import DominatorClient
 from dominator.deploy.model import DeploySpec
@@ -179,6 +180,7 @@ def show_report(report: SubReport) -> None:
         if report.change_window_ns else ""
     echo_fields([
         ("address", report.address),
+        ("managed by", report.owner),
         ("tags", ", ".join(f"{key}={value}" for key, value in sorted(report.tags.items()))),
         ("required image", report.required_image),
         ("planned image", report.planned_image),
@@ -303,3 +305,6 @@ def fast_update_command(host: str, dominator: str, security: Security) -> None:
             code = EXIT_OK if step.success else FAST_UPDATE_EXITS.get(step.status,
                                                                       EXIT_NEGATIVE)
     sys.exit(code)
+
+
+fleet.add_command(dominators_command)

@@ -10,6 +10,7 @@ from dominator.cli.options import imageservers_option
 from dominator.deploy.errors import DeployError
 from dominator.deploy.health import NamedChecks
 from dominator.herd.herd import HerdConfig
+from dominator.herd.leases import DEFAULT_LEASE_SECONDS, DEFAULT_SHARDS, MAX_SHARDS
 from dominator.herd.watch import WatchConfig
 from dominator.server.daemon import DEFAULT_HTTP_PORT, DEFAULT_PORT, DaemonConfig, api_token, run
 from fleetlib.cli.options import security_options
@@ -17,6 +18,7 @@ from fleetlib.cli.run import setup_logging
 from fleetlib.rpc.tls import Security
 from fleetlib.signing import load_trusted_keys
 from subd.client import DEFAULT_MAX_TREE_BYTES
+from subd.fence import MAX_OWNER
 
 
 def named_checks(specs: tuple[str, ...]) -> NamedChecks:
@@ -25,6 +27,16 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
         return NamedChecks.parse(specs)
     except DeployError as err:
         raise click.BadParameter(str(err), param_hint="--health-check") from None
+
+
+def dominator_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """--name: printable, at most subd's limit for a fence's owner ("" for the default)."""
+    if value is None:
+        return ""
+    if not value.strip() or not value.isprintable() or len(value) > MAX_OWNER:
+        raise click.BadParameter(f"a dominator's name is 1 to {MAX_OWNER} printable "
+                                 f"characters, not {value!r}", ctx, param)
+    return value
 
 
 @click.command(name="serve")
@@ -76,6 +88,21 @@ def named_checks(specs: tuple[str, ...]) -> NamedChecks:
 @click.option("--trusted-keys", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of *.pub signing keys: hosts converge only onto images signed by "
                    "one of them (others read 'image not trusted').")
+@click.option("--name", callback=dominator_name,
+              help="This dominator's name in shard leases and the fences subd checks "
+                   "(default: this machine's hostname:PORT). Unique among the dominators "
+                   "on one MDB.")
+@click.option("--lease", "lease_seconds", default=DEFAULT_LEASE_SECONDS, show_default=True,
+              type=click.FloatRange(0.3, 3600),
+              help="Seconds a shard lease lasts (renewed every third of it); a dead "
+                   "dominator's hosts move to the others about this long after it died.")
+@click.option("--shards", default=DEFAULT_SHARDS, show_default=True,
+              type=click.IntRange(1, MAX_SHARDS),
+              help="Shards the hosts fall into (by a hash of the hostname); fixed by the "
+                   "first dominator on the MDB: every other must give the same.")
+# Testing only (the fencing tests): seconds between the lease check and each mutating call,
+# as a process stopped right there would take.
+@click.option("--test-mutation-delay", default=0.0, type=click.FloatRange(0), hidden=True)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, ...],
@@ -84,14 +111,18 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, 
                   watch_heartbeat: int,
                   poll_slots: int, fetch_slots: int, fetches_per_imageserver: int,
                   update_slots: int, max_tree_bytes: int,
-                  health_checks: NamedChecks, trusted_keys: Path | None, verbose: bool,
-                  security: Security) -> None:
+                  health_checks: NamedChecks, trusted_keys: Path | None, name: str,
+                  lease_seconds: float, shards: int, test_mutation_delay: float,
+                  verbose: bool, security: Security) -> None:
     """Run the dominator: keep every sub of the MDB on its required image.
 
     Reads the MDB, polls each sub, fetches and pushes what differs, restarts
     only what changed, and stops itself where an update looks unsafe. Hosts fetch
     from the nearest healthy replica of the master (learned from it) or of the
     servers given by hand, the master last.
+
+    Several dominators on one PostgreSQL MDB share the hosts by shard leases; each
+    manages the hosts of the shards it holds, and takes over a dead one's.
     """
     setup_logging(verbose)
     trusted = load_trusted_keys(trusted_keys) if trusted_keys else None
@@ -106,4 +137,6 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, 
                         trusted_keys=trusted)
     url = mdb_url or f"sqlite:///{state_dir.resolve() / 'mdb.sqlite'}"
     run(DaemonConfig(state_dir, url, config, generators, port, http_port, host,
-                     api_token(state_dir, token), security, health_checks))
+                     api_token(state_dir, token), security, health_checks, name=name,
+                     lease_seconds=lease_seconds, shards=shards,
+                     mutation_delay=test_mutation_delay))

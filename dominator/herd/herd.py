@@ -31,6 +31,7 @@ from dominator.herd.fetchslots import ServerSlots
 from dominator.herd.images import ImageCache
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
+from dominator.herd.ownership import Ownership, is_fenced
 from dominator.herd.ranking import ImageServers
 from dominator.herd.state import Disabled, DominatorState
 from dominator.herd.status import Status, disruption_denied
@@ -49,6 +50,7 @@ from mdb.machine import Machine
 from mdb.store import InvalidRow, Mdb
 from subd.changes import UpdatePlan
 from subd.client import DEFAULT_MAX_TREE_BYTES, AsyncSubClient, TreeTooLarge
+from subd.fence import FenceToken
 from subd.trigger_runner import plan_actions
 from subd.trust import is_trust_refusal
 
@@ -96,6 +98,7 @@ class Sub:
     kept_paths: tuple[str, ...] = ()  # directories the image lacks, kept (filtered content)
     task: asyncio.Task[None] | None = None
     client: AsyncSubClient | None = None
+    owner: str = ""  # the dominator holding its shard ("" when none is known)
 
     def set_status(self, status: Status, error: str = "") -> None:
         """Move to `status`, remembering the transition and telling listeners."""
@@ -179,8 +182,9 @@ class Herd:
     """Every sub's convergence loop, driven by the MDB."""
 
     def __init__(self, mdb: Mdb, state: DominatorState, images: ImageCache, renderer: Renderer,
-                 security: Security, config: HerdConfig) -> None:
+                 security: Security, config: HerdConfig, ownership: Ownership) -> None:
         self.mdb = mdb
+        self.ownership = ownership  # which hosts are this dominator's (shard leases)
         self.state = state
         self.images = images
         self.renderer = renderer
@@ -228,8 +232,14 @@ class Herd:
         cannot be read the subs go on with the last view read, and reads are retried
         with a backoff (1 s doubling to 30 s by default)."""
         failures = 0
+        stop_leases = asyncio.Event()
+        leases = asyncio.create_task(self.ownership.run(stop_leases), name="shard leases")
+        following = asyncio.create_task(self._follow_ownership(), name="shard ownership")
         try:
             while True:
+                if leases.done():  # the lease rounds must not end while the herd runs
+                    leases.result()
+                    raise FleetError("the shard lease rounds ended")
                 try:
                     await self._follow_mdb()
                 except (FleetError, SQLAlchemyError) as err:
@@ -253,6 +263,9 @@ class Herd:
             for sub in self.subs.values():
                 if sub.client is not None:
                     await sub.client.close()
+            following.cancel()
+            stop_leases.set()  # no call is in flight: give the shards back
+            await asyncio.gather(following, leases, return_exceptions=True)
 
     async def _follow_mdb(self) -> None:
         """Reload the machines when the MDB's revision moved (the revision counts as
@@ -305,17 +318,59 @@ class Herd:
             sub = self.subs.get(hostname)
             if sub is None:
                 sub = self.subs[hostname] = Sub(machine)
-                sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")
-            elif sub.task is None:  # its row was invalid, and is valid again
+                await self._place(sub)
+            elif sub.task is None:  # its row was invalid and is valid again, or not ours
                 sub.machine = machine
-                sub.set_status(Status.POLLING)
-                sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")
+                await self._place(sub)
             elif sub.machine != machine:
                 if sub.machine.address != machine.address and sub.client is not None:
                     await sub.client.close()
                     sub.client = None
                 sub.machine = machine
                 sub.wake.set()
+
+    async def _place(self, sub: Sub) -> None:
+        """Supervise the (valid) host if this dominator holds its shard, else stop
+        its loop and say who does; a host moving in starts afresh from its polls."""
+        hostname = sub.machine.hostname
+        sub.owner = self.ownership.owner(hostname)
+        elsewhere = self.ownership.elsewhere(hostname)
+        if elsewhere:
+            if sub.task is not None:
+                log.info("%s: %s: no longer supervised here", hostname, elsewhere)
+                await self._stop(sub)
+            sub.set_status(Status.ELSEWHERE, elsewhere)
+        elif sub.task is None:
+            sub.set_status(Status.POLLING)
+            sub.prefetched = None
+            sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")
+
+    async def _follow_ownership(self) -> None:
+        """After each lease round: start the hosts of shards gained, stop those of
+        shards lost, and note each host's owner."""
+        while True:
+            await self.ownership.changed.wait()
+            self.ownership.changed.clear()
+            await self.ownership.read_owners()
+            for sub in list(self.subs.values()):
+                if sub.status != Status.BAD_MDB_ENTRY and not self._stopping:
+                    await self._place(sub)
+
+    async def _fence(self, sub: Sub, what: str) -> FenceToken | None:
+        """The fence of a mutating call (`what`) to the sub right now; None when this
+        dominator may not mutate it (the sub's status then says why)."""
+        fence = await self.ownership.fence(sub.machine.hostname, what)
+        if fence is None:
+            sub.set_status(Status.LEASE_LOST, self.ownership.why_not(sub.machine.hostname))
+        return fence
+
+    def _refused(self, sub: Sub, fence: FenceToken, text: str) -> bool:
+        """Whether `text` (a failed mutating call) is subd refusing the fence, which
+        the ownership then learns."""
+        if not is_fenced(text):
+            return False
+        self.ownership.refused(sub.machine.hostname, fence, text)
+        return True
 
     async def _loop(self, sub: Sub) -> None:
         watch = self.watches.open(sub, self._client)  # when to cycle: see herd/watch.py
@@ -471,14 +526,29 @@ class Herd:
             if needed:
                 self.metrics.prefetches.inc()
                 async with self._fetch_slots:
+                    if (fence := await self._fence(sub, "prefetch")) is None:
+                        return
                     try:
-                        await client.fetch(await self._servers_for(sub), needed, planned_name)
+                        await client.fetch(await self._servers_for(sub), needed, planned_name,
+                                           fence=fence)
                     except grpc.RpcError as err:  # e.g. subd --trusted-keys refuses the image
+                        text = describe_rpc_error(err)
                         log.warning("%s: prefetch of %s refused: %s", sub.machine.hostname,
-                                    planned_name, describe_rpc_error(err))
+                                    planned_name, text)
+                        if self._refused(sub, fence, text):
+                            sub.set_status(Status.LEASE_LOST, text)
+                            return
             sub.prefetched = (planned_name, status.fingerprint)
         elif status.cached_objects > status.pinned_objects:  # subd keeps what a recent
-            await client.cleanup_all_but([])  # fetch pinned (`sub fetch` then `sub update`)
+            if (fence := await self._fence(sub, "cleanup")) is None:  # fetch pinned (`sub
+                return  # fetch` then `sub update`)
+            try:
+                await client.cleanup_all_but([], fence=fence)
+            except grpc.RpcError as err:
+                text = describe_rpc_error(err)
+                if not self._refused(sub, fence, text):
+                    raise
+                sub.set_status(Status.LEASE_LOST, text)
 
     async def _converge(self, sub: Sub, client: AsyncSubClient, image: Image,
                         computed: dict[str, bytes], planned: Planned,
@@ -530,22 +600,28 @@ class Herd:
     async def _fetch(self, sub: Sub, client: AsyncSubClient, needed: dict[bytes, int],
                      image_name: str) -> bool:
         sub.set_status(Status.FETCHING)
+        fence: FenceToken | None = None
         try:
             servers = await self._servers_for(sub)  # the first one's slot waits for no other
-            async with (self.server_slots.hold(servers[0]), self._fetch_slots,
-                        self.metrics.timed("fetch")):
-                await client.fetch(servers, list(needed), image_name)
-                pause = 0.01  # small fetches end at once: do not hold the slot for long
-                while True:
-                    await asyncio.sleep(pause)
-                    status, _ = await client.poll(short=True, timeout=30)
-                    if not status.fetch.in_progress:
-                        break
-                    pause = min(pause * 2, 0.2)
+            async with self.server_slots.hold(servers[0]), self._fetch_slots:
+                if (fence := await self._fence(sub, "fetch")) is None:
+                    return False
+                async with self.metrics.timed("fetch"):
+                    await client.fetch(servers, list(needed), image_name, fence=fence)
+                    pause = 0.01  # small fetches end at once: do not hold the slot for long
+                    while True:
+                        await asyncio.sleep(pause)
+                        status, _ = await client.poll(short=True, timeout=30)
+                        if not status.fetch.in_progress:
+                            break
+                        pause = min(pause * 2, 0.2)
         except grpc.RpcError as err:
             text = describe_rpc_error(err)  # subd --trusted-keys refuses an untrusted image
-            sub.set_status(Status.IMAGE_NOT_TRUSTED if is_trust_refusal(text)
-                           else Status.UNREACHABLE, text)
+            if fence is not None and self._refused(sub, fence, text):
+                sub.set_status(Status.LEASE_LOST, text)
+            else:
+                sub.set_status(Status.IMAGE_NOT_TRUSTED if is_trust_refusal(text)
+                               else Status.UNREACHABLE, text)
             return False
         self.metrics.fetched_bytes.inc(
             max(0, status.fetch.bytes_done - status.fetch.bytes_copied_locally))
@@ -563,14 +639,20 @@ class Herd:
         disruption allowance set); each allowance it used is spent once it ran."""
         hostname = sub.machine.hostname
         sub.set_status(Status.UPDATING)
+        fence: FenceToken | None = None
         try:
-            async with self._update_slots, self.metrics.timed("update"):
-                # servers: where a subd with --trusted-keys reads the signed manifest
-                await client.update(replace(plan, servers=await self._servers_for(sub)))
-                after, _ = await client.poll(short=True, timeout=30)
+            async with self._update_slots:
+                if (fence := await self._fence(sub, "update")) is None:
+                    return
+                async with self.metrics.timed("update"):
+                    # servers: where a subd with --trusted-keys reads the signed manifest
+                    await client.update(replace(plan, servers=await self._servers_for(sub)),
+                                        fence=fence)
+                    after, _ = await client.poll(short=True, timeout=30)
         except grpc.RpcError as err:
             text = describe_rpc_error(err)
-            kind = Status.UNSAFE if "more than half" in text else \
+            kind = Status.LEASE_LOST if fence is not None and self._refused(sub, fence, text) \
+                else Status.UNSAFE if "more than half" in text else \
                 Status.IMAGE_NOT_TRUSTED if is_trust_refusal(text) else Status.FAILED
             sub.set_status(kind, text)
             return

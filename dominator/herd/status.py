@@ -35,6 +35,8 @@ class Status(enum.StrEnum):
     SCAN_FAILED = "scan failed"           # the sub's scans fail: its tree cannot be trusted
     TREE_TOO_LARGE = "tree too large"     # over `dominator serve --max-tree-bytes`
     DISRUPTION_DENIED = "disruption denied"  # a HighImpact trigger would fire, not allowed
+    ELSEWHERE = "managed elsewhere"       # its shard is another dominator's: not polled here
+    LEASE_LOST = "lease lost"             # its shard's lease is not trusted now: read-only
 
 
 def disruption_denied(hostname: str, services: Iterable[str]) -> str:
@@ -82,6 +84,8 @@ class Observed(Protocol):
     def history(self) -> Iterable[tuple[float, str, str]]: ...  # transitions, oldest first
     @property
     def kept_paths(self) -> tuple[str, ...]: ...  # kept directories the image lacks
+    @property
+    def owner(self) -> str: ...  # the dominator holding its shard ("" when none is known)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class SubReport:
     disruption_allowed: bool = False  # the next update may run HighImpact triggers (once)
     history_entries: tuple[HistoryEntry, ...] = ()  # `history`, structured
     pause: Disabled | None = None  # the host's own pause (None: not paused, or it ran out)
+    owner: str = ""  # the dominator managing it (holding its shard; "" when none is known)
 
     @classmethod
     def of(cls, sub: Observed, record: Remembered) -> SubReport:
@@ -143,7 +148,8 @@ class SubReport:
             disruption_allowed=record.disruption_allowed,
             history_entries=tuple(HistoryEntry(int(unix), status, quote(error))
                                   for unix, status, error in sub.history),
-            pause=None if paused is None or paused.expired() else paused)
+            pause=None if paused is None or paused.expired() else paused,
+            owner=quote(sub.owner))
 
     @classmethod
     def from_wire(cls, info: dominator_pb2.SubInfo) -> SubReport:
@@ -161,7 +167,8 @@ class SubReport:
             history_entries=tuple(HistoryEntry(e.time_unix, e.status, e.message)
                                   for e in info.history_entries),
             pause=Disabled(info.pause.by, info.pause.reason, info.pause.since_unix,
-                           info.pause.until_unix) if info.HasField("pause") else None)
+                           info.pause.until_unix) if info.HasField("pause") else None,
+            owner=info.owner)
 
     def to_wire(self) -> dominator_pb2.SubInfo:
         """The gRPC API's SubInfo."""
@@ -181,7 +188,7 @@ class SubReport:
             pause=dominator_pb2.HostPause(by=self.pause.by, reason=self.pause.reason,
                                           since_unix=self.pause.unix,
                                           until_unix=self.pause.until_unix)
-            if self.pause is not None else None)
+            if self.pause is not None else None, owner=self.owner)
 
     def to_json(self) -> dict[str, Any]:
         """Plain data (`dominator fleet list --json`, the dashboard's host rows)."""
@@ -199,4 +206,5 @@ class SubReport:
                 "history_entries": [entry.to_json() for entry in self.history_entries],
                 "pause": None if self.pause is None else {
                     "by": self.pause.by, "reason": self.pause.reason,
-                    "since_unix": self.pause.unix, "until_unix": self.pause.until_unix}}
+                    "since_unix": self.pause.unix, "until_unix": self.pause.until_unix},
+                "owner": self.owner}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from dominator.deploy.health import NO_CHECKS, NamedChecks
 from dominator.herd.computed import Renderer
 from dominator.herd.herd import Herd, HerdConfig
 from dominator.herd.images import ImageCache
+from dominator.herd.leases import DEFAULT_LEASE_SECONDS, DEFAULT_SHARDS
+from dominator.herd.ownership import Ownership
 from dominator.herd.state import STATE_FILE, DominatorState
 from dominator.herd.tokens import ApiTokens
 from dominator.server.http.app import RunningHttp, make_app, serve_http
@@ -61,6 +64,19 @@ class DaemonConfig:
     token: str
     security: Security
     health_checks: NamedChecks = NO_CHECKS  # the allow-listed named health checks
+    name: str = ""  # in shard leases and fences ("": this machine's hostname:gRPC port)
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    shards: int = DEFAULT_SHARDS
+    mutation_delay: float = 0.0  # testing only: between the lease check and a mutation
+
+
+def dominator_address(host: str, port: int) -> str:
+    """Where peers reach this dominator's admin API: the address it listens on, or this
+    machine's name when it listens on every address."""
+    listening = host.strip("[]")
+    if listening in ("", "::", "0.0.0.0"):
+        listening = socket.gethostname()
+    return f"[{listening}]:{port}" if ":" in listening else f"{listening}:{port}"
 
 
 class Server:
@@ -105,12 +121,17 @@ class Server:
         state = DominatorState(config.state_dir / STATE_FILE)
         audit, tokens = AuditLog(state.engine, "dominator"), ApiTokens(state)
         self.images = ImageCache(config.herd.imageserver, config.security)
+        ownership = Ownership(config.mdb_url, lease_seconds=config.lease_seconds,
+                              shards=config.shards, mutation_delay=config.mutation_delay)
         herd = Herd(self.mdb, state, self.images, Renderer(config.generators),
-                    config.security, config.herd)
+                    config.security, config.herd, ownership)
         self.grpc = await start_server(
             [(dominator_pb2_grpc.add_DominatorServicer_to_server,
               DominatorService(herd, state, self.mdb, audit, tokens), "fleet.Dominator")],
             config.port, config.security, config.host)
+        address = dominator_address(config.host, self.grpc.port)
+        await ownership.start(config.name or f"{socket.gethostname()}:{self.grpc.port}",
+                              address)
         self.deploys = DeployEngine(herd, state, self.mdb, self.images,
                                     health_checks=config.health_checks)
         await self.deploys.start()  # resumes the deploys a stop interrupted

@@ -429,3 +429,22 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
                            "triggers", host=request.hostname)
         sub.wake.set()
         return await self._info(request.hostname)
+
+    # The dominators sharing the MDB.
+
+    async def ListDominators(self, request: dominator_pb2.ListDominatorsRequest,
+                             context: Context) -> dominator_pb2.ListDominatorsResponse:
+        ownership = self.herd.ownership
+        try:
+            live = await asyncio.to_thread(ownership.live_dominators)
+        except FleetError as err:
+            await abort(context, err)
+        me = ownership.leases.status().dominator_id
+        return dominator_pb2.ListDominatorsResponse(
+            shards=ownership.shards, lease_seconds=ownership.lease_seconds,
+            dominators=[dominator_pb2.DominatorInfo(
+                name=row.name, address=row.address, shards=row.shards,
+                lease_age_seconds=-1.0 if row.lease_age is None else row.lease_age,
+                renewal_age_seconds=row.renewal_age, started_unix=int(row.started.timestamp()),
+                last_renewal_unix=int(row.last_renewal.timestamp()), answering=row.id == me)
+                for row in live])

@@ -14,7 +14,7 @@ class HostRequest(_message.Message):
     def __init__(self, hostname: _Optional[str] = ...) -> None: ...
 
 class SubInfo(_message.Message):
-    __slots__ = ("hostname", "address", "status", "required_image", "planned_image", "current_image", "last_poll_unix", "last_sync_unix", "last_scan_unix", "last_error", "intrusion_paths", "intrusion_unix", "change_window_ns", "updates_disabled", "safety_cleared", "history", "outdated_paths", "kept_paths", "tags", "disruption_allowed", "history_entries", "pause")
+    __slots__ = ("hostname", "address", "status", "required_image", "planned_image", "current_image", "last_poll_unix", "last_sync_unix", "last_scan_unix", "last_error", "intrusion_paths", "intrusion_unix", "change_window_ns", "updates_disabled", "safety_cleared", "history", "outdated_paths", "kept_paths", "tags", "disruption_allowed", "history_entries", "pause", "owner")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class SubInfo(_message.Message):
     DISRUPTION_ALLOWED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PAUSE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     address: str
     status: str
@@ -66,7 +67,8 @@ class SubInfo(_message.Message):
     disruption_allowed: bool
     history_entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
     pause: HostPause
-    def __init__(self, hostname: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., required_image: _Optional[str] = ..., planned_image: _Optional[str] = ..., current_image: _Optional[str] = ..., last_poll_unix: _Optional[int] = ..., last_sync_unix: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., last_error: _Optional[str] = ..., intrusion_paths: _Optional[_Iterable[str]] = ..., intrusion_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., updates_disabled: _Optional[bool] = ..., safety_cleared: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ..., outdated_paths: _Optional[_Iterable[str]] = ..., kept_paths: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., disruption_allowed: _Optional[bool] = ..., history_entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ..., pause: _Optional[_Union[HostPause, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, hostname: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., required_image: _Optional[str] = ..., planned_image: _Optional[str] = ..., current_image: _Optional[str] = ..., last_poll_unix: _Optional[int] = ..., last_sync_unix: _Optional[int] = ..., last_scan_unix: _Optional[int] = ..., last_error: _Optional[str] = ..., intrusion_paths: _Optional[_Iterable[str]] = ..., intrusion_unix: _Optional[int] = ..., change_window_ns: _Optional[int] = ..., updates_disabled: _Optional[bool] = ..., safety_cleared: _Optional[bool] = ..., history: _Optional[_Iterable[str]] = ..., outdated_paths: _Optional[_Iterable[str]] = ..., kept_paths: _Optional[_Iterable[str]] = ..., tags: _Optional[_Mapping[str, str]] = ..., disruption_allowed: _Optional[bool] = ..., history_entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ..., pause: _Optional[_Union[HostPause, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class HistoryEntry(_message.Message):
     __slots__ = ("time_unix", "status", "message")
@@ -269,3 +271,37 @@ class PauseSpec(_message.Message):
     reason: str
     expires_in_seconds: int
     def __init__(self, reason: _Optional[str] = ..., expires_in_seconds: _Optional[int] = ...) -> None: ...
+
+class ListDominatorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DominatorInfo(_message.Message):
+    __slots__ = ("name", "address", "shards", "lease_age_seconds", "renewal_age_seconds", "started_unix", "last_renewal_unix", "answering")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RENEWAL_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_RENEWAL_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ANSWERING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    shards: int
+    lease_age_seconds: float
+    renewal_age_seconds: float
+    started_unix: int
+    last_renewal_unix: int
+    answering: bool
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., shards: _Optional[int] = ..., lease_age_seconds: _Optional[float] = ..., renewal_age_seconds: _Optional[float] = ..., started_unix: _Optional[int] = ..., last_renewal_unix: _Optional[int] = ..., answering: _Optional[bool] = ...) -> None: ...
+
+class ListDominatorsResponse(_message.Message):
+    __slots__ = ("dominators", "shards", "lease_seconds")
+    DOMINATORS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    dominators: _containers.RepeatedCompositeFieldContainer[DominatorInfo]
+    shards: int
+    lease_seconds: float
+    def __init__(self, dominators: _Optional[_Iterable[_Union[DominatorInfo, _Mapping]]] = ..., shards: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...

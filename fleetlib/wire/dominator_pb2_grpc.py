@@ -125,6 +125,11 @@ class DominatorStub:
                 request_serializer=fleetlib_dot_wire_dot_dominator__pb2.HostRequest.SerializeToString,
                 response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.MachinesJson.FromString,
                 _registered_method=True)
+        self.ListDominators = channel.unary_unary(
+                '/fleet.Dominator/ListDominators',
+                request_serializer=fleetlib_dot_wire_dot_dominator__pb2.ListDominatorsRequest.SerializeToString,
+                response_deserializer=fleetlib_dot_wire_dot_dominator__pb2.ListDominatorsResponse.FromString,
+                _registered_method=True)
 
 
 class DominatorServicer:
@@ -240,6 +245,13 @@ class DominatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDominators(self, request, context):
+        """the live ones
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DominatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -332,6 +344,11 @@ def add_DominatorServicer_to_server(servicer, server):
                     servicer.DeleteMachine,
                     request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.HostRequest.FromString,
                     response_serializer=fleetlib_dot_wire_dot_dominator__pb2.MachinesJson.SerializeToString,
+            ),
+            'ListDominators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDominators,
+                    request_deserializer=fleetlib_dot_wire_dot_dominator__pb2.ListDominatorsRequest.FromString,
+                    response_serializer=fleetlib_dot_wire_dot_dominator__pb2.ListDominatorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -820,6 +837,33 @@ class Dominator:
             '/fleet.Dominator/DeleteMachine',
             fleetlib_dot_wire_dot_dominator__pb2.HostRequest.SerializeToString,
             fleetlib_dot_wire_dot_dominator__pb2.MachinesJson.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDominators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.Dominator/ListDominators',
+            fleetlib_dot_wire_dot_dominator__pb2.ListDominatorsRequest.SerializeToString,
+            fleetlib_dot_wire_dot_dominator__pb2.ListDominatorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,9 @@ class FleetCollector(Collector):
                 deploys.add_metric([status], count)
             yield deploys
         yield from imageserver_metrics(herd.server_slots, self._replicas)
+        ownership = getattr(herd, "ownership", None)  # shard leases (a test's herd has none)
+        if ownership is not None:
+            yield from ownership.metrics()
         metrics: HerdMetrics | None = getattr(herd, "metrics", None)
         if metrics is not None:
             for metric in metrics.collectors():
