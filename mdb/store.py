@@ -28,7 +28,8 @@ T = TypeVar("T")
 PLAIN_FIELDS = tuple(f.name for f in dataclasses.fields(Machine) if f.name != "tags")
 UPDATABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(Machine)) - {"hostname"}
 Outcome = Literal["added", "changed", "same"]
-HISTORY = History("mdb", Path(__file__).with_name("revisions"), "schema_version")
+HISTORY = History("mdb", Path(__file__).with_name("revisions"), "schema_version",
+                  ("sqlite", "postgresql"))
 
 
 def _machine(row: MachineRow) -> Machine:

@@ -55,11 +55,14 @@ State = Literal["current", "empty", "behind", "newer"]
 class History:
     """One database kind's migrations: revision files `<name>_NNNN_*.py` in `directory`,
     applied in the version table `alembic_version_<name>`; `old_table` is where the
-    hand-written runner recorded its numbered steps (taken over, see the module doc)."""
+    hand-written runner recorded its numbered steps on the backends `old_backends`
+    (taken over, see the module doc): only there, as another kind's old table may have
+    had the same name in a database this history now shares."""
 
     name: str
     directory: Path
     old_table: str
+    old_backends: tuple[str, ...] = ("sqlite",)
 
     @property
     def version_table(self) -> str:
@@ -131,7 +134,8 @@ class Status:
 
 def _old_version(connection: Connection, history: History) -> int:
     """The old runner's version (0: never ran here)."""
-    if not inspect(connection).has_table(history.old_table):
+    if connection.dialect.name not in history.old_backends or \
+            not inspect(connection).has_table(history.old_table):
         return 0
     version: int = connection.execute(text(
         f"SELECT COALESCE(MAX(version), 0) FROM {history.old_table}")).scalar_one()

@@ -45,7 +45,13 @@ names = ["proto", "fleetlib.wire.tree_pb2", "fleetlib.wire.subd_pb2",
          "fleetlib.wire.dominator_pb2_grpc", "fleetlib.wire.codec", "fleetlib.fstree.tree",
          "imageserver.main", "subd.main", "mdb.store", "dominator.server.daemon",
          "dominator.cli.main"]
-json.dump({name: importlib.import_module(name).__file__ for name in names}, sys.stdout)
+files = {name: importlib.import_module(name).__file__ for name in names}
+# The schema's revisions and Alembic's env.py come with the wheel: a new MDB opens at head.
+from mdb.store import HISTORY, Mdb
+with Mdb("mdb.sqlite") as store:
+    assert store.schema_revision == HISTORY.head(), store.schema_revision
+files["mdb.revisions"] = str(HISTORY.directory / "__init__.py")
+json.dump(files, sys.stdout)
 """
 
 
