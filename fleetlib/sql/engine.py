@@ -1,6 +1,6 @@
 """Open a service database from a SQLAlchemy URL, with the settings each backend
 needs: SQLite (the default, one file) or PostgreSQL (large fleets). Shared by every
-store built on SQLAlchemy (the MDB, the dominator's state), with `migrate()`."""
+store built on SQLAlchemy (the MDB, the dominator's state), with fleetlib.sql.schema."""
 
 from __future__ import annotations
 
