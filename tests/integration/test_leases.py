@@ -302,7 +302,8 @@ def test_an_unreachable_database_lapses_the_leases_then_they_come_back(
         said = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert [(r.levelname, r.getMessage().split(" (")[0]) for r in said] == \
             [("WARNING", "shard lease renewal failed"), ("ERROR", "shard leases lapsed")]
-        assert status.reason and status.reason in said[0].getMessage()
+        port = proxy.address.rpartition(":")[2]  # the latest failure's words, not the first's
+        assert f"port {port} failed" in status.reason and f"port {port}" in said[0].getMessage()
         wait_for(lambda: not any(live for _, _, live in table(pg).values()), 3,
                  "the database's expiry too")
         proxy.clear()
