@@ -5,7 +5,8 @@ master alone.
 
 Real daemons over mutual TLS (`certs init` identities) on loopback: the master
 (`--location r0/dc0`) holds A, each replica (`--replicate-from` the master, `--location
-rN/dc1`) has replicated A before B is added. A simulated host is subd's own Fetcher
+rN/dc1`) has replicated A before B is added (seeded with hard links to the master's
+objects: A's objects do not move, its manifest does). A simulated host is subd's own Fetcher
 (subd/fetcher.py: CheckObjects then compressed GetObjects, server by server in the
 order given, each object verified against its SHA-256) with the host identity, asking
 for the change's objects from the list `rank_servers` (dominator/herd/ranking.py) makes
@@ -285,7 +286,8 @@ def run(work: Path, tree_a: Path, hosts_count: int, change: int, processes: int,
         master = cluster.start("master", "--location", MASTER_LOCATION)
         cluster.image_add(master, "a", tree_a)
         replicas = [cluster.start(f"replica{n}", "--replicate-from", master.address,
-                                  "--location", f"r{n}/dc1") for n in range(1, REPLICAS + 1)]
+                                  "--location", f"r{n}/dc1", seed=master)
+                    for n in range(1, REPLICAS + 1)]
         note("replicas: replicating a")
         for watch in [cluster.watch(replica, "a") for replica in replicas]:
             watch.wait()

@@ -9,11 +9,12 @@ a master holding A and a replica that replicated A; B is added on the master. Me
   `served_bytes` (before compression) against the bytes of B's objects A lacks, and the
   replica's own counters (`replicated_bytes`, `pulled_bytes`) in the JSON;
 - the operator's alternative in the same run: rsync of the master's object store
-  (`<master state>/objects/`) into a copy (`cp -a`, untimed) of the replica's object
-  store as it was before B, pulled from an rsync daemon on loopback (TCP, as the replica's
-  own path is; no ssh on this machine), with `-a --ignore-existing --stats`: plain, with
-  `-z`, and with `--fsync` (durable, as the replica's objects are: it syncs them before
-  they are visible); bytes are rsync's "Total bytes received" (file list included).
+  (`<master state>/objects/`) into a copy (untimed; hard links, see `link_copy`) of the
+  replica's object store as it was before B, pulled from an rsync daemon on loopback
+  (TCP, as the replica's own path is; no ssh on this machine), with `-a
+  --ignore-existing --stats`: plain, with `-z`, and with `--fsync` (durable, as the
+  replica's objects are: it syncs them before they are visible); bytes are rsync's
+  "Total bytes received" (file list included).
 
 Fair to rsync, deliberately: `--ignore-existing` is the best an operator can do with a
 content-addressed store (a name that exists holds the same bytes) and skips rsync's
@@ -23,8 +24,9 @@ faster of its plain and -z runs (neither syncs what it wrote), our bytes with th
 smallest; the durable --fsync run is a row of its own. rsync also leaves the replica's image
 list untouched, so its "replica" could not serve B yet: the comparison flatters rsync.
 
-Each run restores both servers' state from a snapshot taken with A replicated
-(untimed), starts them, waits until the master reports the replica "in sync", then
+The replica starts with a copy of the master's objects (hard links) and replicates A
+without moving them; each run restores both servers' state from a snapshot taken with A
+replicated (untimed), starts them, waits until the master reports the replica "in sync", then
 adds B. Medians of `--runs`.
 
 `nice -n 10 python -m bench.replication [--runs 3] [--json]`
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import click
 
-from bench.imageservers import Cluster, Server, copy_tree, log, warm
+from bench.imageservers import Cluster, Server, link_copy, log, warm
 from bench.timing import RESULTS, Report, timed
 from fleetlib.testing.daemons import free_port
 from fleetlib.testing.debootstrap import debootstrap_tree
@@ -100,22 +101,23 @@ def replicate_once(cluster: Cluster, master: Server, replica: Server,
 
 def rsync_pull(objects: Path, base: Path, dest: Path, flags: list[str]) -> tuple[float, int]:
     """Median seconds and bytes received of rsync pulling OBJECTS from a loopback daemon
-    into a fresh copy of BASE at DEST."""
+    into a fresh copy of BASE (DEST-1, DEST-2...: nothing is removed while measuring)."""
     port = free_port()
     config = dest.parent / "rsyncd.conf"
     config.write_text(f"port = {port}\nuse chroot = no\n[objects]\npath = {objects}\n"
                       "read only = yes\nuid = root\ngid = root\n")
     daemon = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={config}"])
     received: list[int] = []
+    copies: list[Path] = []
 
     def reset() -> None:
-        shutil.rmtree(dest, ignore_errors=True)
-        copy_tree(base, dest)
+        copies.append(dest.with_name(f"{dest.name}-{len(copies) + 1}"))
+        link_copy(base, copies[-1])  # --ignore-existing never writes over an existing file
 
     def pull() -> None:
         stats = subprocess.run(
             ["rsync", "-a", "--ignore-existing", "--stats", *flags,
-             f"rsync://127.0.0.1:{port}/objects/", f"{dest}/"],
+             f"rsync://127.0.0.1:{port}/objects/", f"{copies[-1]}/"],
             check=True, capture_output=True, text=True).stdout
         match = re.search(r"Total bytes received: ([\d,.]+)", stats)
         if match is None:
@@ -141,20 +143,21 @@ def run(work: Path, runs: int, tree_a: Path, tree_b: Path) -> tuple[Report, dict
         master = cluster.start("master")
         cluster.image_add(master, "a", tree_a)
         note("replica: replicating a")
-        replica = cluster.start("replica", "--replicate-from", master.address)
+        replica = cluster.start("replica", "--replicate-from", master.address, seed=master)
         cluster.watch(replica, "a").wait()
         if not cluster.wait_in_sync(master, 1):
             raise RuntimeError("the replica never reported 'in sync' to the master")
         cluster.stop()
         snapshot.mkdir()
         for server in (master, replica):
-            copy_tree(work / server.name, snapshot / server.name)
+            (work / server.name).rename(snapshot / server.name)
         results = []
         needed = objects = manifest = 0
         for number in range(runs):
             for server in (master, replica):
-                shutil.rmtree(work / server.name)
-                copy_tree(snapshot / server.name, work / server.name)
+                if number:
+                    (work / server.name).rename(work / f"{server.name}-run{number}")
+                link_copy(snapshot / server.name, work / server.name)
                 server.daemon.start()
             note(f"run {number + 1}/{runs}: image add b on the master")
             results.append(replicate_once(cluster, master, replica, tree_b))
