@@ -417,6 +417,7 @@ class Follower:
                             self.upstream.address, what, delay)
             finally:
                 self.connected = self.busy = False
+                self.bytes_pending = 0  # announced again by the snapshot or event resent
                 if session is not None:
                     session.call.cancel()
             if self.applied != applied_before:

@@ -165,6 +165,13 @@ def test_master_and_two_replicas_and_a_replica_of_a_replica(
     wait_until(in_sync(first, admin, 1), what="replica 3 in sync with replica 1")
     assert replicas(first, admin).upstream == master.address
     assert metric(master, "imageserver_followers_connected") == 2
+    # An expiry change follows the same way.
+    with ImageServerClient(master.address, admin) as client:
+        client.set_expiry("new", 4_000_000_000)
+    def expiry(server: Daemon) -> int:
+        with ImageServerClient(server.address, admin) as client:
+            return next(i.expires_unix for i in client.list_images() if i.name == "new")
+    wait_until(lambda: expiry(third) == 4_000_000_000, what="the expiry on replica 3")
     # A delete on the master removes the image everywhere, replica of a replica too.
     with ImageServerClient(master.address, admin) as client:
         client.delete_image("base")
