@@ -88,21 +88,27 @@ mdb_url_option = click.option(
 @json_option
 def upgrade_command(mdb_url: str | None, state_dir: Path | None, as_json: bool) -> None:
     """Upgrade each database to this dominator's schema (databases of the hand-written
-    runner are taken over first). Safe to run at any time, and from several machines at
-    once: upgraders take turns, and one at head changes nothing."""
+    runner are taken over first). Prints FROM -> TO per database and history; --json: a
+    list of {"database", "history", "from", "to", "taken_over"}. Safe to run at any
+    time, and from several machines at once: upgraders take turns, and one at head
+    changes nothing."""
     done = []
     for url, histories in targets(mdb_url, state_dir):
         with _engine(url) as engine:
             for history in histories:
                 found, head = upgrade(engine, history)
                 done.append({"database": found.database, "history": history.name,
-                             "from": found.current, "to": head})
+                             "from": found.current, "to": head,
+                             "taken_over": found.old_runner})
     if as_json:
         echo_json(done)
         return
     for entry in done:
+        before = entry["from"] or "empty"
+        if entry["taken_over"]:
+            before += " (taken over from the old runner)"
         change = "already at head" if entry["from"] == entry["to"] else \
-            f"{entry['from'] or 'empty'} -> {entry['to']}"
+            f"{before} -> {entry['to']}"
         click.echo(f"{entry['history']} {entry['database']}: {change}")
 
 
@@ -111,7 +117,8 @@ def upgrade_command(mdb_url: str | None, state_dir: Path | None, as_json: bool) 
 @state_dir_option
 @json_option
 def status_command(mdb_url: str | None, state_dir: Path | None, as_json: bool) -> None:
-    """Each database's current schema revision and this dominator's (head). Exits 1 when
+    """Each database's current schema revision and this dominator's (head); --json: a
+    list of {"database", "history", "current", "head", "state", "old_runner"}. Exits 1 when
     one is not at head (empty, behind: run `dominator db upgrade`; newer: upgrade this
     dominator)."""
     found = [entry for url, histories in targets(mdb_url, state_dir)

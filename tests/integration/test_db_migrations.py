@@ -180,7 +180,8 @@ def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(
     assert upgraded.stdout == f"mdb {database}: mdb_0003 -> mdb_0004\n"
     again = cli("db", "upgrade", "--mdb-url", url, "--json", check=True)
     assert json.loads(again.stdout) == [{"database": database, "history": "mdb",
-                                         "from": "mdb_0004", "to": "mdb_0004"}]
+                                         "from": "mdb_0004", "to": "mdb_0004",
+                                         "taken_over": False}]
     with Mdb(url) as store:
         assert store.schema_revision == "mdb_0004"
 
@@ -288,7 +289,10 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
                           "head": "mdb_0004", "state": "behind", "old_runner": True}
     assert [entry["history"] for entry in entries] == ["mdb", "state", "deploys", "audit"]
 
-    cli("db", "upgrade", "--mdb-url", postgres_url, "--state-dir", state_dir, check=True)
+    upgraded = cli("db", "upgrade", "--mdb-url", postgres_url, "--state-dir", state_dir,
+                   check=True)
+    assert upgraded.stdout.splitlines()[0] == \
+        f"mdb {database}: mdb_0003 (taken over from the old runner) -> mdb_0004"
     shown = cli("db", "status", "--mdb-url", postgres_url, "--state-dir", state_dir)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     lines = shown.stdout.splitlines()
