@@ -100,6 +100,7 @@ class HostWatch:
         self._woken_by: Reason | None = None
         self._previous: subd_pb2.WatchEvent | None = None
         self._first = True
+        self._cycled = False  # events before the first cycle change nothing: it polls
         self._task = asyncio.create_task(self._run(), name=f"watch {sub.machine.hostname}")
 
     async def stop(self) -> None:
@@ -125,6 +126,7 @@ class HostWatch:
             reason = self._woken_by or Reason.WOKEN
         wake.clear()
         self._woken_by = None
+        self._cycled = True
         self.watches.metrics.polls_by_reason.labels(reason.value).inc()
         return reason
 
@@ -160,6 +162,11 @@ class HostWatch:
                 error = describe_rpc_error(err)
             except TimeoutError:
                 error = f"no heartbeat for {2 * config.heartbeat_seconds} s"
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # stop()
+                error = "its channel was closed"  # the herd closes it on a new address
             self.older = False
             if self.watching:
                 self.watches.metrics.watch_reconnects.inc()
@@ -201,7 +208,7 @@ class HostWatch:
         sub = self.sub
         if event.last_scan_unix:
             sub.last_scan_unix = event.last_scan_unix
-        if wants_poll(event, sub.generation, sub.status, self._previous):
+        if self._cycled and wants_poll(event, sub.generation, sub.status, self._previous):
             self._wake(Reason.CHANGED)
         self._previous = event
 

@@ -290,3 +290,36 @@ def test_a_silent_stream_is_dead_after_two_heartbeats_and_reopened() -> None:
     # (then polls at the poll interval until the stream is open again).
     assert reasons[:2] == [Reason.FIRST, Reason.WATCH_LOST], reasons
     assert Reason.BACKSTOP not in reasons, reasons
+
+
+def test_a_stream_on_a_closed_channel_is_reopened_on_the_new_one() -> None:
+    """The herd closes a sub's channel when its MDB address changes: the watch must
+    reopen on the channel `client(sub)` gives next, not die with the old one."""
+    async def run() -> tuple[Watches, HostWatch, list[Reason]]:
+        server = grpc.aio.server()
+        subd_pb2_grpc.add_SubdServicer_to_server(SilentSubd(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        sub = Sub(Machine("moved-host", address=f"127.0.0.1:{port}"), status=Status.SYNCED)
+        clients = [AsyncSubClient(sub.machine.address, Security(None))]
+        watches = Watches(WatchConfig(heartbeat_seconds=600, retry_first=0.1), HerdMetrics())
+        watch = watches.open(sub, lambda _: clients[-1])
+        reasons: list[Reason] = []
+        try:
+            async with asyncio.timeout(15):
+                while not watch.watching:
+                    await asyncio.sleep(0.05)
+                await clients[-1].close()
+                clients.append(AsyncSubClient(sub.machine.address, Security(None)))
+                reasons.append(await watch.next_cycle(0.2))  # the first, at once or so
+                while not (Reason.WATCH_LOST in reasons and watch.watching):
+                    reasons.append(await watch.next_cycle(0.2))
+        finally:
+            await watch.stop()
+            for client in clients:
+                await client.close()
+            await server.stop(None)
+        return watches, watch, reasons
+    watches, _, reasons = asyncio.run(run())  # it ends once watching again
+    assert watches.metrics.watch_reconnects._value.get() == 1
+    assert Reason.BACKSTOP not in reasons, reasons
