@@ -107,9 +107,15 @@ def holds(server: Daemon, security: Security, *wanted: str) -> Callable[[], bool
     return lambda: set(wanted) <= names(server, security)
 
 
+def lacks(server: Daemon, security: Security, name: str) -> Callable[[], bool]:
+    return lambda: name not in names(server, security)
+
+
 def replicas(server: Daemon, security: Security) -> imageserver_pb2.ListReplicasResponse:
     with ImageServerClient(server.address, security) as client:
-        return client.images.ListReplicas(imageserver_pb2.ListReplicasRequest(), timeout=30)
+        reply: imageserver_pb2.ListReplicasResponse = client.images.ListReplicas(
+            imageserver_pb2.ListReplicasRequest(), timeout=30)
+        return reply
 
 
 def in_sync(upstream: Daemon, security: Security, count: int) -> Callable[[], bool]:
@@ -176,7 +182,7 @@ def test_master_and_two_replicas_and_a_replica_of_a_replica(
     with ImageServerClient(master.address, admin) as client:
         client.delete_image("base")
     for server in (first, second, third):
-        wait_until(lambda s=server: "base" not in names(s, admin), what="base deleted")
+        wait_until(lacks(server, admin, "base"), what="base deleted")
     assert names(third, admin) == {"new"}
     assert metric(first, "imageserver_replication_lag_events") == 0
 
