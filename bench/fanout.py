@@ -17,7 +17,8 @@ each by default), at most `--slots` fetches in flight in all, as the dominator's
 slots allow (50 in all, 40 per first-ranked image server by default).
 
 The replicas run starts the hosts as soon as `image add b` returned on the master, as
-a rollout would: a replica either already replicated B's objects or pulls them through.
+a rollout would: a replica either already replicated B's objects or pulls them through
+(`--after-replication`: once every replica shows B).
 Figures: the master's egress (`imageserver_served_wire_bytes`, goal under 1.2x one copy
 of the change per replica), each replica's share of the bytes the hosts got
 (`served_bytes`; goal: the largest within 1.2x of the smallest), and the wall time of the
@@ -274,9 +275,10 @@ def summary(seconds: float, results: list[dict[str, Any]], hosts_cpu: float,
                                for name, m in moved.items() if name != "master"}}
 
 
-def run(work: Path, tree_a: Path, hosts_count: int, change: int, processes: int, slots: int
-        ) -> tuple[Report, dict[str, Any]]:
-    """Measure; the report and the raw figures."""
+def run(work: Path, tree_a: Path, hosts_count: int, change: int, processes: int, slots: int,
+        wait: bool) -> tuple[Report, dict[str, Any]]:
+    """Measure (the hosts start once B is on every replica when WAIT, else at once); the
+    report and the raw figures."""
     warm(tree_a)
     hashes, change = make_change(tree_a, work / "tree-b", change)
     cluster = Cluster(work)
@@ -302,9 +304,13 @@ def run(work: Path, tree_a: Path, hosts_count: int, change: int, processes: int,
         before = counters(everyone)
         cluster.image_add(master, "b", work / "tree-b")
         added = time.perf_counter()
+
+        def seen() -> list[float]:  # seconds from the add's return to B on each replica
+            return [round(watch.wait() - added, 3) for watch in watches]
+
+        visible = seen() if wait else None
         runs = {"replicas": summary(*hosts.fetch(ranked), everyone, before)}
-        runs["replicas"]["b_visible_on_replicas_after"] = [
-            round(watch.wait() - added, 3) for watch in watches]
+        runs["replicas"]["b_visible_on_replicas_after"] = seen() if visible is None else visible
         note(f"replicas: {json.dumps(runs['replicas'])}")
         note(f"master alone: {hosts_count} hosts fetch the change")
         before = counters(everyone)
@@ -316,7 +322,7 @@ def run(work: Path, tree_a: Path, hosts_count: int, change: int, processes: int,
         cluster.stop()
     return table(runs, change, hosts_count), {"change_bytes": change, "objects": len(hashes),
                                                 "hosts": hosts_count, "slots": slots,
-                                                "runs": runs}
+                                                "after_replication": wait, "runs": runs}
 
 
 def table(runs: dict[str, Any], change: int, hosts: int) -> Report:
@@ -350,6 +356,8 @@ def table(runs: dict[str, Any], change: int, hosts: int) -> Report:
               help="Fetches in flight at once, over all processes.")
 @click.option("--tree-a", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Tree of image A instead of debootstrap minbase (for a quick try).")
+@click.option("--after-replication", is_flag=True,
+              help="Start the hosts once every replica shows B, not as soon as it is added.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--work-dir", default="/var/tmp", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -357,7 +365,8 @@ def table(runs: dict[str, Any], change: int, hosts: int) -> Report:
 @click.option("--worker", "worker_spec", type=click.Path(dir_okay=False, path_type=Path),
               hidden=True)
 def main(hosts_count: int, change_mb: float, processes: int, slots: int, tree_a: Path | None,
-         as_json: bool, work_dir: Path, worker_spec: Path | None) -> None:
+         after_replication: bool, as_json: bool, work_dir: Path, worker_spec: Path | None
+         ) -> None:
     """Hosts in three locations fetching a change via three replicas, against the master
     alone."""
     if worker_spec is not None:
@@ -366,7 +375,7 @@ def main(hosts_count: int, change_mb: float, processes: int, slots: int, tree_a:
     tree_a = tree_a or debootstrap_tree("minbase")
     with tempfile.TemporaryDirectory(prefix="bench-fanout-", dir=work_dir) as work:
         report, raw = run(Path(work), tree_a, hosts_count, int(change_mb * 1e6),
-                          min(processes, hosts_count), max(slots, processes))
+                          min(processes, hosts_count), max(slots, processes), after_replication)
     save(report, raw, as_json)
 
 
