@@ -1,0 +1,285 @@
+"""Several dominators on one PostgreSQL MDB (FLEET_TEST_POSTGRES_URL; skipped without
+it): real `dominator serve` processes, real subd, mutual TLS on loopback. Each host is
+managed by exactly one dominator; a SIGKILLed one's hosts move and converge; one
+SIGSTOPped past its lease comes back to find its stale calls refused by subd. And the
+herd's side of the leases in this process: SQLite owns everything, a fenced refusal
+stops a shard's mutations until the next round."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from dominator.herd.ownership import Ownership
+from fleetlib.rpc.tls import Security
+from fleetlib.testing.daemons import Daemon, cli, free_port
+from fleetlib.testing.fleet import wait_for
+from fleetlib.testing.trees import make_tree
+from mdb.machine import Machine
+from mdb.store import Mdb
+
+HOSTS = 6
+LEASE = "3"
+DELAY = "1.5"  # serve --test-mutation-delay: a window to stop a dominator in
+TOKEN = "test-token"
+ELSEWHERE = "managed elsewhere"
+REFUSED = "refused: fenced: token"  # subd's log line of a fenced refusal
+# On its image: an intrusion report too, as the desired-image history lives in each
+# dominator's own state for now: a host new to one may hold a file it never desired.
+CONVERGED = ("synced", "intrusion")
+
+
+class Dominators:
+    """Three `dominator serve` on one MDB, each with its HTTP side for cheap views."""
+
+    def __init__(self, tmp: Path, ca: Path, url: str, imageserver: Daemon) -> None:
+        self.daemons: dict[str, Daemon] = {}
+        self.http: dict[str, str] = {}
+        for index in range(1, 4):
+            name = f"dom-{index}"
+            http_port = free_port()
+            self.daemons[name] = Daemon(
+                "dominator.cli", ["serve", "--state-dir", str(tmp / name), "--mdb-url", url,
+                                  "--imageserver", imageserver.address, "--poll-interval",
+                                  "0.3", "--http-port", str(http_port), "--token", TOKEN,
+                                  "--tls-dir", str(ca / "dominator"), "--name", name,
+                                  "--lease", LEASE, "--test-mutation-delay", DELAY],
+                "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
+                tmp / f"{name}.log")
+            self.http[name] = f"http://127.0.0.1:{http_port}"
+        self.env = {"DOMINATOR_TLS_DIR": str(ca / "admin"),
+                    "DOMINATOR_IMAGESERVER": imageserver.address}
+
+    def start(self) -> None:
+        for daemon in self.daemons.values():
+            daemon.start()
+
+    def stop(self) -> None:
+        for daemon in self.daemons.values():
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGCONT)  # a stopped one ignores SIGTERM
+            daemon.stop()
+
+    def run(self, name: str, *args: str) -> str:
+        """`dominator ARGS...` against dominator `name` (it must succeed)."""
+        return cli(*args, env={**self.env, "DOMINATOR_ADDRESS": self.daemons[name].address},
+                   check=True).stdout
+
+    def view(self, name: str) -> dict[str, dict[str, Any]]:
+        """Dominator `name`'s hosts by hostname ({} while it does not answer)."""
+        try:
+            reply = httpx.get(f"{self.http[name]}/hosts.json", timeout=10)
+            reply.raise_for_status()
+        except httpx.HTTPError:
+            return {}
+        return {host["hostname"]: host for host in reply.json()["hosts"]}
+
+    def managers(self, among: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """The views of the dominators `among`, by name."""
+        return {name: self.view(name) for name in among}
+
+    def converged(self, hosts: list[str], image: str, among: list[str]
+                  ) -> dict[str, str] | None:
+        """host -> its manager when every host of `hosts` is managed by exactly one of
+        `among` (the one every view names as owner), synced on `image` there; else None."""
+        views = self.managers(among)
+        managed: dict[str, str] = {}
+        for host in hosts:
+            if not all(host in view for view in views.values()):
+                return None
+            owners = {view[host]["owner"] for view in views.values()}
+            managing = [name for name, view in views.items()
+                        if view[host]["status"] != ELSEWHERE]
+            if len(owners) != 1 or managing != list(owners):
+                return None
+            shown = views[managing[0]][host]
+            if shown["status"] not in CONVERGED or shown["current_image"] != image:
+                return None
+            managed[host] = managing[0]
+        return managed
+
+
+@pytest.fixture
+def dominators(tmp_path: Path, ca: Path, postgres_url: str, imageserver: Daemon
+               ) -> Iterator[Dominators]:
+    started = Dominators(tmp_path, ca, postgres_url, imageserver)
+    yield started
+    started.stop()
+
+
+def add_image(doms: Dominators, tmp: Path, name: str, base: Path) -> None:
+    """Image `name`: the tree at `base` with a file of its own."""
+    (base / "etc/release").write_text(f"{name}\n")
+    doms.run("dom-1", "image", "add", name, str(base))
+
+
+def shares(url: str) -> dict[str, int]:
+    """Unexpired shard leases by owner name, read from the lease table."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text(
+                "SELECT d.name, count(*) FROM shard_leases s JOIN dominators d "
+                "ON d.id = s.owner WHERE s.expires_at > now() GROUP BY d.name")).all()
+    finally:
+        engine.dispose()
+    return {name: int(count) for name, count in rows}
+
+
+def balanced(url: str, names: list[str]) -> dict[str, int] | None:
+    """The shares when `names` hold every shard between them, none beyond its fair share."""
+    held = shares(url)
+    fair = -(-256 // len(names))
+    if sorted(held) == sorted(names) and sum(held.values()) == 256 \
+            and max(held.values()) <= fair:
+        return held
+    return None
+
+
+def log_since(path: Path, offset: int) -> str:
+    return path.read_bytes()[offset:].decode(errors="replace")
+
+
+def test_three_dominators_share_fail_over_and_fence(
+        tmp_path: Path, postgres_url: str, dominators: Dominators,
+        start_subd: Callable[..., Daemon]) -> None:
+    doms = dominators
+    names = [f"host-{index}" for index in range(1, HOSTS + 1)]
+    subs = {}
+    for name in names:
+        (tmp_path / name).mkdir()
+        subs[name] = start_subd(tmp_path / name)
+    tree = make_tree(tmp_path / "tree")
+    for image in ("v1", "v2", "v3"):
+        add_image(doms, tmp_path, image, tree)
+    with Mdb(postgres_url) as mdb:  # at head before three dominators race to open it
+        for name in names:
+            mdb.set(Machine(name, address=subs[name].address, required_image="v1"))
+    doms.start()
+    every = list(doms.daemons)
+
+    # Every host managed by exactly one dominator, converged; fleet list --json agrees.
+    wait_for(lambda: balanced(postgres_url, every), "the shards shared by three", 30)
+    managed = wait_for(lambda: doms.converged(names, "v1", every), "v1 everywhere", 90)
+    listed = {name: {host["hostname"]: host for host in json.loads(
+        doms.run(name, "fleet", "list", "--json"))} for name in every}
+    for host, manager in managed.items():
+        assert {view[host]["owner"] for view in listed.values()} == {manager}
+    live = json.loads(doms.run("dom-2", "fleet", "dominators", "--json"))
+    assert sorted(row["name"] for row in live["dominators"]) == every
+    assert sum(row["shards"] for row in live["dominators"]) == live["shards"] == 256
+    assert [row["name"] for row in live["dominators"] if row["answering"]] == ["dom-2"]
+    metrics = httpx.get(f"{doms.http['dom-2']}/metrics", timeout=10).text
+    assert 'dominator_lease_state{state="ok"} 1.0' in metrics
+
+    # SIGKILL the busiest: its hosts move to the others within 20 s and converge on an
+    # MDB change made after the kill.
+    victim = max(every, key=lambda name: sum(1 for m in managed.values() if m == name))
+    moved = [host for host, manager in managed.items() if manager == victim]
+    survivors = [name for name in every if name != victim]
+    doms.daemons[victim].kill()
+    killed, killed_unix = time.monotonic(), int(time.time())
+    with Mdb(postgres_url) as mdb:
+        for host in names:
+            mdb.update(host, required_image="v2")
+
+    def moved_over() -> bool:  # each managed by one survivor, and polled since the kill
+        views = doms.managers(survivors)
+        if not all(host in view for view in views.values() for host in moved):
+            return False
+        managing = [[view[host] for view in views.values() if view[host]["status"] != ELSEWHERE]
+                    for host in moved]
+        return all(len(hosts) == 1 and hosts[0]["last_poll_unix"] >= killed_unix
+                   for hosts in managing)
+    wait_for(moved_over, f"{moved} managed by {survivors}", 20)
+    assert time.monotonic() - killed < 20
+    managed = wait_for(lambda: doms.converged(names, "v2", survivors), "v2 everywhere", 90)
+
+    # SIGSTOP one while it holds a mutation between its lease check and the call, past
+    # its lease; its hosts move and converge on a later change; after SIGCONT subd
+    # refuses its stale call, and the hosts stay on the later image.
+    stopped = max(survivors, key=lambda name: sum(1 for m in managed.values() if m == name))
+    its_hosts = [host for host, manager in managed.items() if manager == stopped]
+    other = next(name for name in survivors if name != stopped)
+    daemon = doms.daemons[stopped]
+    offset = daemon.log_path.stat().st_size
+    with Mdb(postgres_url) as mdb:
+        for host in its_hosts:
+            mdb.update(host, required_image="v3")
+    wait_for(lambda: "test delay: holding fetch" in log_since(daemon.log_path, offset),
+             f"{stopped} about to fetch v3", 30)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: all(doms.view(other).get(host, {}).get("status", ELSEWHERE)
+                             != ELSEWHERE for host in its_hosts),
+                 f"{its_hosts} managed by {other}", 20)
+        with Mdb(postgres_url) as mdb:
+            for host in its_hosts:
+                mdb.update(host, required_image="v1")
+        wait_for(lambda: doms.converged(its_hosts, "v1", [other]), f"{its_hosts} on v1 by "
+                 f"{other}", 60)
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: any(REFUSED in subs[host].log() for host in its_hosts),
+             "a subd refusing the stopped dominator's stale call", 20)
+    refusal = next(line for host in its_hosts for line in subs[host].log().splitlines()
+                   if REFUSED in line)
+    assert f"from {stopped} is older than" in refusal and f"from {other}" in refusal
+    wait_for(lambda: "not mutating that shard's hosts" in log_since(daemon.log_path, offset),
+             f"{stopped} logging the refusal", 10)
+    final = wait_for(lambda: doms.converged(its_hosts, "v1", survivors), "back on v1", 60)
+    assert set(final.values()) <= set(survivors)
+    live = json.loads(doms.run(other, "fleet", "dominators", "--json"))
+    assert sorted(row["name"] for row in live["dominators"]) == sorted(survivors)
+
+
+async def test_sqlite_owns_every_host_and_fences_its_calls(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'mdb.sqlite'}"
+    Mdb(url).close()
+    ownership = Ownership(url)
+    await ownership.start("solo", "localhost:6970")
+    assert ownership.polls("host-1") and ownership.owner("host-1") == "solo"
+    assert ownership.elsewhere("host-1") == "" and ownership.why_not("host-1") == ""
+    fence = await ownership.fence("host-1", "fetch")
+    assert fence is not None and fence.owner == "solo" and fence.token > 0
+    stop = asyncio.Event()
+    stop.set()
+    await ownership.run(stop)  # gives the shards back, closes
+    assert ownership.leases.status().state == "stopped"
+
+
+async def test_a_fenced_refusal_stops_the_shard_until_the_next_round(
+        postgres_url: str) -> None:
+    Mdb(postgres_url).close()
+    ownership = Ownership(postgres_url, lease_seconds=3)
+    await ownership.start("dom-a", "a:1")
+    fence = await ownership.fence("host-1", "update")
+    assert fence is not None
+    ownership.refused("host-1", fence, "fenced: token 5 from dom-a is older than 9 from b")
+    assert await ownership.fence("host-1", "update") is None
+    assert "refused this dominator's token" in ownership.why_not("host-1")
+    assert ownership.polls("host-1")  # still polled, read-only
+    sibling = next(f"host-{i}" for i in range(2, 2000)
+                   if ownership.shard(f"host-{i}") == ownership.shard("host-1"))
+    assert await ownership.fence(sibling, "fetch") is None  # the whole shard
+    other = next(f"host-{i}" for i in range(2, 2000)
+                 if ownership.shard(f"host-{i}") != ownership.shard("host-1"))
+    assert await ownership.fence(other, "fetch") is not None  # other shards go on
+    stop = asyncio.Event()
+    ownership.changed.clear()
+    rounds = asyncio.create_task(ownership.run(stop))
+    await asyncio.wait_for(ownership.changed.wait(), 10)  # the next round: still ours
+    assert await ownership.fence("host-1", "update") == fence
+    stop.set()
+    await rounds  # gives every shard back
+    assert await ownership.fence("host-1", "update") is None
