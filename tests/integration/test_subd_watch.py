@@ -155,7 +155,8 @@ def test_watchers_beyond_the_cap_are_refused_clearly(
 
 @pytest.fixture
 def metered_fleet(tmp_path: Path, ca: Path, imageserver: Daemon,
-                  start_subd: Callable[..., Daemon]) -> Iterator[tuple[FleetUnderTest, dict]]:
+                  start_subd: Callable[..., Daemon]
+                  ) -> Iterator[tuple[FleetUnderTest, dict[str, int]]]:
     """Two hosts with subd metrics ports; the dominator polls unsettled hosts every 20 s
     and settled ones every 300 s: anything faster is the watch streams' doing."""
     ports: dict[str, int] = {}
@@ -181,18 +182,19 @@ def dominator_samples(fleet: FleetUnderTest) -> dict[tuple[str, str], float]:
 
 
 def test_a_watched_fleet_converges_stays_quiet_and_sees_a_hand_edit_fast(
-        metered_fleet: tuple[FleetUnderTest, dict], security: Security) -> None:
+        metered_fleet: tuple[FleetUnderTest, dict[str, int]], security: Security) -> None:
     fleet, ports = metered_fleet
     v1 = make_tree(fleet.tmp / "v1")
     fleet.run("image", "add", "v1", str(v1))
     for name in fleet.names:
         fleet.run("mdb", "set", name, "--address", fleet.sub(name).address,
                   "--required-image", "v1")
-    # With 20 s between cycles of an unsettled host, only pushed events make this fast.
-    fleet.wait_status(fleet.names, "synced", "v1", timeout=40)
-    metrics = wait_for(lambda: (m := dominator_samples(fleet))
-                       [("dominator_hosts_watching", "")] == 2 and m,
-                       "both hosts watched", timeout=10)
+    fleet.wait_status(fleet.names, "synced", "v1", timeout=60)  # first cycles within 20 s
+
+    def watching() -> dict[tuple[str, str], float] | None:
+        metrics = dominator_samples(fleet)
+        return metrics if metrics[("dominator_hosts_watching", "")] == 2 else None
+    metrics = wait_for(watching, "both hosts watched", timeout=10)
     assert metrics[("dominator_watch_reconnects_total", "")] == 0
 
     # Idle: nobody polls a settled, watched host (the backstop is 300 s away).
@@ -217,6 +219,8 @@ def test_a_watched_fleet_converges_stays_quiet_and_sees_a_hand_edit_fast(
             stream.close()
     seen_at = wait_for(lambda: fleet.shown()["host-1"]["status"] == "updates disabled"
                        and time.monotonic(), "the dominator sees the edit", timeout=30)
+    print(f"hand edit seen by the dominator {seen_at - changed_at:.3f} s after subd's "
+          "generation change")  # the figure for the notes (pytest -s)
     assert seen_at - changed_at < 1.5, seen_at - changed_at
     assert dominator_samples(fleet)[("dominator_polls_by_reason_total", "changed")] > \
         metrics.get(("dominator_polls_by_reason_total", "changed"), 0)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dominator.herd.status import Status
@@ -13,7 +15,7 @@ from subd.watch import DEFAULT_HEARTBEAT_SECONDS, changed_since, heartbeat_secon
 CONFIG = WatchConfig(backstop_interval=300)
 
 
-def event(**fields: object) -> subd_pb2.WatchEvent:
+def event(**fields: Any) -> subd_pb2.WatchEvent:
     return subd_pb2.WatchEvent(**{"generation": 7, **fields})
 
 
@@ -28,7 +30,7 @@ def test_an_event_for_the_generation_held_asks_for_nothing() -> None:
     {"update_in_progress": True},
     {"scan_error": "permission denied"},   # its scans started failing
 ])
-def test_a_change_or_work_in_flight_asks_for_a_poll(fields: dict) -> None:
+def test_a_change_or_work_in_flight_asks_for_a_poll(fields: dict[str, Any]) -> None:
     assert wants_poll(event(**fields), 7, Status.SYNCED, None)
 
 
