@@ -102,6 +102,13 @@ class Ownership:
             if self._engine is not None:
                 self._engine.dispose()
 
+    async def close(self) -> None:
+        """Give every shard back and close, when `run` never ran (a failed start)."""
+        if self._leases is not None:
+            await asyncio.to_thread(self._leases.release_all)
+        if self._engine is not None:
+            self._engine.dispose()
+
     def _renewed(self, renewal: Renewal | None) -> None:
         """After a round: count a failure; lift the fenced blocks a good round that
         began after the refusal decided (held still: mutate again; lost: stopped)."""

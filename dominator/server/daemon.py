@@ -95,6 +95,7 @@ class Server:
         self.http: RunningHttp | None = None
         self.herd: Herd | None = None
         self.herding: asyncio.Task[None] | None = None
+        self.ownership: Ownership | None = None
         self.failure = ""  # why a task this daemon depends on died ("" while none did)
         self._stopping = False
 
@@ -121,8 +122,9 @@ class Server:
         state = DominatorState(config.state_dir / STATE_FILE)
         audit, tokens = AuditLog(state.engine, "dominator"), ApiTokens(state)
         self.images = ImageCache(config.herd.imageserver, config.security)
-        ownership = Ownership(config.mdb_url, lease_seconds=config.lease_seconds,
-                              shards=config.shards, mutation_delay=config.mutation_delay)
+        self.ownership = ownership = Ownership(
+            config.mdb_url, lease_seconds=config.lease_seconds, shards=config.shards,
+            mutation_delay=config.mutation_delay)
         herd = Herd(self.mdb, state, self.images, Renderer(config.generators),
                     config.security, config.herd, ownership)
         self.grpc = await start_server(
@@ -154,6 +156,8 @@ class Server:
         if self.herding is not None:
             self.herding.cancel()
             await asyncio.gather(self.herding, return_exceptions=True)
+        elif self.ownership is not None:  # the herd never ran to give its shards back
+            await self.ownership.close()
         if self.http is not None:
             await self.http.stop()
         if self.grpc is not None:  # stopped already, unless startup failed after it

@@ -19,7 +19,7 @@ from dominator.herd.state import Disabled, DominatorState
 from dominator.herd.status import Status, SubReport
 from dominator.herd.tokens import ApiTokens
 from fleetlib.audit import AuditLog, caller, format_time
-from fleetlib.errors import FleetError, NotFoundError
+from fleetlib.errors import FleetError, NotFoundError, PreconditionError
 from fleetlib.rpc.status import abort
 from fleetlib.suggest import close_matches, did_you_mean
 from fleetlib.wire import audit_pb2, dominator_pb2, dominator_pb2_grpc
@@ -33,7 +33,7 @@ Context: TypeAlias = grpc.aio.ServicerContext  # every method's call context
 # Statuses that end a fast update (after its first cycle).
 FINAL = {Status.SYNCED, Status.INTRUSION, Status.UNSAFE, Status.FAILED, Status.NO_SPACE,
          Status.UNREACHABLE, Status.MISSING_COMPUTED, Status.IMAGE_NOT_READY,
-         Status.UPDATES_DISABLED, Status.NO_IMAGE, Status.DISRUPTION_DENIED}
+         Status.UPDATES_DISABLED, Status.NO_IMAGE, Status.DISRUPTION_DENIED, Status.LEASE_LOST}
 FAST_UPDATE_TIMEOUT = 600.0
 MAX_PAUSE_SECONDS = 10 * 366 * 86400  # an expiry further away is surely a mistake
 HOSTS_NAMED = 3  # hosts an unknown-image refusal names for each image
@@ -197,6 +197,9 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
             sub = self.herd.find(request.hostname)
         except FleetError as err:
             await abort(context, NotFoundError(str(err)))
+        if sub.status == Status.ELSEWHERE:  # no loop here would ever answer
+            await abort(context, PreconditionError(
+                f"{request.hostname}: {sub.last_error}: ask that dominator"))
         await self._record(context, "fast-update", f"fast update of {request.hostname}",
                            host=request.hostname)
         changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from dominator.herd.ownership import Ownership
 from fleetlib.rpc.tls import Security
-from fleetlib.testing.daemons import Daemon, cli, free_port
+from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli, free_port
 from fleetlib.testing.fleet import wait_for
 from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
@@ -283,3 +283,19 @@ async def test_a_fenced_refusal_stops_the_shard_until_the_next_round(
     stop.set()
     await rounds  # gives every shard back
     assert await ownership.fence("host-1", "update") is None
+
+
+async def test_a_dominator_splitting_hosts_otherwise_is_refused(
+        tmp_path: Path, ca: Path, postgres_url: str) -> None:
+    Mdb(postgres_url).close()
+    first = Ownership(postgres_url)
+    await first.start("dom-a", "a:1")  # fixes 256 shards
+    await first.close()
+    result = await asyncio.to_thread(
+        cli, "serve", "--state-dir", str(tmp_path / "state"), "--mdb-url", postgres_url,
+        "--imageserver", "127.0.0.1:1", "--port", "0", "--http-port", "0",
+        "--tls-dir", str(ca / "dominator"), "--shards", "64", timeout=120)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert not TRACEBACK_RE.search(result.stderr), result.stderr
+    assert "splits the hosts into 256 shards, this dominator into 64" in \
+        result.stderr.strip().splitlines()[-1]

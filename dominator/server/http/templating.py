@@ -43,8 +43,8 @@ def size(count: float) -> str:
 
 OK_STATES = {Status.SYNCED.value, "succeeded", "planned", "in sync", "master"}
 BUSY_STATES = {Status.POLLING.value, Status.FETCHING.value, Status.UPDATING.value, "running",
-               "pending", "checking", "rollingback", "syncing"}
-WARN_STATES = {Status.UPDATES_DISABLED.value, Status.NO_IMAGE.value,
+               "pending", "checking", "rollingback", "syncing", Status.ELSEWHERE.value}
+WARN_STATES = {Status.UPDATES_DISABLED.value, Status.NO_IMAGE.value, Status.LEASE_LOST.value,
                Status.IMAGE_NOT_READY.value, "canceled", "skipped", "rolledback"}
 
 
