@@ -93,6 +93,10 @@ class ImageServerCollector(Collector):
         yield CounterMetricFamily("imageserver_pulled_bytes",
                                   "Bytes of the objects pulled through from the upstream.",
                                   value=objects.pulled_bytes)
+        yield CounterMetricFamily("imageserver_shared_fetch_objects",
+                                  "Objects replication or pull-through waited for because the "
+                                  "other was fetching them from upstream already (fetched "
+                                  "once).", value=objects.shared_fetch_objects)
         yield from self._replication()
 
     def _replication(self) -> Iterator[Metric]:
@@ -135,10 +139,12 @@ class ImageServerCollector(Collector):
 async def serve(state_dir: Path, port: int, security: Security, host: str = "[::]",
                 metrics_port: int = 0, orphan_grace: float = parse_duration(ORPHAN_GRACE),
                 orphan_interval: float = parse_duration(ORPHAN_INTERVAL),
-                location: str = "", replicate_from: str = "") -> None:
+                location: str = "", replicate_from: str = "", accept_upstream: bool = False
+                ) -> None:
     """Load the store, collect orphaned objects, and serve until cancelled (as a replica
     of `replicate_from` when given: a first start reaches the upstream before it touches
-    the state directory, and refuses to start when it cannot)."""
+    the state directory, and refuses to start when it cannot; `accept_upstream`: follow
+    the upstream as it is now, even if it was replaced or restored)."""
     upstream = Upstream(replicate_from, security) if replicate_from else None
     ident, first = await _first_contact(state_dir, upstream, port, location)
     store = ImageStore(state_dir, ident)
@@ -147,7 +153,11 @@ async def serve(state_dir: Path, port: int, security: Security, host: str = "[::
     audit = AuditLog(open_engine(str(state_dir / "audit.sqlite")), "imageserver")
     objects = ObjectService(store, upstream)
     images = ImageService(store, audit, location, upstream, objects.pullthrough)
-    follower = Follower(store, upstream, port, location) if upstream is not None else None
+    follower = None
+    if upstream is not None:
+        assert objects.pullthrough is not None  # a replica's
+        follower = Follower(store, upstream, objects.pullthrough, port, location,
+                            accept_upstream=accept_upstream, audit=audit)
     if follower is not None and first is not None:
         follower.adopt(first.hello)
     stop_metrics = serve_metrics(ImageServerCollector(store, objects, images.replicas, follower),
@@ -229,21 +239,32 @@ def checked_location(value: str) -> str:
 @address_option("replicate-from", "FLEET_REPLICATE_FROM", "",
                 "Be a replica of this image server (a master or another replica): copy "
                 "its images, serve reads, write `image add` through to the master.")
+@click.option("--accept-upstream", is_flag=True,
+              help="With --replicate-from, on this start: follow the upstream as it is now. "
+                   "A replica that diverged (its upstream was replaced by a new server, or "
+                   "restored from an older copy) adopts the upstream's identity and "
+                   "generation from its snapshot, clears the diverged alarm and applies "
+                   "deletes again: DELETED events and tombstones of the same content, never "
+                   "an image merely missing upstream. Logged at warning and audited. Later "
+                   "starts without it judge the upstream as usual.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def command(state_dir: Path, port: int, host: str, metrics_port: int, orphan_grace: int,
-            orphan_interval: int, location: str, replicate_from: str, verbose: bool,
-            security: Security) -> None:
+            orphan_interval: int, location: str, replicate_from: str, accept_upstream: bool,
+            verbose: bool, security: Security) -> None:
     """Serve images and their content-addressed objects over gRPC (mutual TLS).
 
     Images are immutable trees added with `dominator image add`; objects are
     verified against their SHA-256 on arrival and stored crash-safely.
     """
     setup_logging(verbose)
+    if accept_upstream and not replicate_from:
+        raise click.UsageError("--accept-upstream needs --replicate-from: only a replica "
+                               "follows an upstream")
     if replicate_from:
         replicate_from = parse_address(replicate_from, DEFAULT_PORT)
     asyncio.run(serve(state_dir, port, security, host, metrics_port, orphan_grace,
-                      orphan_interval, location, replicate_from))
+                      orphan_interval, location, replicate_from, accept_upstream))
 
 
 def main() -> None:

@@ -3,6 +3,12 @@ upstream, once per object however many callers wait for it (single-flight by has
 verifies each against its SHA-256 before it is visible, stores it and serves every
 waiter. Objects pulled this way are orphans until an image references them: the
 orphan collector removes them after its grace period, as it does abandoned uploads.
+
+Replication shares the same in-flight table (`claim`, `settle`): an object on its way
+by either is not fetched again by the other. A caller waiting for an object the
+follower is replicating gets it when it lands, or pulls it through itself if that
+fetch failed (a cut stream); the follower likewise fetches what a failed pull-through
+did not bring.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from typing import Any
 
 import grpc
 
@@ -86,10 +93,12 @@ class PullThrough:
         self.store = store
         self.upstream = upstream
         self.inflight: Waiting = {}  # hash -> settles once stored (or not)
+        self.replicating: set[bytes] = set()  # of those, the ones the follower fetches
         self._tasks: set[asyncio.Task[None]] = set()
         # Totals since start, for metrics.
         self.pulled_objects = 0  # objects stored by pull-through
         self.pulled_bytes = 0
+        self.shared_objects = 0  # waits by one of pull-through and replication on the other
 
     def pull(self, hashes: Iterable[bytes]) -> Waiting:
         """Begin fetching those of HASHES neither stored nor already on their way: a
@@ -103,15 +112,55 @@ class PullThrough:
             if future is None:
                 if self.store.objects.has(digest):
                     continue
-                future = asyncio.get_running_loop().create_future()
-                self.inflight[digest] = future
+                future = self._claim(digest)
                 new.append(digest)
+            elif digest in self.replicating:
+                self.shared_objects += 1
+                future = self._start(self._after_replication(digest, future))
             waiting[digest] = future
         if new:
-            task = asyncio.create_task(self._fetch(new))  # not the caller's: others wait too
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(self._fetch(new))  # not the caller's: others wait too
         return waiting
+
+    def claim(self, hashes: Iterable[bytes]) -> tuple[list[bytes], Waiting]:
+        """Replication's share of HASHES: (those neither stored nor on their way, now
+        claimed: the follower fetches them and `settle`s each; the futures of those
+        pull-through is fetching already)."""
+        claimed: list[bytes] = []
+        waiting: Waiting = {}
+        for digest in hashes:
+            future = self.inflight.get(digest)
+            if future is not None:
+                if digest not in self.replicating:
+                    self.shared_objects += 1
+                waiting[digest] = future
+            elif not self.store.objects.has(digest):
+                self._claim(digest)
+                self.replicating.add(digest)
+                claimed.append(digest)
+        return claimed, waiting
+
+    def _claim(self, digest: bytes) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.inflight[digest] = future
+        return future
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run WORK apart from the caller (others may wait for it too), keeping it."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _after_replication(self, digest: bytes, first: asyncio.Future[None]) -> None:
+        """Settles once FIRST (the follower fetching DIGEST) lands; if that fetch failed,
+        once DIGEST is pulled through here."""
+        try:
+            await asyncio.shield(first)
+        except FleetError:
+            again = self.pull([digest]).get(digest)
+            if again is not None:
+                await again
 
     async def ensure(self, hashes: Iterable[bytes]) -> None:
         """Wait until every one of HASHES is stored; the first failure if one cannot be."""
@@ -125,7 +174,7 @@ class PullThrough:
             sizes = await upstream_sizes(self.upstream, hashes, call_timeout())
             for digest in hashes:
                 if digest not in sizes:
-                    self._settle([digest], NotFoundError(
+                    self.settle([digest], NotFoundError(
                         f"object {format_hash(digest)} is stored neither here nor on upstream "
                         f"image server {self.upstream.address}"))
             if sizes:
@@ -139,7 +188,7 @@ class PullThrough:
             log.exception("pull-through from %s failed", self.upstream.address)
             failure = FleetError(f"internal error pulling objects through: {err}")
         finally:  # also when cancelled (shutdown): no waiter waits forever
-            self._settle(hashes, failure or UnavailableError(
+            self.settle(hashes, failure or UnavailableError(
                 f"upstream image server {self.upstream.address} did not send the object"))
         if isinstance(failure, UnavailableError):
             log.warning("%s", failure)
@@ -170,10 +219,10 @@ class PullThrough:
                 if arrived and (arrived_bytes >= PUBLISH_BYTES
                                 or time.monotonic() - since >= PUBLISH_SECONDS):
                     await asyncio.wrap_future(receiver.commit())
-                    self._settle(arrived)
+                    self.settle(arrived)
                     arrived, arrived_bytes, since = [], 0, time.monotonic()
             await asyncio.to_thread(receiver.close)
-            self._settle(arrived)
+            self.settle(arrived)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:  # deleted upstream meanwhile
                 raise NotFoundError(f"upstream image server {self.upstream.address}: "
@@ -194,13 +243,14 @@ class PullThrough:
                          receiver.stats.added, receiver.stats.bytes_added,
                          self.upstream.address)
 
-    def _settle(self, hashes: Iterable[bytes], failure: FleetError | None = None) -> None:
+    def settle(self, hashes: Iterable[bytes], failure: FleetError | None = None) -> None:
         """Settle the futures of HASHES still in flight: done if stored, else FAILURE."""
         for digest in hashes:
             future = self.inflight.get(digest)
             if future is None or future.done():
                 continue
             del self.inflight[digest]
+            self.replicating.discard(digest)
             if self.store.objects.has(digest):
                 future.set_result(None)
             else:

@@ -14,7 +14,10 @@ A name is bound to one content forever: a replica's copy whose digest differs fr
 upstream's is quarantined (moved aside, an alarm) and upstream's copy fetched. A
 replica that finds its upstream replaced (another id) or older (an older generation, a
 sequence behind the one it applied) is diverged: it keeps everything and applies no
-deletes, only adds, until an operator looks.
+deletes, only adds, until an operator looks and restarts it with --accept-upstream: it
+then asks for upstream's snapshot, follows upstream as it is now and applies deletes
+again (a DELETED event or a tombstone of the same digest; never an image merely missing
+upstream), logged and audited.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
 
+from fleetlib.audit import AuditLog
 from fleetlib.errors import FleetError, PreconditionError, UnavailableError
 from fleetlib.fstree.image import Image
 from fleetlib.rpc.chunks import join_chunks_async
@@ -38,6 +42,7 @@ from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.wire import imageserver_pb2, objectserver_pb2
 from fleetlib.wire.codec import image_from_proto
 from imageserver.journal import DELETED, EXPIRY_CHANGED, LiveEntry, Position
+from imageserver.pullthrough import PullThrough
 from imageserver.store import ImageStore, short
 from imageserver.upstream import Upstream
 
@@ -50,6 +55,8 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.5, 5.0
 FETCH_GROUP_BYTES = 64 << 20  # objects asked for in one GetObjects call
 FETCH_GROUP_OBJECTS = 4096
 MANIFEST_BUDGET = 256 << 20  # manifest bytes a snapshot reads ahead to announce what is pending
+
+ACCEPTED_BY = "imageserver --accept-upstream"  # who accepts an upstream, in the audit log
 
 SYNCING, IN_SYNC, DIVERGED, ALARM = "syncing", "in sync", "diverged", "alarm"
 DISCONNECTED = "disconnected"
@@ -304,6 +311,7 @@ class Follower:
 
     store: ImageStore
     upstream: Upstream
+    pull: PullThrough  # pull-through's fetches: one in-flight table for both
     port: int = 0
     location: str = ""
     address: str = ""  # how hosts reach this server; "": the upstream sees our IP
@@ -315,6 +323,8 @@ class Follower:
     connected: bool = False
     busy: bool = False  # applying a snapshot or an event
     position: Position | None = None
+    accept_upstream: bool = False  # --accept-upstream: follow the upstream as it is now
+    audit: AuditLog | None = None  # where an acceptance is recorded
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -360,7 +370,9 @@ class Follower:
             location=self.location,
             following_id=position.upstream_id if position else "",
             following_generation=position.generation if position else 0,
-            from_sequence=position.applied_sequence if position else 0,
+            # Accepting the upstream as it is: its snapshot, tombstones included.
+            from_sequence=position.applied_sequence if position and not self.accept_upstream
+            else 0,
             ancestry=position.ancestry if position else []))
         self.adopt(session.hello)
         return session
@@ -386,16 +398,40 @@ class Follower:
             elif hello.sequence < position.applied_sequence:
                 why = (f"its journal ends at sequence {hello.sequence}, before the "
                        f"{position.applied_sequence} this replica applied")
-            if why:
+            if self.accept_upstream and (why or position.diverged):
+                self._accept(position, upstream, why)
+                position = Position(upstream.id, upstream.generation, 0, False, chain)
+            elif why:
                 log.error("DIVERGED from upstream %s: %s; keeping every image, applying no "
                           "deletes", self.upstream.address, why)
                 position = Position(upstream.id, upstream.generation, 0, True, chain)
             else:
+                if self.accept_upstream:
+                    log.info("--accept-upstream: nothing to accept, upstream %s is the server "
+                             "this replica follows", self.upstream.address)
                 position.generation = upstream.generation
                 position.ancestry = chain
             self.position = position
+        self.accept_upstream = False  # this start's first hello only: later ones are judged
         self.store.journal.save_position(self.position)
         self._changed.set()
+
+    def _accept(self, old: Position, upstream: imageserver_pb2.ServerIdentity, why: str
+                ) -> None:
+        """--accept-upstream: log and audit that this replica follows UPSTREAM from now
+        on instead of what OLD says it followed."""
+        was = f"server {old.upstream_id[:12]} generation {old.generation}" + (
+            ", diverged" if old.diverged else "")
+        summary = (f"accepted upstream {self.upstream.address} as it is now: server "
+                   f"{upstream.id[:12]} generation {upstream.generation} (was {was}); "
+                   "deletes apply again")
+        log.warning("--accept-upstream: %s%s", summary, f" ({why})" if why else "")
+        if self.audit is not None:
+            self.audit.record(ACCEPTED_BY, "replication.accept-upstream", summary,
+                              upstream=self.upstream.address, old_id=old.upstream_id,
+                              old_generation=old.generation, was_diverged=old.diverged,
+                              new_id=upstream.id, new_generation=upstream.generation,
+                              reason=why)
 
     async def run(self, first: Session | None = None) -> None:
         """Follow the upstream for the server's lifetime, reconnecting with backoff."""
@@ -579,39 +615,83 @@ class Follower:
         self.store.add_replicated(data, entry.digest)
 
     async def _fetch(self, missing: dict[bytes, int]) -> None:
-        """Move the MISSING objects from upstream, verified, into the store."""
-        hashes = sorted(missing)
-        start = 0
-        while start < len(hashes):
-            group: list[bytes] = []
-            size = 0
-            while start < len(hashes) and size < FETCH_GROUP_BYTES \
-                    and len(group) < FETCH_GROUP_OBJECTS:
-                group.append(hashes[start])
-                size += missing[hashes[start]]
-                start += 1
-            await self._fetch_group(group, missing)
+        """Move the MISSING objects from upstream, verified, into the store. Those that
+        pull-through has on their way already are not fetched again: waited for, and
+        fetched here only if that fetch failed."""
+        while missing:
+            claimed, waiting = self.pull.claim(sorted(missing))
+            self._held(sum(size for digest, size in missing.items()
+                           if digest not in waiting and digest not in claimed))
+            try:
+                for group in _groups(claimed, missing):
+                    await self._fetch_group(group, missing)
+            finally:  # what this fetch did not bring, its waiters pull through themselves
+                self.pull.settle(claimed, UnavailableError(
+                    f"replication from {self.upstream.address} did not bring the object"))
+            if waiting:
+                await asyncio.wait(waiting.values())
+            failed = {digest: missing[digest] for digest, future in waiting.items()
+                      if future.cancelled() or future.exception() is not None}
+            self._held(sum(missing[digest] for digest in waiting if digest not in failed))
+            missing = failed
 
     async def _fetch_group(self, group: list[bytes], sizes: dict[bytes, int]) -> None:
+        """One GetObjects call for GROUP (claimed by this follower): each object made
+        durable and visible, and its waiters settled, as it arrives."""
         receiver = ObjectReceiver(self.store.objects)
         counted = 0
         try:
             call = self.upstream.objects.GetObjects(
                 objectserver_pb2.GetObjectsRequest(hashes=group, compress=True))
             async for message in call:
-                receiver.feed_message(message)
+                arrived = [digest for digest in map(receiver.feed, message.chunks)
+                           if digest is not None]
+                if arrived:  # durable at once: a restart never fetches it again
+                    self._publish(receiver, arrived)
                 if receiver.stats.bytes_added != counted:
-                    receiver.commit()  # durable at once: a restart never fetches it again
                     self._count(receiver.stats.bytes_added - counted)
                     counted = receiver.stats.bytes_added
         finally:
             receiver.close(strict=False)  # keep every object that arrived whole
+            self.pull.settle(group, UnavailableError(
+                f"replication from {self.upstream.address} did not bring the object"))
         self._count(receiver.stats.bytes_added - counted)
-        present = sum(sizes[d] for d in group) - receiver.stats.bytes_added
-        self.bytes_pending = max(self.bytes_pending - present, 0)  # held already meanwhile
+        self._held(sum(sizes[d] for d in group) - receiver.stats.bytes_added)
+
+    def _publish(self, receiver: ObjectReceiver, arrived: list[bytes]) -> None:
+        """Commit what RECEIVER verified, then settle ARRIVED's waiters (while the
+        stream goes on)."""
+        landed = asyncio.wrap_future(receiver.commit())
+
+        def settle(done: asyncio.Future[int]) -> None:
+            if not done.cancelled():
+                done.exception()  # the stream's close reports it
+            self.pull.settle(arrived)
+
+        landed.add_done_callback(settle)
 
     def _count(self, moved: int) -> None:
         if moved:
             self.bytes_replicated += moved
-            self.bytes_pending = max(self.bytes_pending - moved, 0)
+            self._held(moved)
+
+    def _held(self, size: int) -> None:
+        """SIZE more of the pending bytes are held now (moved, or held meanwhile)."""
+        if size:
+            self.bytes_pending = max(self.bytes_pending - size, 0)
             self._changed.set()
+
+
+def _groups(hashes: list[bytes], sizes: dict[bytes, int]) -> Iterator[list[bytes]]:
+    """HASHES in runs of at most FETCH_GROUP_BYTES and FETCH_GROUP_OBJECTS (one
+    GetObjects call each)."""
+    group: list[bytes] = []
+    size = 0
+    for digest in hashes:
+        if group and (size >= FETCH_GROUP_BYTES or len(group) >= FETCH_GROUP_OBJECTS):
+            yield group
+            group, size = [], 0
+        group.append(digest)
+        size += sizes[digest]
+    if group:
+        yield group

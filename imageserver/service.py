@@ -146,6 +146,11 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
         """Bytes of those objects."""
         return self.pullthrough.pulled_bytes if self.pullthrough else 0
 
+    @property
+    def shared_fetch_objects(self) -> int:
+        """Objects replication or pull-through waited for, the other fetching them."""
+        return self.pullthrough.shared_objects if self.pullthrough else 0
+
     def _pieces(self, hashes: Sequence[bytes], compressor: zstandard.ZstdCompressor | None
                 ) -> Iterator[objectserver_pb2.ObjectChunk]:
         for digest in hashes:
