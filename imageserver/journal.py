@@ -30,42 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from fleetlib.sql.engine import writer
-from fleetlib.sql.migrate import Migration, migrate
+from fleetlib.sql.schema import History, open_schema
 from fleetlib.wire import imageserver_pb2
 
 log = logging.getLogger(__name__)
 
-VERSION_TABLE = "journal_schema_version"
 KEEP_EVENTS = 100_000  # events kept for followers to resume from; older ones: a snapshot
 ADDED = imageserver_pb2.JournalEvent.ADDED
 DELETED = imageserver_pb2.JournalEvent.DELETED
 EXPIRY_CHANGED = imageserver_pb2.JournalEvent.EXPIRY_CHANGED
 
 
-def _create(conn: Connection) -> None:  # frozen history
-    statements = [
-        "CREATE TABLE identity (singleton INTEGER PRIMARY KEY CHECK (singleton = 1), "
-        "id TEXT NOT NULL, generation INTEGER NOT NULL)",
-        "CREATE TABLE events (sequence INTEGER PRIMARY KEY AUTOINCREMENT, "
-        "kind INTEGER NOT NULL, name TEXT NOT NULL, digest BLOB NOT NULL, "
-        "expires_unix INTEGER NOT NULL, unix INTEGER NOT NULL)",
-        "CREATE TABLE live (name TEXT PRIMARY KEY, digest BLOB NOT NULL, "
-        "expires_unix INTEGER NOT NULL)",
-        "CREATE TABLE tombstones (name TEXT PRIMARY KEY, digest BLOB NOT NULL, "
-        "deleted_unix INTEGER NOT NULL)",
-        "CREATE TABLE follower (singleton INTEGER PRIMARY KEY CHECK (singleton = 1), "
-        "upstream_id TEXT NOT NULL, generation INTEGER NOT NULL, "
-        "applied_sequence INTEGER NOT NULL, diverged INTEGER NOT NULL, "
-        "ancestry TEXT NOT NULL)",
-    ]
-    for statement in statements:
-        conn.execute(sa.text(statement))
-
-
-MIGRATIONS = [Migration(1, "image server journal", _create)]
+HISTORY = History("journal", Path(__file__).with_name("journal_revisions"),
+                  "journal_schema_version")
 
 _meta = sa.MetaData()
 IDENTITY = sa.Table("identity", _meta, sa.Column("singleton", sa.Integer, primary_key=True),
@@ -144,7 +124,7 @@ class Journal:
     the id IDENT (made at random when empty)."""
 
     def __init__(self, engine: Engine, ident: str = "") -> None:
-        migrate(engine, MIGRATIONS, VERSION_TABLE)
+        open_schema(engine, HISTORY, "imageserver")
         self._engine = writer(engine)
         with self._engine.begin() as conn:
             row = conn.execute(sa.select(IDENTITY)).first()

@@ -1,7 +1,8 @@
 """The hand-written migration runner Alembic replaced, and the steps it ran, frozen as
-they were released (fleetlib/sql/migrate.py, mdb/migrations.py, dominator/herd/state.py
-and dominator/deploy/store.py before the move): the tests make databases with them
-exactly as a deployed dominator did, then open them with the current code."""
+they were released (fleetlib/sql/migrate.py, mdb/migrations.py, dominator/herd/state.py,
+dominator/deploy/store.py and imageserver/journal.py before the move): the tests make
+databases with them exactly as a deployed dominator (or image server) did, then open them
+with the current code."""
 
 from __future__ import annotations
 
@@ -121,6 +122,27 @@ def deploys_v1(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_deploys_created ON deploys (created_unix)"))
 
 
+def journal_v1(conn: Connection) -> None:
+    statements = [
+        "CREATE TABLE identity (singleton INTEGER PRIMARY KEY CHECK (singleton = 1), "
+        "id TEXT NOT NULL, generation INTEGER NOT NULL)",
+        "CREATE TABLE events (sequence INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "kind INTEGER NOT NULL, name TEXT NOT NULL, digest BLOB NOT NULL, "
+        "expires_unix INTEGER NOT NULL, unix INTEGER NOT NULL)",
+        "CREATE TABLE live (name TEXT PRIMARY KEY, digest BLOB NOT NULL, "
+        "expires_unix INTEGER NOT NULL)",
+        "CREATE TABLE tombstones (name TEXT PRIMARY KEY, digest BLOB NOT NULL, "
+        "deleted_unix INTEGER NOT NULL)",
+        "CREATE TABLE follower (singleton INTEGER PRIMARY KEY CHECK (singleton = 1), "
+        "upstream_id TEXT NOT NULL, generation INTEGER NOT NULL, "
+        "applied_sequence INTEGER NOT NULL, diverged INTEGER NOT NULL, "
+        "ancestry TEXT NOT NULL)",
+    ]
+    for statement in statements:
+        conn.execute(text(statement))
+
+
 MDB = [mdb_v1, mdb_v2, mdb_v3]  # the last release before shard leases (v4)
 STATE = [state_v1, state_v2]
 DEPLOYS = [deploys_v1]
+JOURNAL = [journal_v1]  # imageserver/journal.py

@@ -26,12 +26,14 @@ from fleetlib.errors import FleetError
 from fleetlib.sql.engine import describe_url, open_engine, writer
 from fleetlib.sql.schema import TAKEN_OVER, History, status, upgrade
 from fleetlib.testing.daemons import PROJECT, TRACEBACK_RE, assert_one_line_error, cli
+from imageserver.journal import HISTORY as JOURNAL
+from imageserver.journal import Journal
 from mdb.machine import Machine
 from mdb.store import HISTORY as MDB
 from mdb.store import Mdb
 from tests import old_runner
 
-HISTORIES = [MDB, STATE, DEPLOYS, AUDIT]
+HISTORIES = [MDB, STATE, DEPLOYS, AUDIT, JOURNAL]
 OLD_HOSTS = [("web1", "10.0.0.1", "web/1", '{"role": "web"}'), ("db1", "10.0.0.2", "db/17", "{}")]
 
 
@@ -157,6 +159,19 @@ def test_an_old_runner_state_file_is_taken_over(tmp_path: Path) -> None:
     assert version_of(engine, DEPLOYS) == ["deploys_0001"]
     engine.dispose()
     state.engine.dispose()
+
+
+def test_an_old_runner_journal_is_taken_over(tmp_path: Path) -> None:
+    """An image server's journal keeps its identity: followers know it is the same one."""
+    engine = open_engine(str(tmp_path / "journal.sqlite"))
+    old_runner.migrate(engine, old_runner.JOURNAL, table=JOURNAL.old_table)
+    with engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO identity (singleton, id, generation) "
+                                   "VALUES (1, 'abc123', 7)"))
+    journal = Journal(engine)
+    assert (journal.identity.id, journal.identity.generation) == ("abc123", 8)
+    assert version_of(engine, JOURNAL) == ["journal_0001"]
+    engine.dispose()
 
 
 def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(

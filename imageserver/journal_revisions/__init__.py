@@ -1,0 +1,1 @@
+"""The image server journal's schema history (Alembic revisions, fleetlib.sql.schema)."""
