@@ -56,7 +56,9 @@ FETCH_GROUP_BYTES = 64 << 20  # objects asked for in one GetObjects call
 FETCH_GROUP_OBJECTS = 4096
 MANIFEST_BUDGET = 256 << 20  # manifest bytes a snapshot reads ahead to announce what is pending
 
-ACCEPTED_BY = "imageserver --accept-upstream"  # who accepts an upstream, in the audit log
+# Who changes the upstream followed, and how, in the audit log.
+REPLICATION, DIVERGED_ACTION = "imageserver (replication)", "replication.diverged"
+ACCEPTED_BY, ACCEPTED_ACTION = "imageserver --accept-upstream", "replication.accept-upstream"
 
 SYNCING, IN_SYNC, DIVERGED, ALARM = "syncing", "in sync", "diverged", "alarm"
 DISCONNECTED = "disconnected"
@@ -404,6 +406,9 @@ class Follower:
             elif why:
                 log.error("DIVERGED from upstream %s: %s; keeping every image, applying no "
                           "deletes", self.upstream.address, why)
+                self._record(REPLICATION, DIVERGED_ACTION,
+                             f"diverged from upstream {self.upstream.address}: {why}; keeping "
+                             "every image, applying no deletes", position, upstream, why)
                 position = Position(upstream.id, upstream.generation, 0, True, chain)
             else:
                 if self.accept_upstream:
@@ -419,19 +424,34 @@ class Follower:
     def _accept(self, old: Position, upstream: imageserver_pb2.ServerIdentity, why: str
                 ) -> None:
         """--accept-upstream: log and audit that this replica follows UPSTREAM from now
-        on instead of what OLD says it followed."""
-        was = f"server {old.upstream_id[:12]} generation {old.generation}" + (
-            ", diverged" if old.diverged else "")
+        on instead of what OLD says it followed (or, when OLD is a divergence found
+        earlier, the server it diverged from)."""
+        if not why and old.diverged:
+            old = self._diverged_from() or old
         summary = (f"accepted upstream {self.upstream.address} as it is now: server "
-                   f"{upstream.id[:12]} generation {upstream.generation} (was {was}); "
-                   "deletes apply again")
+                   f"{old.upstream_id[:12]} generation {old.generation} -> server "
+                   f"{upstream.id[:12]} generation {upstream.generation}; deletes apply again")
         log.warning("--accept-upstream: %s%s", summary, f" ({why})" if why else "")
+        self._record(ACCEPTED_BY, ACCEPTED_ACTION, summary, old, upstream, why)
+
+    def _record(self, who: str, action: str, summary: str, old: Position,
+                upstream: imageserver_pb2.ServerIdentity, why: str) -> None:
+        """An audit entry of a change of the upstream followed, from OLD to UPSTREAM."""
         if self.audit is not None:
-            self.audit.record(ACCEPTED_BY, "replication.accept-upstream", summary,
-                              upstream=self.upstream.address, old_id=old.upstream_id,
-                              old_generation=old.generation, was_diverged=old.diverged,
-                              new_id=upstream.id, new_generation=upstream.generation,
-                              reason=why)
+            self.audit.record(who, action, summary, upstream=self.upstream.address,
+                              old_id=old.upstream_id, old_generation=old.generation,
+                              was_diverged=old.diverged, new_id=upstream.id,
+                              new_generation=upstream.generation, reason=why)
+
+    def _diverged_from(self) -> Position | None:
+        """The upstream followed before the latest divergence, as the audit log says."""
+        entries = self.audit.entries() if self.audit is not None else []
+        for entry in reversed(entries):
+            if entry.action == DIVERGED_ACTION:
+                details = entry.details
+                return Position(str(details.get("old_id", "")),
+                                int(details.get("old_generation", 0)), 0, True)
+        return None
 
     async def run(self, first: Session | None = None) -> None:
         """Follow the upstream for the server's lifetime, reconnecting with backoff."""

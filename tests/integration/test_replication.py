@@ -6,9 +6,14 @@ wiping them; cycles and bad upstreams are refused with one line."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +26,7 @@ from fleetlib.fstree.filter import EMPTY
 from fleetlib.fstree.image import Image
 from fleetlib.fstree.source import DirectorySource
 from fleetlib.rpc.certs import init_ca
-from fleetlib.rpc.tls import Security
+from fleetlib.rpc.tls import Security, open_channel
 from fleetlib.testing.daemons import (
     PROJECT,
     Daemon,
@@ -29,7 +34,7 @@ from fleetlib.testing.daemons import (
     free_port,
     imageserver_daemon,
 )
-from fleetlib.wire import imageserver_pb2
+from fleetlib.wire import audit_pb2, imageserver_pb2, objectserver_pb2, objectserver_pb2_grpc
 from imageserver.client import ImageServerClient
 
 MiB = 1 << 20
@@ -253,6 +258,7 @@ def test_a_replaced_master_diverges_its_replica_which_deletes_nothing(
     replica = start("replica", upstream=master)
     push(master, admin, "kept", write_files(tmp_path / "kept", {"k": b"kept"}))
     wait_until(holds(replica, admin, "kept"), what="kept on the replica")
+    old_id = replicas(master, admin).identity.id
     master.stop()
     assert master.state_dir is not None
     for path in sorted(master.state_dir.rglob("*"), reverse=True):  # wiped: a new identity
@@ -269,6 +275,173 @@ def test_a_replaced_master_diverges_its_replica_which_deletes_nothing(
                what="the delete event applied")
     assert names(replica, admin) == {"kept", "later"}  # no delete applied
     assert [r.state for r in replicas(master, admin).replicas] == ["diverged"]
+    # A restart alone changes nothing: still diverged, still no deletes.
+    replica.stop()
+    replica.start()
+    push(master, admin, "third", write_files(tmp_path / "third", {"t": b"third"}))
+    wait_until(holds(replica, admin, "third"), what="third on the restarted replica")
+    with ImageServerClient(master.address, admin) as client:
+        client.delete_image("third")
+    wait_until(lambda: replicas(master, admin).replicas[0].applied_sequence == 4,
+               what="the second delete event applied")
+    assert names(replica, admin) == {"kept", "later", "third"}
+    assert metric(replica, "imageserver_replication_diverged") == 1
+    assert [r.state for r in replicas(master, admin).replicas] == ["diverged"]
+    # The operator accepts the new master: the replica follows it as it is now, its
+    # snapshot's tombstones of the same content delete, what it never had stays.
+    replica.stop()
+    replica.args.append("--accept-upstream")
+    replica.start()
+    wait_until(in_sync(master, admin, 1), what="the replica in sync with the new master")
+    assert metric(replica, "imageserver_replication_diverged") == 0
+    assert names(replica, admin) == {"kept"}
+    new_id = replicas(master, admin).identity.id
+    accepted = f"WARNING imageserver.replication: --accept-upstream: accepted upstream " \
+        f"{master.address} as it is now: server {old_id[:12]} generation 1 -> server " \
+        f"{new_id[:12]} generation 1"
+    assert replica.log().count(accepted) == 1
+    with ImageServerClient(replica.address, admin) as client:
+        audit = client.images.ListAudit(audit_pb2.ListAuditRequest(), timeout=30).entries
+    changes = [(e.who, e.action, json.loads(e.details_json)) for e in audit
+               if e.action.startswith("replication.")]
+    assert [(who, action, details["old_id"], details["new_id"], details["was_diverged"])
+            for who, action, details in changes] == [
+        ("imageserver (replication)", "replication.diverged", old_id, new_id, False),
+        ("imageserver --accept-upstream", "replication.accept-upstream", old_id, new_id, True)]
+    # From now on deletes apply, also after a restart without the flag.
+    replica.stop()
+    replica.args.remove("--accept-upstream")
+    replica.start()
+    push(master, admin, "after", write_files(tmp_path / "after", {"a": b"after"}))
+    wait_until(holds(replica, admin, "after"), what="after on the replica")
+    with ImageServerClient(master.address, admin) as client:
+        client.delete_image("after")
+    wait_until(lacks(replica, admin, "after"), what="the delete applied on the replica")
+    assert names(replica, admin) == {"kept"}
+    assert metric(replica, "imageserver_replication_diverged") == 0
+    assert replica.log().count(accepted) == 1
+
+
+def test_callers_asking_a_replicating_replica_share_its_fetches(
+        tmp_path: Path, admin: Security, start: Start) -> None:
+    """Hosts asking a replica for the objects of an image it is replicating: each object
+    leaves the master once, fetched by replication or pulled through, never both."""
+    master = start("master")
+    size, count = MiB, 48
+    image = push(master, admin, "big", write_files(tmp_path / "big", random_files(count, size)))
+    hashes = sorted(image.tree.object_sizes())
+    assert metric(master, "imageserver_served_bytes_total") == 0
+    replica = start("replica", upstream=master)
+    wait_until(lambda: objects_bytes(replica) >= size, what="replication under way",
+               interval=0.005)
+    assert master.process is not None
+    master.process.send_signal(signal.SIGSTOP)  # replication's fetch stays in flight
+    try:
+        assert objects_bytes(replica) < count * size, \
+            "replication finished before the master stopped: make the image bigger"
+        callers = Callers(replica, admin, hashes)
+        wait_until(lambda: metric(replica, "imageserver_shared_fetch_objects_total") > 0,
+                   what="callers waiting for replication's fetch")
+    finally:
+        master.process.send_signal(signal.SIGCONT)
+    wait_until(holds(replica, admin, "big"), timeout=60, what="big on the replica")
+    callers.check()
+    # One copy left the master, however many callers asked the replica meanwhile.
+    assert metric(master, "imageserver_served_bytes_total") == count * size
+    assert metric(replica, "imageserver_replicated_bytes_total") \
+        + metric(replica, "imageserver_pulled_bytes_total") == count * size
+    assert metric(replica, "imageserver_served_objects_total") == CALLERS * CALLER_OBJECTS
+
+
+def test_replication_waits_for_what_callers_pull_through(
+        tmp_path: Path, admin: Security, start: Start) -> None:
+    """The other way round: callers ask for objects first, then their image is added:
+    replication waits for what pull-through has on its way instead of fetching it."""
+    master = start("master")
+    replica = start("replica", upstream=master)
+    size, count = MiB, 24
+    source = DirectorySource(write_files(tmp_path / "big", random_files(count, size)))
+    with ImageServerClient(master.address, admin) as client:  # the objects, not the image
+        client.upload(source, client.missing(source.tree.object_sizes()))
+    hashes = sorted(source.tree.object_sizes())
+    assert replica.process is not None
+    callers = Callers(replica, admin, hashes, hold=True)
+    replica.process.send_signal(signal.SIGSTOP)
+    try:  # the callers' requests and then the image's ADDED event wait in its sockets
+        callers.go.set()
+        time.sleep(0.5)
+        with ImageServerClient(master.address, admin) as client:
+            client.add_image(Image("big", source.tree, EMPTY))
+        time.sleep(0.5)
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+    wait_until(holds(replica, admin, "big"), timeout=60, what="big on the replica")
+    callers.check()
+    assert metric(master, "imageserver_served_bytes_total") == count * size
+    pulled = metric(replica, "imageserver_pulled_bytes_total")
+    assert pulled > 0
+    assert metric(replica, "imageserver_replicated_bytes_total") == count * size - pulled
+    assert metric(replica, "imageserver_shared_fetch_objects_total") > 0
+
+
+CALLERS, CALLER_OBJECTS, CALLERS_STEP = 20, 12, 5
+
+
+class Callers:
+    """CALLERS concurrent GetObjects calls to SERVER on a thread, each for CALLER_OBJECTS
+    of HASHES (from its own offset): with HOLD, on a channel opened first, sent once
+    `go` is set."""
+
+    def __init__(self, server: Daemon, security: Security, hashes: list[bytes],
+                 hold: bool = False) -> None:
+        self.wanted = [[hashes[(CALLERS_STEP * i + k) % len(hashes)]
+                        for k in range(CALLER_OBJECTS)] for i in range(CALLERS)]
+        self.results: list[dict[bytes, bytes] | BaseException] = []
+        self.opened, self.go = threading.Event(), threading.Event()
+        if not hold:
+            self.go.set()
+        self.thread = threading.Thread(target=lambda: self.results.extend(asyncio.run(
+            fetch_objects(server.address, security, self.wanted, self.opened, self.go))))
+        self.thread.start()
+        assert self.opened.wait(30), "the callers' channel did not open"
+
+    def check(self) -> None:
+        """Every call got exactly the objects it asked for, each matching its hash."""
+        self.thread.join(timeout=120)
+        assert len(self.results) == CALLERS
+        for asked, got in zip(self.wanted, self.results, strict=True):
+            assert isinstance(got, dict), got
+            assert sorted(got) == sorted(asked)  # what it holds first, then as it arrives
+            assert all(hashlib.sha256(data).digest() == digest
+                       for digest, data in got.items())
+
+
+async def fetch_objects(address: str, security: Security, wanted: list[list[bytes]],
+                        opened: threading.Event, go: threading.Event
+                        ) -> list[dict[bytes, bytes] | BaseException]:
+    """One GetObjects call per list of WANTED, all at once once GO is set (OPENED says
+    the channel is up): each call's objects by hash, or its error."""
+    channel = open_channel(address, security, "imageserver", aio=True)
+    stub = objectserver_pb2_grpc.ObjectServerStub(channel)
+    await stub.CheckObjects(objectserver_pb2.CheckObjectsRequest(), timeout=30)
+    opened.set()
+    await asyncio.to_thread(go.wait)
+
+    async def one(hashes: list[bytes]) -> dict[bytes, bytes]:
+        objects: dict[bytes, bytearray] = {}
+        current = bytearray()
+        async for message in stub.GetObjects(objectserver_pb2.GetObjectsRequest(
+                hashes=hashes), timeout=90):
+            for chunk in message.chunks:
+                if chunk.hash:
+                    current = objects[chunk.hash] = bytearray()
+                current.extend(chunk.data)
+        return {digest: bytes(data) for digest, data in objects.items()}
+
+    try:
+        return list(await asyncio.gather(*(one(h) for h in wanted), return_exceptions=True))
+    finally:
+        await channel.close()
 
 
 def test_resuming_moves_only_the_changes_and_a_cycle_is_refused(
