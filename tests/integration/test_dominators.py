@@ -168,7 +168,8 @@ def test_three_dominators_share_fail_over_and_fence(
     every = list(doms.daemons)
 
     # Every host managed by exactly one dominator, converged; fleet list --json agrees.
-    wait_for(lambda: balanced(postgres_url, every), "the shards shared by three", 30)
+    live_shares = wait_for(lambda: balanced(postgres_url, every), "the shards shared by three",
+                           30)
     managed = wait_for(lambda: doms.converged(names, "v1", every), "v1 everywhere", 90)
     listed = {name: {host["hostname"]: host for host in json.loads(
         doms.run(name, "fleet", "list", "--json"))} for name in every}
@@ -180,6 +181,10 @@ def test_three_dominators_share_fail_over_and_fence(
     assert [row["name"] for row in live["dominators"] if row["answering"]] == ["dom-2"]
     metrics = httpx.get(f"{doms.http['dom-2']}/metrics", timeout=10).text
     assert 'dominator_lease_state{state="ok"} 1.0' in metrics
+    assert f"dominator_shards_owned {float(live_shares['dom-2'])}" in metrics
+    assert "dominator_lease_renewals_failed_total 0.0" in metrics
+    table = doms.run("dom-1", "fleet", "dominators")
+    assert "dom-1 (this one)" in table and "dom-3" in table
 
     # SIGKILL the busiest: its hosts move to the others within 20 s and converge on an
     # MDB change made after the kill.
