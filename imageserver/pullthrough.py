@@ -94,6 +94,7 @@ class PullThrough:
         self.upstream = upstream
         self.inflight: Waiting = {}  # hash -> settles once stored (or not)
         self.replicating: set[bytes] = set()  # of those, the ones the follower fetches
+        self._joined: Waiting = {}  # hash -> callers' wait for the follower's fetch of it
         self._tasks: set[asyncio.Task[None]] = set()
         # Totals since start, for metrics.
         self.pulled_objects = 0  # objects stored by pull-through
@@ -116,7 +117,7 @@ class PullThrough:
                 new.append(digest)
             elif digest in self.replicating:
                 self.shared_objects += 1
-                future = self._start(self._after_replication(digest, future))
+                future = self._join(digest, future)
             waiting[digest] = future
         if new:
             self._start(self._fetch(new))  # not the caller's: others wait too
@@ -152,12 +153,26 @@ class PullThrough:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _join(self, digest: bytes, first: asyncio.Future[None]) -> asyncio.Future[None]:
+        """What callers wait for while the follower fetches DIGEST (FIRST): one for all."""
+        joined = self._joined.get(digest)
+        if joined is None:
+            joined = self._joined[digest] = self._start(self._after_replication(digest, first))
+
+            def forget(done: asyncio.Future[None]) -> None:
+                if self._joined.get(digest) is done:
+                    del self._joined[digest]
+
+            joined.add_done_callback(forget)
+        return joined
+
     async def _after_replication(self, digest: bytes, first: asyncio.Future[None]) -> None:
         """Settles once FIRST (the follower fetching DIGEST) lands; if that fetch failed,
         once DIGEST is pulled through here."""
         try:
             await asyncio.shield(first)
         except FleetError:
+            del self._joined[digest]  # callers from now on wait for what comes next
             again = self.pull([digest]).get(digest)
             if again is not None:
                 await again

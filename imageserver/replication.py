@@ -640,8 +640,8 @@ class Follower:
         fetched here only if that fetch failed."""
         while missing:
             claimed, waiting = self.pull.claim(sorted(missing))
-            self._held(sum(size for digest, size in missing.items()
-                           if digest not in waiting and digest not in claimed))
+            fetching = set(claimed).union(waiting)
+            self._held(sum(size for digest, size in missing.items() if digest not in fetching))
             try:
                 for group in _groups(claimed, missing):
                     await self._fetch_group(group, missing)

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetlib.fstree.filter import EMPTY
 from fleetlib.fstree.image import Image
+from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.source import DirectorySource
 from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Security, open_channel
@@ -382,6 +383,39 @@ def test_replication_waits_for_what_callers_pull_through(
     assert pulled > 0
     assert metric(replica, "imageserver_replicated_bytes_total") == count * size - pulled
     assert metric(replica, "imageserver_shared_fetch_objects_total") > 0
+
+
+def test_callers_fetch_themselves_what_replication_failed_to_bring(
+        tmp_path: Path, admin: Security, start: Start) -> None:
+    """Replication's fetch fails (upstream sends a corrupt object): the callers waiting
+    for the objects after it pull them through themselves; the bad one is kept by
+    nobody."""
+    master = start("master")
+    size, count, bad = MiB, 48, 30
+    image = push(master, admin, "big", write_files(tmp_path / "big", random_files(count, size)))
+    hashes = sorted(image.tree.object_sizes())  # the order replication asks for them
+    replica = start("replica", upstream=master)
+    wait_until(lambda: objects_bytes(replica) >= size, what="replication under way",
+               interval=0.005)
+    assert master.process is not None and master.state_dir is not None
+    master.process.send_signal(signal.SIGSTOP)
+    try:
+        path = Path(ObjectStore(master.state_dir / "objects").path_of(hashes[bad]))
+        path.chmod(0o644)
+        data = path.read_bytes()
+        path.write_bytes(bytes(b ^ 0xFF for b in data[:10]) + data[10:])
+        callers = Callers(replica, admin, hashes[bad + 1:])
+        wait_until(lambda: metric(replica, "imageserver_shared_fetch_objects_total") > 0,
+                   what="callers waiting for replication's fetch")
+    finally:
+        master.process.send_signal(signal.SIGCONT)
+    callers.check()
+    assert metric(replica, "imageserver_pulled_bytes_total") > 0
+    wait_until(lambda: "does not match its hash" in replica.log(), what="the bad object")
+    assert "big" not in names(replica, admin), \
+        "the master read the object before it was spoiled: make the image bigger"
+    assert replica.state_dir is not None
+    assert not ObjectStore(replica.state_dir / "objects").has(hashes[bad])
 
 
 CALLERS, CALLER_OBJECTS, CALLERS_STEP = 20, 12, 5
