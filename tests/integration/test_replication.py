@@ -1,8 +1,10 @@
 """Replicated image servers (real daemons, real mutual TLS, loopback): a master and
 replicas (and a replica of a replica) following its journal; only missing objects
-move; a SIGKILLed replica resumes without fetching anything twice; a name bound to
-other content is quarantined; a replaced master diverges its replicas instead of
-wiping them; cycles and bad upstreams are refused with one line."""
+move; a SIGKILLed replica resumes without fetching anything twice; hosts asking a
+replica for objects it is replicating share its fetches (the master serves one copy); a
+name bound to other content is quarantined; a replaced master diverges its replicas
+instead of wiping them, until `--accept-upstream`; cycles and bad upstreams are refused
+with one line."""
 
 from __future__ import annotations
 
@@ -541,6 +543,12 @@ def test_bad_upstreams_are_refused_with_one_line(tmp_path: Path, ca: Path, start
             result = run_replica(state, ca, upstream, port)
             assert_one_line_error(result, *fragments)
             assert not state.exists(), upstream
+        alone = subprocess.run(
+            [sys.executable, "-m", "imageserver.main", "--state-dir", str(state), "--tls-dir",
+             str(ca / "imageserver"), "--accept-upstream"],
+            capture_output=True, text=True, timeout=60, cwd=PROJECT)
+        assert_one_line_error(alone, "--accept-upstream needs --replicate-from")
+        assert not state.exists()
         existing = start("existing")
         existing.stop()
         assert existing.state_dir is not None
