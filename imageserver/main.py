@@ -127,7 +127,8 @@ class ImageServerCollector(Collector):
                                 "upstream announced.", value=follower.bytes_pending)
         yield GaugeMetricFamily("imageserver_replication_diverged",
                                 "1 when this replica found its upstream replaced or older "
-                                "(it then applies no deletes).", value=int(follower.diverged))
+                                "(it then applies no deletes until started with "
+                                "--accept-upstream).", value=int(follower.diverged))
         yield GaugeMetricFamily("imageserver_replication_connected",
                                 "1 while this replica's stream to its upstream is open.",
                                 value=int(follower.connected))

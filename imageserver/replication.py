@@ -8,7 +8,9 @@ ancestry), the upstream's hello, then either the events after the follower's pos
 snapshot of every live image and tombstone, then every event as it is appended. The
 follower applies each event, persists its position after it, and reports its progress
 on the same stream. It fetches only the objects it lacks, verified by SHA-256 before they
-are visible, and commits an image only once all its objects are in.
+are visible, and commits an image only once all its objects are in. Its fetches and
+pull-through's share one in-flight table (imageserver/pullthrough.py): an object on its
+way by either leaves upstream once.
 
 A name is bound to one content forever: a replica's copy whose digest differs from
 upstream's is quarantined (moved aside, an alarm) and upstream's copy fetched. A
