@@ -237,9 +237,10 @@ class Herd:
         following = asyncio.create_task(self._follow_ownership(), name="shard ownership")
         try:
             while True:
-                if leases.done():  # the lease rounds must not end while the herd runs
-                    leases.result()
-                    raise FleetError("the shard lease rounds ended")
+                for task in (leases, following):  # neither may end while the herd runs
+                    if task.done():
+                        task.result()
+                        raise FleetError(f"task {task.get_name()!r} ended")
                 try:
                     await self._follow_mdb()
                 except (FleetError, SQLAlchemyError) as err:
