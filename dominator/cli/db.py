@@ -92,24 +92,22 @@ def upgrade_command(mdb_url: str | None, state_dir: Path | None, as_json: bool) 
     list of {"database", "history", "from", "to", "taken_over"}. Safe to run at any
     time, and from several machines at once: upgraders take turns, and one at head
     changes nothing."""
-    done = []
+    done: list[Status] = []  # where each stood before (all are at head now)
     for url, histories in targets(mdb_url, state_dir):
         with _engine(url) as engine:
-            for history in histories:
-                found, head = upgrade(engine, history)
-                done.append({"database": found.database, "history": history.name,
-                             "from": found.current, "to": head,
-                             "taken_over": found.old_runner})
+            done.extend(upgrade(engine, history) for history in histories)
     if as_json:
-        echo_json(done)
+        echo_json([{"database": found.database, "history": found.history,
+                    "from": found.current, "to": found.head, "taken_over": found.old_runner}
+                   for found in done])
         return
-    for entry in done:
-        before = entry["from"] or "empty"
-        if entry["taken_over"]:
+    for found in done:
+        before = found.current or "empty"
+        if found.old_runner:
             before += " (taken over from the old runner)"
-        change = "already at head" if entry["from"] == entry["to"] else \
-            f"{before} -> {entry['to']}"
-        click.echo(f"{entry['history']} {entry['database']}: {change}")
+        change = "already at head" if found.state == "current" and not found.old_runner \
+            else f"{before} -> {found.head}"
+        click.echo(f"{found.history} {found.database}: {change}")
 
 
 @db.command(name="status")

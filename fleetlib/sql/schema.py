@@ -202,9 +202,9 @@ def _take_over(connection: Connection, history: History, found: Status) -> None:
          "unix": int(time.time())})
 
 
-def upgrade(engine: Engine, history: History, program: str = "dominator") -> tuple[Status, str]:
+def upgrade(engine: Engine, history: History, program: str = "dominator") -> Status:
     """Bring the database to `history`'s head, taking over an old runner's database
-    first; (where it stood before, the head). Refuses a database newer than the code."""
+    first; return where it stood before. Refuses a database newer than the code."""
     from alembic import command
 
     with _turn(engine, history) as connection:
@@ -217,7 +217,7 @@ def upgrade(engine: Engine, history: History, program: str = "dominator") -> tup
             log.info("database %s: upgrading %s from %s to %s", found.database,
                      history.name, found.current or "empty", found.head)
             command.upgrade(history.config(connection), found.head)
-    return found, found.head
+    return found
 
 
 def open_schema(engine: Engine, history: History, program: str = "dominator") -> str:
@@ -225,7 +225,7 @@ def open_schema(engine: Engine, history: History, program: str = "dominator") ->
     as a store opens it, and return the head. One-line FleetError when it cannot be
     used: newer than this program, or (PostgreSQL) older, naming the command to run."""
     if engine.dialect.name == "sqlite":
-        return upgrade(engine, history, program)[1]
+        return upgrade(engine, history, program).head
     found = status(engine, history)
     if found.state == "newer":
         raise _newer(found, program)
