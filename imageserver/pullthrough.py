@@ -95,6 +95,7 @@ class PullThrough:
         self.inflight: Waiting = {}  # hash -> settles once stored (or not)
         self.replicating: set[bytes] = set()  # of those, the ones the follower fetches
         self._joined: Waiting = {}  # hash -> callers' wait for the follower's fetch of it
+        self._queued: list[bytes] = []  # claimed in this turn of the loop, fetched as one
         self._tasks: set[asyncio.Task[None]] = set()
         # Totals since start, for metrics.
         self.pulled_objects = 0  # objects stored by pull-through
@@ -119,9 +120,15 @@ class PullThrough:
                 self.shared_objects += 1
                 future = self._join(digest, future)
             waiting[digest] = future
-        if new:
-            self._start(self._fetch(new))  # not the caller's: others wait too
+        if new:  # one fetch for what this turn of the loop claims (e.g. retries after a
+            if not self._queued:  # failed replication fetch), not the caller's: others wait
+                asyncio.get_running_loop().call_soon(self._fetch_queued)
+            self._queued += new
         return waiting
+
+    def _fetch_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        self._start(self._fetch(queued))
 
     def claim(self, hashes: Iterable[bytes]) -> tuple[list[bytes], Waiting]:
         """Replication's share of HASHES: (those neither stored nor on their way, now
