@@ -135,9 +135,12 @@ def list_command(statuses: list[str], selector: str | None, as_json: bool, domin
     if as_json:
         echo_json([report.to_json() for report in subs])
         return
-    echo_table(["host", "status", "image", "last sync", "error/intrusion"],
+    shared = len({report.owner for report in subs}) > 1  # several dominators: say whose
+    echo_table(["host", "status", "image", "last sync", *(["managed by"] if shared else []),
+                "error/intrusion"],
                [[report.hostname, report.status, report.required_image,
-                 ago(report.last_sync_unix), problem(report)] for report in subs])
+                 ago(report.last_sync_unix), *([report.owner] if shared else []),
+                 problem(report)] for report in subs])
 
 
 def echo_fields(fields: list[tuple[str, object]]) -> None:

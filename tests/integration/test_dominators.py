@@ -208,6 +208,8 @@ def test_three_dominators_share_fail_over_and_fence(
     assert 'dominator_lease_state{state="ok"} 1.0' in metrics
     assert re.search(r"^dominator_shards_owned [1-9]", metrics, re.MULTILINE)
     assert re.search(r"^dominator_lease_renewals_failed_total ", metrics, re.MULTILINE)
+    listing = doms.run("dom-1", "fleet", "list")
+    assert "MANAGED BY" in listing.splitlines()[0] or len(set(managed.values())) == 1
     table = doms.run("dom-1", "fleet", "dominators")
     assert "dom-1 (this one)" in table and "dom-3" in table
 
