@@ -44,7 +44,7 @@ from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.wire import imageserver_pb2, objectserver_pb2
 from fleetlib.wire.codec import image_from_proto
 from imageserver.journal import DELETED, EXPIRY_CHANGED, LiveEntry, Position
-from imageserver.pullthrough import PullThrough
+from imageserver.pullthrough import PullThrough, Waiting
 from imageserver.store import ImageStore, short
 from imageserver.upstream import Upstream
 
@@ -641,15 +641,16 @@ class Follower:
         pull-through has on their way already are not fetched again: waited for, and
         fetched here only if that fetch failed."""
         while missing:
-            claimed, waiting = self.pull.claim(sorted(missing))
-            fetching = set(claimed).union(waiting)
-            self._held(sum(size for digest, size in missing.items() if digest not in fetching))
-            try:
-                for group in _groups(claimed, missing):
-                    await self._fetch_group(group, missing)
-            finally:  # what this fetch did not bring, its waiters pull through themselves
-                self.pull.settle(claimed, UnavailableError(
-                    f"replication from {self.upstream.address} did not bring the object"))
+            waiting: Waiting = {}
+            for group in _groups(sorted(missing), missing):
+                # Claimed group by group: callers pull what lies further on through
+                # meanwhile, and this follower waits for it when it gets there.
+                claimed, joined = self.pull.claim(group)
+                waiting.update(joined)
+                fetching = set(claimed).union(joined)
+                self._held(sum(missing[digest] for digest in group if digest not in fetching))
+                if claimed:
+                    await self._fetch_group(claimed, missing)
             if waiting:
                 await asyncio.wait(waiting.values())
             failed = {digest: missing[digest] for digest, future in waiting.items()
@@ -674,9 +675,11 @@ class Follower:
                     self._count(receiver.stats.bytes_added - counted)
                     counted = receiver.stats.bytes_added
         finally:
-            receiver.close(strict=False)  # keep every object that arrived whole
-            self.pull.settle(group, UnavailableError(
-                f"replication from {self.upstream.address} did not bring the object"))
+            try:
+                receiver.close(strict=False)  # keep every object that arrived whole
+            finally:  # what it did not bring, its waiters pull through themselves
+                self.pull.settle(group, UnavailableError(
+                    f"replication from {self.upstream.address} did not bring the object"))
         self._count(receiver.stats.bytes_added - counted)
         self._held(sum(sizes[d] for d in group) - receiver.stats.bytes_added)
 
