@@ -192,8 +192,8 @@ def _take_over(connection: Connection, history: History, found: Status) -> None:
     from alembic import command
 
     assert found.current is not None
-    log.info("database %s: taking over %s version %s from %s as revision %s",
-             found.database, history.name, found.current, history.old_table, found.current)
+    log.info("database %s: taking over %s from the old runner's %s at revision %s",
+             found.database, history.name, history.old_table, found.current)
     command.stamp(history.config(connection), found.current)
     connection.execute(text(
         f"INSERT INTO {history.old_table} (version, description, applied_unix) "
@@ -223,16 +223,16 @@ def upgrade(engine: Engine, history: History, program: str = "dominator") -> Sta
 def open_schema(engine: Engine, history: History, program: str = "dominator") -> str:
     """Check (PostgreSQL) or bring (SQLite) the database's schema to `history`'s head
     as a store opens it, and return the head. One-line FleetError when it cannot be
-    used: newer than this program, or (PostgreSQL) older, naming the command to run."""
-    if engine.dialect.name == "sqlite":
-        return upgrade(engine, history, program).head
+    used: newer than this program, or (PostgreSQL) older, naming the command to run.
+    A database at head is only read: no migration turn is taken."""
     found = status(engine, history)
+    if found.state == "current" and not found.old_runner:
+        return found.head
     if found.state == "newer":
         raise _newer(found, program)
-    if found.state == "behind":
+    if found.state == "behind" and engine.dialect.name != "sqlite":
         raise FleetError(f"database {found.database} is at schema {found.current}, this "
                          f"{program} needs {found.head}: run `dominator db upgrade "
                          f"--mdb-url {found.database}`")
-    if found.state == "empty" or found.old_runner:
-        upgrade(engine, history, program)  # a new database; or one to take over, at head
+    upgrade(engine, history, program)  # PostgreSQL: a new database, or one to take over
     return found.head
