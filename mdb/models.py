@@ -9,7 +9,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
-    """The MDB's tables (created by mdb.migrations, never by create_all)."""
+    """The MDB's tables (created by the revisions in mdb/revisions, never by create_all)."""
 
 
 class MachineRow(Base):
