@@ -94,9 +94,10 @@ class ImageServerCollector(Collector):
                                   "Bytes of the objects pulled through from the upstream.",
                                   value=objects.pulled_bytes)
         yield CounterMetricFamily("imageserver_shared_fetch_objects",
-                                  "Objects replication or pull-through waited for because the "
-                                  "other was fetching them from upstream already (fetched "
-                                  "once).", value=objects.shared_fetch_objects)
+                                  "Times replication or a pull-through caller waited for an "
+                                  "object the other was fetching from upstream already, "
+                                  "instead of fetching it again.",
+                                  value=objects.shared_fetch_objects)
         yield from self._replication()
 
     def _replication(self) -> Iterator[Metric]:

@@ -100,7 +100,7 @@ class PullThrough:
         # Totals since start, for metrics.
         self.pulled_objects = 0  # objects stored by pull-through
         self.pulled_bytes = 0
-        self.shared_objects = 0  # waits by one of pull-through and replication on the other
+        self.shared_objects = 0  # waits of one (replication, a caller) for the other's fetch
 
     def pull(self, hashes: Iterable[bytes]) -> Waiting:
         """Begin fetching those of HASHES neither stored nor already on their way: a

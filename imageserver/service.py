@@ -148,7 +148,7 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
 
     @property
     def shared_fetch_objects(self) -> int:
-        """Objects replication or pull-through waited for, the other fetching them."""
+        """Waits of replication or a caller for an object the other was fetching."""
         return self.pullthrough.shared_objects if self.pullthrough else 0
 
     def _pieces(self, hashes: Sequence[bytes], compressor: zstandard.ZstdCompressor | None
