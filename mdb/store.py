@@ -100,6 +100,11 @@ class Mdb:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    @property
+    def engine_url(self) -> sa.URL:
+        """The database's URL (password included: for the change feed, mdb/feed.py)."""
+        return self._engine.url
+
     def close(self) -> None:
         """Release every pooled connection."""
         self._engine.dispose()
