@@ -43,10 +43,16 @@ async def test_a_change_by_another_engine_is_notified_within_a_second(
         print(f"MDB feed latency (write + commit + notify), s: "
               f"{', '.join(f'{s:.4f}' for s in latencies)}")
         assert max(latencies) < 1.0
-        # SQL straight into machines, not moving the revision, is notified too.
-        with sa.create_engine(postgres_url).begin() as connection:
+        # SQL straight into machines moves the revision (once per transaction) and is
+        # notified too.
+        before = store.revision()
+        engine = sa.create_engine(postgres_url)
+        with engine.begin() as connection:
             connection.execute(sa.text("UPDATE machines SET required_image = 'web/9'"))
+            connection.execute(sa.text("DELETE FROM machines WHERE hostname = 'host4'"))
+        engine.dispose()
         assert await feed.wait(5) == "notified"
+        assert feed.revision == store.revision() == before + 1
         # A write that changes nothing commits nothing: no notification.
         await asyncio.to_thread(other.set, Machine("host0", required_image="web/9"))
         assert await feed.wait(1.5) == "timeout"
