@@ -46,6 +46,7 @@ from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security
 from fleetlib.signing import TrustedKeys, verify_trusted
 from fleetlib.wire import subd_pb2
+from mdb.feed import open_feed
 from mdb.machine import Machine
 from mdb.store import InvalidRow, Mdb
 from subd.changes import UpdatePlan
@@ -68,7 +69,8 @@ class HerdConfig:
     update_slots: int = 50
     diff_cache_size: int = 20_000
     history_images: int = 10      # earlier images consulted for the intrusion signal
-    mdb_check_interval: float = 1.0
+    mdb_check_interval: float = 1.0  # between reads of the MDB's revision (SQLite)
+    mdb_backstop_interval: float = 30.0  # with the change feed (PostgreSQL): between reads
     mdb_retry_first: float = 1.0  # after a failed MDB read; doubles while it keeps failing
     mdb_retry_max: float = 30.0
     max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES  # the most tree taken from one sub per poll
@@ -201,6 +203,8 @@ class Herd:
         self.server_slots = ServerSlots(config.fetches_per_imageserver)
         self._update_slots = asyncio.Semaphore(config.update_slots)
         self._revision = -1
+        self.feed = open_feed(mdb.engine_url, on_notify=self.metrics.mdb_notifications.inc,
+                              on_reconnect=self.metrics.mdb_feed_reconnects.inc)
         self._stopping = False
         self.mdb_error = ""  # why the MDB cannot be read now ("" while it can)
         # Verdicts of --trusted-keys by image: "" trusted, else why not. Images are
@@ -230,8 +234,11 @@ class Herd:
     async def run(self) -> None:
         """Follow the MDB and run every sub's loop until cancelled. While the MDB
         cannot be read the subs go on with the last view read, and reads are retried
-        with a backoff (1 s doubling to 30 s by default)."""
+        with a backoff (1 s doubling to 30 s by default). On PostgreSQL the MDB's change
+        feed (mdb/feed.py) wakes the reads, with backstop reads in between."""
         failures = 0
+        if self.feed is not None:
+            self.feed.start()
         stop_leases = asyncio.Event()
         leases = asyncio.create_task(self.ownership.run(stop_leases), name="shard leases")
         following = asyncio.create_task(self._follow_ownership(), name="shard ownership")
@@ -252,10 +259,13 @@ class Herd:
                     if self.mdb_error:
                         log.warning("MDB %s readable again", self.mdb.url)
                     failures, self.mdb_error = 0, ""
-                    delay = self.config.mdb_check_interval
-                await asyncio.sleep(delay)
+                    delay = self.config.mdb_check_interval if self.feed is None \
+                        else self.config.mdb_backstop_interval
+                await self._next_mdb_read(delay)
         finally:
             self._stopping = True
+            if self.feed is not None:
+                self.feed.stop()
             for sub in self.subs.values():
                 if sub.task is not None:
                     sub.task.cancel()
@@ -267,6 +277,15 @@ class Herd:
             following.cancel()
             stop_leases.set()  # no call is in flight: give the shards back
             await asyncio.gather(following, leases, return_exceptions=True)
+
+    async def _next_mdb_read(self, delay: float) -> None:
+        """Wait `delay` before the next read of the MDB, or on PostgreSQL until its
+        change feed reports a change (a burst of them is one wake) or reopened (a
+        backstop read, as are reads after `delay`)."""
+        if self.feed is None:
+            await asyncio.sleep(delay)
+        elif await self.feed.wait(delay) != "notified":
+            self.metrics.mdb_backstop_reads.inc()
 
     async def _follow_mdb(self) -> None:
         """Reload the machines when the MDB's revision moved (the revision counts as

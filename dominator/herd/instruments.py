@@ -80,6 +80,15 @@ class HerdMetrics:
                                         "Latency of one update RPC.", TRANSFER_BUCKETS)
         self.mdb_read_errors = counter("dominator_mdb_read_errors",
                                        "Reads of the MDB that failed (each retry counts).")
+        self.mdb_notifications = counter("dominator_mdb_notifications",
+                                         "Notifications of MDB changes the change feed got "
+                                         "(PostgreSQL).")
+        self.mdb_backstop_reads = counter("dominator_mdb_backstop_reads",
+                                          "Reads of the MDB not woken by a notification: "
+                                          "after the backstop interval, or the feed reopening.")
+        self.mdb_feed_reconnects = counter("dominator_mdb_feed_reconnects",
+                                           "Times the MDB change feed's LISTEN connection "
+                                           "was reopened after being lost.")
         self.polls_by_reason = Counter(
             "dominator_polls_by_reason", "Convergence cycles (each a short poll first) by "
             "why they ran (herd/watch.py Reason).", ["reason"], registry=None)
@@ -104,6 +113,7 @@ class HerdMetrics:
         return [self.polls, self.poll_errors, self.poll_seconds, self.fetches,
                 self.fetch_failures, self.fetch_seconds, self.fetched_bytes, self.prefetches,
                 self.updates, self.update_failures, self.update_seconds, self.mdb_read_errors,
+                self.mdb_notifications, self.mdb_backstop_reads, self.mdb_feed_reconnects,
                 self.polls_by_reason, self.watch_reconnects, self.hosts_watching]
 
 

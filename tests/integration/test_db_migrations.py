@@ -93,7 +93,7 @@ def test_every_history_is_one_line_of_numbered_revisions() -> None:
 
 def test_a_new_database_is_made_at_head(url: str, engine: sa.Engine) -> None:
     with Mdb(url) as store:
-        assert store.schema_revision == MDB.head() == "mdb_0004"
+        assert store.schema_revision == MDB.head() == "mdb_0005"
         store.set(Machine("a"))
     assert version_of(engine, MDB) == [MDB.head()]
     assert status(engine, MDB).state == "current"
@@ -119,19 +119,19 @@ def test_an_old_runner_database_is_taken_over_with_its_data(url: str, engine: sa
     assert (found.current, found.old_runner, found.state) == (f"mdb_000{steps}", True, "behind")
     if shared(engine):
         with pytest.raises(FleetError, match=f"is at schema mdb_000{steps}, this dominator "
-                                             "needs mdb_0004: run `dominator db upgrade"):
+                                             "needs mdb_0005: run `dominator db upgrade"):
             Mdb(url)
         assert status(engine, MDB).old_runner  # refusing changed nothing
         before = upgrade(engine, MDB)
-        assert (before.current, before.head) == (f"mdb_000{steps}", "mdb_0004")
+        assert (before.current, before.head) == (f"mdb_000{steps}", "mdb_0005")
     with Mdb(url) as store:  # SQLite: upgraded on open
-        assert store.schema_revision == "mdb_0004"
+        assert store.schema_revision == "mdb_0005"
         assert store.revision() == 41
         assert store.get("web1") == Machine("web1", "10.0.0.1", "web/1", tags={"role": "web"})
         assert store.get("db1") == Machine("db1", "10.0.0.2", "db/17")
         store.update("db1", location="eu/dc2/r1")
         assert store.revision() == 42
-    assert version_of(engine, MDB) == ["mdb_0004"]
+    assert version_of(engine, MDB) == ["mdb_0005"]
     assert "ix_machines_required_image" in {
         index["name"] for index in sa.inspect(engine).get_indexes("machines")}
     # The old runner's table keeps its history, and a row that makes the old runner
@@ -179,7 +179,7 @@ def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(
     at_revision(engine, MDB, "mdb_0003")
     if not shared(engine):
         with Mdb(url) as store:
-            assert store.schema_revision == "mdb_0004"
+            assert store.schema_revision == "mdb_0005"
         return
     database = describe_url(engine.url)
     served = cli("serve", "--state-dir", str(tmp_path / "state"), "--mdb-url", url,
@@ -187,18 +187,18 @@ def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(
     assert served.returncode == 2, served.stderr
     assert not TRACEBACK_RE.search(served.stderr), served.stderr
     assert [line for line in served.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: database {database} is at schema mdb_0003, this dominator needs mdb_0004: "
+        f"error: database {database} is at schema mdb_0003, this dominator needs mdb_0005: "
         f"run `dominator db upgrade --mdb-url {database}`"]
     assert version_of(engine, MDB) == ["mdb_0003"]
 
     upgraded = cli("db", "upgrade", "--mdb-url", url, check=True)
-    assert upgraded.stdout == f"mdb {database}: mdb_0003 -> mdb_0004\n"
+    assert upgraded.stdout == f"mdb {database}: mdb_0003 -> mdb_0005\n"
     again = cli("db", "upgrade", "--mdb-url", url, "--json", check=True)
     assert json.loads(again.stdout) == [{"database": database, "history": "mdb",
-                                         "from": "mdb_0004", "to": "mdb_0004",
+                                         "from": "mdb_0005", "to": "mdb_0005",
                                          "taken_over": False}]
     with Mdb(url) as store:
-        assert store.schema_revision == "mdb_0004"
+        assert store.schema_revision == "mdb_0005"
 
 
 def test_a_newer_unknown_revision_is_refused(url: str, engine: sa.Engine) -> None:
@@ -214,7 +214,7 @@ def test_a_newer_unknown_revision_is_refused(url: str, engine: sa.Engine) -> Non
     shown = cli("db", "status", "--mdb-url", url, "--json")
     assert shown.returncode == 1
     [entry] = json.loads(shown.stdout)
-    assert (entry["current"], entry["head"], entry["state"]) == ("mdb_0099", "mdb_0004", "newer")
+    assert (entry["current"], entry["head"], entry["state"]) == ("mdb_0099", "mdb_0005", "newer")
     assert version_of(engine, MDB) == ["mdb_0099"]
 
 
@@ -251,8 +251,8 @@ def test_upgraders_take_turns(url: str, engine: sa.Engine) -> None:
         assert upgrader.returncode == 0, err
         [entry] = json.loads(out)
         outcomes.append(entry["from"])
-    assert sorted(outcomes) == ["mdb_0001", "mdb_0004", "mdb_0004", "mdb_0004"]
-    assert version_of(engine, MDB) == ["mdb_0004"]
+    assert sorted(outcomes) == ["mdb_0001", "mdb_0005", "mdb_0005", "mdb_0005"]
+    assert version_of(engine, MDB) == ["mdb_0005"]
 
 
 def test_openers_of_a_new_state_file_take_turns(tmp_path: Path) -> None:
@@ -301,19 +301,19 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
     entries = json.loads(shown.stdout)
     database = describe_url(engine.url)
     assert entries[0] == {"database": database, "history": "mdb", "current": "mdb_0003",
-                          "head": "mdb_0004", "state": "behind", "old_runner": True}
+                          "head": "mdb_0005", "state": "behind", "old_runner": True}
     assert [entry["history"] for entry in entries] == ["mdb", "state", "deploys", "audit"]
 
     upgraded = cli("db", "upgrade", "--mdb-url", postgres_url, "--state-dir", state_dir,
                    check=True)
     assert upgraded.stdout.splitlines()[0] == \
-        f"mdb {database}: mdb_0003 (taken over from the old runner) -> mdb_0004"
+        f"mdb {database}: mdb_0003 (taken over from the old runner) -> mdb_0005"
     shown = cli("db", "status", "--mdb-url", postgres_url, "--state-dir", state_dir)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0].split() == ["HISTORY", "DATABASE", "CURRENT", "HEAD", "STATE"]
     assert [line.split()[0::2] for line in lines[1:]] == [
-        ["mdb", "mdb_0004", "current"], ["state", "state_0003", "current"],
+        ["mdb", "mdb_0005", "current"], ["state", "state_0003", "current"],
         ["deploys", "deploys_0001", "current"], ["audit", "audit_0001", "current"]]
     engine.dispose()
 
