@@ -63,6 +63,9 @@ def dominator_name(ctx: click.Context, param: click.Parameter, value: str | None
               type=click.FloatRange(1),
               help="Seconds between two polls of a settled (synced) sub whose Watch stream "
                    "is open: its changes are pushed, this poll is the safety net.")
+@click.option("--mdb-backstop", default=30.0, show_default=True, type=click.FloatRange(1),
+              help="PostgreSQL MDB: seconds between two reads of its revision that catch a "
+                   "change its feed (LISTEN/NOTIFY) missed; changes are notified at once.")
 @click.option("--watch-heartbeat", default=30, show_default=True, type=click.IntRange(1, 600),
               help="Seconds between two heartbeats of a Watch stream; two missed: the stream "
                    "counts as dead, the sub is polled and the stream reopened.")
@@ -108,7 +111,7 @@ def dominator_name(ctx: click.Context, param: click.Parameter, value: str | None
 def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, ...],
                   generators: Path | None, port: int, http_port: int, token: str | None,
                   host: str, poll_interval: float, backstop_interval: float,
-                  watch_heartbeat: int,
+                  mdb_backstop: float, watch_heartbeat: int,
                   poll_slots: int, fetch_slots: int, fetches_per_imageserver: int,
                   update_slots: int, max_tree_bytes: int,
                   health_checks: NamedChecks, trusted_keys: Path | None, name: str,
@@ -128,7 +131,7 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, 
     trusted = load_trusted_keys(trusted_keys) if trusted_keys else None
     state_dir.mkdir(parents=True, exist_ok=True)
     config = HerdConfig(imageserver=imageserver[0], extra_imageservers=imageserver[1:],
-                        poll_interval=poll_interval,
+                        poll_interval=poll_interval, mdb_backstop_interval=mdb_backstop,
                         watch=WatchConfig(backstop_interval=backstop_interval,
                                           heartbeat_seconds=watch_heartbeat),
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
