@@ -1,5 +1,6 @@
-"""The machine database: machines in SQLite or PostgreSQL, with a revision counter
-as its change feed (the dominator polls one integer and reloads when it moves)."""
+"""The machine database: machines in SQLite or PostgreSQL, with a revision counter that
+moves with every committed change (the dominator reloads when it moves: on SQLite it
+polls the integer, on PostgreSQL the change feed of mdb/feed.py wakes it at each commit)."""
 
 from __future__ import annotations
 
@@ -126,8 +127,8 @@ class Mdb:
             return result
 
     def revision(self) -> int:
-        """The change feed: one cheap single-row read; it moves on every committed
-        change, and only then."""
+        """One cheap single-row read; it moves on every committed change, and only then
+        (on PostgreSQL also for SQL written straight into machines, revision mdb_0005)."""
         return self._read(lambda session: session.execute(
             sa.select(RevisionRow.revision)).scalar_one())
 
