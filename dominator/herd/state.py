@@ -1,8 +1,12 @@
-"""The dominator's own durable state, in a SQLite file of its state directory:
-the fleet-wide disable switch (who, why, until when), per-host pauses, safety
-clearances and disruption allowances, intrusion reports until acknowledged, last
-syncs, and every state the dominator ever asked each host to hold (the memory
-behind the intrusion signal)."""
+"""The dominator's own durable state: the fleet-wide disable switch (who, why, until
+when), per-host pauses, safety clearances and disruption allowances, intrusion reports
+until acknowledged, last syncs, and every state the dominator ever asked each host to
+hold (the memory behind the intrusion signal).
+
+It lives in a SQLite file of the state directory, or, when the MDB is PostgreSQL, in
+that shared database (same tables, same history, its own version table), so every
+dominator on it sees one switch and one set of pauses and clearances. The file stays
+either way: it holds deploys, API tokens and the audit log."""
 
 from __future__ import annotations
 
@@ -15,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import BigInteger, Integer, Text
-from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy import BigInteger, Engine, Integer, Text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from fleetlib.errors import FleetError
+from fleetlib.sql.engine import describe_url, open_engine, parse_url
 from fleetlib.sql.schema import History, open_schema
 
 log = logging.getLogger(__name__)
@@ -110,28 +117,113 @@ class HostRecord:
 
 
 SYNC_PERSIST_SECONDS = 60  # how stale the stored last-sync time of a host may get
+REFRESH_SECONDS = 2.0  # shared state: how often another dominator's changes are read
+
+
+def shared_url(mdb_url: str) -> str | None:
+    """Where the state of a dominator whose MDB is at `mdb_url` is shared: the MDB's
+    database when it is not SQLite (None: the state file, this dominator's alone)."""
+    return None if parse_url(mdb_url).get_backend_name() == "sqlite" else mdb_url
 
 
 class DominatorState:
-    """Thread-safe access to the state file. This process is its only writer, so
-    host records and the switch are also kept in memory: reads never touch the
-    disk (they are cheap enough for every poll cycle of every sub), writes go to
-    both."""
+    """Thread-safe access to the state. Host records and the switch are also kept
+    in memory: reads never touch the database (they are cheap enough for every poll
+    cycle of every sub), writes go to both. In the state file this process is the
+    only writer; in a shared database (`shared_url`) a thread re-reads the switch and
+    every host's pause, clearances and intrusion report each `refresh_seconds`, so a
+    change made through another dominator is seen here within that."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shared_url: str | None = None,
+                 refresh_seconds: float = REFRESH_SECONDS) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(f"sqlite:///{path}")
+        self.engine = sa.create_engine(f"sqlite:///{path}")  # the file: deploys, tokens, audit
         with self.engine.connect() as conn:
             conn.execute(sa.text("PRAGMA journal_mode=WAL"))
         open_schema(self.engine, HISTORY)
+        self._db: Engine = self.engine if shared_url is None else open_engine(shared_url)
+        if self._db.dialect.name not in ("sqlite", "postgresql"):
+            raise FleetError(f"database {describe_url(self._db.url)}: the dominator's state "
+                             f"needs SQLite or PostgreSQL, not {self._db.dialect.name}")
+        if shared_url is not None:
+            open_schema(self._db, HISTORY)
         self._lock = threading.Lock()
-        with Session(self.engine) as session:
+        with Session(self._db) as session:
             self._hosts = {row.hostname: self._record(row)
                            for row in session.scalars(sa.select(HostRow))}
             switch = session.get(SettingRow, DISABLED_KEY)
             self._disabled = Disabled(**json.loads(switch.value)) if switch else None
         self._desired_seen: set[tuple[str, str, frozenset[tuple[str, tuple[bytes, int]]]]] = set()
         self._sync_stored: dict[str, int] = {}  # when each host's last sync was stored
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        if shared_url is not None:
+            self._refresher = threading.Thread(target=self._follow, args=(refresh_seconds,),
+                                               name="state-refresh", daemon=True)
+            self._refresher.start()
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state lives in a database other dominators share."""
+        return self._db is not self.engine
+
+    def close(self) -> None:
+        """Stop following the shared database and close the engines."""
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join()
+        if self.shared:
+            self._db.dispose()
+        self.engine.dispose()
+
+    def _follow(self, every: float) -> None:
+        """Re-read what other dominators may change, until closed; an unreachable
+        database is logged once per outage, the memory kept meanwhile."""
+        failing = False
+        while not self._stop.wait(every):
+            try:
+                self.refresh()
+            except SQLAlchemyError as err:
+                if not failing:
+                    log.warning("shared state %s unreadable, keeping what was last read: %s",
+                                describe_url(self._db.url),
+                                str(getattr(err, "orig", err)).strip().splitlines()[0])
+                failing = True
+                continue
+            if failing:
+                log.warning("shared state %s readable again", describe_url(self._db.url))
+            failing = False
+
+    def refresh(self) -> None:
+        """Read the switch and every host's pause, clearances and intrusion report
+        from the database into memory (what another dominator may have changed; last
+        syncs are this dominator's own). Holds the lock, so a write of this process
+        is either read here or made after."""
+        switched = (HostRow.safety_cleared != 0) | (HostRow.disruption_allowed != 0) | \
+            HostRow.paused_unix.is_not(None) | HostRow.intrusion_paths.is_not(None)
+        with self._lock, Session(self._db) as session:
+            switch = session.get(SettingRow, DISABLED_KEY)
+            rows = {row.hostname: self._record(row)
+                    for row in session.scalars(sa.select(HostRow).where(switched))}
+            self._disabled = Disabled(**json.loads(switch.value)) if switch else None
+            blank = HostRecord()
+            for hostname, known in list(self._hosts.items()):
+                if hostname not in rows and self._switches(known) != self._switches(blank):
+                    rows[hostname] = blank
+            for hostname, read in rows.items():
+                known = self.host(hostname)
+                if self._switches(known) != self._switches(read):
+                    self._hosts[hostname] = replace(
+                        known, safety_cleared=read.safety_cleared,
+                        disruption_allowed=read.disruption_allowed, paused=read.paused,
+                        intrusion_paths=read.intrusion_paths,
+                        intrusion_unix=read.intrusion_unix)
+
+    @staticmethod
+    def _switches(record: HostRecord) -> tuple[object, ...]:
+        """What of a host record other dominators may change."""
+        return (record.safety_cleared, record.disruption_allowed, record.paused,
+                record.intrusion_paths, record.intrusion_unix)
 
     @staticmethod
     def _record(row: HostRow) -> HostRecord:
@@ -143,23 +235,29 @@ class DominatorState:
                           row.intrusion_unix or 0, row.last_sync_unix or 0,
                           row.current_image or "", bool(row.disruption_allowed), paused)
 
+    def _insert(self, table: type[Base]) -> sqlite.Insert | postgresql.Insert:
+        """An INSERT with the ON CONFLICT clauses of the state's database."""
+        return (postgresql.insert if self._db.dialect.name == "postgresql"
+                else sqlite.insert)(table)
+
     def _remember(self, hostname: str, **changes: Any) -> None:
-        self._hosts[hostname] = replace(self.host(hostname), **changes)
+        with self._lock:
+            self._hosts[hostname] = replace(self.host(hostname), **changes)
 
     def _write(self, *statements: sa.Executable) -> None:
-        with self._lock, self.engine.begin() as conn:
+        with self._lock, self._db.begin() as conn:
             for statement in statements:
                 conn.execute(statement)
 
     def _read(self, statement: sa.Select[*tuple[Any, ...]]) -> list[sa.Row[*tuple[Any, ...]]]:
-        with self._lock, self.engine.connect() as conn:
+        with self._lock, self._db.connect() as conn:
             return list(conn.execute(statement))
 
     def _update_host(self, hostname: str, ensure: bool = False, **values: object) -> None:
         """Set columns of the host's row (made first when `ensure`)."""
         update = sa.update(HostRow).where(HostRow.hostname == hostname).values(**values)
         if ensure:
-            self._write(insert(HostRow).values(hostname=hostname).on_conflict_do_nothing(),
+            self._write(self._insert(HostRow).values(hostname=hostname).on_conflict_do_nothing(),
                         update)
         else:
             self._write(update)
@@ -176,7 +274,7 @@ class DominatorState:
         when `until_unix` is given, until then."""
         disabled = Disabled(by, reason, int(time.time()), until_unix)
         value = json.dumps(disabled.__dict__)
-        self._write(insert(SettingRow).values(key=DISABLED_KEY, value=value)
+        self._write(self._insert(SettingRow).values(key=DISABLED_KEY, value=value)
                     .on_conflict_do_update(index_elements=[SettingRow.key],
                                            set_={"value": value}))
         self._disabled = disabled
@@ -273,11 +371,11 @@ class DominatorState:
             return
         now = int(time.time())
         statements: list[sa.Executable] = [
-            insert(DesiredImageRow).values(hostname=hostname, image=image, last_unix=now)
+            self._insert(DesiredImageRow).values(hostname=hostname, image=image, last_unix=now)
             .on_conflict_do_update(index_elements=[DesiredImageRow.hostname,
                                                    DesiredImageRow.image],
                                    set_={"last_unix": now})]
-        statements += [insert(DesiredComputedRow).values(hostname=hostname, path=path,
+        statements += [self._insert(DesiredComputedRow).values(hostname=hostname, path=path,
                                                          hash=digest.hex(), size=size)
                        .on_conflict_do_nothing()
                        for path, (digest, size) in computed.items()]

@@ -18,7 +18,7 @@ from dominator.herd.herd import Herd, HerdConfig
 from dominator.herd.images import ImageCache
 from dominator.herd.leases import DEFAULT_LEASE_SECONDS, DEFAULT_SHARDS
 from dominator.herd.ownership import Ownership
-from dominator.herd.state import STATE_FILE, DominatorState
+from dominator.herd.state import STATE_FILE, DominatorState, shared_url
 from dominator.herd.tokens import ApiTokens
 from dominator.server.http.app import RunningHttp, make_app, serve_http
 from dominator.server.http.context import HttpContext
@@ -89,6 +89,7 @@ class Server:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.mdb: Mdb | None = None
+        self.state: DominatorState | None = None
         self.images: ImageCache | None = None
         self.grpc: RunningServer | None = None
         self.deploys: DeployEngine | None = None
@@ -119,7 +120,9 @@ class Server:
         """Open the stores, start the gRPC API, resume deploys, serve HTTP, run the herd."""
         config = self.config
         self.mdb = Mdb(config.mdb_url)
-        state = DominatorState(config.state_dir / STATE_FILE)
+        # In the MDB's database when that is PostgreSQL: every dominator on it shares it.
+        self.state = state = DominatorState(config.state_dir / STATE_FILE,
+                                            shared_url(config.mdb_url))
         audit, tokens = AuditLog(state.engine, "dominator"), ApiTokens(state)
         self.images = ImageCache(config.herd.imageserver, config.security)
         self.ownership = ownership = Ownership(
@@ -166,6 +169,8 @@ class Server:
             self.images.close()
         if self.mdb is not None:
             self.mdb.close()
+        if self.state is not None:
+            self.state.close()
 
 
 async def serve(config: DaemonConfig) -> None:

@@ -1,24 +1,33 @@
-"""The dominator's state file: host pauses and disruption allowances outlive a restart,
-a pause with an expiry runs out on its own, and an old state file gains the new columns."""
+"""The dominator's state: host pauses and disruption allowances outlive a restart, a
+pause with an expiry runs out on its own (in the state file, and shared in a PostgreSQL
+MDB when FLEET_TEST_POSTGRES_URL is set), and an old state file gains the new columns."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from dominator.herd.state import DominatorState
 from tests import old_runner
 
 
-def test_pause_and_disruption_allowance_survive_a_restart(tmp_path: Path) -> None:
-    state = DominatorState(tmp_path / "state.sqlite")
+@pytest.fixture(params=["file", "postgresql"])
+def shared(request: pytest.FixtureRequest) -> str | None:
+    """Where the state is kept: the state file (None), or a fresh PostgreSQL database."""
+    return None if request.param == "file" else str(request.getfixturevalue("postgres_url"))
+
+
+def test_pause_and_disruption_allowance_survive_a_restart(tmp_path: Path,
+                                                          shared: str | None) -> None:
+    state = DominatorState(tmp_path / "state.sqlite", shared)
     state.pause_host("web-1", "alice", "kernel bug", 0)
     state.allow_disruption("web-2")
-    state.engine.dispose()
+    state.close()
 
-    again = DominatorState(tmp_path / "state.sqlite")
+    again = DominatorState(tmp_path / "state.sqlite", shared)
     paused = again.host_paused("web-1")
     assert paused is not None and (paused.by, paused.reason) == ("alice", "kernel bug")
     assert again.host_paused("web-2") is None
@@ -26,13 +35,14 @@ def test_pause_and_disruption_allowance_survive_a_restart(tmp_path: Path) -> Non
 
     again.consume_disruption("web-2")
     again.resume_host("web-1")
-    again.engine.dispose()
-    third = DominatorState(tmp_path / "state.sqlite")
+    again.close()
+    third = DominatorState(tmp_path / "state.sqlite", shared)
     assert third.host_paused("web-1") is None and not third.disruption_allowed("web-2")
+    third.close()
 
 
-def test_pauses_with_an_expiry_run_out(tmp_path: Path) -> None:
-    state = DominatorState(tmp_path / "state.sqlite")
+def test_pauses_with_an_expiry_run_out(tmp_path: Path, shared: str | None) -> None:
+    state = DominatorState(tmp_path / "state.sqlite", shared)
     state.pause_host("web-1", "alice", "short", int(time.time()) - 1)
     state.pause_host("web-2", "alice", "long", int(time.time()) + 3600)
     assert state.host_paused("web-1") is None
@@ -41,6 +51,7 @@ def test_pauses_with_an_expiry_run_out(tmp_path: Path) -> None:
     assert state.updates_disabled() is None
     state.disable_updates("bob", "forever")
     assert state.updates_disabled() is not None
+    state.close()
 
 
 def test_a_version_2_state_file_keeps_its_hosts(tmp_path: Path) -> None:
