@@ -22,18 +22,29 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 
+from dominator.herd.instruments import HerdMetrics
 from dominator.herd.status import Status
 from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.wire import subd_pb2
+from mdb.machine import Machine
 from subd.client import AsyncSubClient
 
-if TYPE_CHECKING:
-    from dominator.herd.herd import Sub
-    from dominator.herd.instruments import HerdMetrics
+
+class WatchedSub(Protocol):
+    """What a watch reads and sets of the herd's Sub (dominator/herd/herd.py)."""
+
+    machine: Machine
+    status: Status
+    generation: int
+    last_scan_unix: float
+    wake: asyncio.Event
+
+
+Sub = TypeVar("Sub", bound=WatchedSub)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +98,7 @@ def cycle_delay(status: Status, watching: bool, poll_interval: float,
     return config.backstop_interval, Reason.BACKSTOP
 
 
-class HostWatch:
+class HostWatch(Generic[Sub]):
     """One sub's Watch stream and the waits of its loop."""
 
     def __init__(self, sub: Sub, client: Callable[[Sub], AsyncSubClient],
@@ -222,6 +233,6 @@ class Watches:
         self.watching = 0  # subs whose stream is open now
         metrics.hosts_watching.set_function(lambda: self.watching)
 
-    def open(self, sub: Sub, client: Callable[[Sub], AsyncSubClient]) -> HostWatch:
+    def open(self, sub: Sub, client: Callable[[Sub], AsyncSubClient]) -> HostWatch[Sub]:
         """Start watching `sub` (reaching it through `client(sub)`)."""
         return HostWatch(sub, client, self)

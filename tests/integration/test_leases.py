@@ -434,7 +434,7 @@ def test_sqlite_refuses_another_shard_count_too(
 
 
 class Runner:
-    """One LeaseManager in its own process (fleetlib.testing.leaserunner)."""
+    """One LeaseManager in its own process (tests.integration.leaserunner)."""
 
     def __init__(self, url: str, name: str, folder: Path) -> None:
         self.name = name
@@ -442,7 +442,7 @@ class Runner:
         self.log = folder / f"{name}.log"
         with self.out.open("w") as out, self.log.open("w") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "fleetlib.testing.leaserunner", url, name,
+                [sys.executable, "-m", "tests.integration.leaserunner", url, name,
                  "--lease", str(LEASE), "--shards", str(SHARDS), "--tick", "0.1"],
                 stdout=out, stderr=err, cwd=PROJECT)
 

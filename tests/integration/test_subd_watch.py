@@ -243,11 +243,11 @@ class SilentSubd(subd_pb2_grpc.SubdServicer):
         yield subd_pb2.WatchEvent()
 
 
-Done = Callable[[Watches, HostWatch, list[Reason]], bool]
+Done = Callable[[Watches, HostWatch[Sub], list[Reason]], bool]
 
 
 async def herd_watch(servicer: subd_pb2_grpc.SubdServicer, config: WatchConfig, done: Done,
-                     timeout: float) -> tuple[Watches, HostWatch, list[Reason]]:
+                     timeout: float) -> tuple[Watches, HostWatch[Sub], list[Reason]]:
     """A HostWatch of the herd against a real insecure gRPC server of `servicer` on
     loopback, until `done(watches, watch, reasons)` holds: `reasons` are those of the
     cycles the synced sub's loop ran meanwhile (0.2 s poll interval; no poll is made)."""
@@ -282,7 +282,7 @@ def test_the_herd_polls_an_older_subd_at_the_poll_interval() -> None:
 
 
 def test_a_silent_stream_is_dead_after_two_heartbeats_and_reopened() -> None:
-    def reopened(watches: Watches, watch: HostWatch, reasons: list[Reason]) -> bool:
+    def reopened(watches: Watches, watch: HostWatch[Sub], reasons: list[Reason]) -> bool:
         return Reason.WATCH_LOST in reasons and watch.watching
 
     config = WatchConfig(heartbeat_seconds=1, retry_first=0.1)
@@ -299,7 +299,7 @@ def test_a_silent_stream_is_dead_after_two_heartbeats_and_reopened() -> None:
 def test_a_stream_on_a_closed_channel_is_reopened_on_the_new_one() -> None:
     """The herd closes a sub's channel when its MDB address changes: the watch must
     reopen on the channel `client(sub)` gives next, not die with the old one."""
-    async def run() -> tuple[Watches, HostWatch, list[Reason]]:
+    async def run() -> tuple[Watches, HostWatch[Sub], list[Reason]]:
         server = grpc.aio.server()
         subd_pb2_grpc.add_SubdServicer_to_server(SilentSubd(), server)
         port = server.add_insecure_port("127.0.0.1:0")

@@ -1,5 +1,5 @@
 """One shard lease manager in its own process, for the lease tests:
-`python -m fleetlib.testing.leaserunner URL NAME [--lease S] [--shards N] [--tick S]`.
+`python -m tests.integration.leaserunner URL NAME [--lease S] [--shards N] [--tick S]`.
 
 It runs `LeaseManager.run` until SIGTERM (then gives its shards back) and writes JSON
 lines to stdout: one per renewal round (`"event": "renewal"`) and every `--tick`
