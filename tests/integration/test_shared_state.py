@@ -1,0 +1,281 @@
+"""The dominator's state shared in a PostgreSQL MDB (FLEET_TEST_POSTGRES_URL; skipped
+without it): two stores on one database see each other's switch, pauses, clearances
+and intrusion reports within seconds; and two real `dominator serve` on one MDB: the
+fleet-wide switch set through one stops both (hosts each manages stay put on an MDB
+change), a pause and a safety clearance set through one are seen by the other, and
+switching updates on through the other lets both converge again."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from dominator.herd.leases import shard_of
+from dominator.herd.state import DominatorState, shared_url
+from fleetlib.rpc.tls import Security
+from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli, free_port
+from fleetlib.testing.fleet import wait_for
+from fleetlib.testing.trees import make_tree
+from mdb.machine import Machine
+from mdb.store import Mdb
+
+SEEN_WITHIN = 6.0  # seconds: the refresh (2 s) and a loaded machine's slack
+TOKEN = "test-token"
+ELSEWHERE = "managed elsewhere"
+
+
+@pytest.fixture
+def two_states(tmp_path: Path, postgres_url: str) -> Iterator[tuple[DominatorState,
+                                                                   DominatorState]]:
+    with Mdb(postgres_url):  # the MDB at head, as `dominator serve` opens it first
+        pass
+    states = (DominatorState(tmp_path / "a" / "dominator.sqlite", shared_url(postgres_url)),
+              DominatorState(tmp_path / "b" / "dominator.sqlite", shared_url(postgres_url)))
+    yield states
+    for state in states:
+        state.close()
+
+
+def test_only_a_postgresql_mdb_shares_the_state(tmp_path: Path) -> None:
+    assert shared_url(str(tmp_path / "mdb.sqlite")) is None
+    assert shared_url(f"sqlite:///{tmp_path}/mdb.sqlite") is None
+    url = "postgresql+psycopg://u:p@127.0.0.1/mdb"
+    assert shared_url(url) == url
+    state = DominatorState(tmp_path / "dominator.sqlite")
+    assert not state.shared
+    state.close()
+
+
+def test_two_stores_share_switch_pauses_and_clearances(
+        two_states: tuple[DominatorState, DominatorState], postgres_url: str) -> None:
+    a, b = two_states
+    assert a.shared and b.shared
+    switched = a.disable_updates("alice", "freeze for the audit")
+    assert a.updates_disabled() == switched
+    started = time.monotonic()
+    assert wait_for(b.updates_disabled, "B sees A's switch", SEEN_WITHIN) == switched
+    assert time.monotonic() - started < SEEN_WITHIN
+
+    a.pause_host("web-1", "alice", "kernel bug", int(time.time()) + 3600)
+    a.clear_safety("web-2")
+    a.allow_disruption("web-3")
+    a.report_intrusion("web-4", ["/etc/passwd"])
+    wait_for(lambda: b.host_paused("web-1"), "B sees the pause", SEEN_WITHIN)
+    paused = b.host_paused("web-1")
+    assert paused is not None and (paused.by, paused.reason) == ("alice", "kernel bug")
+    wait_for(lambda: b.safety_cleared("web-2") and b.disruption_allowed("web-3")
+             and b.intrusion("web-4") == ("/etc/passwd",), "B sees the rest", SEEN_WITHIN)
+
+    # Through B: switch on, resume, consume, acknowledge; A sees each undone.
+    b.enable_updates()
+    b.resume_host("web-1")
+    b.consume_safety("web-2")
+    b.consume_disruption("web-3")
+    b.acknowledge_intrusion("web-4")
+    wait_for(lambda: a.updates_disabled() is None and a.host_paused("web-1") is None
+             and not a.safety_cleared("web-2") and not a.disruption_allowed("web-3")
+             and not a.intrusion("web-4"), "A sees B's changes", SEEN_WITHIN)
+
+    # The desired-image history is one too (read from the database, not memory).
+    a.record_sync("web-5", "v1", {"/etc/motd": (b"\x01" * 32, 5)})
+    assert b.desired_images("web-5") == ["v1"]
+    assert b.desired_computed("web-5") == {"/etc/motd": {b"\x01" * 32: 5}}
+    engine = sa.create_engine(postgres_url)
+    with engine.connect() as connection:
+        versions = set(connection.execute(sa.text(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_name LIKE 'alembic_version_%'")).scalars())
+    engine.dispose()
+    assert {"alembic_version_mdb", "alembic_version_state"} <= versions
+
+
+def test_a_store_keeps_its_memory_while_the_database_is_away(
+        two_states: tuple[DominatorState, DominatorState], postgres_url: str) -> None:
+    a, b = two_states
+    a.disable_updates("alice", "freeze")
+    wait_for(b.updates_disabled, "B sees the switch", SEEN_WITHIN)
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = sa.make_url(postgres_url).database
+    with admin.connect() as connection:  # every session of the test database, B's too
+        connection.execute(sa.text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+    admin.dispose()
+    assert b.updates_disabled() is not None  # memory: still off, not lifted by a failure
+    a.enable_updates()  # a new session (pre-ping)
+    wait_for(lambda: b.updates_disabled() is None, "B reconnects and sees it on",
+             SEEN_WITHIN)
+
+
+class TwoDominators:
+    """Two `dominator serve` on one PostgreSQL MDB, with their HTTP sides."""
+
+    def __init__(self, tmp: Path, ca: Path, url: str, imageserver: Daemon) -> None:
+        self.daemons: dict[str, Daemon] = {}
+        self.http: dict[str, str] = {}
+        for name in ("dom-a", "dom-b"):
+            http_port = free_port()
+            self.daemons[name] = Daemon(
+                "dominator.cli", ["serve", "--state-dir", str(tmp / name), "--mdb-url", url,
+                                  "--imageserver", imageserver.address, "--poll-interval",
+                                  "0.3", "--http-port", str(http_port), "--token", TOKEN,
+                                  "--tls-dir", str(ca / "dominator"), "--name", name,
+                                  "--lease", "3"],
+                "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
+                tmp / f"{name}.log")
+            self.http[name] = f"http://127.0.0.1:{http_port}"
+        self.env = {"DOMINATOR_TLS_DIR": str(ca / "admin"),
+                    "DOMINATOR_IMAGESERVER": imageserver.address}
+
+    def run(self, name: str, *args: str) -> str:
+        """`dominator ARGS...` against dominator `name` (it must succeed)."""
+        return cli(*args, env={**self.env, "DOMINATOR_ADDRESS": self.daemons[name].address},
+                   check=True).stdout
+
+    def status(self, name: str) -> dict[str, Any]:
+        """`fleet status --json --dominator` of dominator `name`."""
+        return dict(json.loads(self.run(name, "fleet", "status", "--json", "--dominator",
+                                        self.daemons[name].address)))
+
+    def show(self, name: str, host: str) -> dict[str, Any]:
+        """`fleet show HOST --json --dominator` of dominator `name`."""
+        return dict(json.loads(self.run(name, "fleet", "show", host, "--json", "--dominator",
+                                        self.daemons[name].address)))
+
+    def view(self, name: str) -> dict[str, dict[str, Any]]:
+        """Dominator `name`'s hosts by hostname ({} while it does not answer)."""
+        try:
+            reply = httpx.get(f"{self.http[name]}/hosts.json", timeout=10)
+            reply.raise_for_status()
+        except httpx.HTTPError:
+            return {}
+        return {host["hostname"]: host for host in reply.json()["hosts"]}
+
+    def managed(self) -> dict[str, dict[str, Any]]:
+        """host -> its row in the view of the dominator managing it."""
+        rows: dict[str, dict[str, Any]] = {}
+        for name in self.daemons:
+            rows.update({host: row for host, row in self.view(name).items()
+                         if row["status"] != ELSEWHERE})
+        return rows
+
+    def stop(self) -> None:
+        for daemon in self.daemons.values():
+            if daemon.process is not None and daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGCONT)
+            daemon.stop()
+
+
+def held_shards(url: str) -> dict[str, set[int]]:
+    """Shards under an unexpired lease, by owner name."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text(
+                "SELECT d.name, s.shard FROM shard_leases s JOIN dominators d "
+                "ON d.id = s.owner WHERE s.expires_at > now()")).all()
+    finally:
+        engine.dispose()
+    held: dict[str, set[int]] = {}
+    for name, shard in rows:
+        held.setdefault(name, set()).add(shard)
+    return held
+
+
+def names_in(shards: set[int], count: int, prefix: str) -> list[str]:
+    """`count` hostnames whose shard is among `shards`."""
+    return list(itertools.islice((f"{prefix}-{i}" for i in itertools.count()
+                                  if shard_of(f"{prefix}-{i}") in shards), count))
+
+
+@pytest.fixture
+def two_dominators(tmp_path: Path, ca: Path, postgres_url: str, imageserver: Daemon
+                   ) -> Iterator[TwoDominators]:
+    started = TwoDominators(tmp_path, ca, postgres_url, imageserver)
+    yield started
+    started.stop()
+
+
+def test_the_global_disable_switch_set_through_one_dominator_stops_all_of_them(
+        tmp_path: Path, postgres_url: str, two_dominators: TwoDominators,
+        start_subd: Callable[..., Daemon]) -> None:
+    doms = two_dominators
+    tree = make_tree(tmp_path / "tree")
+    for image in ("v1", "v2"):
+        (tree / "etc/release").write_text(f"{image}\n")
+        doms.run("dom-a", "image", "add", image, str(tree))
+    with Mdb(postgres_url):  # at head before two dominators race to open it
+        pass
+    for daemon in doms.daemons.values():
+        daemon.start()
+
+    def shared_by_two() -> dict[str, set[int]] | None:
+        found = held_shards(postgres_url)
+        return found if len(found) == 2 and sum(map(len, found.values())) == 256 else None
+    held = wait_for(shared_by_two, "the shards shared by two", 30)
+    # Two hosts in the shards of each, so that each dominator manages some.
+    hosts = {name: names_in(shards, 2, name) for name, shards in held.items()}
+    subs = {}
+    with Mdb(postgres_url) as mdb:
+        for host in itertools.chain(*hosts.values()):
+            (tmp_path / host).mkdir()
+            subs[host] = start_subd(tmp_path / host)
+            mdb.set(Machine(host, address=subs[host].address, required_image="v1"))
+    every = sorted(subs)
+    wait_for(lambda: (rows := doms.managed()) and sorted(rows) == every
+             and all(row["current_image"] == "v1" for row in rows.values()),
+             "every host on v1, each managed by one", 90)
+
+    # The switch through A: B reports it (who and why) within seconds, from the
+    # shared database.
+    doms.run("dom-a", "fleet", "disable-updates", "--reason", "freeze for the audit")
+    switched = time.monotonic()
+    on_b = wait_for(lambda: (status := doms.status("dom-b"))["updates_disabled"] and status,
+                    "B reports updates disabled", 10)
+    assert time.monotonic() - switched < 10
+    on_a = doms.status("dom-a")
+    assert on_b["disabled_reason"] == "freeze for the audit"
+    assert on_b["disabled_by"] and on_b["disabled_by"] == on_a["disabled_by"]
+    assert on_b["disabled_unix"] == on_a["disabled_unix"]
+
+    # Both stop: an MDB change moves no host, whichever dominator manages it.
+    with Mdb(postgres_url) as mdb:
+        for host in every:
+            mdb.update(host, required_image="v2")
+    wait_for(lambda: (rows := doms.managed()) and sorted(rows) == every
+             and all(row["status"] == "updates disabled" for row in rows.values()),
+             "every host held by the switch", 30)
+    time.sleep(2)  # several poll cycles of both
+    rows = doms.managed()
+    assert {row["current_image"] for row in rows.values()} == {"v1"}, rows
+
+    # A host pause and a safety clearance set through A, on hosts B manages.
+    paused, cleared = hosts["dom-b"]
+    doms.run("dom-a", "mdb", "set", paused, "--disable-updates", "--reason", "kernel bug")
+    doms.run("dom-a", "fleet", "clear-safety", cleared)
+    shown = wait_for(lambda: (report := doms.show("dom-b", paused))["pause"] and report,
+                     "B sees the pause", 10)
+    assert shown["pause"]["reason"] == "kernel bug"
+    wait_for(lambda: doms.show("dom-b", cleared)["safety_cleared"], "B sees the clearance",
+             10)
+
+    # Switched on through B: A reports it on, and every host but the paused one
+    # converges on v2 (the paused one stays, held by its pause on B).
+    doms.run("dom-b", "fleet", "enable-updates")
+    wait_for(lambda: not doms.status("dom-a")["updates_disabled"], "A reports updates on", 10)
+    others = [host for host in every if host != paused]
+    wait_for(lambda: (rows := doms.managed()) and all(
+        rows.get(host, {}).get("current_image") == "v2" for host in others),
+        "the others on v2", 90)
+    assert doms.managed()[paused]["current_image"] == "v1"
+    for daemon in doms.daemons.values():
+        assert not TRACEBACK_RE.search(daemon.log_path.read_text(errors="replace"))
