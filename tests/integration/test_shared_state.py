@@ -1,17 +1,21 @@
 """The dominator's state shared in a PostgreSQL MDB (FLEET_TEST_POSTGRES_URL; skipped
 without it): two stores on one database see each other's switch, pauses, clearances
-and intrusion reports within seconds; and two real `dominator serve` on one MDB: the
-fleet-wide switch set through one stops both (hosts each manages stay put on an MDB
-change), a pause and a safety clearance set through one are seen by the other, and
-switching updates on through the other lets both converge again."""
+and intrusion reports within seconds, and keep their memory while the database is gone;
+and two real `dominator serve` on one MDB: the fleet-wide switch set through one stops
+both (hosts each manages stay put on an MDB change), a pause and a safety clearance set
+through one are seen by the other, and switching updates on through the other lets both
+converge again."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,22 +102,63 @@ def test_two_stores_share_switch_pauses_and_clearances(
     assert {"alembic_version_mdb", "alembic_version_state"} <= versions
 
 
-def test_a_store_keeps_its_memory_while_the_database_is_away(
+def test_a_store_survives_terminated_sessions(
         two_states: tuple[DominatorState, DominatorState], postgres_url: str) -> None:
     a, b = two_states
     a.disable_updates("alice", "freeze")
     wait_for(b.updates_disabled, "B sees the switch", SEEN_WITHIN)
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = sa.make_url(postgres_url).database
-    with admin.connect() as connection:  # every session of the test database, B's too
-        connection.execute(sa.text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
-    admin.dispose()
-    assert b.updates_disabled() is not None  # memory: still off, not lifted by a failure
-    a.enable_updates()  # a new session (pre-ping)
+    terminate_sessions(postgres_url)  # B's too
+    assert b.updates_disabled() is not None
+    a.enable_updates()  # on a new session (pre-ping)
     wait_for(lambda: b.updates_disabled() is None, "B reconnects and sees it on",
              SEEN_WITHIN)
+
+
+def test_a_store_keeps_its_memory_while_the_database_is_gone(
+        tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    state = DominatorState(tmp_path / "dominator.sqlite", postgres_url, refresh_seconds=0.2)
+    try:
+        state.disable_updates("alice", "freeze")
+        state.pause_host("web-1", "alice", "kernel bug")
+        with caplog.at_level(logging.WARNING, logger="dominator.herd.state"):
+            drop_database(postgres_url)
+            wait_for(lambda: "unreadable, keeping what was last read" in caplog.text,
+                     "the failing refresh logged", SEEN_WITHIN)
+        assert state.updates_disabled() is not None and state.host_paused("web-1") is not None
+        assert caplog.text.count("unreadable") == 1  # once per outage
+    finally:
+        state.close()
+        recreate_database(postgres_url)  # for the fixture to drop
+
+
+def terminate_sessions(url: str) -> None:
+    """End every other session of the database at `url`."""
+    with _admin(url) as connection:
+        connection.execute(sa.text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = :name AND pid <> pg_backend_pid()"),
+            {"name": sa.make_url(url).database})
+
+
+def drop_database(url: str) -> None:
+    with _admin(url) as connection:
+        connection.exec_driver_sql(f"DROP DATABASE {sa.make_url(url).database} WITH (FORCE)")
+
+
+def recreate_database(url: str) -> None:
+    with _admin(url) as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {sa.make_url(url).database}")
+
+
+@contextmanager
+def _admin(url: str) -> Iterator[sa.Connection]:
+    """A session of the server's own test database (not the one at `url`)."""
+    admin = sa.create_engine(os.environ["FLEET_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            yield connection
+    finally:
+        admin.dispose()
 
 
 class TwoDominators:
