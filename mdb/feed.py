@@ -1,8 +1,9 @@
 """The MDB change feed: on PostgreSQL a dedicated connection LISTENs on the channel the
 MDB's triggers notify at every committed change (mdb/revisions/mdb_0005), in a thread of
-its own, and wakes the follower at once; a lost connection is reopened with a backoff,
-and the follower then makes one backstop read, as notifications sent meanwhile are
-lost. The follower still reads on a (long) backstop interval, for anything missed.
+its own, and wakes the follower at once; a lost connection is reopened with a backoff
+(0.5 s doubling to 10 s), and the follower then makes one backstop read, as notifications
+sent meanwhile are lost. The follower still reads on a (long) backstop interval, for
+anything missed.
 SQLite has no feed: its follower polls the revision as before (`open_feed` is None)."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class MdbFeed:
     kept open by a daemon thread. `on_notify` and `on_reconnect` are counted (metrics)
     in that thread (`on_reconnect` at each reopening, not at the first opening)."""
 
-    def __init__(self, url: URL, retry_first: float = 0.5, retry_max: float = 30.0,
+    def __init__(self, url: URL, retry_first: float = 0.5, retry_max: float = 10.0,
                  on_notify: Callable[[], None] = lambda: None,
                  on_reconnect: Callable[[], None] = lambda: None) -> None:
         self.url = url
