@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from dominator.cli.options import json_option
 from dominator.deploy.store import HISTORY as DEPLOYS
 from dominator.herd.state import HISTORY as STATE
-from dominator.herd.state import STATE_FILE
+from dominator.herd.state import STATE_FILE, shared_url
 from fleetlib.audit import HISTORY as AUDIT
 from fleetlib.cli.display import echo_json, echo_table
 from fleetlib.cli.run import EXIT_NEGATIVE
@@ -36,7 +36,8 @@ def targets(mdb_url: str | None, state_dir: Path | None) -> list[Target]:
         raise click.UsageError("give --mdb-url, --state-dir or both")
     found: list[Target] = []
     if mdb_url is not None:
-        found.append((mdb_url, (MDB,)))
+        # A shared (PostgreSQL) MDB's database also holds the dominators' shared state.
+        found.append((mdb_url, (MDB, STATE) if shared_url(mdb_url) else (MDB,)))
     if state_dir is not None:
         if mdb_url is None:
             found.append((str(state_dir / "mdb.sqlite"), (MDB,)))

@@ -192,11 +192,15 @@ def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(
     assert version_of(engine, MDB) == ["mdb_0003"]
 
     upgraded = cli("db", "upgrade", "--mdb-url", url, check=True)
-    assert upgraded.stdout == f"mdb {database}: mdb_0003 -> mdb_0005\n"
+    # The shared database also holds the dominators' state: one upgrade brings both.
+    assert upgraded.stdout == (f"mdb {database}: mdb_0003 -> mdb_0005\n"
+                               f"state {database}: empty -> state_0003\n")
     again = cli("db", "upgrade", "--mdb-url", url, "--json", check=True)
-    assert json.loads(again.stdout) == [{"database": database, "history": "mdb",
-                                         "from": "mdb_0005", "to": "mdb_0005",
-                                         "taken_over": False}]
+    assert json.loads(again.stdout) == [
+        {"database": database, "history": "mdb", "from": "mdb_0005", "to": "mdb_0005",
+         "taken_over": False},
+        {"database": database, "history": "state", "from": "state_0003", "to": "state_0003",
+         "taken_over": False}]
     with Mdb(url) as store:
         assert store.schema_revision == "mdb_0005"
 
@@ -213,8 +217,9 @@ def test_a_newer_unknown_revision_is_refused(url: str, engine: sa.Engine) -> Non
     assert_one_line_error(cli("db", "upgrade", "--mdb-url", url), message)
     shown = cli("db", "status", "--mdb-url", url, "--json")
     assert shown.returncode == 1
-    [entry] = json.loads(shown.stdout)
-    assert (entry["current"], entry["head"], entry["state"]) == ("mdb_0099", "mdb_0005", "newer")
+    entry = json.loads(shown.stdout)[0]  # then, on PostgreSQL, the shared state's history
+    assert (entry["history"], entry["current"], entry["head"], entry["state"]) == (
+        "mdb", "mdb_0099", "mdb_0005", "newer")
     assert version_of(engine, MDB) == ["mdb_0099"]
 
 
@@ -249,7 +254,7 @@ def test_upgraders_take_turns(url: str, engine: sa.Engine) -> None:
     for upgrader in upgraders:
         out, err = upgrader.communicate(timeout=300)
         assert upgrader.returncode == 0, err
-        [entry] = json.loads(out)
+        entry = json.loads(out)[0]  # the MDB's history comes first
         outcomes.append(entry["from"])
     assert sorted(outcomes) == ["mdb_0001", "mdb_0005", "mdb_0005", "mdb_0005"]
     assert version_of(engine, MDB) == ["mdb_0005"]
@@ -302,7 +307,10 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
     database = describe_url(engine.url)
     assert entries[0] == {"database": database, "history": "mdb", "current": "mdb_0003",
                           "head": "mdb_0005", "state": "behind", "old_runner": True}
-    assert [entry["history"] for entry in entries] == ["mdb", "state", "deploys", "audit"]
+    # The shared database holds the MDB and the shared state; the state file keeps the
+    # rest (its own state history too: the API tokens live there).
+    assert [entry["history"] for entry in entries] == ["mdb", "state", "state", "deploys",
+                                                       "audit"]
 
     upgraded = cli("db", "upgrade", "--mdb-url", postgres_url, "--state-dir", state_dir,
                    check=True)
@@ -314,7 +322,8 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
     assert lines[0].split() == ["HISTORY", "DATABASE", "CURRENT", "HEAD", "STATE"]
     assert [line.split()[0::2] for line in lines[1:]] == [
         ["mdb", "mdb_0005", "current"], ["state", "state_0003", "current"],
-        ["deploys", "deploys_0001", "current"], ["audit", "audit_0001", "current"]]
+        ["state", "state_0003", "current"], ["deploys", "deploys_0001", "current"],
+        ["audit", "audit_0001", "current"]]
     engine.dispose()
 
 
