@@ -159,26 +159,36 @@ def _status(connection: Connection, history: History, database: str) -> Status:
 
 
 @contextmanager
-def _turn(engine: Engine, history: History) -> Iterator[Connection]:
-    """A transaction that has this database's migration turn (see the module doc).
-    SQLite migrates on its own engine set up by `open_engine` (BEGIN IMMEDIATE,
-    transactional DDL), whatever engine the store opened."""
+def _schema_engine(engine: Engine) -> Iterator[Engine]:
+    """The engine schema work runs on. SQLite: one of its own set up by `open_engine`
+    (BEGIN IMMEDIATE, transactional DDL), whatever engine the store opened, disposed
+    after, so no connection Alembic used is left in the store's pool. (Reading a
+    database at head through the store's own engine broke a running dominator: its MDB
+    stopped seeing SQL committed by other processes, found by test_herd_robustness.)"""
     own = open_engine(engine.url.render_as_string(hide_password=False)) \
         if engine.dialect.name == "sqlite" else engine
     try:
-        with database_errors(engine.url), writer(own).begin() as connection:
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                                   {"key": f"fleet-migrate:{history.version_table}"})
-            yield connection
+        yield own
     finally:
         if own is not engine:
             own.dispose()
 
 
+@contextmanager
+def _turn(engine: Engine, history: History) -> Iterator[Connection]:
+    """A transaction that has this database's migration turn (see the module doc)."""
+    with _schema_engine(engine) as own, database_errors(engine.url), \
+            writer(own).begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                               {"key": f"fleet-migrate:{history.version_table}"})
+        yield connection
+
+
 def status(engine: Engine, history: History) -> Status:
     """Where the database at `engine` stands on `history` (reads only)."""
-    with database_errors(engine.url), engine.connect() as connection:
+    with _schema_engine(engine) as own, database_errors(engine.url), \
+            own.connect() as connection:
         return _status(connection, history, describe_url(engine.url))
 
 
