@@ -20,7 +20,7 @@ quickstart: install
 # built once. TEST_WORKERS=0 runs everything in this one process.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # Style and types: ruff, then mypy (its files and settings are in pyproject.toml).
 lint: install
