@@ -9,32 +9,27 @@ converge again."""
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
 from dominator.herd.leases import shard_of
 from dominator.herd.state import DominatorState, shared_url
-from fleetlib.rpc.tls import Security
-from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli, free_port
+from fleetlib.testing.daemons import TRACEBACK_RE, Daemon
+from fleetlib.testing.dominators import Dominators
 from fleetlib.testing.fleet import wait_for
 from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
 from mdb.store import Mdb
 
 SEEN_WITHIN = 6.0  # seconds: the refresh (2 s) and a loaded machine's slack
-TOKEN = "test-token"
-ELSEWHERE = "managed elsewhere"
 
 
 @pytest.fixture
@@ -161,65 +156,6 @@ def _admin(url: str) -> Iterator[sa.Connection]:
         admin.dispose()
 
 
-class TwoDominators:
-    """Two `dominator serve` on one PostgreSQL MDB, with their HTTP sides."""
-
-    def __init__(self, tmp: Path, ca: Path, url: str, imageserver: Daemon) -> None:
-        self.daemons: dict[str, Daemon] = {}
-        self.http: dict[str, str] = {}
-        for name in ("dom-a", "dom-b"):
-            http_port = free_port()
-            self.daemons[name] = Daemon(
-                "dominator.cli", ["serve", "--state-dir", str(tmp / name), "--mdb-url", url,
-                                  "--imageserver", imageserver.address, "--poll-interval",
-                                  "0.3", "--http-port", str(http_port), "--token", TOKEN,
-                                  "--tls-dir", str(ca / "dominator"), "--name", name,
-                                  "--lease", "3"],
-                "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
-                tmp / f"{name}.log")
-            self.http[name] = f"http://127.0.0.1:{http_port}"
-        self.env = {"DOMINATOR_TLS_DIR": str(ca / "admin"),
-                    "DOMINATOR_IMAGESERVER": imageserver.address}
-
-    def run(self, name: str, *args: str) -> str:
-        """`dominator ARGS...` against dominator `name` (it must succeed)."""
-        return cli(*args, env={**self.env, "DOMINATOR_ADDRESS": self.daemons[name].address},
-                   check=True).stdout
-
-    def status(self, name: str) -> dict[str, Any]:
-        """`fleet status --json --dominator` of dominator `name`."""
-        return dict(json.loads(self.run(name, "fleet", "status", "--json", "--dominator",
-                                        self.daemons[name].address)))
-
-    def show(self, name: str, host: str) -> dict[str, Any]:
-        """`fleet show HOST --json --dominator` of dominator `name`."""
-        return dict(json.loads(self.run(name, "fleet", "show", host, "--json", "--dominator",
-                                        self.daemons[name].address)))
-
-    def view(self, name: str) -> dict[str, dict[str, Any]]:
-        """Dominator `name`'s hosts by hostname ({} while it does not answer)."""
-        try:
-            reply = httpx.get(f"{self.http[name]}/hosts.json", timeout=10)
-            reply.raise_for_status()
-        except httpx.HTTPError:
-            return {}
-        return {host["hostname"]: host for host in reply.json()["hosts"]}
-
-    def managed(self) -> dict[str, dict[str, Any]]:
-        """host -> its row in the view of the dominator managing it."""
-        rows: dict[str, dict[str, Any]] = {}
-        for name in self.daemons:
-            rows.update({host: row for host, row in self.view(name).items()
-                         if row["status"] != ELSEWHERE})
-        return rows
-
-    def stop(self) -> None:
-        for daemon in self.daemons.values():
-            if daemon.process is not None and daemon.process.poll() is None:
-                daemon.process.send_signal(signal.SIGCONT)
-            daemon.stop()
-
-
 def held_shards(url: str) -> dict[str, set[int]]:
     """Shards under an unexpired lease, by owner name."""
     engine = sa.create_engine(url)
@@ -244,24 +180,29 @@ def names_in(shards: set[int], count: int, prefix: str) -> list[str]:
 
 @pytest.fixture
 def two_dominators(tmp_path: Path, ca: Path, postgres_url: str, imageserver: Daemon
-                   ) -> Iterator[TwoDominators]:
-    started = TwoDominators(tmp_path, ca, postgres_url, imageserver)
+                   ) -> Iterator[Dominators]:
+    started = Dominators(tmp_path, ca, postgres_url, imageserver, ["dom-a", "dom-b"], "3")
     yield started
     started.stop()
 
 
 def test_the_global_disable_switch_set_through_one_dominator_stops_all_of_them(
-        tmp_path: Path, postgres_url: str, two_dominators: TwoDominators,
+        tmp_path: Path, postgres_url: str, two_dominators: Dominators,
         start_subd: Callable[..., Daemon]) -> None:
     doms = two_dominators
+
+    def fleet_status(name: str) -> dict[str, Any]:
+        return doms.json(name, "fleet", "status")
+
+    def fleet_show(name: str, host: str) -> dict[str, Any]:
+        return doms.json(name, "fleet", "show", host)
     tree = make_tree(tmp_path / "tree")
     for image in ("v1", "v2"):
         (tree / "etc/release").write_text(f"{image}\n")
         doms.run("dom-a", "image", "add", image, str(tree))
     with Mdb(postgres_url):  # at head before two dominators race to open it
         pass
-    for daemon in doms.daemons.values():
-        daemon.start()
+    doms.start()
 
     def shared_by_two() -> dict[str, set[int]] | None:
         found = held_shards(postgres_url)
@@ -284,10 +225,10 @@ def test_the_global_disable_switch_set_through_one_dominator_stops_all_of_them(
     # shared database.
     doms.run("dom-a", "fleet", "disable-updates", "--reason", "freeze for the audit")
     switched = time.monotonic()
-    on_b = wait_for(lambda: (status := doms.status("dom-b"))["updates_disabled"] and status,
+    on_b = wait_for(lambda: (status := fleet_status("dom-b"))["updates_disabled"] and status,
                     "B reports updates disabled", 10)
     assert time.monotonic() - switched < 10
-    on_a = doms.status("dom-a")
+    on_a = fleet_status("dom-a")
     assert on_b["disabled_reason"] == "freeze for the audit"
     assert on_b["disabled_by"] and on_b["disabled_by"] == on_a["disabled_by"]
     assert on_b["disabled_unix"] == on_a["disabled_unix"]
@@ -307,16 +248,17 @@ def test_the_global_disable_switch_set_through_one_dominator_stops_all_of_them(
     paused, cleared = hosts["dom-b"]
     doms.run("dom-a", "mdb", "set", paused, "--disable-updates", "--reason", "kernel bug")
     doms.run("dom-a", "fleet", "clear-safety", cleared)
-    shown = wait_for(lambda: (report := doms.show("dom-b", paused))["pause"] and report,
+    shown = wait_for(lambda: (report := fleet_show("dom-b", paused))["pause"] and report,
                      "B sees the pause", 10)
     assert shown["pause"]["reason"] == "kernel bug"
-    wait_for(lambda: doms.show("dom-b", cleared)["safety_cleared"], "B sees the clearance",
+    wait_for(lambda: fleet_show("dom-b", cleared)["safety_cleared"], "B sees the clearance",
              10)
 
     # Switched on through B: A reports it on, and every host but the paused one
     # converges on v2 (the paused one stays, held by its pause on B).
     doms.run("dom-b", "fleet", "enable-updates")
-    wait_for(lambda: not doms.status("dom-a")["updates_disabled"], "A reports updates on", 10)
+    wait_for(lambda: not fleet_status("dom-a")["updates_disabled"], "A reports updates on",
+             10)
     others = [host for host in every if host != paused]
     wait_for(lambda: (rows := doms.managed()) and all(
         rows.get(host, {}).get("current_image") == "v2" for host in others),
