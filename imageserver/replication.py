@@ -384,7 +384,6 @@ class Follower:
     def adopt(self, hello: imageserver_pb2.UpstreamHello) -> None:
         """Take in the upstream's hello: divergence, the position to persist."""
         upstream = hello.identity
-        self.upstream.identity = upstream
         self.upstream.master_address = hello.master_address or self.upstream.address
         self.upstream_sequence = hello.sequence
         position = self.position

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from fleetlib.rpc.tls import Security, open_channel
-from fleetlib.wire import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2_grpc
+from fleetlib.wire import imageserver_pb2_grpc, objectserver_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,7 @@ class Upstream:
         self.channel = open_channel(address, security, "imageserver", aio=True)
         self.images = imageserver_pb2_grpc.ImageServerStub(self.channel)
         self.objects = objectserver_pb2_grpc.ObjectServerStub(self.channel)
-        # What the upstream's last hello said (replication fills these in).
-        self.identity: imageserver_pb2.ServerIdentity | None = None
+        # What the upstream's last hello said (replication fills it in).
         self.master_address = ""  # "" until known; the upstream itself when it is the master
 
     def master(self) -> str:
