@@ -106,3 +106,11 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A test asking for `url` runs on a SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "mdb.sqlite")
+    return str(request.getfixturevalue("postgres_url"))

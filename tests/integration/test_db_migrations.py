@@ -37,13 +37,6 @@ HISTORIES = [MDB, STATE, DEPLOYS, AUDIT, JOURNAL]
 OLD_HOSTS = [("web1", "10.0.0.1", "web/1", '{"role": "web"}'), ("db1", "10.0.0.2", "db/17", "{}")]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "mdb.sqlite")
-    return str(request.getfixturevalue("postgres_url"))
-
-
 @pytest.fixture
 def engine(url: str) -> Iterator[sa.Engine]:
     opened = open_engine(url)

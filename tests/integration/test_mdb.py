@@ -43,14 +43,6 @@ def machines(*hostnames: str, **fields: object) -> list[Machine]:
     return [Machine(hostname, **fields) for hostname in hostnames]  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every store test runs on a SQLite file and on PostgreSQL."""
-    if request.param == "sqlite":
-        return str(tmp_path / "mdb.sqlite")
-    return str(request.getfixturevalue("postgres_url"))
-
-
 @pytest.fixture
 def store(url: str) -> Iterator[Mdb]:
     with Mdb(url) as opened:
