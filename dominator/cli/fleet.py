@@ -12,7 +12,7 @@ from dominator.cli.dominators import dominators_command
 from dominator.cli.options import dominator_option, json_option
 from dominator.client import DominatorClient
 from dominator.deploy.model import DeploySpec
-from dominator.herd.state import Disabled
+from dominator.herd.records import Disabled
 from dominator.herd.status import Status, SubReport
 from fleetlib.cli.display import ago, echo_json, echo_table, table, utc
 from fleetlib.cli.options import Duration, security_options

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from dominator.herd.convergence import PlanSummary
 from dominator.herd.herd import Sub
-from dominator.herd.state import Disabled, HostRecord
+from dominator.herd.records import Disabled, HostRecord
 from mdb.machine import Machine
 from subd.changes import UpdatePlan
 

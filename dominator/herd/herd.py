@@ -33,7 +33,8 @@ from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
 from dominator.herd.ownership import Ownership, is_fenced
 from dominator.herd.ranking import ImageServers
-from dominator.herd.state import Disabled, DominatorState
+from dominator.herd.records import Disabled
+from dominator.herd.state import DominatorState
 from dominator.herd.status import Status, disruption_denied
 from dominator.herd.watch import WatchConfig, Watches
 from fleetlib.audit import format_time

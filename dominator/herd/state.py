@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from dominator.herd.records import Disabled, HostRecord
 from fleetlib.errors import FleetError
 from fleetlib.sql.engine import describe_url, open_engine, parse_url
 from fleetlib.sql.schema import History, open_schema
@@ -86,34 +87,6 @@ class DesiredComputedRow(Base):
     hash: Mapped[str] = mapped_column(Text, primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
 DISABLED_KEY = "updates_disabled"
-
-
-@dataclass(frozen=True)
-class Disabled:
-    """Who switched updates off (fleet-wide, or for one host), why, when, and until when
-    (0: until switched on again)."""
-
-    by: str
-    reason: str
-    unix: int
-    until_unix: int = 0
-
-    def expired(self, now: float | None = None) -> bool:
-        """Whether the switch has run out on its own."""
-        return bool(self.until_unix) and (time.time() if now is None else now) >= self.until_unix
-
-
-@dataclass(frozen=True)
-class HostRecord:
-    """What the dominator remembers of a host across restarts."""
-
-    safety_cleared: bool = False
-    intrusion_paths: tuple[str, ...] = ()
-    intrusion_unix: int = 0
-    last_sync_unix: int = 0
-    current_image: str = ""
-    disruption_allowed: bool = False
-    paused: Disabled | None = None
 
 
 SYNC_PERSIST_SECONDS = 60  # how stale the stored last-sync time of a host may get

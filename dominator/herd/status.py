@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dominator.herd.state import Disabled
+from dominator.herd.records import Disabled
 from fleetlib.fstree.listing import quote
 from fleetlib.wire import dominator_pb2
 from mdb.machine import Machine

@@ -15,7 +15,8 @@ from typing import TypeAlias
 import grpc
 
 from dominator.herd.herd import Herd, Sub, describe_pause
-from dominator.herd.state import Disabled, DominatorState
+from dominator.herd.records import Disabled
+from dominator.herd.state import DominatorState
 from dominator.herd.status import Status, SubReport
 from dominator.herd.tokens import ApiTokens
 from fleetlib.audit import AuditLog, caller, format_time

@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from dominator.deploy.views import deploy_summary, relative_view
 from dominator.herd.herd import Sub
-from dominator.herd.state import HostRecord
+from dominator.herd.records import HostRecord
 from dominator.herd.status import Status, SubReport
 from dominator.server.http.context import HttpContext
 from dominator.server.http.templating import make_environment, render_page
