@@ -136,6 +136,12 @@ class DominatorState:
             self._refresher.start()
 
     @property
+    def database(self) -> Engine:
+        """The database of what every dominator on this MDB shares: the MDB's own when
+        it is PostgreSQL, else the state file's (the same as `engine`)."""
+        return self._db
+
+    @property
     def shared(self) -> bool:
         """Whether the state lives in a database other dominators share."""
         return self._db is not self.engine
