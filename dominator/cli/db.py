@@ -28,6 +28,8 @@ from fleetlib.sql.schema import History, Status, status, upgrade
 from mdb.store import HISTORY as MDB
 
 Target = tuple[str, tuple[History, ...]]  # a database URL and the histories it holds
+# What dominators on one PostgreSQL MDB share, in the MDB's database.
+SHARED = (STATE,)
 
 
 def targets(mdb_url: str | None, state_dir: Path | None) -> list[Target]:
@@ -36,8 +38,7 @@ def targets(mdb_url: str | None, state_dir: Path | None) -> list[Target]:
         raise click.UsageError("give --mdb-url, --state-dir or both")
     found: list[Target] = []
     if mdb_url is not None:
-        # A shared (PostgreSQL) MDB's database also holds the dominators' shared state.
-        found.append((mdb_url, (MDB, STATE) if shared_url(mdb_url) else (MDB,)))
+        found.append((mdb_url, (MDB, *SHARED) if shared_url(mdb_url) else (MDB,)))
     if state_dir is not None:
         if mdb_url is None:
             found.append((str(state_dir / "mdb.sqlite"), (MDB,)))
