@@ -2,7 +2,7 @@
 use to check, upload and fetch objects, to add, read and delete images, to wait
 for one and to change when one expires.
 
-No call waits forever: unary calls have a deadline (`fleetlib.rpc.tls.call_timeout`);
+No call waits forever: unary calls have a default deadline (`fleetlib.rpc.deadline`);
 the streams, whose length depends on the data, rely on the channel's keepalive, which
 fails them once the connection goes silent.
 """
@@ -20,9 +20,10 @@ from fleetlib.fstree.image import Image
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.source import Source
 from fleetlib.rpc.chunks import join_chunks, split_message
+from fleetlib.rpc.deadline import with_default_deadline
 from fleetlib.rpc.objects import ObjectReceiver, ReceiveStats, object_chunks, pack
 from fleetlib.rpc.ports import IMAGESERVER_PORT
-from fleetlib.rpc.tls import Security, call_timeout, open_channel, parse_address
+from fleetlib.rpc.tls import Security, open_channel, parse_address
 from fleetlib.wire import (
     imageserver_pb2,
     imageserver_pb2_grpc,
@@ -46,8 +47,9 @@ class ImageServerClient:
     def __init__(self, address: str, security: Security) -> None:
         self.address = parse_address(address, DEFAULT_PORT)
         self.channel = open_channel(self.address, security, "imageserver")
-        self.images = imageserver_pb2_grpc.ImageServerStub(self.channel)
-        self.objects = objectserver_pb2_grpc.ObjectServerStub(self.channel)
+        unary_deadlines = with_default_deadline(self.channel)
+        self.images = imageserver_pb2_grpc.ImageServerStub(unary_deadlines)
+        self.objects = objectserver_pb2_grpc.ObjectServerStub(unary_deadlines)
 
     def close(self) -> None:
         """Close the connection."""
@@ -65,8 +67,7 @@ class ImageServerClient:
         absent: dict[bytes, int] = {}
         for start in range(0, len(hashes), CHECK_BATCH):
             batch = hashes[start:start + CHECK_BATCH]
-            reply = self.objects.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=batch),
-                                              timeout=call_timeout())
+            reply = self.objects.CheckObjects(objectserver_pb2.CheckObjectsRequest(hashes=batch))
             absent.update((h, wanted[h]) for h, ok in zip(batch, reply.present, strict=True)
                           if not ok)
         return absent
@@ -131,7 +132,7 @@ class ImageServerClient:
     def listing(self, prefix: str = "") -> imageserver_pb2.ListImagesResponse:
         """ListImages' whole answer: the summaries, and what a replica quarantined."""
         reply: imageserver_pb2.ListImagesResponse = self.images.ListImages(
-            imageserver_pb2.ListImagesRequest(prefix=prefix), timeout=call_timeout())
+            imageserver_pb2.ListImagesRequest(prefix=prefix))
         return reply
 
     def delete_image(self, name: str, replica_only: bool = False
@@ -139,14 +140,13 @@ class ImageServerClient:
         """Delete an image; the server frees objects no other image needs. REPLICA_ONLY:
         a replica's own copy only (the master keeps it)."""
         reply: imageserver_pb2.DeleteImageResponse = self.images.DeleteImage(
-            imageserver_pb2.DeleteImageRequest(name=name, replica_only=replica_only),
-            timeout=call_timeout())
+            imageserver_pb2.DeleteImageRequest(name=name, replica_only=replica_only))
         return reply
 
     def image_exists(self, name: str) -> bool:
         """Whether the server holds an image of that name."""
         reply: imageserver_pb2.CheckImageResponse = self.images.CheckImage(
-            imageserver_pb2.CheckImageRequest(name=name), timeout=call_timeout())
+            imageserver_pb2.CheckImageRequest(name=name))
         return reply.exists
 
     def wait_for_image(self, name: str, timeout: float | None = None) -> bool:
@@ -175,7 +175,6 @@ class ImageServerClient:
                    ) -> imageserver_pb2.SetImageExpiryResponse:
         """Make image NAME expire at `expires_unix` (0: never)."""
         reply: imageserver_pb2.SetImageExpiryResponse = self.images.SetImageExpiry(
-            imageserver_pb2.SetImageExpiryRequest(name=name, expires_unix=expires_unix),
-            timeout=call_timeout())
+            imageserver_pb2.SetImageExpiryRequest(name=name, expires_unix=expires_unix))
         return reply
 
