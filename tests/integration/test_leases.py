@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,13 @@ from dominator.herd.leases import LeaseConfigError, LeaseManager, Renewal, fair_
 from fleetlib.errors import FleetError
 from fleetlib.sql.engine import open_engine
 from fleetlib.testing.faultproxy import Fault, FaultProxy
+from fleetlib.testing.leases import SAMPLE_EVERY, LeaseSampler, Rows, read_rows
 from mdb.store import Mdb
 
 PROJECT = Path(__file__).resolve().parents[2]
 SHARDS = 256
 LEASE = 3.0  # seconds, for the managers in their own processes
 INTERVAL = LEASE / 3
-SAMPLE_EVERY = 0.1
 # Scheduling slack on a loaded two-core machine, added to the bounds the design gives.
 SLACK = 1.0
 
@@ -74,17 +73,12 @@ def open_manager() -> Iterator[Callable[..., LeaseManager]]:
         engine.dispose()
 
 
-Rows = dict[int, tuple[int | None, int, bool]]  # shard -> (owner, token, unexpired)
-
-
 def table(url: str) -> Rows:
     """shard -> (owner, token, unexpired) as the database sees it now."""
     engine = open_engine(url)
     try:
         with engine.connect() as connection:
-            return {shard: (owner, token, bool(live)) for shard, owner, token, live in
-                    connection.execute(sa.text(
-                        "SELECT shard, owner, token, expires_at > now() FROM shard_leases"))}
+            return read_rows(connection)
     finally:
         engine.dispose()
 
@@ -472,69 +466,7 @@ class Runner:
                 pytest.fail(f"{self.name} did not stop on SIGTERM: {self.log.read_text()}")
 
 
-@dataclass
-class Sampler:
-    """Reads the lease table every 100 ms in a thread and checks, sample against
-    sample, that one row exists per shard (once the first manager made them), tokens
-    never go down and a new owner always comes with a new token."""
-
-    url: str
-    samples: list[tuple[float, Rows]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    stopped: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        engine = open_engine(self.url)
-        previous: Rows = {}
-        try:
-            while not self.stopped.is_set():
-                with engine.connect() as connection:
-                    rows = connection.execute(sa.text(
-                        "SELECT shard, owner, token, expires_at > now() FROM shard_leases")).all()
-                now = time.monotonic()
-                current = {shard: (owner, token, bool(live)) for shard, owner, token, live in rows}
-                if (rows or previous) and set(current) != set(range(SHARDS)):  # none: no
-                    self.errors.append(f"{len(rows)} rows for {SHARDS} shards")  # manager yet
-                for shard, (owner, token, _) in current.items():
-                    if shard not in previous:
-                        continue
-                    old_owner, old_token, _ = previous[shard]
-                    if token < old_token:
-                        self.errors.append(f"shard {shard}: token {old_token} -> {token}")
-                    if owner is not None and owner != old_owner and token == old_token:
-                        self.errors.append(f"shard {shard}: owner {old_owner} -> {owner} "
-                                           f"with the same token {token}")
-                self.samples.append((now, current))
-                previous = current
-                self.stopped.wait(SAMPLE_EVERY)
-        finally:
-            engine.dispose()
-
-    def latest(self) -> Rows:
-        count = len(self.samples)
-        wait_for(lambda: len(self.samples) > count, 5, "a fresh sample")
-        return self.samples[-1][1]
-
-    def owners(self) -> dict[int, set[int]]:
-        """dominator id -> the shards it holds unexpired, in a fresh sample."""
-        owners: dict[int, set[int]] = {}
-        for shard, (owner, _, live) in self.latest().items():
-            if owner is not None and live:
-                owners.setdefault(owner, set()).add(shard)
-        return owners
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(10)
-        assert self.samples, "the sampler never read the table"
-        assert self.errors == []
-
-
-def fair(sampler: Sampler, ids: set[int]) -> bool:
+def fair(sampler: LeaseSampler, ids: set[int]) -> bool:
     """Every shard held unexpired, only by `ids`, each within its fair share."""
     owners = sampler.owners()
     share = fair_share(SHARDS, len(ids))
@@ -570,10 +502,10 @@ def assert_within_share(runner: Runner) -> None:
 
 
 @pytest.fixture
-def cluster(pg: str, tmp_path: Path) -> Iterator[tuple[Sampler, list[Runner]]]:
+def cluster(pg: str, tmp_path: Path) -> Iterator[tuple[LeaseSampler, list[Runner]]]:
     """The sampler and three managers in three processes ("lease-a/b/c"); at the end
     they stop (giving every shard back) and the invariants are checked."""
-    sampler = Sampler(pg)
+    sampler = LeaseSampler(pg).start()
     runners = [Runner(pg, f"lease-{name}", tmp_path) for name in "abc"]
     try:
         yield sampler, runners
@@ -592,7 +524,7 @@ def cluster(pg: str, tmp_path: Path) -> Iterator[tuple[Sampler, list[Runner]]]:
         sampler.stop()
 
 
-def settled(cluster: tuple[Sampler, list[Runner]]) -> dict[str, int]:
+def settled(cluster: tuple[LeaseSampler, list[Runner]]) -> dict[str, int]:
     """Wait for every shard to be held within two lease periods of the first start, then
     for fair shares; name -> dominator id."""
     sampler, runners = cluster
@@ -608,7 +540,7 @@ def settled(cluster: tuple[Sampler, list[Runner]]) -> dict[str, int]:
 
 
 def test_three_dominators_share_fairly_and_take_over_a_killed_one(
-        cluster: tuple[Sampler, list[Runner]]) -> None:
+        cluster: tuple[LeaseSampler, list[Runner]]) -> None:
     sampler, (a, b, c) = cluster
     ids = settled(cluster)
     killed = sampler.owners()[ids[c.name]]
@@ -627,7 +559,7 @@ def test_three_dominators_share_fairly_and_take_over_a_killed_one(
 
 
 def test_a_stopped_dominator_loses_its_shards_and_knows_before_renewing(
-        cluster: tuple[Sampler, list[Runner]]) -> None:
+        cluster: tuple[LeaseSampler, list[Runner]]) -> None:
     sampler, (a, b, c) = cluster
     ids = settled(cluster)
     tokens = {shard: token for shard, (owner, token, _) in sampler.latest().items()
@@ -659,7 +591,7 @@ def test_a_stopped_dominator_loses_its_shards_and_knows_before_renewing(
 
 
 def test_ended_database_sessions_cause_no_double_ownership(
-        cluster: tuple[Sampler, list[Runner]], pg: str) -> None:
+        cluster: tuple[LeaseSampler, list[Runner]], pg: str) -> None:
     sampler, (a, b, c) = cluster
     ids = settled(cluster)
     engine = open_engine(pg)
