@@ -18,7 +18,7 @@ import click
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fleetlib.audit import AuditLog
+from fleetlib.auditlog import AuditLog
 from fleetlib.cli.options import Duration, address_option, parse_duration, security_options
 from fleetlib.cli.run import (
     CONTEXT_SETTINGS,
@@ -34,14 +34,9 @@ from fleetlib.rpc.server import serve_metrics, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security, parse_address
 from fleetlib.sql.engine import open_engine
 from fleetlib.wire import imageserver_pb2, imageserver_pb2_grpc, objectserver_pb2_grpc
+from imageserver.feed import ReplicaRegistry
+from imageserver.follower import Follower, Session, is_this_server, open_session
 from imageserver.journal import new_id, peek
-from imageserver.replication import (
-    Follower,
-    ReplicaRegistry,
-    Session,
-    is_this_server,
-    open_session,
-)
 from imageserver.service import ImageService, ObjectService, collect_orphans, expire_images
 from imageserver.store import JOURNAL, ImageStore
 from imageserver.upstream import Upstream

@@ -30,8 +30,8 @@ from fleetlib.wire import (
 )
 from fleetlib.wire.codec import image_from_proto
 from fleetlib.wire.tree_pb2 import Chunk
+from imageserver.feed import ReplicaRegistry, feed, list_replicas
 from imageserver.pullthrough import PullThrough, Waiting, arrivals, upstream_sizes
-from imageserver.replication import ReplicaRegistry, feed, list_replicas
 from imageserver.store import ImageStore
 from imageserver.upstream import Upstream
 from imageserver.writethrough import Refused, write_through

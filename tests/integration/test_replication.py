@@ -299,7 +299,7 @@ def test_a_replaced_master_diverges_its_replica_which_deletes_nothing(
     assert metric(replica, "imageserver_replication_diverged") == 0
     assert names(replica, admin) == {"kept"}
     new_id = replicas(master, admin).identity.id
-    accepted = f"WARNING imageserver.replication: --accept-upstream: accepted upstream " \
+    accepted = f"WARNING imageserver.follower: --accept-upstream: accepted upstream " \
         f"{master.address} as it is now: server {old_id[:12]} generation 1 -> server " \
         f"{new_id[:12]} generation 1"
     assert replica.log().count(accepted) == 1
