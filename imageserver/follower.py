@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from fleetlib.audit import AuditLog
+from fleetlib.auditlog import AuditLog
 from fleetlib.errors import FleetError, PreconditionError, UnavailableError
 from fleetlib.fstree.image import Image
 from fleetlib.rpc.chunks import join_chunks_async

@@ -13,7 +13,8 @@ import grpc
 import zstandard
 from google.protobuf.message import DecodeError
 
-from fleetlib.audit import AuditLog, caller
+from fleetlib.audit import caller
+from fleetlib.auditlog import AuditLog
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError, UnavailableError
 from fleetlib.fstree.hashing import check_hash, format_hash
 from fleetlib.rpc.chunks import join_chunks_async, split_message

@@ -20,7 +20,7 @@ from dominator.cli.options import json_option
 from dominator.deploy.store import HISTORY as DEPLOYS
 from dominator.herd.state import HISTORY as STATE
 from dominator.herd.state import STATE_FILE, shared_url
-from fleetlib.audit import HISTORY as AUDIT
+from fleetlib.auditlog import HISTORY as AUDIT
 from fleetlib.cli.display import echo_json, echo_table
 from fleetlib.cli.run import EXIT_NEGATIVE
 from fleetlib.sql.engine import describe_url, open_engine, parse_url

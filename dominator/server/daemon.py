@@ -19,11 +19,11 @@ from dominator.herd.images import ImageCache
 from dominator.herd.leases import DEFAULT_LEASE_SECONDS, DEFAULT_SHARDS
 from dominator.herd.ownership import Ownership
 from dominator.herd.state import STATE_FILE, DominatorState, shared_url
-from dominator.herd.tokens import ApiTokens
+from dominator.herd.tokenstore import ApiTokens
 from dominator.server.http.app import RunningHttp, make_app, serve_http
 from dominator.server.http.context import HttpContext
 from dominator.server.service import DominatorService
-from fleetlib.audit import AuditLog
+from fleetlib.auditlog import AuditLog
 from fleetlib.errors import FleetError
 from fleetlib.fstree.objectstore import write_file_atomically
 from fleetlib.rpc.ports import DEPLOY_HTTP_PORT, DOMINATOR_PORT

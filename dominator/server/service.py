@@ -18,8 +18,9 @@ from dominator.herd.herd import Herd, Sub, describe_pause
 from dominator.herd.records import Disabled
 from dominator.herd.state import DominatorState
 from dominator.herd.status import Status, SubReport
-from dominator.herd.tokens import ApiTokens
-from fleetlib.audit import AuditLog, caller, format_time
+from dominator.herd.tokenstore import ApiTokens
+from fleetlib.audit import caller, format_time
+from fleetlib.auditlog import AuditLog
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError
 from fleetlib.rpc.status import abort
 from fleetlib.suggest import close_matches, did_you_mean

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from fleetlib.audit import AuditLog
+from fleetlib.auditlog import AuditLog
 from fleetlib.rpc.certs import CERT, common_name
 from fleetlib.testing.daemons import Daemon, cli
 from fleetlib.testing.fleet import FleetUnderTest, wait_for

@@ -20,8 +20,8 @@ from dominator.deploy.store import HISTORY as DEPLOYS
 from dominator.deploy.store import DeployStore
 from dominator.herd.state import HISTORY as STATE
 from dominator.herd.state import STATE_FILE, DominatorState
-from fleetlib.audit import HISTORY as AUDIT
-from fleetlib.audit import AuditLog
+from fleetlib.auditlog import HISTORY as AUDIT
+from fleetlib.auditlog import AuditLog
 from fleetlib.errors import FleetError
 from fleetlib.sql.engine import describe_url, open_engine, writer
 from fleetlib.sql.schema import TAKEN_OVER, History, status, upgrade

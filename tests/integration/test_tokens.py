@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from dominator.herd.state import DominatorState
-from dominator.herd.tokens import ApiTokens, digest, permits
+from dominator.herd.tokens import digest, permits
+from dominator.herd.tokenstore import ApiTokens
 from fleetlib.errors import ExistsError, FleetError
 from fleetlib.rpc.certs import CERT, common_name
 from fleetlib.testing.daemons import Daemon, cli, free_port

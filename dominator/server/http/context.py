@@ -16,8 +16,9 @@ from dominator.deploy.engine import DeployEngine
 from dominator.herd.herd import Herd
 from dominator.herd.images import ImageCache
 from dominator.herd.state import DominatorState
-from dominator.herd.tokens import ADMIN, ApiTokens, permits
-from fleetlib.audit import AuditLog
+from dominator.herd.tokens import ADMIN, permits
+from dominator.herd.tokenstore import ApiTokens
+from fleetlib.auditlog import AuditLog
 from mdb.store import Mdb
 
 READ_METHODS = frozenset({"GET", "HEAD"})  # what the `read` scope may do
