@@ -36,6 +36,7 @@ from dominator.herd.ranking import ImageServers
 from dominator.herd.records import Disabled
 from dominator.herd.state import DominatorState
 from dominator.herd.status import Status, disruption_denied
+from dominator.herd.statusrows import StatusRows
 from dominator.herd.watch import WatchConfig, Watches
 from fleetlib.audit import format_time
 from fleetlib.errors import FleetError, NotFoundError
@@ -102,11 +103,16 @@ class Sub:
     task: asyncio.Task[None] | None = None
     client: AsyncSubClient | None = None
     owner: str = ""  # the dominator holding its shard ("" when none is known)
+    repeats: int = 0  # set_status calls repeating the last transition since it
+    mirrored: bool = False  # status, times, history: its owner's report (statusrows.py)
 
     def set_status(self, status: Status, error: str = "") -> None:
         """Move to `status`, remembering the transition and telling listeners."""
         if status != self.status or error != self.last_error:
             self.history.append((time.time(), status.value, error))
+            self.repeats = 0
+        else:
+            self.repeats += 1
         self.status = status
         self.last_error = error
         for listener in list(self.listeners):
@@ -198,6 +204,7 @@ class Herd:
         self.cache = DiffCache(config.diff_cache_size)
         self.metrics = HerdMetrics()
         self.watches = Watches(config.watch, self.metrics)
+        self.rows = StatusRows(self.subs, state, ownership)  # shared state: whole-fleet view
         self._planning: dict[PlanKey, asyncio.Future[Planned | None]] = {}
         self._poll_slots = asyncio.Semaphore(config.poll_slots)
         self._fetch_slots = asyncio.Semaphore(config.fetch_slots)
@@ -243,9 +250,12 @@ class Herd:
         stop_leases = asyncio.Event()
         leases = asyncio.create_task(self.ownership.run(stop_leases), name="shard leases")
         following = asyncio.create_task(self._follow_ownership(), name="shard ownership")
+        tasks = [leases, following]
+        if self.rows.active:
+            tasks.append(asyncio.create_task(self.rows.run(), name="host status rows"))
         try:
             while True:
-                for task in (leases, following):  # neither may end while the herd runs
+                for task in tasks:  # none may end while the herd runs
                     if task.done():
                         task.result()
                         raise FleetError(f"task {task.get_name()!r} ended")
@@ -275,9 +285,10 @@ class Herd:
             for sub in self.subs.values():
                 if sub.client is not None:
                     await sub.client.close()
-            following.cancel()
+            for task in tasks[1:]:
+                task.cancel()
             stop_leases.set()  # no call is in flight: give the shards back
-            await asyncio.gather(following, leases, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _next_mdb_read(self, delay: float) -> None:
         """Wait `delay` before the next read of the MDB, or on PostgreSQL until its
@@ -333,6 +344,7 @@ class Herd:
                     log.error("ignoring an invalid MDB row: %s", reason)
                     continue
             await self._stop(sub)
+            self.rows.forget(sub)
             sub.kept_paths = ()
             sub.set_status(Status.BAD_MDB_ENTRY, reason)
         for hostname, machine in wanted.items():
@@ -360,8 +372,9 @@ class Herd:
             if sub.task is not None:
                 log.info("%s: %s: no longer supervised here", hostname, elsewhere)
                 await self._stop(sub)
-            sub.set_status(Status.ELSEWHERE, elsewhere)
+            self.rows.show(sub, elsewhere)  # its owner's status row, if current
         elif sub.task is None:
+            self.rows.forget(sub)
             sub.set_status(Status.POLLING)
             sub.prefetched = None
             sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")

@@ -373,6 +373,13 @@ class DominatorState:
             self._sync_stored[hostname] = now
         self._remember(hostname, last_sync_unix=now, current_image=image)
 
+    def mirror_sync(self, hostname: str, image: str, last_sync_unix: int) -> None:
+        """What another dominator reports of a host it supervises (statusrows.py): its
+        current image and last sync, in memory only (that dominator stores them)."""
+        known = self.host(hostname)
+        if (known.current_image, known.last_sync_unix) != (image, last_sync_unix):
+            self._remember(hostname, current_image=image, last_sync_unix=last_sync_unix)
+
     def desired_images(self, hostname: str) -> list[str]:
         """Images the host was ever asked to hold, most recent first."""
         rows = self._read(sa.select(DesiredImageRow.image)

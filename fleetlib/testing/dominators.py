@@ -81,5 +81,5 @@ class Dominators:
         rows: dict[str, dict[str, Any]] = {}
         for name in self.daemons:
             rows.update({host: row for host, row in self.view(name).items()
-                         if row["status"] != ELSEWHERE})
+                         if row["owner"] == name})
         return rows

@@ -148,7 +148,7 @@ def test_an_old_runner_state_file_is_taken_over(tmp_path: Path) -> None:
     state = DominatorState(path)
     DeployStore(state.engine)
     assert state.safety_cleared("web1") and not state.disruption_allowed("web1")
-    assert version_of(engine, STATE) == ["state_0003"]
+    assert version_of(engine, STATE) == ["state_0005"]
     assert version_of(engine, DEPLOYS) == ["deploys_0001"]
     engine.dispose()
     state.engine.dispose()
@@ -187,12 +187,12 @@ def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(
     upgraded = cli("db", "upgrade", "--mdb-url", url, check=True)
     # The shared database also holds the dominators' state: one upgrade brings both.
     assert upgraded.stdout == (f"mdb {database}: mdb_0003 -> mdb_0005\n"
-                               f"state {database}: empty -> state_0003\n")
+                               f"state {database}: empty -> state_0005\n")
     again = cli("db", "upgrade", "--mdb-url", url, "--json", check=True)
     assert json.loads(again.stdout) == [
         {"database": database, "history": "mdb", "from": "mdb_0005", "to": "mdb_0005",
          "taken_over": False},
-        {"database": database, "history": "state", "from": "state_0003", "to": "state_0003",
+        {"database": database, "history": "state", "from": "state_0005", "to": "state_0005",
          "taken_over": False}]
     with Mdb(url) as store:
         assert store.schema_revision == "mdb_0005"
@@ -264,7 +264,7 @@ def test_openers_of_a_new_state_file_take_turns(tmp_path: Path) -> None:
         list(pool.map(open_all, range(4)))
     engine = open_engine(str(tmp_path / STATE_FILE))
     assert [version_of(engine, history) for history in (STATE, DEPLOYS, AUDIT)] == \
-        [["state_0003"], ["deploys_0001"], ["audit_0001"]]
+        [["state_0005"], ["deploys_0001"], ["audit_0001"]]
     engine.dispose()
 
 
@@ -314,8 +314,8 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
     lines = shown.stdout.splitlines()
     assert lines[0].split() == ["HISTORY", "DATABASE", "CURRENT", "HEAD", "STATE"]
     assert [line.split()[0::2] for line in lines[1:]] == [
-        ["mdb", "mdb_0005", "current"], ["state", "state_0003", "current"],
-        ["state", "state_0003", "current"], ["deploys", "deploys_0001", "current"],
+        ["mdb", "mdb_0005", "current"], ["state", "state_0005", "current"],
+        ["state", "state_0005", "current"], ["deploys", "deploys_0001", "current"],
         ["audit", "audit_0001", "current"]]
     engine.dispose()
 

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from dominator.herd.leases import shard_of
 from dominator.herd.ownership import Ownership
 from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli
-from fleetlib.testing.dominators import ELSEWHERE, Dominators
+from fleetlib.testing.dominators import Dominators
 from fleetlib.testing.fleet import wait_for
 from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
@@ -51,8 +51,7 @@ def converged(doms: Dominators, hosts: list[str], image: str, among: list[str]
         if not all(host in view for view in views.values()):
             return None
         owners = {view[host]["owner"] for view in views.values()}
-        managing = [name for name, view in views.items()
-                    if view[host]["status"] != ELSEWHERE]
+        managing = [name for name, view in views.items() if view[host]["owner"] == name]
         if len(owners) != 1 or managing != list(owners):
             return None
         shown = views[managing[0]][host]
@@ -177,7 +176,7 @@ def test_three_dominators_share_fail_over_and_fence(
         views = doms.managers(survivors)
         if not all(host in view for view in views.values() for host in moved):
             return False
-        managing = [[view[host] for view in views.values() if view[host]["status"] != ELSEWHERE]
+        managing = [[view[host] for name, view in views.items() if view[host]["owner"] == name]
                     for host in moved]
         return all(len(hosts) == 1 and hosts[0]["last_poll_unix"] >= killed_unix
                    for hosts in managing)
@@ -204,8 +203,8 @@ def test_three_dominators_share_fail_over_and_fence(
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGSTOP)
     try:
-        wait_for(lambda: all(doms.view(other).get(host, {}).get("status", ELSEWHERE)
-                             != ELSEWHERE for host in its_hosts),
+        wait_for(lambda: all(doms.view(other).get(host, {}).get("owner") == other
+                             for host in its_hosts),
                  f"{its_hosts} managed by {other}", 20)
         with Mdb(postgres_url) as mdb:
             for host in its_hosts:
