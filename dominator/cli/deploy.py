@@ -22,6 +22,7 @@ import httpx
 from click.core import ParameterSource
 
 from dominator.cli.options import json_option
+from dominator.deploy.selector import parse_selector
 from dominator.herd.status import Status
 from fleetlib.cli.display import ago, echo_json, echo_table, format_bytes
 from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
@@ -55,25 +56,6 @@ def url_setting() -> str:
     ctx = click.get_current_context(silent=True)
     source = ctx.get_parameter_source("url") if ctx is not None else None
     return URL_SETTINGS.get(source, "the default of --url") if source else "the default of --url"
-
-
-def parse_selector(text: str) -> dict[str, Any]:
-    """`all`, `tags:K=V,K2=V2`, or `host-1,host-2` -> the API's `select` object."""
-    text = text.strip()
-    if text == "all":
-        return {"all": True}
-    if text.startswith("tags:"):
-        tags = {}
-        for pair in text[len("tags:"):].split(","):
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise FleetError(f"--select {text!r}: tags are KEY=VALUE pairs")
-            tags[key.strip()] = value.strip()
-        return {"tags": tags}
-    hosts = [h.strip() for h in text.split(",") if h.strip()]
-    if not hosts:
-        raise FleetError("--select: give `all`, `tags:K=V,...` or host names")
-    return {"hosts": hosts}
 
 
 def reason_of(err: httpx.TransportError) -> str:

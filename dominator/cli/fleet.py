@@ -7,11 +7,10 @@ from collections.abc import Sequence
 
 import click
 
-from dominator.cli.deploy import parse_selector
 from dominator.cli.dominators import dominators_command
 from dominator.cli.options import dominator_option, json_option
 from dominator.client import DominatorClient
-from dominator.deploy.model import DeploySpec
+from dominator.deploy.selector import parse_selector, selects
 from dominator.herd.records import Disabled
 from dominator.herd.status import Status, SubReport
 from fleetlib.cli.display import ago, echo_json, echo_table, table, utc
@@ -19,7 +18,6 @@ from fleetlib.cli.options import Duration, security_options
 from fleetlib.cli.run import EXIT_NEGATIVE, EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
 from fleetlib.errors import NotFoundError
 from fleetlib.rpc.tls import Security
-from mdb.machine import Machine
 
 STATUSES = [status.value for status in Status]
 FAST_UPDATE_EXITS = {Status.UNSAFE.value: EXIT_REFUSED,
@@ -68,9 +66,7 @@ def select_reports(reports: list[SubReport], selector: str) -> list[SubReport]:
             raise NotFoundError(f"unknown host{'s' if len(unknown) > 1 else ''} "
                                 f"{', '.join(unknown)} (the dominator does not know it)")
         return [report for report in reports if report.hostname in select["hosts"]]
-    spec = DeploySpec("", select)
-    return [report for report in reports
-            if spec.selects(Machine(report.hostname, tags=report.tags))]
+    return [report for report in reports if selects(select, report.tags)]
 
 
 def problem(report: SubReport) -> str:

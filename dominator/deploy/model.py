@@ -29,6 +29,7 @@ from dominator.deploy.health import (
     HealthCheck,
     NamedChecks,
 )
+from dominator.deploy.selector import selects
 from dominator.deploy.waves import DEFAULT_WAVES, check_waves
 from fleetlib.errors import FleetError
 from fleetlib.fstree.image import check_image_name
@@ -266,10 +267,7 @@ class DeploySpec:
 
     def selects(self, machine: Machine) -> bool:
         """Whether the selector takes this machine (by tags or all; hosts are by name)."""
-        if self.select.get("all"):
-            return True
-        tags = self.select.get("tags") or {}
-        return all(machine.tags.get(key) == value for key, value in tags.items())
+        return selects(self.select, machine.tags)
 
 
 # A deploy's state.
