@@ -2,18 +2,23 @@
 the MDB and the deploys running), runs each as one asyncio task (rollout.py runs
 its waves), and answers lookups and cancels.
 
-Every deploy lives in the dominator's state database and is saved after each
-change of state, so a restarted dominator resumes each running deploy where it
-was. The engine reaches the herd, the state store, the MDB and the image server
-through the ports of ports.py.
+Every deploy lives in the database the dominators share (the PostgreSQL MDB's, else
+the state file) and is saved after each change of state, fenced by its runner lease
+(store.py, lease.py): any dominator accepts a deploy (and runs it), answers for every
+deploy, and records a cancel for the one running it; every lease/3 each dominator
+renews its deploys and claims running ones whose runner died, resuming them from
+their saved state, as a restarted dominator resumes its own. The engine reaches the
+herd, the state store, the MDB and the image server through the ports of ports.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +28,7 @@ import sqlalchemy as sa
 
 from dominator.deploy.errors import Busy, Conflict, DeployError, Unavailable, UnknownDeploy
 from dominator.deploy.health import NO_CHECKS, NamedChecks
+from dominator.deploy.lease import LeaseLost, RunnerLease
 from dominator.deploy.model import (
     Deploy,
     DeploySpec,
@@ -34,8 +40,10 @@ from dominator.deploy.model import (
 )
 from dominator.deploy.ports import HerdPort, ImagesPort, MdbPort, StatePort
 from dominator.deploy.rollout import Rollout
-from dominator.deploy.store import DeployStore
+from dominator.deploy.store import DeployStore, Held, KeyUsed
 from dominator.deploy.waves import wave_targets
+from dominator.herd.leases import DEFAULT_LEASE_SECONDS, RETRY_FRACTION
+from dominator.herd.leases import _reason as describe_sql_error  # the driver's first line
 from fleetlib.errors import FleetError
 from fleetlib.rpc.status import describe_rpc_error
 
@@ -50,38 +58,125 @@ class DeployEngine:
 
     def __init__(self, herd: HerdPort, state: StatePort, mdb: MdbPort, images: ImagesPort,
                  max_running: int = 4, tick: float = 0.5, health_slots: int = 32,
-                 plan_slots: int = 20, health_checks: NamedChecks = NO_CHECKS) -> None:
+                 plan_slots: int = 20, health_checks: NamedChecks = NO_CHECKS,
+                 name: str = "", lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.herd = herd
         self.state = state
         self.mdb = mdb
         self.images = images
         self.max_running = max_running
         self.tick = tick
-        self.store = DeployStore(state.engine)
+        self.name = name or socket.gethostname()  # the runner named in the deploys it runs
+        self.store = DeployStore(state.database, self.name, lease_seconds)
+        self.lease = RunnerLease(lease_seconds, expires=self.store.postgres)
         self.health_checks = health_checks  # the operator's allow-list (serve --health-check)
-        self.rollout = Rollout(herd, state, mdb, self.store, tick, health_slots, plan_slots,
-                               health_checks)
+        self.rollout = Rollout(herd, state, mdb, self.store, self.lease, tick, health_slots,
+                               plan_slots, health_checks)
         self._running: dict[str, Deploy] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._submit = asyncio.Lock()
         self._stopping = False
+        self._stop = asyncio.Event()
+        self._leasing: asyncio.Task[None] | None = None
 
     # Lifecycle.
 
     async def start(self) -> None:
-        """Resume every deploy that was running when the dominator stopped."""
-        for deploy in await asyncio.to_thread(self.store.running):
-            log.info("deploy %s: resuming (%s)", deploy.id, deploy.progress())
-            self._spawn(deploy)
+        """Resume every deploy this dominator ran when it stopped (on SQLite: every
+        running deploy), and whatever else is free, then keep the leases."""
+        await self._round(mine=True)
+        self._leasing = asyncio.create_task(self._keep_leases(), name="deploy leases")
 
     async def stop(self) -> None:
-        """Stop every deploy task where it is; saved state lets the next start resume."""
+        """Stop every deploy task where it is and give their leases back; saved state
+        lets the next start, or another dominator, resume them."""
         self._stopping = True
+        self._stop.set()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._leasing is not None:
+            await asyncio.gather(self._leasing, return_exceptions=True)
+        held, self.lease.tokens = self.lease.tokens, {}
+        try:
+            await asyncio.to_thread(self.store.release, held)
+        except sa.exc.SQLAlchemyError as err:
+            log.warning("could not give back %d deploy lease(s) (%s): they expire instead",
+                        len(held), describe_sql_error(err))
         await self.rollout.close()
+
+    # Runner leases.
+
+    async def _keep_leases(self) -> None:
+        """A round every lease/3 (sooner after a failure) until stopped."""
+        while not self._stop.is_set():
+            began = time.monotonic()
+            ok = await self._round()
+            interval = self.lease.renew_interval * (1 if ok else RETRY_FRACTION)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(),
+                                       max(0.0, began + interval - time.monotonic()))
+
+    async def _round(self, mine: bool = False) -> bool:
+        """Renew the deploys run here, stop those lost, resume those paused, pick up
+        cancels asked elsewhere, claim free deploys up to max_running. False when the
+        database failed (the leases stay trusted until their deadline)."""
+        began = time.monotonic()
+        held = dict(self.lease.tokens)
+        wanted = self.max_running - len(held)
+        try:
+            done = await asyncio.to_thread(self.store.round, held, wanted, mine)
+        except sa.exc.SQLAlchemyError as err:
+            reason = describe_sql_error(err)
+            if not self.lease.failure:
+                log.warning("deploy lease renewal failed (%s): %d deploy(s) run here stay "
+                            "trusted %.1f s more, then pause", reason, len(held),
+                            max(0.0, self.lease.deadline - time.monotonic()))
+            self.lease.failure = reason
+            return False
+        if self.lease.failure:
+            log.info("deploy lease renewal works again (%s)", self.lease.failure)
+            self.lease.failure = ""
+        self.lease.renewed(began)
+        for deploy_id, token in held.items():
+            if deploy_id not in done.renewed and self.lease.tokens.get(deploy_id) == token:
+                self._lose(deploy_id, f"its lease (token {token}) expired")
+        for deploy_id, found in done.renewed.items():
+            await self._renewed(deploy_id, found)
+        for deploy, token in done.claimed:
+            log.info("deploy %s: %s (%s)", deploy.id,
+                     "resuming" if deploy.runner in ("", self.name) or not self.store.postgres
+                     else f"taking over from {deploy.runner}", deploy.progress())
+            self.lease.tokens[deploy.id] = token
+            deploy.runner = self.name
+            self._spawn(deploy)
+        return True
+
+    async def _renewed(self, deploy_id: str, found: Held) -> None:
+        """A deploy still run here: resume it if it paused, apply a cancel asked elsewhere."""
+        if self.lease.tokens.get(deploy_id) != found.token:
+            return  # ended (or lost) while the round ran
+        deploy = self._running.get(deploy_id)
+        if deploy is None:
+            deploy = await asyncio.to_thread(self.store.get, deploy_id)
+            if deploy is None or deploy.status != DeployStatus.RUNNING:
+                self.lease.tokens.pop(deploy_id, None)
+                return
+            log.info("deploy %s: lease renewed, resuming (%s)", deploy_id, deploy.progress())
+            deploy.runner = self.name
+            self._spawn(deploy)
+        elif found.cancel is not None:
+            await self._cancel_here(deploy, bool(found.cancel["rollback"]),
+                                    float(found.cancel["requestedUnix"]))
+
+    def _lose(self, deploy_id: str, why: str) -> None:
+        """Another dominator may run the deploy now: stop its task at once, unsaved."""
+        del self.lease.tokens[deploy_id]
+        task = self._tasks.get(deploy_id)
+        log.warning("deploy %s: %s: stopping it here without writing", deploy_id, why)
+        if task is not None:
+            task.cancel()
 
     def _spawn(self, deploy: Deploy) -> asyncio.Task[None]:
         self._running[deploy.id] = deploy
@@ -98,17 +193,13 @@ class DeployEngine:
         is new). With an idempotency key already used, the deploy made for it."""
         async with self._submit:
             if key:
-                existing = await self._stored(lambda: self.store.by_key(key))
+                existing = await self._replay(key, request)
                 if existing is not None:
-                    existing = self._running.get(existing.id, existing)
-                    if existing.request != request:
-                        raise Conflict(f"Idempotency-Key {key!r} was used for deploy "
-                                       f"{existing.id} with a different request")
                     return existing, False
             spec = DeploySpec.from_request(request, self.health_checks)
             await self._check_image(spec.image)
             hosts = await self._select(spec)
-            await self._check_capacity(spec, hosts)
+            await self._check_capacity(spec)
             deploy = Deploy(secrets.token_hex(8), key or None, request,
                             waves=[], hosts={}, started_by=by)
             for index, (wave_spec, target, implied) in enumerate(
@@ -119,13 +210,34 @@ class DeployEngine:
                                          WaveState.PENDING if members else WaveState.SKIPPED))
                 for name in members:
                     deploy.hosts[name] = HostProgress(index)
-            await self._stored(lambda: self.store.insert(deploy))
+            try:  # the store refuses a host of a deploy running anywhere (Conflict)
+                token = await self._stored(lambda: self.store.insert(deploy))
+            except KeyUsed:
+                assert key is not None
+                existing = await self._replay(key, request)
+                if existing is None:
+                    raise
+                return existing, False
+            assert token is not None
+            self.lease.tokens[deploy.id] = token
             log.info("deploy %s: %s%s to %d host(s) in %d wave(s)", deploy.id, spec.image,
                      " (dry run)" if spec.dry_run else "", len(hosts), len(deploy.waves))
             task = self._spawn(deploy)
         if spec.dry_run:
             await asyncio.wait([task], timeout=DRY_RUN_WAIT_SECONDS)
         return deploy, True
+
+    async def _replay(self, key: str, request: dict[str, Any]) -> Deploy | None:
+        """The deploy made for the idempotency key (through any dominator), or None;
+        Conflict when it was made for another request."""
+        existing = await self._stored(lambda: self.store.by_key(key))
+        if existing is None:
+            return None
+        existing = self._running.get(existing.id, existing)
+        if existing.request != request:
+            raise Conflict(f"Idempotency-Key {key!r} was used for deploy "
+                           f"{existing.id} with a different request")
+        return existing
 
     async def lookup(self, deploy_id: str) -> Deploy:
         """The deploy (UnknownDeploy when there is none of that id)."""
@@ -147,18 +259,38 @@ class DeployEngine:
         return self._running.get(deploy_id) or self.store.get(deploy_id)
 
     async def cancel(self, deploy_id: str, rollback: bool) -> Deploy:
-        """Stop after the hosts in flight (or roll back every touched host)."""
+        """Stop after the hosts in flight (or roll back every touched host). A deploy
+        another dominator runs gets the request recorded for its runner to pick up at
+        its next lease round; the deploy returned shows it canceling meanwhile."""
         deploy = self._running.get(deploy_id)
-        if deploy is None or deploy.status != DeployStatus.RUNNING:
-            stored = deploy or await self.lookup(deploy_id)
-            if stored.status == DeployStatus.CANCELED:
-                return stored
-            raise Conflict(f"deploy {deploy_id} has ended ({stored.status}); nothing to cancel")
-        if deploy.phase == Phase.ROLLBACK:
-            return deploy  # already undoing itself
+        if deploy is None:
+            stored = await self.lookup(deploy_id)
+            if stored.status == DeployStatus.RUNNING:
+                asked = await self._stored(
+                    lambda: self.store.request_cancel(deploy_id, rollback, time.time()))
+                if asked is not None and asked.status == DeployStatus.RUNNING:
+                    log.info("deploy %s: cancel%s requested of its runner %s", deploy_id,
+                             " with rollback" if rollback else "", asked.runner or "(none yet)")
+                    return asked
+                stored = asked or stored
+            deploy = stored
+        if deploy.status != DeployStatus.RUNNING:
+            if deploy.status == DeployStatus.CANCELED:
+                return deploy
+            raise Conflict(f"deploy {deploy_id} has ended ({deploy.status}); nothing to cancel")
+        await self._cancel_here(deploy, rollback, time.time())
+        return deploy
+
+    async def _cancel_here(self, deploy: Deploy, rollback: bool, unix: float) -> None:
+        """Cancel a deploy run here (asked through this dominator or another)."""
+        if deploy.phase == Phase.ROLLBACK or deploy.status != DeployStatus.RUNNING:
+            return  # already undoing itself, or ending
         if deploy.cancel is None or (rollback and not deploy.cancel["rollback"]):
-            deploy.cancel = {"rollback": rollback, "requestedUnix": time.time()}
-            await self.rollout.save(deploy)
+            deploy.cancel = {"rollback": rollback, "requestedUnix": unix}
+            try:
+                await self.rollout.save(deploy)
+            except LeaseLost as err:
+                raise Unavailable(f"{err}; try again in a few seconds") from None
             log.info("deploy %s: cancel requested%s", deploy.id,
                      " with rollback" if rollback else "")
             task, wake = self._tasks.get(deploy.id), self.rollout.wake.get(deploy.id)
@@ -166,11 +298,12 @@ class DeployEngine:
                 task.cancel()
             if wake is not None:
                 wake.set()
-        return deploy
 
     async def _stored(self, call: Callable[[], T]) -> T:
         try:
             return await asyncio.to_thread(call)
+        except DeployError:
+            raise
         except FleetError as err:
             raise Unavailable(f"state database: {err}") from None
         except sa.exc.SQLAlchemyError as err:
@@ -209,7 +342,7 @@ class DeployEngine:
                               "try again in a few seconds")
         return names
 
-    async def _check_capacity(self, spec: DeploySpec, hosts: list[str]) -> None:
+    async def _check_capacity(self, spec: DeploySpec) -> None:
         running = [d for d in self._running.values() if d.dry_run == spec.dry_run]
         if len(running) >= self.max_running:
             raise Busy(f"{len(running)} {'dry runs' if spec.dry_run else 'deploys'} are "
@@ -220,25 +353,23 @@ class DeployEngine:
         if disabled is not None:
             raise Unavailable(f"updates are disabled fleet-wide by {disabled.by}: "
                               f"{disabled.reason}; try again once they are enabled")
-        wanted: set[str] = set(hosts)
-        for other in running:
-            if other.status == DeployStatus.RUNNING and other.phase != Phase.DONE:
-                shared = sorted(wanted & set(other.hosts))
-                if shared:
-                    raise Conflict(f"host {shared[0]} is in running deploy {other.id} "
-                                   f"({other.request['image']}); cancel it or wait for it "
-                                   "to end")
 
     async def _run(self, deploy: Deploy) -> None:
+        paused = False
         try:
             if deploy.dry_run:
                 await self.rollout.dry_run(deploy)
             else:
                 await self.rollout.deploy(deploy)
+        except LeaseLost as err:
+            paused = err.paused
+            log.warning("%s; stopped here without writing", err)
         except asyncio.CancelledError:
-            if deploy.dry_run and deploy.cancel and not self._stopping:
-                await self.rollout.finish(deploy, DeployStatus.CANCELED, "canceled")
-            elif not self._stopping:
+            lost = deploy.id not in self.lease.tokens  # _lose stopped it
+            if deploy.dry_run and deploy.cancel and not self._stopping and not lost:
+                with contextlib.suppress(LeaseLost):
+                    await self.rollout.finish(deploy, DeployStatus.CANCELED, "canceled")
+            elif not self._stopping and not lost:
                 raise
         except Exception as err:  # noqa: BLE001 - a deploy must end with a reason
             log.exception("deploy %s failed", deploy.id)
@@ -250,3 +381,5 @@ class DeployEngine:
             self._running.pop(deploy.id, None)
             self._tasks.pop(deploy.id, None)
             self.rollout.wake.pop(deploy.id, None)
+            if not paused and not self._stopping:  # ended here: nothing left to renew
+                self.lease.tokens.pop(deploy.id, None)

@@ -323,6 +323,7 @@ class Deploy:
     ending: str = ""                   # status once the rollback is done
     cancel: dict[str, Any] | None = None
     started_by: str = ""               # who asked for it (`token:NAME`; "" before it was kept)
+    runner: str = ""                   # the dominator running it (its row's lease, not saved here)
     created_unix: float = field(default_factory=time.time)
     updated_unix: float = field(default_factory=time.time)
 
@@ -382,6 +383,7 @@ class Deploy:
         """The saved form (snake_case, as the dataclasses name things)."""
         record = asdict(self)
         record.pop("request")
+        record.pop("runner")
         return record
 
     @classmethod

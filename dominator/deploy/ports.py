@@ -33,11 +33,11 @@ class HerdPort(Protocol):
 
 
 class StatePort(Protocol):
-    """The dominator's state store: the fleet-wide switch, host records, and its
-    database (where the deploys are kept)."""
+    """The dominator's state store: the fleet-wide switch, host records, and the
+    database the dominators share (where the deploys are kept)."""
 
     @property
-    def engine(self) -> sa.Engine: ...
+    def database(self) -> sa.Engine: ...
 
     def updates_disabled(self) -> Disabled | None: ...
 

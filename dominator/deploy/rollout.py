@@ -19,6 +19,7 @@ import grpc
 import httpx
 
 from dominator.deploy.health import NamedChecks
+from dominator.deploy.lease import LeaseLost, RunnerLease
 from dominator.deploy.model import (
     Deploy,
     DeploySpec,
@@ -73,12 +74,13 @@ class Rollout:
     its image in the MDB, judged by the herd's verdicts, then health-checked."""
 
     def __init__(self, herd: HerdPort, state: StatePort, mdb: MdbPort, store: DeployStore,
-                 tick: float, health_slots: int, plan_slots: int,
+                 lease: RunnerLease, tick: float, health_slots: int, plan_slots: int,
                  health_checks: NamedChecks) -> None:
         self.herd = herd
         self.state = state
         self.mdb = mdb
         self.store = store
+        self.lease = lease  # every write for a deploy is checked against its runner lease
         self.tick = tick
         self.wake: dict[str, asyncio.Event] = {}  # per running deploy: look again now
         self._health_slots = asyncio.Semaphore(health_slots)
@@ -92,9 +94,15 @@ class Rollout:
             await self._client.aclose()
 
     async def save(self, deploy: Deploy) -> None:
-        """Store the deploy's state now."""
+        """Store the deploy's state now, fenced by its runner token; LeaseLost (nothing
+        written) when the lease is not trusted or another dominator took the deploy."""
+        token = self.lease.check(deploy.id)
         deploy.updated_unix = time.time()
-        await asyncio.to_thread(self.store.save, deploy)
+        if not await asyncio.to_thread(self.store.save, deploy, token):
+            if self.lease.tokens.get(deploy.id) == token:
+                del self.lease.tokens[deploy.id]
+            raise LeaseLost(f"deploy {deploy.id}: another dominator took it over "
+                            f"(token {token} refused)")
 
     async def finish(self, deploy: Deploy, status: DeployStatus, reason: str) -> None:
         """End the deploy with `status` and why."""
@@ -306,6 +314,7 @@ class Rollout:
         """Give each host its once-only HighImpact allowance (before its update)."""
         def grant() -> None:
             for name in names:
+                self.lease.check(deploy.id)
                 try:
                     self.herd.allow_disruption(name)
                 except FleetError as err:
@@ -321,6 +330,7 @@ class Rollout:
         unused (a host that needed no update, or failed)."""
         host = deploy.hosts[name]
         if host.disruption_granted:
+            self.lease.check(deploy.id)
             host.disruption_granted = False
             try:
                 await asyncio.to_thread(self.state.consume_disruption, name)
@@ -359,6 +369,7 @@ class Rollout:
             def write() -> list[tuple[str, str]]:
                 failed = []
                 for name in writes:
+                    self.lease.check(deploy.id)
                     try:
                         self.mdb.update(name, required_image=spec.image)
                     except FleetError as err:
@@ -451,6 +462,7 @@ class Rollout:
                         outcome[name] = (f"left alone: its required image is now "
                                          f"{machine.required_image or 'none'}")
                     else:
+                        self.lease.check(deploy.id)
                         self.mdb.update(name, required_image=host.previous_image)
                         outcome[name] = ""
                 return outcome

@@ -26,7 +26,7 @@ def deploy_view(deploy: Deploy, status_url: str) -> dict[str, Any]:
         "dryRun": deploy.dry_run, "statusUrl": status_url,
         "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix,
         "idempotencyKey": deploy.idempotency_key, "cancel": deploy.cancel,
-        "request": deploy.request, "started_by": deploy.started_by,
+        "request": deploy.request, "started_by": deploy.started_by, "runner": deploy.runner,
         **wave_position(deploy),
         "waves": [{"index": index, "spec": wave.spec, "implied": wave.implied,
                    "target": wave.target, "status": wave.state, "hosts": wave.hosts,
@@ -63,7 +63,7 @@ def deploy_summary(deploy: Deploy, status_url: str) -> dict[str, Any]:
         "createdUnix": deploy.created_unix, "updatedUnix": deploy.updated_unix,
         "dry_run": deploy.dry_run, "status_url": status_url,
         "created_unix": int(deploy.created_unix), "updated_unix": int(deploy.updated_unix),
-        "started_by": deploy.started_by, **wave_position(deploy)})
+        "started_by": deploy.started_by, "runner": deploy.runner, **wave_position(deploy)})
     return summary
 
 

@@ -138,7 +138,8 @@ class Server:
         await ownership.start(config.name or f"{socket.gethostname()}:{self.grpc.port}",
                               address)
         self.deploys = DeployEngine(herd, state, self.mdb, self.images,
-                                    health_checks=config.health_checks)
+                                    health_checks=config.health_checks, name=ownership.name,
+                                    lease_seconds=config.lease_seconds)
         await self.deploys.start()  # resumes the deploys a stop interrupted
         self.http = await serve_http(make_app(HttpContext(
             herd, state, self.mdb, self.images, config.token, deploys=self.deploys,

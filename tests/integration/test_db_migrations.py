@@ -149,7 +149,7 @@ def test_an_old_runner_state_file_is_taken_over(tmp_path: Path) -> None:
     DeployStore(state.engine)
     assert state.safety_cleared("web1") and not state.disruption_allowed("web1")
     assert version_of(engine, STATE) == ["state_0005"]
-    assert version_of(engine, DEPLOYS) == ["deploys_0001"]
+    assert version_of(engine, DEPLOYS) == ["deploys_0002"]
     engine.dispose()
     state.engine.dispose()
 
@@ -187,13 +187,16 @@ def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(
     upgraded = cli("db", "upgrade", "--mdb-url", url, check=True)
     # The shared database also holds the dominators' state: one upgrade brings both.
     assert upgraded.stdout == (f"mdb {database}: mdb_0003 -> mdb_0005\n"
-                               f"state {database}: empty -> state_0005\n")
+                               f"state {database}: empty -> state_0005\n"
+                               f"deploys {database}: empty -> deploys_0002\n")
     again = cli("db", "upgrade", "--mdb-url", url, "--json", check=True)
     assert json.loads(again.stdout) == [
         {"database": database, "history": "mdb", "from": "mdb_0005", "to": "mdb_0005",
          "taken_over": False},
         {"database": database, "history": "state", "from": "state_0005", "to": "state_0005",
-         "taken_over": False}]
+         "taken_over": False},
+        {"database": database, "history": "deploys", "from": "deploys_0002",
+         "to": "deploys_0002", "taken_over": False}]
     with Mdb(url) as store:
         assert store.schema_revision == "mdb_0005"
 
@@ -264,7 +267,7 @@ def test_openers_of_a_new_state_file_take_turns(tmp_path: Path) -> None:
         list(pool.map(open_all, range(4)))
     engine = open_engine(str(tmp_path / STATE_FILE))
     assert [version_of(engine, history) for history in (STATE, DEPLOYS, AUDIT)] == \
-        [["state_0005"], ["deploys_0001"], ["audit_0001"]]
+        [["state_0005"], ["deploys_0002"], ["audit_0001"]]
     engine.dispose()
 
 
@@ -300,10 +303,10 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
     database = describe_url(engine.url)
     assert entries[0] == {"database": database, "history": "mdb", "current": "mdb_0003",
                           "head": "mdb_0005", "state": "behind", "old_runner": True}
-    # The shared database holds the MDB and the shared state; the state file keeps the
-    # rest (its own state history too: the API tokens live there).
-    assert [entry["history"] for entry in entries] == ["mdb", "state", "state", "deploys",
-                                                       "audit"]
+    # The shared database holds the MDB, the shared state and the deploys; the state file
+    # keeps the rest (its own state and deploys histories too: a SQLite MDB uses them).
+    assert [entry["history"] for entry in entries] == ["mdb", "state", "deploys", "state",
+                                                       "deploys", "audit"]
 
     upgraded = cli("db", "upgrade", "--mdb-url", postgres_url, "--state-dir", state_dir,
                    check=True)
@@ -315,8 +318,8 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
     assert lines[0].split() == ["HISTORY", "DATABASE", "CURRENT", "HEAD", "STATE"]
     assert [line.split()[0::2] for line in lines[1:]] == [
         ["mdb", "mdb_0005", "current"], ["state", "state_0005", "current"],
-        ["state", "state_0005", "current"], ["deploys", "deploys_0001", "current"],
-        ["audit", "audit_0001", "current"]]
+        ["deploys", "deploys_0002", "current"], ["state", "state_0005", "current"],
+        ["deploys", "deploys_0002", "current"], ["audit", "audit_0001", "current"]]
     engine.dispose()
 
 

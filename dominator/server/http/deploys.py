@@ -37,6 +37,12 @@ class Accepted(BaseModel):
     statusUrl: str
 
 
+class Canceling(Accepted):
+    progress: str = Field(description="One line: `canceling` while the deploy stops.")
+    runner: str = Field(description="The dominator running the deploy: it stops it (at its "
+                                    "next lease round when that is another dominator).")
+
+
 class TokenFirstRoute(APIRoute):
     """Checks the bearer token before anything else (the body included), so an
     unauthenticated caller gets 401 whatever it sends."""
@@ -152,14 +158,15 @@ async def get_deploy(request: Request, deploy_id: str, deploys: Engine) -> dict[
     return deploy_view(deploy, status_url(request, deploy.id))
 
 
-@router.post("/deploys/{deploy_id}/cancel", status_code=202, response_model=Accepted,
+@router.post("/deploys/{deploy_id}/cancel", status_code=202, response_model=Canceling,
              responses=ERRORS, summary="Cancel a deploy")
 async def cancel_deploy(request: Request, response: Response, deploy_id: str,
                         deploys: Engine,
-                        body: Annotated[CancelRequest | None, Body()] = None) -> Accepted:
+                        body: Annotated[CancelRequest | None, Body()] = None) -> Canceling:
     """Stop after the hosts in flight and leave the rest untouched; with
     `{"rollback": true}`, also give every host it touched its previous image
-    back. The deploy ends CANCELED (follow it at `Location`)."""
+    back. The deploy ends CANCELED (follow it at `Location`). Any dominator takes
+    the request; the one running the deploy (`runner`) stops it."""
     try:
         deploy = await deploys.cancel(deploy_id, bool(body and body.rollback))
     except DeployError as err:
@@ -167,4 +174,5 @@ async def cancel_deploy(request: Request, response: Response, deploy_id: str,
     rollback = bool(body and body.rollback)
     await audit(request, "deploy.cancel", f"cancelled deploy {deploy.id}"
                 + (" with rollback" if rollback else ""), deploy=deploy.id, rollback=rollback)
-    return accepted(request, response, deploy)
+    return Canceling(**accepted(request, response, deploy).model_dump(),
+                     progress=deploy.progress(), runner=deploy.runner)

@@ -1,0 +1,25 @@
+"""deploys: the runner lease (frozen history: the columns DeployRow maps).
+
+Which dominator runs each deploy (`runner`), under which fencing token
+(`runner_token`, only growing: a PostgreSQL sequence, max + 1 on SQLite) and until
+when by the database clock (`runner_expires`; NULL on SQLite, where one dominator
+runs everything), and a cancel asked for through a dominator that does not run it
+(`cancel_requested`, JSON), for the runner to pick up."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "deploys_0002"
+down_revision = "deploys_0001"
+
+
+def upgrade() -> None:
+    """Four nullable columns (existing deploys: no runner yet) and the token sequence."""
+    conn = op.get_bind()
+    postgres = conn.dialect.name == "postgresql"
+    stamp = "TIMESTAMP WITH TIME ZONE" if postgres else "TIMESTAMP"
+    for column in ("runner TEXT", "runner_token BIGINT", f"runner_expires {stamp}",
+                   "cancel_requested TEXT"):
+        conn.execute(sa.text(f"ALTER TABLE deploys ADD COLUMN {column}"))
+    if postgres:
+        conn.execute(sa.text("CREATE SEQUENCE deploy_runner_token"))
