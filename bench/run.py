@@ -1,6 +1,6 @@
 """Run every benchmark: `make bench` (or `python -m bench.run`)."""
 
-from bench import fleet_bench, image_bench, subd_bench
+from bench import dashboard, fleet_bench, image_bench, subd_bench
 
 
 def main() -> None:
@@ -8,6 +8,7 @@ def main() -> None:
     image_bench.main()
     subd_bench.main()
     fleet_bench.main([])
+    dashboard.main([], standalone_mode=False)
 
 
 if __name__ == "__main__":

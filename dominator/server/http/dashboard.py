@@ -4,15 +4,23 @@ server and the deploy engine. Read-only and open: no token (the deploy API under
 /v1 is what needs one).
 
 Pages, each with a JSON twin at the same path plus `.json`:
-  /                   fleet overview                  (twin: /index.json)
-  /hosts              host table; ?status=S (repeatable or comma-separated),
-                      ?q=TEXT, ?image=NAME, ?compliant=yes|no,
-                      ?unreachable=minute|hour|day, ?sort=[-]KEY
+  /                   fleet overview: counts, no host rows (twin: /index.json)
+  /hosts              host table, one page at a time; ?status=S (repeatable or
+                      comma-separated), ?q=TEXT, ?image=NAME, ?compliant=yes|no,
+                      ?intrusion=yes|no, ?unreachable=minute|hour|day,
+                      ?sort=[-]KEY (&desc=yes: descending too), ?page=N,
+                      ?per_page=N (100, at most 1000). /hosts.json takes the same
+                      and lists every matching host unless page or per_page is given.
   /hosts/HOST         one host: status history, last update, intrusions
   /images, /images/NAME
   /deploys, /deploys/ID
 A name that itself ends in `.json` (a host `web.json`) keeps its HTML page at
-that path; its twin is then `/hosts/web.json.json`.
+that path; its twin is then `/hosts/web.json.json`. A bad query parameter (an
+unknown name, a repeated one, a bad value) is a 400 with one line saying why.
+
+The host table filters and sorts in memory what the herd (`herd.subs`) and the
+state store (its in-memory host records) hold: no query per request, O(hosts) to
+filter and sort, and a full host view built only for the rows of the page.
 
 Pages refresh themselves: a few lines of inline script fetch the same URL every
 2 s and swap the `#live` part (a `<noscript>` meta refresh does it without script).
@@ -43,6 +51,7 @@ from fleetlib.fstree.listing import quote
 from fleetlib.fstree.tree import Kind
 from fleetlib.rpc.status import describe_rpc_error
 from imageserver.client import ImageServerClient
+from mdb.machine import Machine
 
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
 LIVE_POLL_TIMEOUT = 2.0
@@ -51,52 +60,74 @@ LARGEST_FILES = 10
 IMAGE_DETAILS_KEPT = 64
 MAX_DEPLOY_HOSTS = 2000  # rows a deploy page lists
 DEPLOYS_LISTED = 100
+PER_PAGE = 100  # host table rows per page, unless ?per_page= says otherwise
+MAX_PER_PAGE = 1000
+MAX_QUERY_TEXT = 256  # characters of ?q= and ?image=
+PAGE_LINKS_AROUND = 3  # page links either side of the current page
+OVERVIEW_INTRUSIONS = 50  # intrusion rows the overview page lists (its twin lists all)
+IMAGE_PAGE_HOSTS = 200  # host rows an image page lists (its twin lists all)
+
+Entry = tuple[Sub, HostRecord]  # one host: what the herd and the state store know of it
 
 # /hosts?sort=KEY: the column each key sorts by (ties broken by hostname).
-SORT_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "hostname": lambda h: h["hostname"],
-    "status": lambda h: h["status"],
-    "address": lambda h: h["address"],
-    "required": lambda h: h["required_image"],
-    "planned": lambda h: h["planned_image"],
-    "current": lambda h: h["current_image"],
-    "last_poll": lambda h: h["last_poll_unix"],
-    "last_scan": lambda h: h["last_scan_unix"],
-    "last_sync": lambda h: h["last_sync_unix"],
-    "last_error": lambda h: h["last_error"],
+SORT_KEYS: dict[str, Callable[[Entry], Any]] = {
+    "hostname": lambda e: e[0].machine.hostname,
+    "status": lambda e: e[0].status.value,
+    "address": lambda e: e[0].machine.address,
+    "required": lambda e: e[0].machine.required_image,
+    "planned": lambda e: e[0].machine.planned_image,
+    "current": lambda e: e[1].current_image,
+    "last_poll": lambda e: int(e[0].last_poll_unix),
+    "last_scan": lambda e: int(e[0].last_scan_unix),
+    "last_sync": lambda e: e[1].last_sync_unix,
+    "last_error": lambda e: e[0].last_error,
 }
-SORT_ALIASES = {"required_image": "required", "planned_image": "planned",
+SORT_ALIASES = {"required_image": "required", "planned_image": "planned", "image": "required",
                 "current_image": "current", "host": "hostname", "error": "last_error"}
 YES, NO = {"1", "yes", "true", "on"}, {"0", "no", "false", "off"}
+FLAGS = ("compliant", "intrusion", "desc")  # yes|no parameters of /hosts
+TEXTS = ("q", "image", "unreachable", "sort", "page", "per_page")
+PARAMETERS = ("status", *TEXTS, *FLAGS)  # every parameter /hosts takes; only status repeats
+UNREACHABLE = Status.UNREACHABLE.value
 
 
 # The per-host view.
 
+def last_unreachable(sub: Sub, now: float) -> float:
+    """When the sub was last unreachable: `now` while it is, else the end of its last
+    unreachable spell in its status transitions (history keeps the last 50); 0 when
+    none is remembered."""
+    if sub.status == Status.UNREACHABLE:
+        return now
+    later = now  # when the transition after the one looked at happened
+    for unix, status, _ in reversed(sub.history):
+        if status == UNREACHABLE:
+            return later
+        later = unix
+    return 0.0
+
+
 def unreachable_within(sub: Sub, now: float) -> dict[str, bool]:
-    """Whether the sub was unreachable at any time in the last minute, hour and day,
-    from its status transitions (history keeps the last 50)."""
-    events = list(sub.history)
-    spells = []  # (start, end) of each unreachable spell
-    for index, (unix, status, _) in enumerate(events):
-        if status == Status.UNREACHABLE.value:
-            end = events[index + 1][0] if index + 1 < len(events) else now
-            spells.append((unix, end))
-    if sub.status == Status.UNREACHABLE and not spells:
-        spells.append((now, now))
-    return {name: any(end >= now - seconds for _, end in spells)
-            for name, seconds in WINDOWS.items()}
+    """Whether the sub was unreachable at any time in the last minute, hour and day."""
+    last = last_unreachable(sub, now)
+    return {name: bool(last) and last >= now - seconds for name, seconds in WINDOWS.items()}
+
+
+def compliant(sub: Sub, record: HostRecord) -> bool:
+    """Synced to the image the MDB requires."""
+    required = sub.machine.required_image
+    return sub.status == Status.SYNCED and record.current_image == required != ""
 
 
 def host_view(sub: Sub, record: HostRecord, now: float) -> dict[str, Any]:
     """One host as the dashboard shows it: `dominator fleet list --json`'s fields
-    (its SubReport) plus tags, compliance, reachability and events."""
+    (its SubReport, text already made printable) plus tags, compliance, reachability
+    and events."""
     view = SubReport.of(sub, record).to_json()
     machine = sub.machine
-    view["intrusion_paths"] = [quote(path) for path in view["intrusion_paths"]]
     view["tags"] = dict(machine.tags)
     view["owner_group"] = machine.owner_group
-    view["compliant"] = (sub.status == Status.SYNCED
-                         and view["current_image"] == machine.required_image != "")
+    view["compliant"] = compliant(sub, record)
     view["unreachable_within"] = unreachable_within(sub, now)
     view["events"] = [{"unix": unix, "status": status, "error": error}
                       for unix, status, error in sub.history]
@@ -104,34 +135,42 @@ def host_view(sub: Sub, record: HostRecord, now: float) -> dict[str, Any]:
     return view
 
 
-async def host_views(ctx: HttpContext) -> list[dict[str, Any]]:
-    """Every host of the herd, by hostname (state store records read off the loop)."""
-    subs = sorted(ctx.herd.subs.items())
-    names = [name for name, _ in subs]
-    records = await asyncio.to_thread(lambda: {name: ctx.state.host(name) for name in names})
+def fleet_entries(ctx: HttpContext) -> list[Entry]:
+    """Every host of the herd with the state store's record of it, by hostname (both
+    in memory: no database query)."""
+    subs, host = ctx.herd.subs, ctx.state.host
+    return [(subs[name], host(name)) for name in sorted(subs)]
+
+
+def host_views(entries: Iterable[Entry]) -> list[dict[str, Any]]:
+    """The full views of these hosts."""
     now = time.time()
-    return [host_view(sub, records.get(name) or HostRecord(), now) for name, sub in subs]
+    return [host_view(sub, record, now) for sub, record in entries]
 
 
 # The overview.
 
-def image_counts(hosts: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def image_counts(entries: Iterable[Entry]) -> list[dict[str, Any]]:
     """Per image named anywhere in the fleet: hosts requiring, planning and holding it."""
     rows: dict[str, dict[str, Any]] = {}
 
     def row(name: str) -> dict[str, Any]:
-        return rows.setdefault(name, {"image": name, "required": 0, "planned": 0,
-                                      "current": 0, "compliant": 0,
-                                      "url": f"/images/{name}"})
-    for host in hosts:
-        if host["required_image"]:
-            row(host["required_image"])["required"] += 1
-            if host["compliant"]:
-                row(host["required_image"])["compliant"] += 1
-        if host["planned_image"]:
-            row(host["planned_image"])["planned"] += 1
-        if host["current_image"]:
-            row(host["current_image"])["current"] += 1
+        found = rows.get(name)
+        if found is None:
+            found = rows[name] = {"image": name, "required": 0, "planned": 0, "current": 0,
+                                  "compliant": 0, "url": f"/images/{name}"}
+        return found
+    for sub, record in entries:
+        machine = sub.machine
+        if machine.required_image:
+            counts = row(machine.required_image)
+            counts["required"] += 1
+            if compliant(sub, record):
+                counts["compliant"] += 1
+        if machine.planned_image:
+            row(machine.planned_image)["planned"] += 1
+        if record.current_image:
+            row(record.current_image)["current"] += 1
     return [rows[name] for name in sorted(rows)]
 
 
@@ -154,27 +193,31 @@ def imageservers_view(ctx: HttpContext) -> dict[str, Any]:
 
 
 async def overview(ctx: HttpContext) -> dict[str, Any]:
-    """The fleet at a glance."""
-    hosts = await host_views(ctx)
-    disabled = await asyncio.to_thread(ctx.state.updates_disabled)
-    by_status = collections.Counter(host["status"] for host in hosts)
-    compliant = sum(1 for host in hosts if host["compliant"])
-    intrusions = [{"hostname": h["hostname"], "paths": h["intrusion_paths"],
-                   "unix": h["intrusion_unix"], "url": h["url"]}
-                  for h in hosts if h["intrusion_paths"]]
+    """The fleet at a glance: counts over every host, no host rows but the intrusions."""
+    entries = fleet_entries(ctx)
+    now = time.time()
+    by_status = collections.Counter(sub.status.value for sub, _ in entries)
+    in_compliance = sum(1 for sub, record in entries if compliant(sub, record))
+    last = [when for when in (last_unreachable(sub, now) for sub, _ in entries) if when]
+    unreachable = {name: sum(1 for when in last if when >= now - seconds)
+                   for name, seconds in WINDOWS.items()}
+    intrusions = [{"hostname": sub.machine.hostname,
+                   "paths": [quote(path) for path in record.intrusion_paths],
+                   "unix": record.intrusion_unix, "url": f"/hosts/{sub.machine.hostname}"}
+                  for sub, record in entries if record.intrusion_paths]
+    disabled = ctx.state.updates_disabled()
     deploys = await deploy_summaries(ctx, 10)
     return {
-        "generated_unix": time.time(),
-        "hosts": len(hosts),
+        "generated_unix": now,
+        "hosts": len(entries),
         "by_status": {status.value: by_status[status.value] for status in Status
                       if by_status[status.value]},
-        "compliant": compliant,
-        "deviant": len(hosts) - compliant,
+        "compliant": in_compliance,
+        "deviant": len(entries) - in_compliance,
         "unreachable": {"now": by_status[Status.UNREACHABLE.value],
-                        **{name: sum(1 for h in hosts if h["unreachable_within"][name])
-                           for name in WINDOWS}},
+                        **{name: unreachable[name] for name in WINDOWS}},
         "intrusions": intrusions,
-        "by_image": image_counts(hosts),
+        "by_image": image_counts(entries),
         "updates_disabled": None if disabled is None else {
             "by": disabled.by, "reason": disabled.reason, "unix": disabled.unix},
         "diff_cache": {"hits": ctx.herd.cache.hits, "misses": ctx.herd.cache.misses},
@@ -186,6 +229,11 @@ async def overview(ctx: HttpContext) -> dict[str, Any]:
 
 # The host table.
 
+def _shown(value: str) -> str:
+    """A bad value as an error message quotes it: on one line, at most 60 characters."""
+    return repr(value if len(value) <= 60 else value[:60] + "...")
+
+
 def _flag(params: Any, name: str) -> bool | None:
     value = params.get(name)
     if value is None or value == "":
@@ -194,69 +242,172 @@ def _flag(params: Any, name: str) -> bool | None:
         return True
     if value.lower() in NO:
         return False
-    raise HTTPException(400, f"{name} must be yes or no, not {value!r}")
+    raise HTTPException(400, f"{name} must be yes or no, not {_shown(value)}")
 
 
-def table_query(params: Any) -> dict[str, Any]:
-    """The /hosts query: filters and sort, validated (400 on a bad one)."""
+def _whole(params: Any, name: str, default: int | None, highest: int | None) -> int | None:
+    value = (params.get(name) or "").strip()
+    if not value:
+        return default
+    number = int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else 0
+    if not 1 <= number <= (highest or number):
+        bound = f"from 1 to {highest}" if highest else "from 1"
+        raise HTTPException(400, f"{name} must be a whole number {bound}, not {_shown(value)}")
+    return number
+
+
+def table_query(params: Any, per_page: int | None = PER_PAGE) -> dict[str, Any]:
+    """The /hosts query: filters, sort and page, validated (400 with one line on an
+    unknown or repeated parameter or a bad value). `per_page` is the page size when
+    none is asked for (None: every matching host on one page)."""
+    for name in params.keys():
+        if name not in PARAMETERS:
+            raise HTTPException(400, f"unknown parameter {_shown(name)}; /hosts takes: "
+                                + ", ".join(PARAMETERS))
+    for name in (*TEXTS, *FLAGS):
+        if len(params.getlist(name)) > 1:
+            raise HTTPException(400, f"{name} given more than once")
     statuses = [s.strip() for value in params.getlist("status") for s in value.split(",")
                 if s.strip()]
     known = {status.value for status in Status}
     for status in statuses:
         if status not in known:
-            raise HTTPException(400, f"unknown status {status!r}; one of: "
+            raise HTTPException(400, f"unknown status {_shown(status)}; one of: "
                                 + ", ".join(sorted(known)))
-    sort = params.get("sort") or "hostname"
-    key = sort.lstrip("-")
+    sort = (params.get("sort") or "hostname").strip()
+    key = sort.removeprefix("-")
     key = SORT_ALIASES.get(key, key)
     if key not in SORT_KEYS:
-        raise HTTPException(400, f"unknown sort key {sort!r}; one of: "
-                            + ", ".join(SORT_KEYS) + " (prefix - for descending)")
-    unreachable = params.get("unreachable") or ""
+        raise HTTPException(400, f"unknown sort key {_shown(sort)}; one of: "
+                            + ", ".join(SORT_KEYS) + " (prefix - or add desc=yes for descending)")
+    descending = sort.startswith("-") or bool(_flag(params, "desc"))
+    unreachable = (params.get("unreachable") or "").strip()
     if unreachable and unreachable not in WINDOWS:
-        raise HTTPException(400, "unreachable must be one of: " + ", ".join(WINDOWS))
-    return {"status": statuses, "q": (params.get("q") or "").strip(),
-            "image": (params.get("image") or "").strip(), "compliant": _flag(params, "compliant"),
-            "unreachable": unreachable,
-            "sort": ("-" if sort.startswith("-") else "") + key}
+        raise HTTPException(400, "unreachable must be one of: " + ", ".join(WINDOWS)
+                            + f", not {_shown(unreachable)}")
+    texts = {name: (params.get(name) or "").strip() for name in ("q", "image")}
+    for name, text in texts.items():
+        if len(text) > MAX_QUERY_TEXT:
+            raise HTTPException(400, f"{name} is longer than {MAX_QUERY_TEXT} characters")
+    return {"status": statuses, **texts, "compliant": _flag(params, "compliant"),
+            "intrusion": _flag(params, "intrusion"), "unreachable": unreachable,
+            "sort": ("-" if descending else "") + key,
+            "page": _whole(params, "page", 1, None),
+            "per_page": _whole(params, "per_page", per_page, MAX_PER_PAGE)}
 
 
-def _matches(host: dict[str, Any], query: dict[str, Any]) -> bool:
-    if query["status"] and host["status"] not in query["status"]:
-        return False
-    if query["image"] and query["image"] not in (host["required_image"], host["planned_image"],
-                                                 host["current_image"]):
-        return False
-    if query["compliant"] is not None and host["compliant"] != query["compliant"]:
-        return False
-    if query["unreachable"] and not host["unreachable_within"][query["unreachable"]]:
-        return False
-    if query["q"]:
-        text = " ".join([host["hostname"], host["address"], host["status"],
-                         host["required_image"], host["planned_image"], host["current_image"],
-                         host["last_error"], host["owner_group"],
-                         *(f"{k}={v}" for k, v in host["tags"].items())]).lower()
-        return query["q"].lower() in text
-    return True
+class SearchTexts:
+    """What ?q= searches in, lower-cased, per host: the MDB's side (hostname, address,
+    images, owner group, tags as KEY=VALUE), kept while the host's Machine stays the
+    same object (the herd replaces it on every MDB change), and the live side (status,
+    current image, last error) read anew."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[Machine, str]] = {}
+
+    def prune(self, hostnames: Iterable[str]) -> None:
+        """Forget hosts gone from the herd."""
+        self._kept = {name: self._kept[name] for name in hostnames if name in self._kept}
+
+    def matches(self, text: str, sub: Sub, record: HostRecord) -> bool:
+        """Whether lower-cased `text` is in the host's searched fields (within one side)."""
+        machine = sub.machine
+        kept = self._kept.get(machine.hostname)
+        if kept is None or kept[0] is not machine:
+            kept = self._kept[machine.hostname] = (machine, " ".join([
+                machine.hostname, machine.address, machine.required_image,
+                machine.planned_image, machine.owner_group,
+                *(f"{k}={v}" for k, v in machine.tags.items())]).lower())
+        if text in kept[1]:
+            return True
+        error = quote(sub.last_error) if sub.last_error else ""
+        return text in f"{sub.status.value} {record.current_image} {error}".lower()
+
+
+def _selector(query: dict[str, Any], texts: SearchTexts,
+              now: float) -> Callable[[Entry], bool]:
+    """Whether a host matches the query's filters."""
+    statuses = frozenset(query["status"])
+    image, text, window = query["image"], query["q"].lower(), query["unreachable"]
+    seconds = WINDOWS.get(window, 0)
+    wants_compliant, wants_intrusion = query["compliant"], query["intrusion"]
+
+    def matches(entry: Entry) -> bool:
+        sub, record = entry
+        if statuses and sub.status.value not in statuses:
+            return False
+        machine = sub.machine
+        if image and image not in (machine.required_image, machine.planned_image,
+                                   record.current_image):
+            return False
+        if wants_compliant is not None and compliant(sub, record) != wants_compliant:
+            return False
+        if wants_intrusion is not None and bool(record.intrusion_paths) != wants_intrusion:
+            return False
+        if window and last_unreachable(sub, now) < now - seconds:
+            return False
+        return not text or texts.matches(text, sub, record)
+    return matches
+
+
+def filter_and_sort(entries: list[Entry], query: dict[str, Any],
+                    texts: SearchTexts) -> list[Entry]:
+    """The hosts the query selects, in its order (hostname breaks ties: `entries`
+    come by hostname and the sort is stable)."""
+    chosen = list(filter(_selector(query, texts, time.time()), entries))
+    key = query["sort"].removeprefix("-")
+    if key != "hostname" or query["sort"].startswith("-"):
+        chosen.sort(key=SORT_KEYS[key], reverse=query["sort"].startswith("-"))
+    return chosen
+
+
+def table_url(query: dict[str, Any], **changes: Any) -> str:
+    """The /hosts URL of `query` with `changes` (e.g. page=3)."""
+    query = {**query, **changes}
+    pairs = [("status", status) for status in query["status"]]
+    pairs += [(name, query[name]) for name in ("q", "image", "unreachable") if query[name]]
+    pairs += [(name, "yes" if query[name] else "no") for name in ("compliant", "intrusion")
+              if query[name] is not None]
+    pairs.append(("sort", query["sort"]))
+    if query["per_page"] not in (None, PER_PAGE):
+        pairs.append(("per_page", str(query["per_page"])))
+    if query["page"] != 1:
+        pairs.append(("page", str(query["page"])))
+    return "/hosts?" + urlencode(pairs)
 
 
 def sort_links(query: dict[str, Any]) -> dict[str, str]:
-    """Per sort key, the /hosts URL keeping the filters and sorting by that key
-    (the current sort key's link reverses the order)."""
-    kept = [("status", status) for status in query["status"]]
-    kept += [(name, query[name]) for name in ("q", "image", "unreachable") if query[name]]
-    if query["compliant"] is not None:
-        kept.append(("compliant", "yes" if query["compliant"] else "no"))
-    return {key: "/hosts?" + urlencode([*kept, ("sort", "-" + key if query["sort"] == key
-                                                  else key)])
+    """Per sort key, the /hosts URL keeping the filters and sorting by that key from
+    the first page (the current sort key's link reverses the order)."""
+    return {key: table_url(query, page=1, sort="-" + key if query["sort"] == key else key)
             for key in SORT_KEYS}
 
 
-def filter_and_sort(hosts: list[dict[str, Any]], query: dict[str, Any]) -> list[dict[str, Any]]:
-    """The hosts the query selects, in its order (hostname breaks ties)."""
-    chosen = sorted((h for h in hosts if _matches(h, query)), key=lambda h: h["hostname"])
-    key = query["sort"].lstrip("-")
-    return sorted(chosen, key=SORT_KEYS[key], reverse=query["sort"].startswith("-"))
+def paging(query: dict[str, Any], matching: int) -> dict[str, Any]:
+    """Where the query's page falls among the `matching` hosts: its number, size, the
+    number of pages, and the 1-based positions of its first and last rows (0 and 0
+    for a page past the end)."""
+    size = query["per_page"] or max(matching, 1)
+    pages = max(1, -(-matching // size))
+    first = (query["page"] - 1) * size
+    last = min(first + size, matching)
+    return {"page": query["page"], "per_page": query["per_page"], "pages": pages,
+            "first": first + 1 if first < last else 0, "last": last if first < last else 0}
+
+
+def page_links(query: dict[str, Any], pages: int) -> list[dict[str, Any]]:
+    """The HTML table's page links: first, previous, the pages around this one, next
+    and last (url None: not a link, e.g. "previous" on page 1 or the current page)."""
+    here = query["page"]
+
+    def link(label: str, number: int) -> dict[str, Any]:
+        usable = 1 <= number <= pages and number != here
+        return {"label": label, "url": table_url(query, page=number) if usable else None,
+                "current": number == here and label == str(number)}
+    around = range(max(1, here - PAGE_LINKS_AROUND), min(pages, here + PAGE_LINKS_AROUND) + 1)
+    return [link("« first", 1), link("‹ previous", here - 1),
+            *(link(str(number), number) for number in around),
+            link("next ›", here + 1), link("last »", pages)]
 
 
 # Images.
@@ -332,8 +483,12 @@ async def deploy_summaries(ctx: HttpContext,
     engine = ctx.deploys
     if engine is None:
         return None
+    try:
+        deploys = await engine.newest(limit)
+    except FleetError:  # the engine's Unavailable (its database is down): the page renders
+        return []
     return [{**deploy_summary(deploy, f"/v1/deploys/{deploy.id}"), "url": f"/deploys/{deploy.id}"}
-            for deploy in await engine.newest(limit)]
+            for deploy in deploys]
 
 
 async def deploy_detail(ctx: HttpContext, deploy_id: str) -> dict[str, Any] | None:
@@ -401,10 +556,26 @@ def _json_name(name: str, exists: Callable[[str], bool]) -> tuple[str, bool]:
     return name, False
 
 
+def hosts_data(ctx: HttpContext, texts: SearchTexts, params: Any,
+               per_page: int | None) -> dict[str, Any]:
+    """The host table: the counts, the query, where its page falls, and the full views
+    of the hosts on that page. `per_page`: the page size when the query gives none."""
+    query = table_query(params, per_page)
+    entries = fleet_entries(ctx)
+    chosen = filter_and_sort(entries, query, texts)
+    if query["q"]:
+        texts.prune(ctx.herd.subs)
+    where = paging(query, len(chosen))
+    start = max(where["first"] - 1, 0)
+    return {"total": len(entries), "shown": len(chosen), "query": query, "paging": where,
+            "hosts": host_views(chosen[start:where["last"]])}
+
+
 def dashboard_router(ctx: HttpContext) -> APIRouter:
     """Every dashboard page and its JSON twin."""
     env = make_environment()
     listing = ImageListing(ctx)
+    texts = SearchTexts()
     router = APIRouter(include_in_schema=False)
 
     def page(request: Request, template: str, json_url: str, title: str,
@@ -418,29 +589,32 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
 
     @router.get("/")
     async def overview_page(request: Request) -> Response:
-        return page(request, "overview.html", "/index.json", "Fleet overview",
-                    data=await overview(ctx))
+        data = await overview(ctx)
+        return page(request, "overview.html", "/index.json", "Fleet overview", data=data,
+                    intrusions_listed=OVERVIEW_INTRUSIONS)
 
     @router.get("/index.json")
     async def overview_json() -> dict[str, Any]:
         return await overview(ctx)
 
-    async def hosts_data(request: Request) -> dict[str, Any]:
-        query = table_query(request.query_params)
-        everyone = await host_views(ctx)
-        shown = filter_and_sort(everyone, query)
-        return {"total": len(everyone), "shown": len(shown), "query": query, "hosts": shown}
-
     @router.get("/hosts")
     async def hosts_page(request: Request) -> Response:
-        data = await hosts_data(request)
+        try:
+            data = hosts_data(ctx, texts, request.query_params, PER_PAGE)
+        except HTTPException as err:  # a bad parameter: the reason, on the page
+            return page(request, "error.html", "", "Bad request", status_code=err.status_code,
+                        message=err.detail)
         suffix = f"?{request.url.query}" if request.url.query else ""
         return page(request, "hosts.html", f"/hosts.json{suffix}", "Hosts", data=data,
-                    sort_links=sort_links(data["query"]))
+                    sort_links=sort_links(data["query"]),
+                    page_links=page_links(data["query"], data["paging"]["pages"]),
+                    per_page_choices=(50, PER_PAGE, 500, MAX_PER_PAGE))
 
     @router.get("/hosts.json")
     async def hosts_json(request: Request) -> dict[str, Any]:
-        return await hosts_data(request)
+        params = request.query_params  # every matching host, unless a page is asked for
+        paged = "page" in params or "per_page" in params
+        return hosts_data(ctx, texts, params, PER_PAGE if paged else None)
 
     @router.get("/hosts/{hostname}")
     async def host_page(request: Request, hostname: str) -> Response:
@@ -448,8 +622,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
         sub = ctx.herd.subs.get(hostname)
         if sub is None:
             return missing(request, as_json, f"unknown host {hostname}")
-        record = await asyncio.to_thread(ctx.state.host, hostname)
-        data = host_view(sub, record, time.time())
+        data = host_view(sub, ctx.state.host(hostname), time.time())
         data["generation"] = sub.generation
         data["live"] = await live_status(sub)
         if as_json:
@@ -458,7 +631,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
 
     async def images_data() -> dict[str, Any]:
         stored, error = await listing.stored()
-        counts = {row["image"]: row for row in image_counts(await host_views(ctx))}
+        counts = {row["image"]: row for row in image_counts(fleet_entries(ctx))}
         images = []
         for name in sorted(set(stored) | set(counts)):
             row = counts.get(name) or {"image": name, "required": 0, "planned": 0,
@@ -479,25 +652,29 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
     @router.get("/images/{name:path}")
     async def image_page(request: Request, name: str) -> Response:
         stored, _ = await listing.stored()
-        hosts = await host_views(ctx)
-        referenced = {n for h in hosts
-                      for n in (h["required_image"], h["planned_image"], h["current_image"])}
+        entries = fleet_entries(ctx)
+        referenced = {n for sub, record in entries
+                      for n in (sub.machine.required_image, sub.machine.planned_image,
+                                record.current_image)}
         name, as_json = _json_name(name, lambda n: n in stored or n in referenced)
         try:
             image = await ctx.images.get(name)
         except grpc.RpcError:
             image = None  # a name the image server refuses, or the server is away
-        users = [h for h in hosts
-                 if name in (h["required_image"], h["planned_image"], h["current_image"])]
+        users = [(sub, record) for sub, record in entries
+                 if name in (sub.machine.required_image, sub.machine.planned_image,
+                             record.current_image)]
         if image is None and not users:
             return missing(request, as_json, f"unknown image {name}")
         data = {"name": name, "stored": image is not None,
                 "details": listing.details(image) if image is not None else None,
                 "counts": next((r for r in image_counts(users) if r["image"] == name), None),
-                "hosts": users}
+                "users": len(users),
+                "hosts": host_views(users if as_json else users[:IMAGE_PAGE_HOSTS])}
         if as_json:
             return JSONResponse(data)
-        return page(request, "image.html", f"/images/{name}.json", f"Image {name}", image=data)
+        return page(request, "image.html", f"/images/{name}.json", f"Image {name}", image=data,
+                    hosts_url="/hosts?" + urlencode({"image": name}))
 
     @router.get("/deploys")
     async def deploys_page(request: Request) -> Response:
