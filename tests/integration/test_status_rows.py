@@ -7,12 +7,14 @@ rows shown as an error, and 64-bit columns on PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -21,8 +23,13 @@ from dominator.herd.ownership import Ownership
 from dominator.herd.state import DominatorState, shared_url
 from dominator.herd.status import Status
 from dominator.herd.statusrows import BadRow, HostStatus, StatusRows, StatusTable, StatusWriter
+from fleetlib.testing.daemons import TRACEBACK_RE, Daemon
+from fleetlib.testing.dominators import TOKEN, Dominators
+from fleetlib.testing.fleet import wait_for
+from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
 from mdb.store import Mdb
+from tests.integration.test_shared_state import held_shards, names_in
 
 
 class StandInOwnership:
@@ -267,3 +274,82 @@ def test_postgresql_keeps_64_bit_sizes_and_times(postgres_url: str, tmp_path: Pa
         assert isinstance(row, HostStatus) and row.last_poll_unix == later
     finally:
         state.close()
+
+
+@pytest.fixture
+def two_dominators(tmp_path: Path, ca: Path, postgres_url: str, imageserver: Daemon
+                   ) -> Iterator[Dominators]:
+    started = Dominators(tmp_path, ca, postgres_url, imageserver, ["dom-a", "dom-b"], "3")
+    yield started
+    started.stop()
+
+
+def test_every_dominator_shows_every_host_with_its_owners_status(
+        tmp_path: Path, postgres_url: str, two_dominators: Dominators,
+        start_subd: Callable[..., Daemon]) -> None:
+    doms = two_dominators
+    tree = make_tree(tmp_path / "tree")
+    for image in ("v1", "v2"):
+        (tree / "etc/release").write_text(f"{image}\n")
+        doms.run("dom-a", "image", "add", image, str(tree))
+    with Mdb(postgres_url):  # at head before two dominators race to open it
+        pass
+    doms.start()
+
+    def shared_by_two() -> dict[str, set[int]] | None:
+        found = held_shards(postgres_url)
+        return found if len(found) == 2 and sum(map(len, found.values())) == 256 else None
+    held = wait_for(shared_by_two, "the shards shared by two", 30)
+    owner = {host: name for name, shards in held.items() for host in names_in(shards, 2, name)}
+    subs = {}
+    with Mdb(postgres_url) as mdb:
+        for host in owner:
+            (tmp_path / host).mkdir()
+            subs[host] = start_subd(tmp_path / host)
+            mdb.set(Machine(host, address=subs[host].address, required_image="v1"))
+
+    def everywhere(host_ok: Callable[[str, dict[str, Any]], bool]) -> bool:
+        views = [doms.view(name) for name in doms.daemons]
+        return all(host in view and host_ok(host, view[host])
+                   for view in views for host in owner)
+    wait_for(lambda: everywhere(lambda host, row: row["status"] == "synced"
+                                and row["current_image"] == "v1"
+                                and row["owner"] == owner[host]),
+             "every host synced on v1 in both dashboards, with its owner", 90)
+    for name in doms.daemons:
+        listed = {row["hostname"]: row for row in json.loads(
+            doms.run(name, "fleet", "list", "--json"))}
+        assert {host: (row["status"], row["owner"]) for host, row in listed.items()} == \
+            {host: ("synced", manager) for host, manager in owner.items()}, name
+    metrics = httpx.get(f"{doms.http['dom-a']}/metrics", timeout=10).text
+    assert f'dominator_hosts{{status="synced"}} {len(owner)}.0' in metrics
+
+    # B's host, shown through A: B's status, times and history.
+    b_host = next(host for host, manager in owner.items() if manager == "dom-b")
+    on_b = doms.json("dom-b", "fleet", "show", b_host)
+    on_a = doms.json("dom-a", "fleet", "show", b_host)
+    assert on_a["owner"] == on_b["owner"] == "dom-b"
+    assert on_a["history_entries"] == on_b["history_entries"]
+    assert on_a["status"] == "synced" and on_a["last_poll_unix"] > 0
+    assert on_a["last_sync_unix"] > 0 and on_a["last_scan_unix"] > 0
+
+    # An MDB change of B's host: A's view shows it converge (B's transitions included).
+    with Mdb(postgres_url) as mdb:
+        mdb.update(b_host, required_image="v2")
+    wait_for(lambda: (row := doms.view("dom-a").get(b_host, {})).get("status") == "synced"
+             and row["current_image"] == "v2", f"{b_host} synced on v2 as dom-a shows it", 60)
+    shown = doms.json("dom-a", "fleet", "show", b_host)
+    assert "updating" in [entry["status"] for entry in shown["history_entries"]]
+    assert shown["owner"] == "dom-b"
+
+    # A deploy through A judges every host by what it shows, B's hosts included.
+    done = json.loads(doms.run("dom-a", "deploy", "start", "v2", "--select", "all",
+                               "--waves", "100%", "--wait", "--json", "--url",
+                               doms.http["dom-a"], "--token", TOKEN))
+    assert done["status"] == "SUCCEEDED", done
+    assert {host: row["status"] for host, row in done["hosts"].items()} == \
+        {host: "succeeded" for host in owner}, done
+    for daemon in doms.daemons.values():
+        log_text = daemon.log_path.read_text(errors="replace")
+        assert not TRACEBACK_RE.search(log_text)
+        assert "host status rows" not in log_text  # no write or read ever failed
