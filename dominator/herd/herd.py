@@ -31,6 +31,7 @@ from dominator.herd.fetchslots import ServerSlots
 from dominator.herd.images import ImageCache
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
+from dominator.herd.leases import _reason as describe_sql_error  # the driver's first line
 from dominator.herd.ownership import Ownership, is_fenced
 from dominator.herd.ranking import ImageServers
 from dominator.herd.records import Disabled
@@ -415,6 +416,11 @@ class Herd:
                     await self.cycle(sub)
                 except asyncio.CancelledError:
                     raise
+                except SQLAlchemyError as err:  # the shared state's database is down
+                    why = f"dominator state unreadable: {describe_sql_error(err)}"
+                    if (sub.status, sub.last_error) != (Status.FAILED, why):
+                        log.warning("%s: cycle failed: %s", sub.machine.hostname, why)
+                    sub.set_status(Status.FAILED, why)
                 except Exception as err:  # noqa: BLE001 - one sub must never stop the herd
                     log.exception("%s: cycle failed", sub.machine.hostname)
                     sub.set_status(Status.FAILED, f"internal error: {err}")
@@ -589,6 +595,10 @@ class Herd:
                         status: subd_pb2.SubStatus) -> None:
         machine = sub.machine
         hostname = machine.hostname
+        why = self.ownership.why_not(hostname)
+        if why:  # say so at once (its lease lapsed, say): no state read for a call not made
+            sub.set_status(Status.LEASE_LOST, why)
+            return
         plan = planned.plan
         names = await asyncio.to_thread(self.state.desired_images, hostname)
         if names:  # a host once synced: is what differs an intrusion or just outdated?

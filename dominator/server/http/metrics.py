@@ -14,6 +14,7 @@ Two kinds of metrics:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 
 from fastapi import APIRouter, Request, Response
@@ -21,12 +22,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from dominator.deploy.model import DeployStatus
 from dominator.herd.instruments import HerdMetrics, imageserver_metrics
 from dominator.herd.replicas import ReplicaTree
 from dominator.herd.status import Status
 from dominator.server.http.context import HttpContext
+
+log = logging.getLogger(__name__)
 
 
 class FleetCollector(Collector):
@@ -44,8 +48,12 @@ class FleetCollector(Collector):
         disabled = await asyncio.to_thread(self.ctx.state.updates_disabled)
         self._updates_disabled = disabled is not None
         engine = self.ctx.deploys
-        self._deploys = None if engine is None else await asyncio.to_thread(
-            engine.store.counts)
+        if engine is None:
+            return
+        try:
+            self._deploys = await asyncio.to_thread(engine.store.counts)
+        except SQLAlchemyError as err:  # a shared database down: the scrape goes on
+            log.debug("deploy counts unreadable, showing those last read: %s", err)
 
     def collect(self) -> Iterable[Metric]:
         herd = self.ctx.herd
