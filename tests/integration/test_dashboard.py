@@ -153,6 +153,53 @@ def test_filters_and_sorting(dash: FleetUnderTest) -> None:
         assert reply.status_code == 400 and "error" in reply.json()
 
 
+def test_host_table_pages(dash: FleetUnderTest) -> None:
+    def listed(path: str = "/hosts.json", **params: object) -> dict:
+        reply = get(dash, path, **params)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    everyone = sorted(EVERYONE)
+    second = listed(per_page=2, page=2)
+    assert [h["hostname"] for h in second["hosts"]] == everyone[2:4]
+    assert second["paging"] == {"page": 2, "per_page": 2, "pages": 3, "first": 3, "last": 4}
+    assert (second["total"], second["shown"]) == (6, 6)
+    # Filter and sort before paging: the synced hosts, newest name first, page 2 of 2.
+    synced = listed(status="synced", sort="hostname", desc="yes", per_page=3, page=2)
+    assert [h["hostname"] for h in synced["hosts"]] == SYNCED[::-1][3:]
+    assert synced["shown"] == 4 and synced["paging"]["pages"] == 2
+    by_poll = listed(sort="last_poll", desc="yes")["hosts"]
+    polls = [h["last_poll_unix"] for h in by_poll]
+    assert polls == sorted(polls, reverse=True) and len(by_poll) == 6
+    assert [h["hostname"] for h in listed(image="v1", q="host-")["hosts"]] == SYNCED
+
+    page = get(dash, "/hosts", per_page=2, page=2).text
+    rows = [line.split('data-host="')[1].split('"')[0] for line in page.splitlines()
+            if "<tr data-host=" in line]
+    assert rows == everyone[2:4]
+    assert "hosts 3-4 of 6, page 2 of 3" in page
+    assert 'href="/hosts?sort=hostname&amp;per_page=2&amp;page=3"' in page  # next, kept size
+    assert 'href="/hosts?sort=hostname&amp;per_page=2"' in page  # previous: page 1
+
+
+def test_bad_table_parameters(dash: FleetUnderTest) -> None:
+    for params, message in (({"page": "0"}, "page must be a whole number from 1"),
+                            ({"per_page": "100000"}, "per_page must be a whole number from 1 "
+                                                     "to 1000"),
+                            ({"sort": "colour"}, "unknown sort key 'colour'"),
+                            ({"desc": "sometimes"}, "desc must be yes or no"),
+                            ({"limit": "5"}, "unknown parameter 'limit'")):
+        reply = get(dash, "/hosts.json", **params)
+        assert reply.status_code == 400, (params, reply.text)
+        assert reply.json()["error"].startswith(message), reply.json()
+        page = get(dash, "/hosts", **params)
+        assert page.status_code == 400 and "Bad request" in page.text, page.text[:300]
+        assert "Traceback" not in page.text
+    twice = httpx.get(f"http://127.0.0.1:{dash.http_port}/hosts.json?page=1&page=2", timeout=30)
+    assert twice.status_code == 400 and twice.json() == {"error": "page given more than once"}
+    assert get(dash, "/healthz").status_code == 200  # the dominator is still fine
+
+
 def test_html_escapes_hostile_values(dash: FleetUnderTest) -> None:
     assert get(dash, "/hosts/host-3.json").json()["tags"] == {"note": HOSTILE}
     for path, params in (("/hosts/host-3", {}), ("/hosts", {"q": HOSTILE})):
