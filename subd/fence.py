@@ -10,8 +10,11 @@ its lease lapsed) must not touch the host. The same token is the same lease: acc
 
 - A new highest is written to disk before the call is acted on; when that write fails,
   the call is refused (UNAVAILABLE), so what subd acts on is always on disk first.
-- A call without a fence (a single SQLite dominator, an operator's `dominator sub
-  push-image`: no lease) is accepted; once a token was seen it is logged.
+- A call without a fence (an operator's `dominator sub push-image`, a dominator older
+  than fencing: no lease) is accepted; once a token was seen it is logged. With
+  `subd --require-fence` it is refused (FAILED_PRECONDITION, one line starting
+  `unfenced: `, not `fenced: `: it says nothing of who holds the host's shard, so a
+  dominator must not take it for a newer owner's).
 - A corrupt or unreadable file at start: it is kept aside (fence.json.corrupt-UNIXTIME),
   an error is logged and reported in the status (`fence_error`), and the highest is
   unknown until the next fenced call sets it. Refusing every fenced call instead would
@@ -94,17 +97,20 @@ def _parse(data: bytes) -> FenceToken:
 class Fences:
     """The highest fencing token subd accepted, remembered in `path`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, require: bool = False) -> None:
         self.path = Path(path)
+        self.require = require  # refuse every unfenced mutating call (--require-fence)
         self.highest: FenceToken | None = None
         self.error = ""  # why the remembered token was lost, until a new one is set
         self.refused = 0  # fenced calls refused since start
+        self.unfenced_refused = 0  # unfenced calls refused since start (require)
         self._load()
 
     @classmethod
-    def in_dir(cls, state_dir: Path) -> Fences:
-        """The fences of the subd whose state lives in `state_dir` (ROOT/.subd)."""
-        return cls(Path(state_dir) / FENCE_FILE)
+    def in_dir(cls, state_dir: Path, require: bool = False) -> Fences:
+        """The fences of the subd whose state lives in `state_dir` (ROOT/.subd);
+        `require`: unfenced mutating calls are refused."""
+        return cls(Path(state_dir) / FENCE_FILE, require)
 
     def _load(self) -> None:
         try:
@@ -130,8 +136,16 @@ class Fences:
 
     def check(self, fence: FenceToken | None, what: str) -> None:
         """Refuse (PreconditionError: FAILED_PRECONDITION) a call whose fence is older
-        than the highest accepted; nothing is recorded."""
+        than the highest accepted, or an unfenced one when fences are required;
+        nothing is recorded."""
         highest = self.highest
+        if fence is None and self.require:
+            self.unfenced_refused += 1
+            message = (f"unfenced: {what} without a fence refused (subd runs with "
+                       "--require-fence: only a dominator holding this host's lease may "
+                       "change it)")
+            log.warning("%s", message)
+            raise PreconditionError(message)
         if fence is None or highest is None or fence.token > highest.token:
             return
         if fence.token == highest.token and fence.owner == highest.owner:

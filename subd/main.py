@@ -89,13 +89,19 @@ class SubdCollector(Collector):
         yield CounterMetricFamily("subd_fenced_calls_refused",
                                   "Mutating calls refused for an older fencing token.",
                                   value=self.service.fences.refused)
+        yield CounterMetricFamily("subd_unfenced_calls_refused",
+                                  "Mutating calls refused for carrying no fence "
+                                  "(--require-fence).",
+                                  value=self.service.fences.unfenced_refused)
 
 
 async def serve(root: Path, port: int, security: Security, config: ScanConfig,
                 network_speed_percent: float, trigger_command: str, host: str,
-                metrics_port: int = 0, trusted_keys: TrustedKeys | None = None) -> None:
+                metrics_port: int = 0, trusted_keys: TrustedKeys | None = None,
+                require_fence: bool = False) -> None:
     """Recover from any crash, start scanning, and serve until cancelled. With
-    `trusted_keys`, only images signed by one of them are fetched for and applied."""
+    `trusted_keys`, only images signed by one of them are fetched for and applied;
+    with `require_fence`, unfenced mutating calls are refused."""
     state_dir = root / SUBD_DIR
     state_dir.mkdir(mode=0o700, exist_ok=True)
     cache = ObjectStore(state_dir / "objects")
@@ -109,16 +115,17 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
                       scanner.bump_generation)
     trust = TrustedImages(trusted_keys, security) if trusted_keys is not None else None
     service = SubdService(root, scanner, cache, fetcher, updater, state,
-                          Fences.in_dir(state_dir), trust)
+                          Fences.in_dir(state_dir, require_fence), trust)
     stop_metrics = serve_metrics(SubdCollector(scanner, service), host, metrics_port) \
         if metrics_port else None
     running = await start_server(
         [(subd_pb2_grpc.add_SubdServicer_to_server, service, "fleet.Subd")],
         port, security, host)
     scanner.start()
-    log.info("subd serving %s on port %d%s%s", root, running.port,
+    log.info("subd serving %s on port %d%s%s%s", root, running.port,
              "" if os.geteuid() == 0 else " (not root: ownership cannot be set)",
-             "" if trust is None else "; only images signed by a trusted key")
+             "" if trust is None else "; only images signed by a trusted key",
+             "" if not require_fence else "; mutating calls without a fence refused")
     try:
         await serve_until_stopped(running)
     finally:
@@ -164,12 +171,19 @@ async def serve(root: Path, port: int, security: Security, config: ScanConfig,
                    "image's signed manifest from the image servers itself (its certificate "
                    "needs ImageServer.GetImage) and refuses a fetch or update that does not "
                    "match it. Default: no signature check.")
+@click.option("--require-fence", is_flag=True,
+              help="Refuse every Fetch, Update, Cleanup and SetConfiguration that carries "
+                   "no fence (a dominator's lease token): once every dominator of the fleet "
+                   "fences its calls, an operator's `dominator sub push-image` or a "
+                   "dominator older than fencing can no longer change this host. Default: "
+                   "unfenced calls are accepted (and logged once a token was seen).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @security_options
 def command(root: Path, port: int, host: str, scan_speed_percent: float, cpu_percent: float,
             background_cpu_percent: float, network_speed_percent: float, verify_period: int,
             scan_exclusions: tuple[str, ...], trigger_command: str, metrics_port: int,
-            trusted_keys: Path | None, verbose: bool, security: Security) -> None:
+            trusted_keys: Path | None, require_fence: bool, verbose: bool,
+            security: Security) -> None:
     """Scan ROOT continuously and converge it onto images when the dominator asks.
 
     Private state lives in ROOT/.subd (same filesystem, so installs are renames);
@@ -182,7 +196,7 @@ def command(root: Path, port: int, host: str, scan_speed_percent: float, cpu_per
                         exclusions=list(scan_exclusions or DEFAULT_EXCLUSIONS))
     trusted = load_trusted_keys(trusted_keys) if trusted_keys is not None else None
     asyncio.run(serve(root.resolve(), port, security, config, network_speed_percent,
-                      trigger_command, host, metrics_port, trusted))
+                      trigger_command, host, metrics_port, trusted, require_fence))
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Fencing against a real subd over mutual TLS (issue 11): a mutating call carrying an
 older lease token than subd has accepted is refused in one line and changes nothing;
-the same token and newer ones pass; the highest survives SIGKILL; unfenced calls pass;
-a corrupt fence file is kept aside and the next token rules."""
+the same token and newer ones pass; the highest survives SIGKILL; unfenced calls pass,
+unless subd runs with --require-fence; a corrupt fence file is kept aside and the next
+token rules."""
 
 from __future__ import annotations
 
@@ -155,6 +156,66 @@ def test_the_highest_survives_sigkill_and_unfenced_calls_pass(
     assert (root / "etc/manual").read_bytes() == b"by hand\n"
     assert "unfenced configuration change accepted" in sub.log()
     assert "unfenced update accepted" in sub.log()
+
+
+def test_require_fence_refuses_every_unfenced_mutating_call(
+        tmp_path: Path, admin: Security, cli_env: dict[str, str], imageserver: Daemon,
+        start_subd: Callable[..., Daemon]) -> None:
+    image = tmp_path / "image"
+    (image / "etc").mkdir(parents=True)
+    motd = b"served by the image server\n"
+    (image / "etc/motd").write_bytes(motd)
+    cli("image", "add", "web", str(image), env=cli_env, check=True)
+    root = tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    metrics_port = free_port()
+    sub = start_subd(root, "--require-fence", "--metrics-port", str(metrics_port))
+    server, digest = [imageserver.address], hashlib.sha256(motd).digest()
+    cache = ObjectStore(root / ".subd" / "objects")
+    kept = cache.add_bytes(b"an object no image needs\n")
+
+    def unfenced(what: str) -> str:
+        return (f"unfenced: {what} without a fence refused (subd runs with --require-fence: "
+                "only a dominator holding this host's lease may change it)")
+    with SubClient(sub.address, admin) as client:
+        client.wait_for_scan(0)
+        before = client.poll(short=True)[0]
+        assert refused(lambda: client.fetch(server, [digest], "web")) == unfenced("fetch")
+        assert refused(lambda: client.update(file_plan("web", "/etc/motd", motd))
+                       ) == unfenced("update")
+        assert refused(lambda: client.stub.Update(plan_to_proto(file_plan(
+            "web", "/etc/motd", motd)), timeout=30)) == unfenced("update")  # the unary form
+        assert refused(lambda: client.cleanup_all_but([])) == unfenced("cleanup")
+        assert refused(lambda: client.set_configuration(subd_pb2.Configuration(cpu_percent=30))
+                       ) == unfenced("configuration change")
+        after = client.poll(short=True)[0]
+        assert not (root / "etc/motd").exists() and cache.has(kept)
+        assert after.last_update == before.last_update and after.fetch == before.fetch
+        assert client.get_configuration().cpu_percent == 50
+        assert not after.HasField("fence")  # nothing recorded
+        # The operator's CLI gets the same line (exit 4: refused by a precondition).
+        config = cli("sub", "config", sub.address, "--set", "cpu_percent=30", env=cli_env)
+        assert config.returncode == 4, (config.stdout, config.stderr)
+        assert "unfenced: configuration change without a fence refused" in config.stderr
+        assert "Traceback" not in config.stderr
+
+        # A dominator's fenced calls pass, and older tokens are still refused.
+        client.fetch(server, [digest], "web", fence=A5)
+        client.wait_fetch()
+        assert client.update(file_plan("web", "/etc/motd", motd, inline=False),
+                             fence=A5).success
+        assert client.cleanup_all_but([digest], fence=A6) == 1 and not cache.has(kept)
+        assert client.set_configuration(subd_pb2.Configuration(cpu_percent=30),
+                                        fence=A6).cpu_percent == 30
+        assert refused(lambda: client.set_configuration(
+            subd_pb2.Configuration(cpu_percent=20), fence=B4)) == stale(B4, A6)
+        # Reads never need a fence.
+        assert client.get_configuration().cpu_percent == 30
+    assert (root / "etc/motd").read_bytes() == motd
+    samples = metrics(metrics_port)
+    assert samples["subd_unfenced_calls_refused_total"] == ({}, 6.0)
+    assert samples["subd_fenced_calls_refused_total"] == ({}, 1.0)
+    assert "mutating calls without a fence refused" in sub.log()
 
 
 def test_a_corrupt_fence_file_is_kept_aside_and_the_next_token_rules(

@@ -50,6 +50,29 @@ def test_unfenced_calls_pass_and_are_logged_once_a_token_was_seen(
     assert "unfenced update accepted" in caplog.text and fences.highest == A5
 
 
+def test_required_fences_refuse_unfenced_calls_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fences = Fences.in_dir(tmp_path, require=True)
+    with caplog.at_level(logging.WARNING, logger="subd.fence"):
+        with pytest.raises(PreconditionError) as refused:
+            fences.admit(None, "update")
+    message = str(refused.value)
+    assert message == ("unfenced: update without a fence refused (subd runs with "
+                       "--require-fence: only a dominator holding this host's lease may "
+                       "change it)")
+    assert not message.startswith("fenced: ")  # not a newer owner's: the herd's is_fenced
+    assert message in caplog.text
+    assert (fences.unfenced_refused, fences.refused, fences.highest) == (1, 0, None)
+    assert not (tmp_path / FENCE_FILE).exists()
+    fences.admit(A5, "fetch")  # fenced calls go on as without the option
+    with pytest.raises(PreconditionError, match="^fenced: token 4"):
+        fences.check(B4, "update")
+    with pytest.raises(PreconditionError, match="^unfenced: cleanup"):
+        fences.check(None, "cleanup")
+    assert (fences.unfenced_refused, fences.refused, fences.highest) == (2, 1, A5)
+    assert Fences.in_dir(tmp_path).require is False  # the default accepts them
+
+
 @pytest.mark.parametrize("content", [b"", b"{not json", b'{"owner": "a"}', b"[1, 2]",
                                      b'{"owner": "a", "token": true}',
                                      b'{"owner": "", "token": 3}',
