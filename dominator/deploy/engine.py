@@ -112,7 +112,11 @@ class DeployEngine:
         """A round every lease/3 (sooner after a failure) until stopped."""
         while not self._stop.is_set():
             began = time.monotonic()
-            ok = await self._round()
+            try:
+                ok = await self._round()
+            except Exception:  # noqa: BLE001 - the leases must be kept whatever one round did
+                log.exception("deploy lease round failed")
+                ok = False
             interval = self.lease.renew_interval * (1 if ok else RETRY_FRACTION)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(),
@@ -143,13 +147,17 @@ class DeployEngine:
             if deploy_id not in done.renewed and self.lease.tokens.get(deploy_id) == token:
                 self._lose(deploy_id, f"its lease (token {token}) expired")
         for deploy_id, found in done.renewed.items():
-            await self._renewed(deploy_id, found)
-        for deploy, token in done.claimed:
+            try:
+                await self._renewed(deploy_id, found)
+            except (sa.exc.SQLAlchemyError, DeployError) as err:  # the next round retries
+                log.warning("deploy %s: %s", deploy_id, describe_sql_error(err)
+                            if isinstance(err, sa.exc.SQLAlchemyError) else err)
+        for claimed in done.claimed:
+            deploy = claimed.deploy
             log.info("deploy %s: %s (%s)", deploy.id,
-                     "resuming" if deploy.runner in ("", self.name) or not self.store.postgres
-                     else f"taking over from {deploy.runner}", deploy.progress())
-            self.lease.tokens[deploy.id] = token
-            deploy.runner = self.name
+                     "resuming" if claimed.previous in ("", self.name) or not self.store.postgres
+                     else f"taking over from {claimed.previous}", deploy.progress())
+            self.lease.tokens[deploy.id] = claimed.token
             self._spawn(deploy)
         return True
 
@@ -364,6 +372,10 @@ class DeployEngine:
         except LeaseLost as err:
             paused = err.paused
             log.warning("%s; stopped here without writing", err)
+        except sa.exc.SQLAlchemyError as err:  # not a failure of the deploy: pause it
+            paused = True
+            log.warning("deploy %s: the database failed (%s): paused until a lease round "
+                        "works again", deploy.id, describe_sql_error(err))
         except asyncio.CancelledError:
             lost = deploy.id not in self.lease.tokens  # _lose stopped it
             if deploy.dry_run and deploy.cancel and not self._stopping and not lost:

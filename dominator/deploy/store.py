@@ -73,11 +73,20 @@ class Held:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """A deploy a lease round claimed: as saved, its new token, who ran it before."""
+
+    deploy: Deploy
+    token: int
+    previous: str  # the runner before ("": none, or it was given back)
+
+
+@dataclass(frozen=True)
 class Round:
     """One lease round: the deploys renewed (id -> Held) and the ones claimed."""
 
     renewed: Mapping[str, Held]
-    claimed: list[tuple[Deploy, int]]  # each with its new token
+    claimed: list[Claimed]
 
 
 LOADED = (DeployRow.request, DeployRow.state, DeployRow.runner, DeployRow.cancel_requested)
@@ -205,14 +214,12 @@ class DeployStore:
         with self._begin() as conn:
             self._bound(conn)
             renewed = self._renew(conn, held)
-            granted: list[tuple[str, int]] = []
-            if wanted > 0:
-                granted = self._lease(conn, self._claimable(conn, wanted, mine))
+            previous = dict(self._claimable(conn, wanted, mine)) if wanted > 0 else {}
             claimed = []
-            for deploy_id, token in granted:
+            for deploy_id, token in self._lease(conn, list(previous)):
                 [found] = self._load_with(conn, sa.select(DeployRow)
                                           .where(DeployRow.id == deploy_id))
-                claimed.append((found, token))
+                claimed.append(Claimed(found, token, previous[deploy_id] or ""))
         return Round(renewed, claimed)
 
     def _renew(self, conn: Connection, held: Mapping[str, int]) -> dict[str, Held]:
@@ -233,17 +240,20 @@ class DeployStore:
         return {row[0]: Held(int(row[1]), json.loads(row[2]) if row[2] else None)
                 for row in rows if held.get(row[0]) == row[1]}
 
-    def _claimable(self, conn: Connection, wanted: int, mine: bool) -> list[str]:
+    def _claimable(self, conn: Connection, wanted: int,
+                   mine: bool) -> list[tuple[str, str | None]]:
+        """Running deploys to claim (id, runner), oldest first, locked (PostgreSQL)."""
         if self.postgres:
-            return list(conn.execute(sa.text(
-                f"SELECT id FROM deploys WHERE status = 'RUNNING' AND ({FREE}"
+            return [(row[0], row[1]) for row in conn.execute(sa.text(
+                f"SELECT id, runner FROM deploys WHERE status = 'RUNNING' AND ({FREE}"
                 f"{' OR runner = :me' if mine else ''}) ORDER BY created_unix LIMIT :wanted "
-                "FOR UPDATE SKIP LOCKED"), {"me": self.runner, "wanted": wanted}).scalars())
-        query = sa.select(DeployRow.id).where(DeployRow.status == DeployStatus.RUNNING)
+                "FOR UPDATE SKIP LOCKED"), {"me": self.runner, "wanted": wanted})]
+        query = sa.select(DeployRow.id, DeployRow.runner).where(
+            DeployRow.status == DeployStatus.RUNNING)
         if not mine:
             query = query.where(DeployRow.runner.is_(None))
-        return list(conn.execute(query.order_by(DeployRow.created_unix).limit(wanted))
-                    .scalars())
+        return [(row[0], row[1]) for row in conn.execute(
+            query.order_by(DeployRow.created_unix).limit(wanted))]
 
     def release(self, held: Mapping[str, int]) -> None:
         """Give back the deploys `held` (a clean stop), so another dominator takes them

@@ -57,8 +57,8 @@ def test_a_stale_runner_writes_nothing(engine: sa.Engine) -> None:
     else:  # one dominator per SQLite file: a restarted one takes every running deploy
         assert b.round({}, 5).claimed == []
         taken = b.round({}, 5, mine=True).claimed
-    [(claimed, token_b)] = taken
-    assert claimed.id == "d1" and claimed.reason == "a's first save"
+    [(claimed, token_b, previous)] = [(c.deploy, c.token, c.previous) for c in taken]
+    assert claimed.id == "d1" and claimed.reason == "a's first save" and previous == "dom-a"
     assert token_b > token_a and row(engine, "d1")[:2] == ("dom-b", token_b)
 
     deploy.reason = "a's stale save"
@@ -99,8 +99,9 @@ def test_a_released_deploy_is_claimed_at_once(engine: sa.Engine) -> None:
     assert token is not None
     assert b.round({}, 5).claimed == []
     a.release({"d1": token})
-    [(claimed, token_b)] = b.round({}, 5).claimed
-    assert claimed.id == "d1" and token_b > token
+    [taken] = b.round({}, 5).claimed
+    claimed, token_b = taken.deploy, taken.token
+    assert claimed.id == "d1" and token_b > token and taken.previous == ""
     assert not a.save(claimed, token)
 
 
@@ -112,5 +113,8 @@ def test_hosts_and_keys_are_one_deploy_across_dominators(engine: sa.Engine) -> N
         b.insert(new_deploy("d2", ["h2", "h3"]))
     with pytest.raises(KeyUsed, match="pipeline-1"):
         b.insert(new_deploy("d3", ["h4"], key="pipeline-1"))
-    assert b.insert(new_deploy("d4", ["h3"])) is not None
-    assert [d.id for d in b.newest(10)] == ["d4", "d1"]
+    later = new_deploy("d4", ["h3"])
+    later.created_unix = a.get("d1").created_unix + 0.25  # type: ignore[union-attr]
+    assert b.insert(later) is not None
+    assert [d.id for d in b.newest(10)] == ["d4", "d1"]  # to the sub-second, on PostgreSQL too
+    assert a.get("d4").created_unix == later.created_unix  # type: ignore[union-attr]
