@@ -65,6 +65,7 @@ MAX_TEXT = 4000         # characters of an error or history message written
 MAX_PATHS = 1000        # kept paths written
 MAX_HISTORY = 50        # transitions written and read
 MAX_NAME = 255          # characters of an owner name read
+READ_CHUNK = 1000       # rows read by one query
 
 
 class HostStatusRow(Base):
@@ -97,7 +98,9 @@ class HostStatusWriterRow(Base):
 
 
 class BadRow(ValueError):
-    """A status row that does not validate."""
+    """A status row that does not validate (`updated`: when it was written)."""
+
+    updated: object = None
 
 
 Transition = tuple[float, str, str]  # unix, status, error (as Sub.history holds them)
@@ -217,12 +220,14 @@ def database_now(connection: Connection) -> float:
 
 @dataclass(frozen=True)
 class Read:
-    """One read of the rows: the database's time, the rows updated since (hostname ->
-    row, or why it is bad) and each writer's heartbeat (owner -> unix)."""
+    """One read of the rows: the database's time, the rows updated since and not seen
+    (hostname -> row, or why it is bad), each writer's heartbeat (owner -> unix), and
+    on a full read every host that has a row."""
 
     now: float
     rows: dict[str, HostStatus | BadRow]
     writers: dict[str, float]
+    hostnames: frozenset[str] | None = None
 
 
 class StatusTable:
@@ -265,24 +270,33 @@ class StatusTable:
         self.batches += 1
         self.rows_written += len(values)
 
-    def read(self, since: float | None = None) -> Read:
-        """The rows updated after `since` (every row when None) and the heartbeats."""
-        query = sa.select(HostStatusRow.__table__)
+    def read(self, since: float | None = None, seen: Mapping[str, float] | None = None
+             ) -> Read:
+        """The rows updated after `since` (every row when None) and the heartbeats;
+        rows whose `updated` is what `seen` says (host -> updated) are not read again."""
+        seen = seen or {}
+        keys = sa.select(HostStatusRow.hostname, HostStatusRow.updated)
         if since is not None:
-            query = query.where(HostStatusRow.updated > since)
+            keys = keys.where(HostStatusRow.updated > since)
         with self.engine.connect() as connection:
             now = database_now(connection)
-            found = connection.execute(query).mappings().all()
+            found = connection.execute(keys).all()
+            wanted = [host for host, updated in found if seen.get(host) != updated]
+            rows: dict[str, HostStatus | BadRow] = {}
+            for first in range(0, len(wanted), READ_CHUNK):
+                for row in connection.execute(sa.select(HostStatusRow.__table__).where(
+                        HostStatusRow.hostname.in_(wanted[first:first + READ_CHUNK]))
+                        ).mappings():
+                    try:
+                        rows[row["hostname"]] = HostStatus.parse(row)
+                    except BadRow as err:
+                        err.updated = row["updated"]
+                        rows[row["hostname"]] = err
             writers = {owner: float(updated) for owner, updated in connection.execute(
                 sa.select(HostStatusWriterRow.owner, HostStatusWriterRow.updated))}
-        rows: dict[str, HostStatus | BadRow] = {}
-        for row in found:
-            try:
-                rows[row["hostname"]] = HostStatus.parse(row)
-            except BadRow as err:
-                rows[row["hostname"]] = err
-        self.rows_read += len(found)
-        return Read(now, rows, writers)
+        self.rows_read += len(rows)
+        return Read(now, rows, writers,
+                    frozenset(host for host, _ in found) if since is None else None)
 
 
 Signature = tuple[tuple[Any, ...], tuple[int, int, int]]  # what operators see; its times
@@ -298,6 +312,10 @@ class StatusWriter:
         self._written: dict[str, tuple[Signature, float]] = {}  # host -> as written, when
         self._pending: dict[str, tuple[Signature, HostStatus]] = {}  # the latest to write
         self._gone: set[str] = set()
+        self._dirty: set[str] = set()  # hosts whose status was set since the last stage
+        self._watched: dict[str, Sub] = {}  # the subs heard (a new Sub object is heard anew)
+        self._swept = -math.inf  # monotonic time of the last sweep of every sub
+        self.sweep_seconds = TIMES_SECONDS  # between sweeps
         self._beat = -math.inf  # monotonic time of the last committed write
         self.failing = ""       # why the last write failed ("" when it did not)
         self.failures = 0
@@ -309,10 +327,31 @@ class StatusWriter:
                  sub.kept_paths, len(sub.history), history, record.current_image),
                 (int(sub.last_poll_unix), int(sub.last_scan_unix), record.last_sync_unix))
 
+    def watch(self, sub: Sub) -> None:
+        """Hear the sub's status changes (once per sub): a host whose status was set
+        is looked at in the next batch; the rest are swept every TIMES_SECONDS."""
+        hostname = sub.machine.hostname
+        if self._watched.get(hostname) is not sub:
+            self._watched[hostname] = sub
+            sub.listeners.append(lambda status, error: self._dirty.add(hostname))
+        self._dirty.add(hostname)
+
     def stage(self, owner: str, subs: Mapping[str, Sub]) -> None:
-        """Note every supervised sub whose row is out of date (its latest state)."""
+        """Note each supervised sub whose row is out of date (its latest state): those
+        whose status was set since the last call, or every one at a sweep."""
         now = time.monotonic()
-        for hostname, sub in subs.items():
+        sweep = now - self._swept >= self.sweep_seconds
+        if sweep:
+            self._swept = now
+            for hostname in [name for name in self._written if name not in subs]:
+                del self._written[hostname]  # gone from the MDB: its row goes
+                self._pending.pop(hostname, None)
+                self._gone.add(hostname)
+        hostnames, self._dirty = (list(subs) if sweep else self._dirty), set()
+        for hostname in hostnames:
+            sub = subs.get(hostname)
+            if sub is None:
+                continue
             if sub.task is None:
                 self._pending.pop(hostname, None)
                 self._written.pop(hostname, None)  # another dominator writes it now
@@ -326,10 +365,6 @@ class StatusWriter:
             record = self.state.host(hostname)
             self._pending[hostname] = (signature, HostStatus.of(
                 sub, owner, record.current_image, record.last_sync_unix))
-        for hostname in [name for name in self._written if name not in subs]:
-            del self._written[hostname]
-            self._pending.pop(hostname, None)
-            self._gone.add(hostname)
 
     def due(self) -> bool:
         """Whether a write is due: rows to write or delete, or the heartbeat."""
@@ -382,6 +417,8 @@ class StatusRows:
         self.table = StatusTable(state.database)
         self.writer = StatusWriter(self.table, state, ownership.lease_seconds)
         self._rows: dict[str, HostStatus | BadRow] = {}  # host -> its row as last read
+        self._shown: dict[str, HostStatus] = {}  # host -> the row its sub mirrors
+        self._fresh: set[str] = set()  # the writers whose heartbeat is fresh
         self._writers: dict[str, float] = {}  # owner -> heartbeat (database clock)
         self._now = 0.0        # the database's clock at the last read
         self._since: float | None = None
@@ -408,10 +445,13 @@ class StatusRows:
 
     async def read(self) -> None:
         """Read the rows updated since the last read (all of them now and then) and
-        show them; a failing database is logged once, the last rows kept."""
+        show those that changed (every one when a writer's heartbeat went stale or
+        fresh); a failing database is logged once, the last rows kept."""
         full = time.monotonic() - self._full >= FULL_READ_SECONDS
+        seen = {host: row.updated for host, row in self._rows.items()}
         try:
-            read = await asyncio.to_thread(self.table.read, None if full else self._since)
+            read = await asyncio.to_thread(self.table.read, None if full else self._since,
+                                           seen)
         except SQLAlchemyError as err:
             text = str(getattr(err, "orig", err)).strip().splitlines()
             why = text[0] if text else type(err).__name__
@@ -423,34 +463,41 @@ class StatusRows:
         if self._read_failing:
             log.warning("host status rows readable again")
         self._read_failing = ""
-        if full:
+        changed = set(read.rows)
+        if read.hostnames is not None:  # a full read: forget the rows deleted since
             self._full = time.monotonic()
-            self._rows = {}
+            changed |= {host for host in self._rows if host not in read.hostnames}
+            self._rows = {host: row for host, row in self._rows.items()
+                          if host in read.hostnames}
         self._since, self._now, self._writers = read.now - READ_MARGIN, read.now, read.writers
+        fresh = {owner for owner, beat in read.writers.items()
+                 if read.now - beat <= STALE_LEASES * self.ownership.lease_seconds}
+        everyone, self._fresh = fresh != self._fresh, fresh
         me = self.ownership.name
         for hostname, row in read.rows.items():
             sub = self.subs.get(hostname)
-            if sub is None:
-                continue
-            if sub.task is not None:  # ours: rewrite it if another wrote it since
+            if sub is not None and sub.task is not None:  # ours: rewrite it if another
+                # dominator wrote it since
                 if not isinstance(row, HostStatus) or row.owner != me:
                     self.writer.forget(hostname)
-                continue
-            if isinstance(row, BadRow) and not isinstance(self._rows.get(hostname), BadRow):
+            elif isinstance(row, BadRow) and not isinstance(self._rows.get(hostname), BadRow):
                 self.bad_rows += 1
                 log.warning("%s: invalid host status row: %s", hostname, row)
             self._rows[hostname] = row
-        for hostname, why in list(self._away.items()):
+        for hostname in list(self._away) if everyone else changed & self._away.keys():
             sub = self.subs.get(hostname)
             if sub is None or sub.task is not None:
                 del self._away[hostname]
             else:
-                self.show(sub, why)
+                self.show(sub, self._away[hostname])
 
     def forget(self, sub: Sub) -> None:
         """The herd supervises the sub (or its MDB row is invalid): no mirror of it."""
         self._away.pop(sub.machine.hostname, None)
+        self._shown.pop(sub.machine.hostname, None)
         sub.mirrored = False
+        if self.active:
+            self.writer.watch(sub)
 
     def show(self, sub: Sub, why: str) -> None:
         """Show a sub the herd does not supervise (`why`: ownership.elsewhere): its
@@ -475,12 +522,16 @@ class StatusRows:
             self._mirror(sub, row)
 
     def _elsewhere(self, sub: Sub, why: str) -> None:
+        self._shown.pop(sub.machine.hostname, None)
         sub.mirrored = False
         sub.set_status(Status.ELSEWHERE, why)
 
     def _mirror(self, sub: Sub, row: HostStatus) -> None:
         """Take the owner's row: the state's memory first (a listener that hears
         `synced` finds the current image), then each verdict through set_status."""
+        if sub.mirrored and self._shown.get(row.hostname) is row:
+            return
+        self._shown[row.hostname] = row
         same = sub.mirrored and (sub.status, sub.last_error) == (row.status, row.last_error)
         verdicts = max(0, row.repeats - sub.repeats) if same else 1 + row.repeats
         self.state.mirror_sync(row.hostname, row.current_image, row.last_sync_unix)

@@ -23,7 +23,7 @@ from dominator.herd.ownership import Ownership
 from dominator.herd.state import DominatorState, shared_url
 from dominator.herd.status import Status
 from dominator.herd.statusrows import BadRow, HostStatus, StatusRows, StatusTable, StatusWriter
-from fleetlib.testing.daemons import TRACEBACK_RE, Daemon
+from fleetlib.testing.daemons import TRACEBACK_RE, Daemon, cli
 from fleetlib.testing.dominators import TOKEN, Dominators
 from fleetlib.testing.fleet import wait_for
 from fleetlib.testing.trees import make_tree
@@ -100,6 +100,8 @@ async def test_the_writer_batches_changes_and_writes_nothing_when_nothing_change
     table = StatusTable(engine)
     writer = StatusWriter(table, state, heartbeat=3600)
     subs = subs_of(1000, supervised)
+    for sub in subs.values():
+        writer.watch(sub)  # as the herd has it when it starts supervising a host
     done = commits(engine)
     writer.stage("dom-a", subs)
     assert writer.due()
@@ -139,7 +141,8 @@ async def test_the_writer_batches_changes_and_writes_nothing_when_nothing_change
     assert sum("cannot write host status rows" in r.message for r in caplog.records) == 1
     with engine.begin() as connection:
         connection.execute(sa.text("ALTER TABLE host_status_away RENAME TO host_status"))
-    del subs["host-2"]  # gone from the MDB: its row goes
+    del subs["host-2"]  # gone from the MDB: its row goes at the next sweep
+    writer.sweep_seconds = 0
     writer.stage("dom-a", subs)
     batches = table.batches
     writer.flush("dom-a")
@@ -202,6 +205,8 @@ async def test_the_mirror_shows_the_owners_rows_and_says_when_they_are_stale(
         b_subs["host-0"].kept_paths = ("/var/cache/app",)
         b_subs["host-0"].change_window_ns = 3 * 2**31
         b_rows = StatusRows(b_subs, b_state, cast(Ownership, StandInOwnership("dom-b", {})))
+        for sub in b_subs.values():
+            b_rows.forget(sub)  # as the herd does when it starts supervising a host
         b_rows.writer.stage("dom-b", b_subs)
         b_rows.writer.flush("dom-b")
 
@@ -332,6 +337,10 @@ def test_every_dominator_shows_every_host_with_its_owners_status(
     assert on_a["history_entries"] == on_b["history_entries"]
     assert on_a["status"] == "synced" and on_a["last_poll_unix"] > 0
     assert on_a["last_sync_unix"] > 0 and on_a["last_scan_unix"] > 0
+    refused = cli("fleet", "fast-update", b_host,
+                  env={**doms.env, "DOMINATOR_ADDRESS": doms.daemons["dom-a"].address})
+    assert refused.returncode != 0
+    assert "managed by dominator dom-b: ask that dominator" in refused.stderr, refused.stderr
 
     # An MDB change of B's host: A's view shows it converge (B's transitions included).
     with Mdb(postgres_url) as mdb:
