@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from fleetlib.errors import FleetError
 from fleetlib.testing.daemons import free_port
 
 BINARIES = "/usr/lib/postgresql/*/bin"
-DATABASE = USER = PASSWORD = "fleet"
+DATABASE = USER = "fleet"
 SUPERUSER = "postgres"
 START_TIMEOUT = 60
 # A throwaway cluster: no durability, few resources, quick checkpoints on stop.
@@ -72,11 +73,12 @@ class PrivateCluster:
         self.data = self.folder / "data"
         self.log_path = self.folder / "postgres.log"
         self.port = free_port()
-        self.password = self.folder / "password"
-        self.password.write_text(f"{PASSWORD}\n")
+        self.password = secrets.token_hex(12)  # a test can check no log shows it
+        password_file = self.folder / "password"
+        password_file.write_text(f"{self.password}\n")
         if self.user is not None:
             shutil.chown(self.folder, self.user)
-            shutil.chown(self.password, self.user)
+            shutil.chown(password_file, self.user)
         self._initialized = False
 
     @property
@@ -85,7 +87,7 @@ class PrivateCluster:
         return self._url(USER, DATABASE)
 
     def _url(self, user: str, database: str) -> str:
-        return URL.create("postgresql+psycopg", username=user, password=PASSWORD,
+        return URL.create("postgresql+psycopg", username=user, password=self.password,
                           host="127.0.0.1", port=self.port, database=database
                           ).render_as_string(hide_password=False)
 
@@ -103,8 +105,8 @@ class PrivateCluster:
         port and data every time; returns once it accepts connections."""
         if not self._initialized:
             self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth-local=peer",
-                      "--auth-host=scram-sha-256", f"--pwfile={self.password}", "-E", "UTF8",
-                      "--no-sync")
+                      "--auth-host=scram-sha-256", f"--pwfile={self.folder / 'password'}",
+                      "-E", "UTF8", "--no-sync")
         options = " ".join([f"-p {self.port}", f"-c unix_socket_directories={self.folder}",
                             *(f"-c {setting}" for setting in SETTINGS)])
         self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log_path), "-w",
@@ -118,7 +120,7 @@ class PrivateCluster:
         engine = sa.create_engine(self._url(SUPERUSER, "postgres"), isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as connection:
-                connection.exec_driver_sql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
+                connection.exec_driver_sql(f"CREATE ROLE {USER} LOGIN PASSWORD '{self.password}'")
                 connection.exec_driver_sql(f"CREATE DATABASE {DATABASE} OWNER {USER}")
         finally:
             engine.dispose()

@@ -122,7 +122,9 @@ def herd(tmp_path: Path, ca: Path, cluster: PrivateCluster, imageserver: Daemon,
             cluster.start()
         doms.stop()  # and the sampler's verdict
     for name in NAMES:
-        assert not TRACEBACK_RE.search(doms.daemons[name].log()), f"{name} logged a traceback"
+        log = doms.daemons[name].log()
+        assert not TRACEBACK_RE.search(log), f"{name} logged a traceback"
+        assert cluster.password not in log, f"{name} logged the database password"
 
 
 def test_postgres_stopped_for_30_s_mutates_nothing_says_why_and_resumes(
