@@ -29,6 +29,7 @@ from fleetlib.fstree.objectstore import write_file_atomically
 from fleetlib.rpc.ports import DEPLOY_HTTP_PORT, DOMINATOR_PORT
 from fleetlib.rpc.server import RunningServer, serve_until_stopped, start_server
 from fleetlib.rpc.tls import Security
+from fleetlib.sql.engine import describe_url, parse_url
 from fleetlib.wire import dominator_pb2_grpc
 from mdb.store import Mdb
 
@@ -146,7 +147,8 @@ class Server:
             tokens=tokens, audit=audit)),
             config.host, config.http_port)
         log.info("dominator on port %d (HTTP %d): MDB %s, image server %s", self.grpc.port,
-                 self.http.port, config.mdb_url, config.herd.imageserver)
+                 self.http.port, describe_url(parse_url(config.mdb_url)),
+                 config.herd.imageserver)
         self.herd = herd
         self.herding = asyncio.create_task(herd.run(), name="herd")
         self.watch(self.herding)

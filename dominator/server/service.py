@@ -22,6 +22,7 @@ from dominator.herd.tokenstore import ApiTokens
 from fleetlib.audit import caller, format_time
 from fleetlib.auditlog import AuditLog
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError
+from fleetlib.fstree.listing import quote
 from fleetlib.rpc.status import abort
 from fleetlib.suggest import close_matches, did_you_mean
 from fleetlib.wire import audit_pb2, dominator_pb2, dominator_pb2_grpc
@@ -199,9 +200,10 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
             sub = self.herd.find(request.hostname)
         except FleetError as err:
             await abort(context, NotFoundError(str(err)))
-        if sub.status == Status.ELSEWHERE:  # no loop here would ever answer
+        if sub.status == Status.ELSEWHERE or sub.mirrored:  # no loop here would ever answer
+            why = f"managed by dominator {quote(sub.owner)}" if sub.mirrored else sub.last_error
             await abort(context, PreconditionError(
-                f"{request.hostname}: {sub.last_error}: ask that dominator"))
+                f"{request.hostname}: {why}: ask that dominator"))
         await self._record(context, "fast-update", f"fast update of {request.hostname}",
                            host=request.hostname)
         changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
