@@ -2,20 +2,36 @@
 PostgreSQL): each save is fenced by the runner's token, so a runner whose deploy
 another dominator claimed (after expiry on PostgreSQL, at a restart on SQLite) writes
 nothing; a cancel asked through another dominator reaches the runner's next round;
-a deploy given back is claimed at once; one idempotency key makes one deploy."""
+a deploy given back is claimed at once; one idempotency key makes one deploy. And
+the engine on PostgreSQL through a fault proxy: a runner that cannot renew pauses its
+deploy, then resumes it."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
+from dominator.deploy.engine import DeployEngine
 from dominator.deploy.errors import Conflict
+from dominator.deploy.lease import LeaseLost, RunnerLease
 from dominator.deploy.model import Deploy, DeployStatus, HostProgress, Wave
 from dominator.deploy.store import DeployStore, KeyUsed
+from dominator.herd.herd import Sub
+from dominator.herd.state import DominatorState
+from dominator.herd.status import Status
 from fleetlib.sql.engine import open_engine
+from fleetlib.testing.faultproxy import Fault, FaultProxy
+from mdb.machine import Machine
+from mdb.store import Mdb
+from tests.integration.test_deploy import FakeHerd, FakeImages, until
 
 LEASE = 1.0
 
@@ -118,3 +134,89 @@ def test_hosts_and_keys_are_one_deploy_across_dominators(engine: sa.Engine) -> N
     assert b.insert(later) is not None
     assert [d.id for d in b.newest(10)] == ["d4", "d1"]  # to the sub-second, on PostgreSQL too
     assert a.get("d4").created_unix == later.created_unix  # type: ignore[union-attr]
+
+
+def test_trust_ends_a_third_of_the_lease_before_the_database_expires_it() -> None:
+    lease = RunnerLease(3.0, expires=True)
+    lease.tokens["d1"] = 7
+    with pytest.raises(LeaseLost, match="no round yet") as before:
+        lease.check("d1")
+    assert before.value.paused
+    lease.renewed(time.monotonic())
+    assert lease.check("d1") == 7
+    lease.renewed(time.monotonic() - 2.05)  # began 2 s ago: lease 3 s less margin 1 s
+    with pytest.raises(LeaseLost, match="paused") as lapsed:
+        lease.check("d1")
+    assert lapsed.value.paused
+    with pytest.raises(LeaseLost, match="no longer runs it") as lost:
+        lease.check("d2")
+    assert not lost.value.paused
+    assert RunnerLease(3.0, expires=False).trusted()  # SQLite: one dominator, no expiry
+
+
+class ProxiedState:
+    """The dominator state with its shared database reached through `database` (a
+    fault proxy's): what the deploy engine keeps there fails with it; the rest works."""
+
+    def __init__(self, state: DominatorState, database: sa.Engine) -> None:
+        self._state = state
+        self.database = database
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+
+async def test_a_runner_that_cannot_renew_pauses_then_resumes(
+        tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The database gone for longer than the lease: the runner stops mutating (no host
+    of the next wave is told the image, nothing saved), the deploy stays RUNNING (paused,
+    not failed), and once the database is back the runner claims it again and it ends
+    SUCCEEDED."""
+    caplog.set_level(logging.INFO, logger="dominator.deploy")
+    Mdb(postgres_url).close()  # at head first
+    state = DominatorState(tmp_path / "state.sqlite")
+    mdb = Mdb(str(tmp_path / "mdb.sqlite"))
+    for name in ("h1", "h2"):
+        mdb.set(Machine(name, required_image="v1"))
+        state.record_sync(name, "v1", {})
+    herd = FakeHerd(state)
+    herd.subs = {m.hostname: Sub(m) for m in mdb.list()}
+    parsed = make_url(postgres_url)
+    with FaultProxy(f"{parsed.host}:{parsed.port}") as proxy:
+        proxied = open_engine(parsed.set(port=int(proxy.address.rsplit(":", 1)[1]))
+                              .render_as_string(hide_password=False))
+        engine = DeployEngine(herd, ProxiedState(state, proxied),  # type: ignore[arg-type]
+                              mdb, FakeImages(), tick=0.02, name="dom-a",
+                              lease_seconds=LEASE * 2)
+        await engine.start()
+
+        def converge(name: str) -> None:
+            herd.subs[name].machine = mdb.get(name)  # type: ignore[assignment]
+            state.record_sync(name, "v2", {})
+            herd.subs[name].set_status(Status.SYNCED)
+
+        deploy, _ = await engine.submit({"image": "v2", "select": {"hosts": ["h1", "h2"]},
+                                         "waves": ["1", "100%"]}, None)
+        await until(lambda: mdb.get("h1").required_image == "v2", "h1 is told v2")
+        await until(lambda: herd.subs["h1"].listeners, "the engine watches h1")
+        proxy.set_fault(Fault(reset=True))
+        proxy.reset_all()
+        converge("h1")  # the deploy would now save and start h2: it cannot
+        await until(lambda: deploy.id not in engine._running, "the deploy pauses", 10)
+        await asyncio.sleep(LEASE * 2 + 0.5)  # past the lease by the database's clock too
+        assert mdb.get("h2").required_image == "v1"
+        assert "paused" in caplog.text
+
+        proxy.clear()
+        await until(lambda: mdb.get("h2").required_image == "v2", "h2 is told v2", 20)
+        await until(lambda: herd.subs["h2"].listeners, "the engine watches h2")
+        converge("h2")
+        await until(lambda: (d := engine.store.get(deploy.id)) is not None
+                    and d.status != "RUNNING", "the deploy ends", 20)
+        ended = engine.store.get(deploy.id)
+        assert ended is not None and ended.status == "SUCCEEDED", ended
+        assert ended.runner == "dom-a"
+        await engine.stop()
+        proxied.dispose()
+    mdb.close()
+    state.close()
