@@ -16,20 +16,30 @@ the fleet starts synced) and implements what the herd calls:
 - Fetch: pretends. The hashes are recorded as cached at once (or after
   `--fetch-seconds`): no bytes move, the image server is not asked. The bytes a fetch
   stood for are counted when the update installs them (the plan carries sizes).
-- Update: checks every installed object was fetched (or came inline), applies the
-  plan's changes to the in-memory tree (memoized: equal subs given equal plans share
-  one result), bumps the generation, and completes a scan `--rescan-delay` later.
+- Update and UpdateStream (the dominator's way: the request in chunks): checks every
+  installed object was fetched (or came inline), applies the plan's changes to the
+  in-memory tree (memoized: equal subs given equal plans share one result), bumps the
+  generation, and completes a scan `--rescan-delay` later.
 - Cleanup: drops cached hashes.
+- Fencing: Fetch, Update and Cleanup go through subd's own `Fences` (subd/fence.py),
+  one file per sub in a folder on tmpfs (/dev/shm), so an older token is refused as
+  subd would refuse it ("fenced: ..."); the status carries the highest token.
 - Watch: subd's own stream (subd/watch.py): an event whenever the generation or a
-  fetch's progress changes, heartbeats in between.
+  fetch's progress changes, heartbeats in between (`--no-watch`: UNIMPLEMENTED, as
+  an older subd answers, so the dominator polls every host at its poll interval).
 
 `--mode echo` serves instead a plain unary echo (`bench.Echo/Echo`, raw bytes) on the
 same addresses: the ceiling the fleet benchmark compares against.
 
 A control port on 127.0.0.1 (`--control-port`) answers one-line commands with one
 JSON line: `stats` (poll counts, largest gap between two polls of one sub since the
-last `reset`, which image each sub holds, fetches and updates), `images` (just
-which image each sub holds), `reset`.
+last `reset`, polls per sub, open Watch streams, the most subs neither watched nor
+polled within 10 s in any second, which image each sub holds, fetches and updates),
+`images` (just which image each sub holds), `reset`, `touch K SECONDS` (K random
+subs each find a change, at random times over SECONDS: their generation moves, as a
+scan that found one moves it; `stats` then gives the seconds from each change to
+the sub's next poll), `mark` and `seen` (for each sub, the unix time of its first
+poll and of its first Watch stream opened since the last `mark`, or null).
 The process prints `ready N` on stdout once every server listens.
 """
 
@@ -42,7 +52,10 @@ import json
 import os
 import random
 import resource
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,17 +63,22 @@ from pathlib import Path
 import grpc
 import xxhash
 
+from fleetlib.errors import FleetError
 from fleetlib.fstree.tree import Kind, Tree, TreeBuilder, directory, regular, split
-from fleetlib.rpc.chunks import split_message
+from fleetlib.rpc.chunks import join_chunks_async, split_message
+from fleetlib.rpc.status import abort
 from fleetlib.rpc.tls import MESSAGE_SIZE_OPTIONS, Identity, server_credentials
 from fleetlib.wire import subd_pb2, subd_pb2_grpc
 from fleetlib.wire.codec import inode_from_proto, tree_to_proto
+from subd.fence import Fences, fence_of
 from subd.watch import Watchers
 
 FREE_BYTES = 1 << 40
 ECHO_SERVICE = "bench.Echo"
 SERVER_OPTIONS = [*MESSAGE_SIZE_OPTIONS, ("grpc.so_reuseport", 0)]
 TICKS = os.sysconf("SC_CLK_TCK")
+COVERED_SECONDS = 10.0  # a sub polled this recently, or watched, counts as covered
+MAX_UPDATE_BYTES = 64 << 20
 
 
 def address(base: str, index: int) -> str:
@@ -155,11 +173,13 @@ class Fleet:
     """What the subs of this process share: memoized trees and the poll counters."""
 
     def __init__(self, count: int, scan_period: float, rescan_delay: float,
-                 fetch_seconds: float) -> None:
+                 fetch_seconds: float, fence_dir: Path, watch: bool = True) -> None:
         self.count = count
         self.scan_period = scan_period
         self.rescan_delay = rescan_delay
         self.fetch_seconds = fetch_seconds
+        self.fence_dir = fence_dir
+        self.watch = watch
         self.t0 = time.monotonic()
         self.unix0 = time.time()
         self.applied: dict[tuple[bytes, bytes], TreeState] = {}
@@ -168,7 +188,12 @@ class Fleet:
         self.cleanups = 0
         self.bytes_fetched = 0
         self.update_errors = 0
+        self.watch_opens = 0
         self.subs: list[FakeSub] = []
+        self.last_contact = [-float("inf")] * count  # monotonic time of the last poll
+        self.touched: dict[int, float] = {}  # sub -> when it changed, until its next poll
+        self.touch_latencies: list[float] = []
+        self.mark()
         self.reset()
 
     def reset(self) -> None:
@@ -184,10 +209,47 @@ class Fleet:
         self.intervals = 0
         self.max_gap = [0.0] * self.count
         self.per_second: dict[int, int] = {}
+        self.max_uncovered = 0
+        self.touch_latencies = []
+
+    def mark(self) -> None:
+        """From now on note each sub's first poll and first Watch stream opened."""
+        self.mark_unix = time.time()
+        self.first_poll: list[float | None] = [None] * self.count
+        self.first_watch: list[float | None] = [None] * self.count
+
+    def uncovered(self) -> int:
+        """Subs with no open Watch stream and no poll for COVERED_SECONDS."""
+        since = time.monotonic() - COVERED_SECONDS
+        return sum(1 for sub, last in zip(self.subs, self.last_contact, strict=True)
+                   if not sub.watchers.count and last < since)
+
+    async def sample_coverage(self) -> None:
+        """Every second: the most subs uncovered at once since the last reset."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.max_uncovered = max(self.max_uncovered, self.uncovered())
+
+    def touch(self, count: int, seconds: float) -> None:
+        """`count` random subs each find a change at a random time within `seconds`."""
+        loop = asyncio.get_running_loop()
+        for sub in random.sample(self.subs, min(count, len(self.subs))):
+            loop.call_later(random.uniform(0, seconds), sub.changed)
+
+    def watch_opened(self, index: int) -> None:
+        """Count a Watch stream of sub `index` accepted."""
+        self.watch_opens += 1
+        if self.first_watch[index] is None:
+            self.first_watch[index] = time.time()
 
     def polled(self, index: int) -> None:
         """Count a poll of sub `index`."""
         now = time.monotonic()
+        self.last_contact[index] = now
+        if self.first_poll[index] is None:
+            self.first_poll[index] = time.time()
+        if (touched := self.touched.pop(index, None)) is not None:
+            self.touch_latencies.append(now - touched)
         gap = now - self.last_poll[index]
         if gap > self.max_gap[index]:
             self.max_gap[index] = gap
@@ -235,7 +297,29 @@ class Fleet:
             "fetches": self.fetches, "updates": self.updates, "cleanups": self.cleanups,
             "update_errors": self.update_errors, "bytes_fetched": self.bytes_fetched,
             "cpu_s": (int(fields[11]) + int(fields[12])) / TICKS,
+            "polls_per_sub": self.polls,
+            "watching": sum(1 for sub in self.subs if sub.watchers.count),
+            "watch_opens": self.watch_opens,
+            "watch_refused": sum(sub.watchers.refused for sub in self.subs),
+            "uncovered_now": self.uncovered(), "max_uncovered": self.max_uncovered,
+            "touch_latencies": sorted(round(t, 4) for t in self.touch_latencies),
+            "touch_pending": len(self.touched),
+            "fenced_refusals": sum(sub.fences.refused for sub in self.subs),
+            "fence_owners": self.fence_owners(),
         }
+
+    def fence_owners(self) -> dict[str, int]:
+        """How many subs' highest fencing token each dominator holds ("" for none)."""
+        owners: dict[str, int] = {}
+        for sub in self.subs:
+            owner = sub.fences.highest.owner if sub.fences.highest is not None else ""
+            owners[owner] = owners.get(owner, 0) + 1
+        return owners
+
+    def seen(self) -> dict:
+        """Each sub's first poll and first Watch stream since the last mark (unix)."""
+        return {"mark_unix": self.mark_unix, "first_poll": self.first_poll,
+                "first_watch": self.first_watch}
 
 
 class FakeSub(subd_pb2_grpc.SubdServicer):
@@ -257,6 +341,21 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
         self.last_successful_image = image
         self.updating = False
         self.watchers = Watchers(self._watch_event)
+        self.fences = Fences(fleet.fence_dir / f"sub-{index}.json")
+
+    def changed(self) -> None:
+        """A scan found a change (`touch`): the generation moves, watchers hear it."""
+        self.generation += 1
+        self.extra_scans += 1
+        self.fleet.touched.setdefault(self.index, time.monotonic())
+        self.watchers.changed()
+
+    async def _admit(self, request, context, what: str) -> None:
+        """subd's fence check on a mutating call, right before acting on it."""
+        try:
+            self.fences.admit(fence_of(request), what)
+        except FleetError as err:
+            await abort(context, err)
 
     def _watch_event(self) -> subd_pb2.WatchEvent:
         status = self._status()
@@ -268,6 +367,10 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
             last_scan_unix=status.last_scan_unix)
 
     async def Watch(self, request, context):
+        if not self.fleet.watch:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch (--no-watch)")
+        if self.watchers.count < self.watchers.limit:
+            self.fleet.watch_opened(self.index)
         async for event in self.watchers.stream(request, context):
             yield event
 
@@ -288,7 +391,8 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
             last_scan_unix=int(fleet.unix0 + periodic * fleet.scan_period - self.phase),
             free_bytes=FREE_BYTES, fetch=fetch, last_update=last_update,
             last_successful_image=self.last_successful_image,
-            cached_objects=len(self.cached), inodes=self.state.inodes, is_root=True)
+            cached_objects=len(self.cached), inodes=self.state.inodes, is_root=True,
+            fence=self.fences.to_proto())
 
     async def Poll(self, request, context):
         self.fleet.polled(self.index)
@@ -305,6 +409,7 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed hash")
         if self.fetch_until > time.monotonic():
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a fetch is in progress")
+        await self._admit(request, context, "fetch")
         self.cached.update(request.hashes)
         self.fleet.fetches += 1
         self.fetch_until = time.monotonic() + self.fleet.fetch_seconds
@@ -317,6 +422,13 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
             asyncio.get_running_loop().call_later(self.fleet.fetch_seconds,
                                                   self.watchers.changed)
         return subd_pb2.FetchResponse()
+
+    async def UpdateStream(self, request_iterator, context):
+        try:
+            data = await join_chunks_async(request_iterator, MAX_UPDATE_BYTES)
+        except FleetError as err:
+            await abort(context, err)
+        return await self.Update(subd_pb2.UpdateRequest.FromString(data), context)
 
     async def Update(self, request, context):
         if self.fetch_until > time.monotonic() or self.updating:
@@ -336,6 +448,7 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
         except UpdateError as err:
             self.fleet.update_errors += 1
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        await self._admit(request, context, "update")
         self.state = new
         self.fleet.bytes_fetched += sum(size for h, size in needed.items() if h in self.cached)
         self.cached.difference_update(needed)
@@ -354,6 +467,7 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
         self.extra_scans += 1
 
     async def Cleanup(self, request, context):
+        await self._admit(request, context, "cleanup")
         if request.all_but_keep:
             keep = set(request.keep)
             gone = {h for h in self.cached if h not in keep}
@@ -392,6 +506,15 @@ async def control(fleet: Fleet, reader: asyncio.StreamReader,
                 reply = fleet.stats()
             elif command == "images":
                 reply = fleet.images()
+            elif command == "mark":
+                fleet.mark()
+                reply = {"ok": True, "mark_unix": fleet.mark_unix}
+            elif command == "seen":
+                reply = fleet.seen()
+            elif command.startswith("touch "):
+                _, count, seconds = command.split()
+                fleet.touch(int(count), float(seconds))
+                reply = {"ok": True}
             else:
                 reply = {"error": f"unknown command {command!r}"}
             writer.write(json.dumps(reply).encode() + b"\n")
@@ -412,8 +535,9 @@ def initial_state(args: argparse.Namespace) -> tuple[TreeState, str]:
     return TreeState.of(image.tree), args.image
 
 
-async def serve(args: argparse.Namespace) -> None:
-    fleet = Fleet(args.count, args.scan_period, args.rescan_delay, args.fetch_seconds)
+async def serve(args: argparse.Namespace, fence_dir: Path) -> None:
+    fleet = Fleet(args.count, args.scan_period, args.rescan_delay, args.fetch_seconds,
+                  fence_dir, watch=not args.no_watch)
     credentials = None
     if not args.insecure:
         credentials = server_credentials(Identity.load(Path(args.tls_dir)))
@@ -438,10 +562,14 @@ async def serve(args: argparse.Namespace) -> None:
         servers.append(server)
     controller = await asyncio.start_server(lambda r, w: control(fleet, r, w), "127.0.0.1",
                                             args.control_port)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    sampler = asyncio.create_task(fleet.sample_coverage())
     print(f"ready {args.count}", flush=True)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
+        sampler.cancel()
         controller.close()
         await asyncio.gather(*(s.stop(None) for s in servers))
 
@@ -465,6 +593,8 @@ def main() -> None:
     parser.add_argument("--client-tls-dir",
                         help="Identity for reading --image (default: --tls-dir).")
     parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--no-watch", action="store_true",
+                        help="Answer Watch with UNIMPLEMENTED (an older subd): polled.")
     args = parser.parse_args()
     if not args.insecure and not args.tls_dir:
         parser.error("give --tls-dir or --insecure")
@@ -475,10 +605,15 @@ def main() -> None:
     if needed > hard:
         print(f"warning: {args.count} subs need about {needed} file descriptors, the limit "
               f"is {hard}: split them across processes", file=sys.stderr)
+    shm = Path("/dev/shm")
+    fence_dir = Path(tempfile.mkdtemp(prefix="fake-subd-fences-",
+                                      dir=shm if shm.is_dir() else None))
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve(args, fence_dir))
     except KeyboardInterrupt:
         pass
+    finally:
+        shutil.rmtree(fence_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,47 @@
-"""The fleet figures: one real dominator herding many simulated subs on loopback.
+"""The fleet figures: real dominators herding many simulated subs on loopback.
 
-For each fleet size (default 1,000 and 10,000), with a real image server, a real
-`dominator serve` (SQLite MDB, `--poll-interval 5`, default slots) and in-memory subs
-(`bench/fake_subd.py`, one grpc.aio server per sub on its own address 127.1.x.y):
+For each fleet size (default 1,000 and 10,000), with a real image server, N real
+`dominator serve` (`--poll-interval 5`, default slots; one on a SQLite MDB, or
+`--dominators N --mdb-url postgresql+psycopg://...`: N on a fresh PostgreSQL database,
+`--lease 15`) and in-memory subs (`bench/fake_subd.py`, one grpc.aio server per sub on
+its own address 127.1.x.y, serving Watch and checking fences as subd does):
 
 - steady state, every sub synced: polls/s and the largest interval between two polls
-  of one sub (counted by the subs), the dominator's CPU (/proc/PID/stat) and resident
-  memory (VmRSS, peak VmHWM) over a window;
+  of one sub (counted by the subs), the Watch streams open, and the most hosts
+  neither watched nor polled within 10 s in any second; each dominator's CPU
+  (/proc/PID/stat), per poll and per host it manages, and resident memory (VmRSS,
+  peak VmHWM) over a window;
+- changes seen: a tenth of the subs each find a change (their generation moves, as a
+  scan finding one moves it) at random times over 10 s; seconds from each change to
+  the sub's next poll;
 - rollout: an image that differs by one 1 MiB file becomes every host's
   RequiredImage in one `dominator mdb import`; time until every sub applied it and
-  until `fleet status` shows every host synced. The fake subs do not transfer the
-  file: a fetch completes at once (see fake_subd.py), so this is the dominator's own
-  pace, not the network's;
-- the ceilings, one client process calling every address in a loop with the herd's
-  poll concurrency (200): the herd's short Poll through AsyncSubClient against the
-  same fake subs with no herd around it, and a plain grpc.aio unary echo on as many
-  addresses: calls/s, CPU and memory of that client.
+  until `fleet status` through d1 shows every host synced (with several dominators
+  d1 shows the others' hosts through their status rows). The fake subs do not
+  transfer the file: a fetch completes at once (see fake_subd.py), so this is the
+  dominators' own pace, not the network's;
+- failover (several dominators): SIGKILL of the last one; seconds until every host
+  it managed had a Watch stream opened and a poll from another, until the shard
+  leases settled among the others, and until d1's fleet status said every host
+  synced again with none left to the dead one;
+- the ceilings (one dominator only), one client process calling every address in a
+  loop with the herd's poll concurrency (200): the herd's short Poll through
+  AsyncSubClient against the same fake subs with no herd around it, and a plain
+  grpc.aio unary echo on as many addresses: calls/s, CPU and memory of that client.
 
-The subs' processes run on the same two cores as the dominator; their CPU is
+"Every host within 10 s" with watch streams: a settled host is polled only at the
+300 s backstop, so the largest poll gap is no goal any more; what is, is that at
+every second each host has a live Watch stream to its dominator (which hears a change
+at once) or was polled within 10 s, and that a change is seen within 10 s.
+`--no-watch` makes the fake subs answer Watch UNIMPLEMENTED (an older subd): every
+host is polled at the poll interval, as before watches, and the gap is the goal.
+
+The subs' processes run on the same two cores as the dominators; their CPU is
 reported too. `--security mtls|both` runs with mutual TLS (`rpc.certs.init_ca`
 identities) instead of, or after, `--insecure`.
 
-`python -m bench.fleet_bench [--subs 1000,10000] [--window 30] [--security both]`
+`python -m bench.fleet_bench [--subs 1000,10000] [--window 30] [--security both]
+[--dominators N --mdb-url URL] [--no-watch]`
 """
 
 from __future__ import annotations
@@ -41,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +70,9 @@ from bench.timing import RESULTS
 from dominator.client import DominatorClient
 from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Identity, Security, open_channel
+from fleetlib.sql.engine import describe_url
 from fleetlib.testing.daemons import PROJECT, Daemon, free_port
+from fleetlib.testing.dominators import named_url
 from fleetlib.wire import dominator_pb2
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -59,6 +82,10 @@ POLL_SLOTS = 200          # the herd's default poll slots: the echo client's con
 ECHO_PAYLOAD = 96         # bytes, about a short Poll's reply
 BASE = "127.1"
 BLOB_BYTES = 1 << 20
+LEASE = "15"              # --lease of each dominator on PostgreSQL
+TOUCH_SHARE = 0.1         # of the subs find a change in the changes-seen phase ...
+TOUCH_SECONDS = 10.0      # ... each at a random time within this long
+COVERED_SECONDS = 10.0    # the goal: every host watched or polled within this long
 
 
 def log(text: str) -> None:
@@ -105,11 +132,12 @@ class Setup:
         return Security(Identity.load(self.work / "ca" / role)) if self.tls else Security(None)
 
 
-def cli(setup: Setup, *args: str) -> str:
-    """One `dominator` CLI run; its stdout."""
+def cli(setup: Setup, *args: str, admin: bool = True) -> str:
+    """One `dominator` CLI run (a client of the dominator with the admin identity, unless
+    not `admin`); its stdout."""
     result = subprocess.run([sys.executable, "-m", "dominator.cli", *args,
-                             *setup.tls_args("admin")], cwd=PROJECT, capture_output=True,
-                            text=True, env={**os.environ, **setup.env})
+                             *(setup.tls_args("admin") if admin else [])], cwd=PROJECT,
+                            capture_output=True, text=True, env={**os.environ, **setup.env})
     if result.returncode:
         raise RuntimeError(f"dominator {' '.join(args)} failed:\n{result.stderr}")
     return result.stdout
@@ -177,7 +205,13 @@ class FakeFleet:
         gaps = sorted(g for part in parts for g in part["gaps_s"])
         keys = ("polls", "tree_polls", "interval_sum", "intervals", "never_polled", "fetches",
                 "updates", "cleanups", "update_errors", "bytes_fetched")
+        keys += ("watching", "watch_opens", "watch_refused", "uncovered_now", "touch_pending",
+                 "fenced_refusals")
         merged = {key: sum(part[key] for part in parts) for key in keys}
+        owners: dict[str, int] = {}
+        for part in parts:
+            for owner, count in part["fence_owners"].items():
+                owners[owner] = owners.get(owner, 0) + count
         merged.update(
             window_s=min(part["window_s"] for part in parts), images=images,
             max_gap_s=max(part["max_gap_s"] for part in parts),
@@ -186,8 +220,19 @@ class FakeFleet:
             min_polls=min(part["min_polls"] for part in parts),
             busiest_second=max(map(sum, zip(*(part["per_second"] for part in parts),
                                             strict=False)), default=0),
-            last_update_unix=max(part["last_update_unix"] for part in parts))
+            last_update_unix=max(part["last_update_unix"] for part in parts),
+            # a sum of each process's worst second: at most this many at once
+            max_uncovered=sum(part["max_uncovered"] for part in parts),
+            polls_per_sub=[n for part in parts for n in part["polls_per_sub"]],
+            touch_latencies=sorted(t for part in parts for t in part["touch_latencies"]),
+            fence_owners=owners)
         return merged
+
+    def seen(self) -> dict[str, list[float | None]]:
+        """Each sub's first poll and first Watch stream since the last `mark` (unix)."""
+        parts = self.command("seen")
+        return {key: [t for part in parts for t in part[key]]
+                for key in ("first_poll", "first_watch")}
 
     def images(self) -> dict[str, int]:
         """How many subs hold each image."""
@@ -283,95 +328,317 @@ def client_run(setup: Setup, mode: str, addresses: list[str], window: float) -> 
     return json.loads(client.stdout)
 
 
-def herd(setup: Setup, count: int, window: float, imageserver: str,
-         serve_args: list[str]) -> dict:
-    """Steady state and rollout of one dominator over `count` fake subs, then the
-    herd's own poll RPC alone (no dominator) against the same subs."""
+@dataclass
+class Plan:
+    """What every herd run of one benchmark asks for."""
+
+    dominators: int = 1
+    mdb_url: str = ""  # a PostgreSQL URL: each herd run gets a fresh database there
+    serve_args: list[str] = field(default_factory=list)
+    watch: bool = True  # the fake subs serve Watch (else UNIMPLEMENTED: polled)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"d{i + 1}" for i in range(self.dominators)]
+
+    def tag(self, count: int, tls: bool) -> str:
+        """The figures' label: the same as before several dominators for one on SQLite."""
+        parts = [f"{count} subs"]
+        if self.mdb_url:
+            parts.append(f"{self.dominators} dominator{'s' if self.dominators > 1 else ''} "
+                         "on PostgreSQL")
+        if tls:
+            parts.append("mTLS")
+        if not self.watch:
+            parts.append("no watch")
+        return ", ".join(parts)
+
+
+def fresh_database(url: str, label: str) -> tuple[str, Callable[[], None]]:
+    """A new database on the PostgreSQL server of `url`: its URL and how to drop it. When
+    none may be created there, the database of `url` itself if it is empty."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import SQLAlchemyError
+
+    given = sa.make_url(url)
+    name = f"fleet_bench_{label}_{os.getpid()}"
+    admin = sa.create_engine(given, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except SQLAlchemyError as err:
+        admin.dispose()
+        engine = sa.create_engine(given)
+        try:
+            tables = sa.inspect(engine).get_table_names()
+        finally:
+            engine.dispose()
+        if tables:
+            raise RuntimeError(f"cannot create a database on {describe_url(given)} "
+                               f"({str(err).splitlines()[0]}) and its own is not empty: "
+                               "give an empty one") from None
+        log(f"using the empty database {describe_url(given)} (cannot create one)")
+        return url, lambda: None
+
+    def drop() -> None:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    log(f"fresh database {name}")
+    return given.set(database=name).render_as_string(hide_password=False), drop
+
+
+def dominator_daemons(setup: Setup, work: Path, imageserver: str, plan: Plan,
+                      url: str) -> dict[str, Daemon]:
+    """`dominator serve` d1 .. dN (not started): the SQLite MDB of its state dir when
+    `url` is empty, else the PostgreSQL MDB at `url` with shard leases."""
+    daemons = {}
+    for name in plan.names:
+        shared = ["--mdb-url", named_url(url, name), "--lease", LEASE] if url else []
+        daemons[name] = Daemon(
+            "dominator.cli", ["serve", "--state-dir", str(work / name), "--imageserver",
+                              imageserver, "--poll-interval", str(POLL_INTERVAL), "--host",
+                              "127.0.0.1", "--http-port", str(free_port()), "--name", name,
+                              *shared, *setup.tls_args("dominator"), *plan.serve_args],
+            "dominator", free_port(), setup.admin, work / f"{name}.log")
+    return daemons
+
+
+def leases_settled(client: DominatorClient, names: list[str]) -> dict[str, int] | None:
+    """Shards held by each of `names` once every shard is held by one of them, no other
+    dominator is live and none holds more than its fair share; else None."""
+    reply = client.dominators()
+    held = {info.name: info.shards for info in reply.dominators}
+    fair = math.ceil(reply.shards / len(names))
+    if set(held) != set(names) or sum(held.values()) != reply.shards \
+            or max(held.values()) > fair:
+        return None
+    return held
+
+
+def wait_leases(client: DominatorClient, names: list[str], timeout: float) -> dict[str, int]:
+    """Block until the leases settle among `names` (see leases_settled)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if (held := leases_settled(client, names)) is not None:
+            return held
+        time.sleep(0.5)
+    reply = client.dominators()
+    raise TimeoutError(f"shard leases not settled among {names} after {timeout:.0f} s: "
+                       f"{ {info.name: info.shards for info in reply.dominators} }")
+
+
+def owners(client: DominatorClient) -> dict[int, str]:
+    """Sub index -> the dominator managing it, as `client`'s dominator sees it."""
+    return {int(report.hostname.removeprefix("sub-")): report.owner
+            for report in client.list_subs()}
+
+
+def steady(fakes: FakeFleet, daemons: dict[str, Daemon], owned: dict[int, str],
+           window: float) -> dict:
+    """Every host synced, over `window` s: polls and poll gaps counted by the subs, watch
+    coverage, and each dominator's CPU, memory and polls (those of the hosts it owns)."""
+    pids = {name: daemon.process.pid for name, daemon in daemons.items()}
+    fakes.command("reset")
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    fake_cpu0, t0 = fakes.cpu(), time.perf_counter()
+    rss: dict[str, list[int]] = {name: [] for name in pids}
+    while time.perf_counter() - t0 < window:
+        time.sleep(1)
+        for name, pid in pids.items():
+            rss[name].append(memory_kib(pid)["VmRSS"])
+    elapsed = time.perf_counter() - t0
+    stats = fakes.stats()
+    per: dict[str, dict] = {}
+    for name, pid in pids.items():
+        mine = [i for i, owner in owned.items() if owner == name]
+        polls = sum(stats["polls_per_sub"][i] for i in mine)
+        cores = (cpu_seconds(pid) - cpu0[name]) / elapsed
+        per[name] = {"hosts": len(mine), "polls_per_s": polls / elapsed, "cpu_cores": cores,
+                     "cpu_us_per_poll": cores * elapsed / polls * 1e6 if polls else math.inf,
+                     # with watches hardly any polls: CPU per host managed tells more
+                     "cpu_us_per_host_s": cores / len(mine) * 1e6 if mine else math.inf,
+                     "rss_mib": statistics.median(rss[name]) / 1024,
+                     "hwm_mib": memory_kib(pid)["VmHWM"] / 1024}
+    first = per[next(iter(per))]
+    count = len(owned)
+    return {
+        "window_s": elapsed, "polls_per_s_counted": stats["polls"] / elapsed,
+        # subs / mean of the intervals seen whole in the window (biased low when
+        # intervals approach the window)
+        "polls_per_s_from_intervals": count * stats["intervals"] / stats["interval_sum"]
+        if stats["intervals"] else 0.0,
+        "busiest_second_polls": stats["busiest_second"],
+        "max_gap_s": stats["max_gap_s"], "p50_gap_s": stats["p50_gap_s"],
+        "p99_gap_s": stats["p99_gap_s"], "min_polls_per_sub": stats["min_polls"],
+        "never_polled": stats["never_polled"], "tree_polls": stats["tree_polls"],
+        "cleanups": stats["cleanups"],
+        "watching": stats["watching"], "watch_opens": stats["watch_opens"],
+        "max_uncovered": stats["max_uncovered"],
+        "dominator_cpu_cores": first["cpu_cores"],
+        "dominator_rss_mib": first["rss_mib"], "dominator_hwm_mib": first["hwm_mib"],
+        "dominators": per,
+        "subs_cpu_cores": (fakes.cpu() - fake_cpu0) / elapsed,
+        "subs_rss_mib": fakes.rss_kib() / 1024,
+    }
+
+
+def changes_seen(fakes: FakeFleet, count: int) -> dict:
+    """TOUCH_SHARE of the subs each find a change at a random time over TOUCH_SECONDS:
+    seconds from each change to the sub's next poll (what a watch or a poll sees)."""
+    fakes.command("reset")
+    share = max(1, math.ceil(TOUCH_SHARE * min(count, PER_PROCESS)))
+    fakes.command(f"touch {share} {TOUCH_SECONDS}")
+    time.sleep(TOUCH_SECONDS)
+    deadline = time.perf_counter() + 3 * POLL_INTERVAL + 20
+    while (stats := fakes.stats())["touch_pending"] and time.perf_counter() < deadline:
+        time.sleep(1)
+    seen = stats["touch_latencies"]
+    return {"changes": len(seen) + stats["touch_pending"], "unseen": stats["touch_pending"],
+            "p50_s": seen[len(seen) // 2] if seen else math.inf,
+            "p99_s": seen[min(len(seen) - 1, int(len(seen) * 0.99))] if seen else math.inf,
+            "max_s": seen[-1] if seen else math.inf, "tree_polls": stats["tree_polls"]}
+
+
+def rollout(setup: Setup, fakes: FakeFleet, client: DominatorClient, pid: int, work: Path,
+            count: int) -> dict:
+    """Every host's RequiredImage becomes base-1m in one import (through `client`'s
+    dominator, whose fleet status must then say every host synced)."""
+    fakes.command("reset")
+    before = fleet_status(client)
+    cpu0, wall0, t0 = cpu_seconds(pid), time.time(), time.perf_counter()
+    cli(setup, "mdb", "import", str(mdb_json(work / "mdb-1m.json", fakes.addresses(),
+                                             "base-1m")))
+    imported = time.perf_counter() - t0
+    _, synced = wait_synced(client, count, max(180, count * 0.06), fakes, "base-1m")
+    synced += imported
+    after = fleet_status(client)
+    stats = fakes.stats()
+    return {
+        "import_s": imported,
+        "all_applied_s": stats["last_update_unix"] - wall0,
+        "all_synced_s": synced,
+        "dominator_cpu_cores": (cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0),
+        "dominator_hwm_mib": memory_kib(pid)["VmHWM"] / 1024,
+        "plans_computed": after.diff_cache_misses - before.diff_cache_misses,
+        "plan_cache_hits": after.diff_cache_hits - before.diff_cache_hits,
+        "full_polls": stats["tree_polls"],
+        "fetches": stats["fetches"], "updates": stats["updates"],
+        "update_errors": stats["update_errors"], "fenced_refusals": stats["fenced_refusals"],
+        "fence_owners": stats["fence_owners"],
+        "bytes_fetched_simulated": stats["bytes_fetched"],
+    }
+
+
+def failover(fakes: FakeFleet, daemons: dict[str, Daemon], client: DominatorClient,
+             owned: dict[int, str], count: int, watch: bool) -> dict:
+    """SIGKILL the last dominator: seconds until every host it managed was polled (and
+    had a Watch stream opened) by another, until the leases settled among the others,
+    and until the first dominator's fleet status said every host synced again, owned by
+    a survivor."""
+    names = list(daemons)
+    victim, survivors = names[-1], names[:-1]
+    hosts = [i for i, owner in owned.items() if owner == victim]
+    killed = time.time()
+    daemons[victim].kill()
+    fakes.command("mark")  # after its death: no later call can be the victim's
+    result: dict = {"victim": victim, "victim_hosts": len(hosts)}
+    deadline = time.perf_counter() + 10 * float(LEASE) + 60
+    while time.perf_counter() < deadline and not {"polled_s", "leases_s", "synced_s"} <= set(
+            result):
+        if "polled_s" not in result:
+            seen = fakes.seen()
+            polls = [seen["first_poll"][i] for i in hosts]
+            watches = [seen["first_watch"][i] for i in hosts] if watch else polls
+            if None not in polls and None not in watches:
+                result["polled_s"] = max(polls, default=killed) - killed
+                result["watched_s"] = max(watches, default=killed) - killed if watch else None
+                result["covered_s"] = max((min(p, w) for p, w in zip(polls, watches,
+                                                                     strict=True)),
+                                          default=killed) - killed
+        if "leases_s" not in result and (held := leases_settled(client, survivors)):
+            result["leases_s"], result["shards_after"] = time.time() - killed, held
+        if "leases_s" in result and "synced_s" not in result:
+            status = fleet_status(client)
+            if status.hosts_by_status.get("synced", 0) == count:
+                now = owners(client)
+                if victim not in now.values():
+                    result["synced_s"] = time.time() - killed
+                    result["taken_by"] = {name: sum(1 for i in hosts if now[i] == name)
+                                          for name in survivors}
+        time.sleep(0.5)
+    missing = {"polled_s", "leases_s", "synced_s"} - set(result)
+    if missing:
+        raise TimeoutError(f"failover not done after {time.time() - killed:.0f} s "
+                           f"({sorted(missing)}): "
+                           f"{result}; {dict(fleet_status(client).hosts_by_status)}")
+    log(f"failover: {json.dumps(result)}")
+    return result
+
+
+def herd(setup: Setup, count: int, window: float, imageserver: str, plan: Plan) -> dict:
+    """Steady state, changes seen, rollout (and with several dominators a failover) of
+    the dominators over `count` fake subs; with one, the herd's own poll RPC alone (no
+    dominator) against the same subs after."""
     work = setup.work / f"herd-{count}"
     work.mkdir()
     reader = ["--client-tls-dir", str(setup.work / "ca/dominator")] if setup.tls else []
-    fakes = FakeFleet(count, "subd", setup, ["--image", "base", "--imageserver",
-                                             imageserver, *reader]).start()
-    dominator = Daemon("dominator.cli",
-                       ["serve", "--state-dir", str(work / "state"), "--imageserver",
-                        imageserver, "--poll-interval", str(POLL_INTERVAL), "--host",
-                        "127.0.0.1", *setup.tls_args("dominator"), *serve_args],
-                       "dominator", free_port(), setup.admin, work / "dominator.log")
-    result: dict = {"subs": count}
+    url, drop = (fresh_database(plan.mdb_url, f"{plan.dominators}d_{count}")
+                 if plan.mdb_url else ("", lambda: None))
+    fakes = FakeFleet(count, "subd", setup, ["--image", "base", "--imageserver", imageserver,
+                                             *reader, *([] if plan.watch else ["--no-watch"])])
+    daemons: dict[str, Daemon] = {}
+    result: dict = {"subs": count, "dominators": plan.dominators}
     try:
-        dominator.start()
-        pid = dominator.process.pid
-        setup.env["DOMINATOR_ADDRESS"] = dominator.address
-        stub = DominatorClient(dominator.address, setup.admin)
+        if url:
+            cli(setup, "db", "upgrade", "--mdb-url", url, admin=False)
+        daemons = dominator_daemons(setup, work, imageserver, plan, url)
+        fakes.start()
+        for daemon in daemons.values():
+            daemon.start()
+        started = time.perf_counter()  # every dominator serves
+        first = daemons[plan.names[0]]
+        setup.env["DOMINATOR_ADDRESS"] = first.address
+        client = DominatorClient(first.address, setup.admin)
+        if url:
+            result["shards"] = wait_leases(client, plan.names, 4 * float(LEASE) + 30)
+            result["leases_settled_s"] = time.perf_counter() - started
+            log(f"leases settled {result['leases_settled_s']:.1f} s after the last dominator "
+                f"served: {result['shards']}")
         started = time.perf_counter()
         cli(setup, "mdb", "import", str(mdb_json(work / "mdb.json", fakes.addresses(), "base")))
-        _, synced = wait_synced(stub, count, max(120, count * 0.05))
+        wait_synced(client, count, max(120, count * 0.05))
         result["initial_sync_s"] = time.perf_counter() - started
         log(f"{count} subs synced {result['initial_sync_s']:.1f} s after the import")
+        owned = owners(client) if url else dict.fromkeys(range(count), plan.names[0])
 
         time.sleep(POLL_INTERVAL + 2)  # let the first, bunched cycles spread out
-        fakes.command("reset")
-        cpu0, fake_cpu0, t0 = cpu_seconds(pid), fakes.cpu(), time.perf_counter()
-        rss = []
-        while time.perf_counter() - t0 < window:
-            time.sleep(1)
-            rss.append(memory_kib(pid)["VmRSS"])
-        elapsed = time.perf_counter() - t0
-        stats = fakes.stats()
-        status = fleet_status(stub)
-        result["steady"] = {
-            "window_s": elapsed, "polls_per_s_counted": stats["polls"] / elapsed,
-            # subs / mean of the intervals seen whole in the window (biased low when
-            # intervals approach the window)
-            "polls_per_s_from_intervals": count * stats["intervals"] / stats["interval_sum"]
-            if stats["intervals"] else 0.0,
-            "busiest_second_polls": stats["busiest_second"],
-            "max_gap_s": stats["max_gap_s"], "p50_gap_s": stats["p50_gap_s"],
-            "p99_gap_s": stats["p99_gap_s"], "min_polls_per_sub": stats["min_polls"],
-            "never_polled": stats["never_polled"], "tree_polls": stats["tree_polls"],
-            "cleanups": stats["cleanups"],
-            "dominator_cpu_cores": (cpu_seconds(pid) - cpu0) / elapsed,
-            "dominator_rss_mib": statistics.median(rss) / 1024,
-            "dominator_hwm_mib": memory_kib(pid)["VmHWM"] / 1024,
-            "subs_cpu_cores": (fakes.cpu() - fake_cpu0) / elapsed,
-            "subs_rss_mib": fakes.rss_kib() / 1024,
-            "by_status": dict(status.hosts_by_status),
-        }
+        result["steady"] = steady(fakes, daemons, owned, window)
+        result["steady"]["by_status"] = dict(fleet_status(client).hosts_by_status)
         log(f"steady: {json.dumps(result['steady'])}")
-
-        before = fleet_status(stub)
-        cpu0, wall0, t0 = cpu_seconds(pid), time.time(), time.perf_counter()
-        cli(setup, "mdb", "import", str(mdb_json(work / "mdb-1m.json", fakes.addresses(),
-                                                 "base-1m")))
-        imported = time.perf_counter() - t0
-        applied, synced = wait_synced(stub, count, max(180, count * 0.06), fakes, "base-1m")
-        synced += imported
-        after = fleet_status(stub)
-        stats = fakes.stats()
-        result["rollout"] = {
-            "import_s": imported,
-            "all_applied_s": stats["last_update_unix"] - wall0,
-            "all_synced_s": synced,
-            "dominator_cpu_cores": (cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0),
-            "dominator_hwm_mib": memory_kib(pid)["VmHWM"] / 1024,
-            "plans_computed": after.diff_cache_misses - before.diff_cache_misses,
-            "plan_cache_hits": after.diff_cache_hits - before.diff_cache_hits,
-            "full_polls": stats["tree_polls"] - result["steady"]["tree_polls"],
-            "fetches": stats["fetches"], "updates": stats["updates"],
-            "update_errors": stats["update_errors"],
-            "bytes_fetched_simulated": stats["bytes_fetched"],
-        }
+        result["changes"] = changes_seen(fakes, count)
+        log(f"changes seen: {json.dumps(result['changes'])}")
+        result["rollout"] = rollout(setup, fakes, client, first.process.pid, work, count)
         log(f"rollout: {json.dumps(result['rollout'])}")
         result["fleet_status_cli"] = json.loads(cli(setup, "fleet", "status", "--json"))
-        dominator.stop()
-        fake_cpu0 = fakes.cpu()
-        poll = client_run(setup, "poll", fakes.addresses(), min(window, 20))
-        poll["server_cpu_cores"] = (fakes.cpu() - fake_cpu0) / poll["total_s"]
-        result["poll_ceiling"] = poll
-        log(f"poll alone: {json.dumps(poll)}")
+        if plan.dominators > 1:
+            result["failover"] = failover(fakes, daemons, client, owners(client), count,
+                                          plan.watch)
+        client.close()
+        for daemon in daemons.values():
+            daemon.stop()
+        if plan.dominators == 1:
+            fake_cpu0 = fakes.cpu()
+            poll = client_run(setup, "poll", fakes.addresses(), min(window, 20))
+            poll["server_cpu_cores"] = (fakes.cpu() - fake_cpu0) / poll["total_s"]
+            result["poll_ceiling"] = poll
+            log(f"poll alone: {json.dumps(poll)}")
     finally:
-        dominator.stop()
+        for daemon in daemons.values():
+            daemon.stop()
         fakes.stop()
+        drop()
     return result
 
 
@@ -445,49 +712,104 @@ async def echo_client(addresses: list[str], window: float, security: Security,
             "every_address_every_s": len(addresses) / (done / elapsed) if done else math.inf}
 
 
-def rows_for(count: int, herd_result: dict, echo: dict, tls: bool) -> list[dict]:
-    """The table rows of one fleet size."""
-    steady, rollout = herd_result["steady"], herd_result["rollout"]
-    poll = herd_result["poll_ceiling"]
-    tag = f"{count} subs{', mTLS' if tls else ''}"
+def rows_for(count: int, herd_result: dict, echo: dict | None, tls: bool,
+             plan: Plan) -> list[dict]:
+    """The table rows of one fleet size: with one dominator the rows of before (and its
+    ceilings), then coverage, changes seen, and per dominator and failover figures."""
+    steady, rollout, changes = herd_result["steady"], herd_result["rollout"], \
+        herd_result["changes"]
+    first = steady["dominators"][plan.names[0]]
     counted = steady["polls_per_s_counted"]
-    cpu_per_poll = steady["dominator_cpu_cores"] / counted * 1e6 if counted else math.inf
+    # With watches a settled host is polled at the backstop only: its gap is no goal.
+    gap_goal = None if plan.watch else COVERED_SECONDS
+
+    def peer(name: str, key: str) -> tuple[str, float]:
+        return (name, echo[key]) if echo else ("-", 0.0)
+
     rows = [
-        ("steady polls/s (all synced)", counted, "/s", "echo", echo["calls_per_s"], None),
+        ("steady polls/s (all synced)", counted, "/s", *peer("echo", "calls_per_s"), None),
         ("polls in the busiest second (bursts)", steady["busiest_second_polls"], "",
-         "mean", steady["polls_per_s_counted"], None),
-        ("short Poll alone, calls/s (no herd)", herd_result["poll_ceiling"]["calls_per_s"],
-         "/s", "echo", echo["calls_per_s"], None),
+         "mean", counted, None)]
+    if echo:
+        rows.append(("short Poll alone, calls/s (no herd)",
+                     herd_result["poll_ceiling"]["calls_per_s"], "/s", "echo",
+                     echo["calls_per_s"], None))
+    rows += [
         ("largest interval between 2 polls of a sub", steady["max_gap_s"], "s", "goal",
-         10.0, 10.0),
-        ("p99 interval between 2 polls of a sub", steady["p99_gap_s"], "s", "goal", 10.0,
-         10.0),
-        ("dominator CPU, steady (cores)", steady["dominator_cpu_cores"], "", "echo client",
-         echo["client_cpu_cores"], None),
-        ("dominator CPU per poll", cpu_per_poll, "us", "echo client/call",
-         echo["client_cpu_us_per_call"], None),
-        ("short Poll alone, client CPU per call", poll["client_cpu_us_per_call"], "us",
-         "echo client/call", echo["client_cpu_us_per_call"], None),
-        ("dominator RSS, steady", steady["dominator_rss_mib"], "MiB", "echo client",
-         echo["client_rss_mib"], 1024.0),
-        ("dominator peak RSS (VmHWM, whole run)", rollout["dominator_hwm_mib"], "MiB",
-         "echo client", echo["client_hwm_mib"], 1024.0),
+         COVERED_SECONDS, gap_goal),
+        ("p99 interval between 2 polls of a sub", steady["p99_gap_s"], "s", "goal",
+         COVERED_SECONDS, gap_goal)]
+    if echo:
+        poll = herd_result["poll_ceiling"]
+        rows += [
+            ("dominator CPU, steady (cores)", first["cpu_cores"], "", "echo client",
+             echo["client_cpu_cores"], None),
+            ("dominator CPU per poll", first["cpu_us_per_poll"], "us", "echo client/call",
+             echo["client_cpu_us_per_call"], None),
+            ("dominator CPU per host managed, each second", first["cpu_us_per_host_s"], "us",
+             "-", 0, None),
+            ("short Poll alone, client CPU per call", poll["client_cpu_us_per_call"], "us",
+             "echo client/call", echo["client_cpu_us_per_call"], None),
+            ("dominator RSS, steady", first["rss_mib"], "MiB", "echo client",
+             echo["client_rss_mib"], 1024.0),
+            ("dominator peak RSS (VmHWM, whole run)", rollout["dominator_hwm_mib"], "MiB",
+             "echo client", echo["client_hwm_mib"], 1024.0)]
+    rows += [
         ("roll out a 1 MiB change: all applied", rollout["all_applied_s"], "s", "goal",
          10.0, 10.0 if count <= 1000 else None),
         ("roll out a 1 MiB change: fleet status synced", rollout["all_synced_s"], "s",
          "goal", 10.0, 10.0 if count <= 1000 else None),
-        ("diff cache misses during the rollout", rollout["plans_computed"], "", "ideal", 2,
-         None),
-        ("trees sent for the rollout (full polls)", rollout["full_polls"], "", "ideal", 2,
-         None),
+        ("diff cache misses during the rollout", rollout["plans_computed"], "",
+         "ideal", 2, None),
+        ("trees sent for the rollout (full polls)", rollout["full_polls"], "", "ideal",
+         2 * plan.dominators, None),
         ("initial sync after mdb import", herd_result["initial_sync_s"], "s", "-", 0, None),
         ("fake subs' CPU, steady (cores, same host)", steady["subs_cpu_cores"], "",
-         "echo servers", echo["server_cpu_cores"], None),
+         *peer("echo servers", "server_cpu_cores"), None),
+        # the goal "every host within 10 s" with watch streams: at every second, each host
+        # has a live stream to its dominator or was polled within the last 10 s
+        ("hosts neither watched nor polled within 10 s (worst second)",
+         steady["max_uncovered"], "", "goal", 0, 0),
+        ("hosts with a Watch stream open (end of steady window)", steady["watching"], "",
+         "hosts", count, None),
+        ("a change seen: p99 s from a sub's change to its poll", changes["p99_s"], "s",
+         "goal", COVERED_SECONDS, COVERED_SECONDS),
+        ("a change seen: largest s from a sub's change to its poll", changes["max_s"], "s",
+         "goal", COVERED_SECONDS, COVERED_SECONDS),
     ]
-    return [{"what": f"{what} [{tag}]", "ours": round(ours, 3), "unit": unit, "peer": peer,
-             "peer_value": round(peer_value, 3), "goal": goal,
-             "met": None if goal is None else ours <= goal}
-            for what, ours, unit, peer, peer_value, goal in rows]
+    if plan.mdb_url:
+        rows.append(("shard leases settled after the last dominator served",
+                     herd_result["leases_settled_s"], "s", "lease", float(LEASE), None))
+        for name, figures in steady["dominators"].items():
+            rows += [
+                (f"{name}: hosts managed", figures["hosts"], "", "fair share",
+                 count / plan.dominators, None),
+                (f"{name}: polls/s, steady", figures["polls_per_s"], "/s", "-", 0, None),
+                (f"{name}: CPU, steady (cores)", figures["cpu_cores"], "", "-", 0, None),
+                (f"{name}: CPU per poll", figures["cpu_us_per_poll"], "us", "-", 0, None),
+                (f"{name}: CPU per host managed, each second", figures["cpu_us_per_host_s"],
+                 "us", "-", 0, None),
+                (f"{name}: RSS, steady", figures["rss_mib"], "MiB", "goal", 1024.0, 1024.0),
+                (f"{name}: peak RSS (VmHWM)", figures["hwm_mib"], "MiB", "goal", 1024.0,
+                 1024.0)]
+    if "failover" in herd_result:
+        failed = herd_result["failover"]
+        lease = float(LEASE)
+        victim = f"SIGKILL {failed['victim']} ({failed['victim_hosts']} hosts):"
+        rows += [
+            (f"{victim} all its hosts polled by another", failed["polled_s"], "s", "lease",
+             lease, None),
+            (f"{victim} leases settled among the others", failed["leases_s"], "s", "lease",
+             lease, None),
+            (f"{victim} d1's fleet status synced, owners moved", failed["synced_s"], "s",
+             "lease", lease, None)]
+        if failed["watched_s"] is not None:
+            rows.append((f"{victim} all its hosts watched by another", failed["watched_s"],
+                         "s", "lease", lease, None))
+    return [{"what": f"{what} [{plan.tag(count, tls)}]", "ours": round(ours, 3),
+             "unit": unit, "peer": peer_name, "peer_value": round(peer_value, 3),
+             "goal": goal, "met": None if goal is None else ours <= goal}
+            for what, ours, unit, peer_name, peer_value, goal in rows]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -502,7 +824,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def configuration(work: Path, tls: bool, sizes: list[int], window: float,
-                  serve_args: list[str]) -> tuple[list, dict]:
+                  plan: Plan) -> tuple[list, dict]:
     """Every size with one security setting: rows and raw figures."""
     work.mkdir()
     if tls:
@@ -519,29 +841,38 @@ def configuration(work: Path, tls: bool, sizes: list[int], window: float,
         make_images(setup)
         for count in sizes:
             log(f"--- {count} subs ({'mutual TLS' if tls else 'insecure'}) ---")
-            herd_result = herd(setup, count, window, imageserver.address, serve_args)
-            echo = echo_ceiling(setup, count, min(window, 20))
+            herd_result = herd(setup, count, window, imageserver.address, plan)
+            # the ceilings do not depend on the dominators: measured with one only
+            echo = echo_ceiling(setup, count, min(window, 20)) if plan.dominators == 1 \
+                else None
             raw[str(count)] = {"herd": herd_result, "echo": echo}
-            rows += rows_for(count, herd_result, echo, tls)
+            rows += rows_for(count, herd_result, echo, tls, plan)
     finally:
         imageserver.stop()
     return rows, raw
 
 
-def run(sizes: list[int], window: float, security: str, serve_args: list[str]) -> list[dict]:
-    """Every configuration asked for; prints the table, saves bench/results/fleet.json."""
+def run(sizes: list[int], window: float, security: str, plan: Plan) -> list[dict]:
+    """Every configuration asked for; prints the table, saves bench/results/fleet.json
+    (one dominator on SQLite; else e.g. fleet-mtls-3dom.json)."""
     limit = raise_nofile()
-    results: dict = {"nofile_limit": limit, "cores": os.cpu_count(), "serve_args": serve_args}
+    results: dict = {"nofile_limit": limit, "cores": os.cpu_count(),
+                     "serve_args": plan.serve_args, "dominators": plan.dominators,
+                     "postgresql": bool(plan.mdb_url), "watch": plan.watch}
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-", dir="/var/tmp") as tmp:
         for name in ("insecure", "mtls"):
             if security in (name, "both"):
                 more, results[name] = configuration(Path(tmp) / name, name == "mtls", sizes,
-                                                    window, serve_args)
+                                                    window, plan)
                 rows += more
     print_table(rows)
     RESULTS.mkdir(exist_ok=True)
     name = "fleet" if security == "insecure" else f"fleet-{security}"
+    if plan.mdb_url:
+        name += f"-{plan.dominators}dom"
+    if not plan.watch:
+        name += "-nowatch"
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "raw": results}, indent=2))
     return rows
 
@@ -555,6 +886,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="--insecure everywhere (default), mutual TLS, or both in turn.")
     parser.add_argument("--serve-args", default="",
                         help="Extra `dominator serve` flags, e.g. '--fetch-slots 200'.")
+    parser.add_argument("--dominators", type=int, default=1,
+                        help="Dominators on one PostgreSQL MDB (more than 1 needs --mdb-url).")
+    parser.add_argument("--mdb-url",
+                        help="A PostgreSQL URL: each fleet size gets a fresh database on its "
+                             "server (or, if none may be created, its own, when empty).")
+    parser.add_argument("--no-watch", action="store_true",
+                        help="The fake subs answer Watch UNIMPLEMENTED (as an older subd): "
+                             "every host is polled at the poll interval, as before watches.")
     parser.add_argument("--echo-client", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--poll-client", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", help=argparse.SUPPRESS)
@@ -562,6 +901,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.window < 3 * POLL_INTERVAL and not (args.echo_client or args.poll_client):
         parser.error(f"--window must be at least {3 * POLL_INTERVAL:g} s: the largest interval "
                      "between two polls is only seen in a window of several intervals")
+    if args.dominators < 1:
+        parser.error("--dominators must be at least 1")
+    if args.dominators > 1 and not args.mdb_url:
+        parser.error("several dominators share a PostgreSQL MDB: give --mdb-url")
+    if args.mdb_url and not args.mdb_url.startswith("postgresql"):
+        parser.error("--mdb-url must be a PostgreSQL URL (postgresql+psycopg://...)")
     if args.echo_client or args.poll_client:
         raise_nofile()
         security = Security(Identity.load(Path(args.tls_dir)) if args.tls_dir else None)
@@ -570,7 +915,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(asyncio.run(echo_client(addresses, args.window, security, mode))))
         return
     run([int(n) for n in args.subs.split(",")], args.window, args.security,
-        args.serve_args.split())
+        Plan(args.dominators, args.mdb_url or "", args.serve_args.split(), not args.no_watch))
 
 
 if __name__ == "__main__":
