@@ -29,11 +29,12 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import BigInteger, Connection, Engine, Float, Integer, Text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
@@ -490,6 +491,30 @@ class StatusRows:
                 del self._away[hostname]
             else:
                 self.show(sub, self._away[hostname])
+
+    def metrics(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """What the rows cost and whether they flow (the shared database only)."""
+        if not self.active:
+            return
+        table, writer = self.table, self.writer
+        for name, doc, value in (
+                ("dominator_status_row_batches", "Transactions that wrote host status rows "
+                 "(and this dominator's heartbeat).", table.batches),
+                ("dominator_status_rows_written", "Host status rows written.",
+                 table.rows_written),
+                ("dominator_status_rows_read", "Host status rows read (other dominators').",
+                 table.rows_read),
+                ("dominator_status_row_write_failures", "Batches of host status rows that "
+                 "could not be written (retried).", writer.failures),
+                ("dominator_status_rows_invalid", "Host status rows read that did not "
+                 "validate (the host shows why).", self.bad_rows)):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("dominator_status_rows_up", "1 while host status rows are "
+                                "written and read, 0 while the database refuses.",
+                                value=int(not writer.failing and not self._read_failing))
+        yield GaugeMetricFamily("dominator_hosts_mirrored", "Hosts shown from the status "
+                                "rows of the dominator managing them.",
+                                value=sum(1 for sub in self.subs.values() if sub.mirrored))
 
     def forget(self, sub: Sub) -> None:
         """The herd supervises the sub (or its MDB row is invalid): no mirror of it."""

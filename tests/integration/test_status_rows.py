@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -328,6 +329,9 @@ def test_every_dominator_shows_every_host_with_its_owners_status(
             {host: ("synced", manager) for host, manager in owner.items()}, name
     metrics = httpx.get(f"{doms.http['dom-a']}/metrics", timeout=10).text
     assert f'dominator_hosts{{status="synced"}} {len(owner)}.0' in metrics
+    assert "dominator_status_rows_up 1.0" in metrics
+    assert re.search(r"^dominator_hosts_mirrored [1-9]", metrics, re.MULTILINE)
+    assert re.search(r"^dominator_status_row_batches_total [1-9]", metrics, re.MULTILINE)
 
     # B's host, shown through A: B's status, times and history.
     b_host = next(host for host, manager in owner.items() if manager == "dom-b")

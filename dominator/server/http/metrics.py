@@ -90,6 +90,9 @@ class FleetCollector(Collector):
         ownership = getattr(herd, "ownership", None)  # shard leases (a test's herd has none)
         if ownership is not None:
             yield from ownership.metrics()
+        rows = getattr(herd, "rows", None)  # status rows (likewise)
+        if rows is not None:
+            yield from rows.metrics()
         metrics: HerdMetrics | None = getattr(herd, "metrics", None)
         if metrics is not None:
             for metric in metrics.collectors():
