@@ -29,7 +29,7 @@ from mdb.store import HISTORY as MDB
 
 Target = tuple[str, tuple[History, ...]]  # a database URL and the histories it holds
 # What dominators on one PostgreSQL MDB share, in the MDB's database.
-SHARED = (STATE, DEPLOYS)
+SHARED = (STATE, DEPLOYS, AUDIT)
 
 
 def targets(mdb_url: str | None, state_dir: Path | None) -> list[Target]:

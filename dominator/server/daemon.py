@@ -98,6 +98,7 @@ class Server:
         self.herd: Herd | None = None
         self.herding: asyncio.Task[None] | None = None
         self.ownership: Ownership | None = None
+        self.tokens: ApiTokens | None = None
         self.failure = ""  # why a task this daemon depends on died ("" while none did)
         self._stopping = False
 
@@ -124,7 +125,9 @@ class Server:
         # In the MDB's database when that is PostgreSQL: every dominator on it shares it.
         self.state = state = DominatorState(config.state_dir / STATE_FILE,
                                             shared_url(config.mdb_url))
-        audit, tokens = AuditLog(state.engine, "dominator"), ApiTokens(state)
+        # Both shared with every dominator of the MDB when the state is (PostgreSQL).
+        audit = AuditLog(state.database, "dominator")
+        self.tokens = tokens = ApiTokens(state)
         self.images = ImageCache(config.herd.imageserver, config.security)
         self.ownership = ownership = Ownership(
             config.mdb_url, lease_seconds=config.lease_seconds, shards=config.shards,
@@ -138,6 +141,8 @@ class Server:
         address = dominator_address(config.host, self.grpc.port)
         await ownership.start(config.name or f"{socket.gethostname()}:{self.grpc.port}",
                               address)
+        if state.shared:  # one audit log for every dominator of the MDB: each names itself
+            audit.server = f"dominator {ownership.name}"
         self.deploys = DeployEngine(herd, state, self.mdb, self.images,
                                     health_checks=config.health_checks, name=ownership.name,
                                     lease_seconds=config.lease_seconds)
@@ -172,6 +177,8 @@ class Server:
             self.images.close()
         if self.mdb is not None:
             self.mdb.close()
+        if self.tokens is not None:
+            self.tokens.close()
         if self.state is not None:
             self.state.close()
 

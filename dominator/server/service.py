@@ -407,8 +407,8 @@ class DominatorService(dominator_pb2_grpc.DominatorServicer):
 
     async def ListTokens(self, request: dominator_pb2.ListTokensRequest,
                          context: Context) -> dominator_pb2.ListTokensResponse:
-        return dominator_pb2.ListTokensResponse(
-            tokens=[token.to_wire() for token in self.tokens.list()])
+        tokens = await asyncio.to_thread(self.tokens.list)  # shared: read from the database
+        return dominator_pb2.ListTokensResponse(tokens=[token.to_wire() for token in tokens])
 
     async def RevokeToken(self, request: dominator_pb2.RevokeTokenRequest,
                           context: Context) -> dominator_pb2.TokenInfo:

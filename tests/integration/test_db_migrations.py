@@ -188,7 +188,8 @@ def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(
     # The shared database also holds the dominators' state: one upgrade brings both.
     assert upgraded.stdout == (f"mdb {database}: mdb_0003 -> mdb_0005\n"
                                f"state {database}: empty -> state_0005\n"
-                               f"deploys {database}: empty -> deploys_0002\n")
+                               f"deploys {database}: empty -> deploys_0002\n"
+                               f"audit {database}: empty -> audit_0002\n")
     again = cli("db", "upgrade", "--mdb-url", url, "--json", check=True)
     assert json.loads(again.stdout) == [
         {"database": database, "history": "mdb", "from": "mdb_0005", "to": "mdb_0005",
@@ -196,7 +197,9 @@ def test_an_older_revision_is_upgraded_on_sqlite_and_refused_on_postgresql(
         {"database": database, "history": "state", "from": "state_0005", "to": "state_0005",
          "taken_over": False},
         {"database": database, "history": "deploys", "from": "deploys_0002",
-         "to": "deploys_0002", "taken_over": False}]
+         "to": "deploys_0002", "taken_over": False},
+        {"database": database, "history": "audit", "from": "audit_0002", "to": "audit_0002",
+         "taken_over": False}]
     with Mdb(url) as store:
         assert store.schema_revision == "mdb_0005"
 
@@ -267,7 +270,7 @@ def test_openers_of_a_new_state_file_take_turns(tmp_path: Path) -> None:
         list(pool.map(open_all, range(4)))
     engine = open_engine(str(tmp_path / STATE_FILE))
     assert [version_of(engine, history) for history in (STATE, DEPLOYS, AUDIT)] == \
-        [["state_0005"], ["deploys_0002"], ["audit_0001"]]
+        [["state_0005"], ["deploys_0002"], ["audit_0002"]]
     engine.dispose()
 
 
@@ -276,14 +279,14 @@ def test_two_histories_share_one_postgresql_database(postgres_url: str) -> None:
     engine = open_engine(postgres_url)
     old_mdb(engine, 3)  # the old runner's `schema_version` belongs to the MDB
     upgrade(engine, MDB)
-    for history in (STATE, DEPLOYS):
+    for history in (STATE, DEPLOYS, AUDIT):
         assert status(engine, history).state == "empty"
         upgrade(engine, history)
-    assert [status(engine, history).state for history in (MDB, STATE, DEPLOYS)] == \
-        ["current"] * 3
+    assert [status(engine, history).state for history in (MDB, STATE, DEPLOYS, AUDIT)] == \
+        ["current"] * 4
     tables = set(sa.inspect(engine).get_table_names())
     assert {"alembic_version_mdb", "alembic_version_state", "alembic_version_deploys",
-            "machines", "hosts", "deploys"} <= tables
+            "alembic_version_audit", "machines", "hosts", "deploys", "audit_log"} <= tables
     engine.dispose()
 
 
@@ -303,10 +306,10 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
     database = describe_url(engine.url)
     assert entries[0] == {"database": database, "history": "mdb", "current": "mdb_0003",
                           "head": "mdb_0005", "state": "behind", "old_runner": True}
-    # The shared database holds the MDB, the shared state and the deploys; the state file
-    # keeps the rest (its own state and deploys histories too: a SQLite MDB uses them).
-    assert [entry["history"] for entry in entries] == ["mdb", "state", "deploys", "state",
-                                                       "deploys", "audit"]
+    # The shared database holds the MDB, the shared state, the deploys and the audit log;
+    # the state file keeps its own histories too (a SQLite MDB uses them).
+    assert [entry["history"] for entry in entries] == ["mdb", "state", "deploys", "audit",
+                                                       "state", "deploys", "audit"]
 
     upgraded = cli("db", "upgrade", "--mdb-url", postgres_url, "--state-dir", state_dir,
                    check=True)
@@ -318,8 +321,9 @@ def test_db_status(tmp_path: Path, postgres_url: str) -> None:
     assert lines[0].split() == ["HISTORY", "DATABASE", "CURRENT", "HEAD", "STATE"]
     assert [line.split()[0::2] for line in lines[1:]] == [
         ["mdb", "mdb_0005", "current"], ["state", "state_0005", "current"],
-        ["deploys", "deploys_0002", "current"], ["state", "state_0005", "current"],
-        ["deploys", "deploys_0002", "current"], ["audit", "audit_0001", "current"]]
+        ["deploys", "deploys_0002", "current"], ["audit", "audit_0002", "current"],
+        ["state", "state_0005", "current"], ["deploys", "deploys_0002", "current"],
+        ["audit", "audit_0002", "current"]]
     engine.dispose()
 
 
