@@ -426,6 +426,8 @@ class StatusRows:
         self._full = -math.inf  # monotonic time of the last full read
         self._away: dict[str, str] = {}  # host -> why the herd does not supervise it
         self._read_failing = ""
+        self._read_unix = 0.0  # when the rows were last read (this machine's clock)
+        self._unread = False   # the rows have not been read for a stale while
         self.bad_rows = 0
 
     async def run(self) -> None:
@@ -460,10 +462,17 @@ class StatusRows:
                 log.warning("cannot read host status rows (showing what was last read): %s",
                             why)
             self._read_failing = why
+            if not self._unread and time.time() - self._read_unix > self._stale_seconds:
+                self._unread = True  # what was read is stale now: say so
+                for hostname, why in list(self._away.items()):
+                    if (sub := self.subs.get(hostname)) is not None and sub.task is None:
+                        self.show(sub, why)
             return
         if self._read_failing:
             log.warning("host status rows readable again")
-        self._read_failing = ""
+        self._read_failing, self._read_unix = "", time.time()
+        everyone = self._unread
+        self._unread = False
         changed = set(read.rows)
         if read.hostnames is not None:  # a full read: forget the rows deleted since
             self._full = time.monotonic()
@@ -472,8 +481,8 @@ class StatusRows:
                           if host in read.hostnames}
         self._since, self._now, self._writers = read.now - READ_MARGIN, read.now, read.writers
         fresh = {owner for owner, beat in read.writers.items()
-                 if read.now - beat <= STALE_LEASES * self.ownership.lease_seconds}
-        everyone, self._fresh = fresh != self._fresh, fresh
+                 if read.now - beat <= self._stale_seconds}
+        everyone, self._fresh = everyone or fresh != self._fresh, fresh
         me = self.ownership.name
         for hostname, row in read.rows.items():
             sub = self.subs.get(hostname)
@@ -491,6 +500,11 @@ class StatusRows:
                 del self._away[hostname]
             else:
                 self.show(sub, self._away[hostname])
+
+    @property
+    def _stale_seconds(self) -> float:
+        """How old a heartbeat (or the last read) may get before rows are stale."""
+        return STALE_LEASES * self.ownership.lease_seconds
 
     def metrics(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """What the rows cost and whether they flow (the shared database only)."""
@@ -533,13 +547,15 @@ class StatusRows:
         row = self._rows.get(hostname) if self.active else None
         if row is None:
             self._elsewhere(sub, why)
+        elif self._unread:
+            self._elsewhere(sub, f"{why}; status rows unreadable since "
+                            f"{format_time(int(self._read_unix * 1e9))}: {self._read_failing}")
         elif isinstance(row, BadRow):
             self._elsewhere(sub, f"{why}; its status row is invalid: {row}")
         elif row.owner != sub.owner:
             self._elsewhere(sub, f"{why}; last reported by {quote(row.owner)} at "
                             f"{format_time(int(row.updated * 1e9))}")
-        elif self._now - self._writers.get(row.owner, 0.0) > \
-                STALE_LEASES * self.ownership.lease_seconds:
+        elif self._now - self._writers.get(row.owner, 0.0) > self._stale_seconds:
             since = self._writers.get(row.owner, row.updated)
             self._elsewhere(sub, f"not reported by {quote(row.owner)} since "
                             f"{format_time(int(since * 1e9))}")

@@ -256,6 +256,21 @@ async def test_the_mirror_shows_the_owners_rows_and_says_when_they_are_stale(
         b_rows.writer.flush("dom-b")  # a heartbeat: current again
         await a_rows.read()
         assert sub.status == Status.FAILED and sub.mirrored
+
+        # The rows unreadable for a stale while (3 leases): shown as unread, not failed.
+        a_ownership = cast(StandInOwnership, a_rows.ownership)
+        a_ownership.lease_seconds = 0.1
+        with a_state.database.begin() as connection:
+            connection.execute(sa.text("ALTER TABLE host_status RENAME TO host_status_away"))
+        time.sleep(0.4)
+        await a_rows.read()
+        assert sub.status == Status.ELSEWHERE and "status rows unreadable since" in \
+            sub.last_error
+        with a_state.database.begin() as connection:
+            connection.execute(sa.text("ALTER TABLE host_status_away RENAME TO host_status"))
+        a_ownership.lease_seconds = 3.0
+        await a_rows.read()
+        assert sub.status == Status.FAILED and sub.mirrored
     finally:
         a_state.close()
         b_state.close()
