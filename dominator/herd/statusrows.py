@@ -101,7 +101,7 @@ class HostStatusWriterRow(Base):
 class BadRow(ValueError):
     """A status row that does not validate (`updated`: when it was written)."""
 
-    updated: object = None
+    updated: float = 0.0
 
 
 Transition = tuple[float, str, str]  # unix, status, error (as Sub.history holds them)
@@ -147,7 +147,7 @@ class HostStatus:
                 "history": json.dumps([list(entry) for entry in self.history])}
 
     @classmethod
-    def parse(cls, row: Mapping[str, Any]) -> HostStatus:
+    def parse(cls, row: Mapping[Any, Any]) -> HostStatus:
         """A row read back; BadRow saying what is wrong with it."""
         owner = _text(row, "owner")
         if not owner or len(owner) > MAX_NAME:
@@ -291,7 +291,7 @@ class StatusTable:
                     try:
                         rows[row["hostname"]] = HostStatus.parse(row)
                     except BadRow as err:
-                        err.updated = row["updated"]
+                        err.updated = row["updated"] if _number(row["updated"]) else 0.0
                         rows[row["hostname"]] = err
             writers = {owner: float(updated) for owner, updated in connection.execute(
                 sa.select(HostStatusWriterRow.owner, HostStatusWriterRow.updated))}

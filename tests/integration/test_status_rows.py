@@ -159,7 +159,7 @@ async def test_bad_rows_read_back_as_errors_not_tracebacks(state: DominatorState
     good = HostStatus("host-0", "dom-b", Status.SYNCED, current_image="v1",
                       history=((1.0, "polling", ""), (2.0, "synced", "")))
     StatusTable(engine).write("dom-b", [good])
-    bad = {
+    bad: dict[str, dict[str, Any]] = {
         "host-1": {"status": "on fire"},
         "host-2": {"history": "not json ["},
         "host-3": {"history": '[[1, "synced"]]'},
