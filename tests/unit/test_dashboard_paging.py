@@ -6,6 +6,7 @@ parameter is a one-line 400, and the overview lists no host rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 
@@ -180,3 +181,24 @@ def test_text_is_made_printable_once(client: TestClient) -> None:
     overview = client.get("/index.json").json()
     listed = {row["hostname"]: row["paths"] for row in overview["intrusions"]}
     assert listed["h7"] == once
+
+
+def test_what_the_table_keeps_follows_each_change() -> None:
+    """The host table keeps each host's search text and last unreachable time between
+    requests: a new status or a new MDB entry must show at the next one."""
+    subs, records = many_hosts(300)
+    with TestClient(dashboard_app(subs, records)) as client:
+        def names(**params: str) -> set[str]:
+            return {h["hostname"] for h in client.get("/hosts.json", params=params).json()["hosts"]}
+        assert "h42" not in names(q="rack=moved") | names(unreachable="minute")
+        sub = subs["h42"]
+        sub.set_status(Status.UNREACHABLE, "unreachable: gone")
+        sub.machine = dataclasses.replace(sub.machine, tags={"rack": "moved"})
+        assert "h42" in names(q="rack=moved") and "h42" in names(unreachable="minute")
+        assert client.get("/index.json").json()["unreachable"]["now"] == sum(
+            1 for s in subs.values() if s.status == Status.UNREACHABLE)
+        sub.set_status(Status.SYNCED)
+        assert "h42" in names(unreachable="minute")  # it was, a moment ago
+        assert "h42" not in names(status="unreachable")
+        del subs["h42"]
+        assert "h42" not in names(q="rack=moved")

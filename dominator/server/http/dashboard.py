@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -192,13 +193,15 @@ def imageservers_view(ctx: HttpContext) -> dict[str, Any]:
             "fetch_cap": slots.cap}
 
 
-async def overview(ctx: HttpContext) -> dict[str, Any]:
+async def overview(ctx: HttpContext, memo: HostMemo) -> dict[str, Any]:
     """The fleet at a glance: counts over every host, no host rows but the intrusions."""
     entries = fleet_entries(ctx)
     now = time.time()
     by_status = collections.Counter(sub.status.value for sub, _ in entries)
-    in_compliance = sum(1 for sub, record in entries if compliant(sub, record))
-    last = [when for when in (last_unreachable(sub, now) for sub, _ in entries) if when]
+    by_image = image_counts(entries)
+    in_compliance = sum(row["compliant"] for row in by_image)
+    last = [when for when in (memo.last_unreachable(sub, now) for sub, _ in entries) if when]
+    memo.prune(ctx.herd.subs)
     unreachable = {name: sum(1 for when in last if when >= now - seconds)
                    for name, seconds in WINDOWS.items()}
     intrusions = [{"hostname": sub.machine.hostname,
@@ -217,7 +220,7 @@ async def overview(ctx: HttpContext) -> dict[str, Any]:
         "unreachable": {"now": by_status[Status.UNREACHABLE.value],
                         **{name: unreachable[name] for name in WINDOWS}},
         "intrusions": intrusions,
-        "by_image": image_counts(entries),
+        "by_image": by_image,
         "updates_disabled": None if disabled is None else {
             "by": disabled.by, "reason": disabled.reason, "unix": disabled.unix},
         "diff_cache": {"hits": ctx.herd.cache.hits, "misses": ctx.herd.cache.misses},
@@ -296,25 +299,33 @@ def table_query(params: Any, per_page: int | None = PER_PAGE) -> dict[str, Any]:
             "per_page": _whole(params, "per_page", per_page, MAX_PER_PAGE)}
 
 
-class SearchTexts:
-    """What ?q= searches in, lower-cased, per host: the MDB's side (hostname, address,
-    images, owner group, tags as KEY=VALUE), kept while the host's Machine stays the
-    same object (the herd replaces it on every MDB change), and the live side (status,
-    current image, last error) read anew."""
+class HostMemo:
+    """What the host table derives from each host, kept while what it is derived from
+    stays the same object, so a request does not derive it anew for every host:
+    - what ?q= searches in, lower-cased: the MDB's side (hostname, address, images,
+      owner group, tags as KEY=VALUE) while the host's Machine is the same (the herd
+      replaces it on every MDB change); the live side (status, current image, last
+      error) is read anew;
+    - when the host was last unreachable, while its status and last transition are
+      the same (transitions are only ever appended)."""
 
     def __init__(self) -> None:
-        self._kept: dict[str, tuple[Machine, str]] = {}
+        self._texts: dict[str, tuple[Machine, str]] = {}
+        self._unreachable: dict[str, tuple[tuple[float, str, str] | None, Status, float]] = {}
 
-    def prune(self, hostnames: Iterable[str]) -> None:
-        """Forget hosts gone from the herd."""
-        self._kept = {name: self._kept[name] for name in hostnames if name in self._kept}
+    def prune(self, subs: Mapping[str, Sub]) -> None:
+        """Forget hosts gone from the herd (`subs`), once more are kept than it holds."""
+        for kept in (self._texts, self._unreachable):
+            if len(kept) > len(subs):
+                for name in [name for name in kept if name not in subs]:
+                    del kept[name]
 
     def matches(self, text: str, sub: Sub, record: HostRecord) -> bool:
         """Whether lower-cased `text` is in the host's searched fields (within one side)."""
         machine = sub.machine
-        kept = self._kept.get(machine.hostname)
+        kept = self._texts.get(machine.hostname)
         if kept is None or kept[0] is not machine:
-            kept = self._kept[machine.hostname] = (machine, " ".join([
+            kept = self._texts[machine.hostname] = (machine, " ".join([
                 machine.hostname, machine.address, machine.required_image,
                 machine.planned_image, machine.owner_group,
                 *(f"{k}={v}" for k, v in machine.tags.items())]).lower())
@@ -323,14 +334,26 @@ class SearchTexts:
         error = quote(sub.last_error) if sub.last_error else ""
         return text in f"{sub.status.value} {record.current_image} {error}".lower()
 
+    def last_unreachable(self, sub: Sub, now: float) -> float:
+        """last_unreachable(sub, now), from memory while the sub's transitions stay."""
+        name, latest = sub.machine.hostname, sub.history[-1] if sub.history else None
+        kept = self._unreachable.get(name)
+        if kept is None or kept[0] is not latest or kept[1] is not sub.status:
+            kept = self._unreachable[name] = (latest, sub.status,
+                                              last_unreachable(sub, math.inf))
+        return min(kept[2], now)  # math.inf: unreachable still
 
-def _selector(query: dict[str, Any], texts: SearchTexts,
-              now: float) -> Callable[[Entry], bool]:
-    """Whether a host matches the query's filters."""
+
+def _selector(query: dict[str, Any], memo: HostMemo,
+              now: float) -> Callable[[Entry], bool] | None:
+    """Whether a host matches the query's filters (None: the query filters nothing)."""
     statuses = frozenset(query["status"])
     image, text, window = query["image"], query["q"].lower(), query["unreachable"]
     seconds = WINDOWS.get(window, 0)
     wants_compliant, wants_intrusion = query["compliant"], query["intrusion"]
+    if not (statuses or image or text or window or wants_compliant is not None
+            or wants_intrusion is not None):
+        return None
 
     def matches(entry: Entry) -> bool:
         sub, record = entry
@@ -344,17 +367,18 @@ def _selector(query: dict[str, Any], texts: SearchTexts,
             return False
         if wants_intrusion is not None and bool(record.intrusion_paths) != wants_intrusion:
             return False
-        if window and last_unreachable(sub, now) < now - seconds:
+        if window and memo.last_unreachable(sub, now) < now - seconds:
             return False
-        return not text or texts.matches(text, sub, record)
+        return not text or memo.matches(text, sub, record)
     return matches
 
 
 def filter_and_sort(entries: list[Entry], query: dict[str, Any],
-                    texts: SearchTexts) -> list[Entry]:
+                    memo: HostMemo) -> list[Entry]:
     """The hosts the query selects, in its order (hostname breaks ties: `entries`
     come by hostname and the sort is stable)."""
-    chosen = list(filter(_selector(query, texts, time.time()), entries))
+    matches = _selector(query, memo, time.time())
+    chosen = list(entries) if matches is None else list(filter(matches, entries))
     key = query["sort"].removeprefix("-")
     if key != "hostname" or query["sort"].startswith("-"):
         chosen.sort(key=SORT_KEYS[key], reverse=query["sort"].startswith("-"))
@@ -556,15 +580,14 @@ def _json_name(name: str, exists: Callable[[str], bool]) -> tuple[str, bool]:
     return name, False
 
 
-def hosts_data(ctx: HttpContext, texts: SearchTexts, params: Any,
+def hosts_data(ctx: HttpContext, memo: HostMemo, params: Any,
                per_page: int | None) -> dict[str, Any]:
     """The host table: the counts, the query, where its page falls, and the full views
     of the hosts on that page. `per_page`: the page size when the query gives none."""
     query = table_query(params, per_page)
     entries = fleet_entries(ctx)
-    chosen = filter_and_sort(entries, query, texts)
-    if query["q"]:
-        texts.prune(ctx.herd.subs)
+    chosen = filter_and_sort(entries, query, memo)
+    memo.prune(ctx.herd.subs)
     where = paging(query, len(chosen))
     start = max(where["first"] - 1, 0)
     return {"total": len(entries), "shown": len(chosen), "query": query, "paging": where,
@@ -575,7 +598,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
     """Every dashboard page and its JSON twin."""
     env = make_environment()
     listing = ImageListing(ctx)
-    texts = SearchTexts()
+    memo = HostMemo()
     router = APIRouter(include_in_schema=False)
 
     def page(request: Request, template: str, json_url: str, title: str,
@@ -589,18 +612,18 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
 
     @router.get("/")
     async def overview_page(request: Request) -> Response:
-        data = await overview(ctx)
+        data = await overview(ctx, memo)
         return page(request, "overview.html", "/index.json", "Fleet overview", data=data,
                     intrusions_listed=OVERVIEW_INTRUSIONS)
 
     @router.get("/index.json")
     async def overview_json() -> dict[str, Any]:
-        return await overview(ctx)
+        return await overview(ctx, memo)
 
     @router.get("/hosts")
     async def hosts_page(request: Request) -> Response:
         try:
-            data = hosts_data(ctx, texts, request.query_params, PER_PAGE)
+            data = hosts_data(ctx, memo, request.query_params, PER_PAGE)
         except HTTPException as err:  # a bad parameter: the reason, on the page
             return page(request, "error.html", "", "Bad request", status_code=err.status_code,
                         message=err.detail)
@@ -614,7 +637,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
     async def hosts_json(request: Request) -> dict[str, Any]:
         params = request.query_params  # every matching host, unless a page is asked for
         paged = "page" in params or "per_page" in params
-        return hosts_data(ctx, texts, params, PER_PAGE if paged else None)
+        return hosts_data(ctx, memo, params, PER_PAGE if paged else None)
 
     @router.get("/hosts/{hostname}")
     async def host_page(request: Request, hostname: str) -> Response:
