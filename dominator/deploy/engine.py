@@ -78,13 +78,14 @@ class DeployEngine:
         self._stopping = False
         self._stop = asyncio.Event()
         self._leasing: asyncio.Task[None] | None = None
+        self._resumed = False  # whether a round took this dominator's previous deploys
 
     # Lifecycle.
 
     async def start(self) -> None:
         """Resume every deploy this dominator ran when it stopped (on SQLite: every
         running deploy), and whatever else is free, then keep the leases."""
-        await self._round(mine=True)
+        await self._round()
         self._leasing = asyncio.create_task(self._keep_leases(), name="deploy leases")
 
     async def stop(self) -> None:
@@ -122,15 +123,16 @@ class DeployEngine:
                 await asyncio.wait_for(self._stop.wait(),
                                        max(0.0, began + interval - time.monotonic()))
 
-    async def _round(self, mine: bool = False) -> bool:
+    async def _round(self) -> bool:
         """Renew the deploys run here, stop those lost, resume those paused, pick up
-        cancels asked elsewhere, claim free deploys up to max_running. False when the
+        cancels asked elsewhere, claim free deploys up to max_running (and, the first
+        time, every deploy this dominator's previous process ran). False when the
         database failed (the leases stay trusted until their deadline)."""
         began = time.monotonic()
         held = dict(self.lease.tokens)
         wanted = self.max_running - len(held)
         try:
-            done = await asyncio.to_thread(self.store.round, held, wanted, mine)
+            done = await asyncio.to_thread(self.store.round, held, wanted, not self._resumed)
         except sa.exc.SQLAlchemyError as err:
             reason = describe_sql_error(err)
             if not self.lease.failure:
@@ -143,6 +145,7 @@ class DeployEngine:
             log.info("deploy lease renewal works again (%s)", self.lease.failure)
             self.lease.failure = ""
         self.lease.renewed(began)
+        self._resumed = True
         for deploy_id, token in held.items():
             if deploy_id not in done.renewed and self.lease.tokens.get(deploy_id) == token:
                 self._lose(deploy_id, f"its lease (token {token}) expired")
@@ -364,6 +367,7 @@ class DeployEngine:
 
     async def _run(self, deploy: Deploy) -> None:
         paused = False
+        token = self.lease.tokens.get(deploy.id)
         try:
             if deploy.dry_run:
                 await self.rollout.dry_run(deploy)
@@ -390,8 +394,8 @@ class DeployEngine:
             except Exception:  # noqa: BLE001
                 log.exception("deploy %s: cannot save its end", deploy.id)
         finally:
-            self._running.pop(deploy.id, None)
-            self._tasks.pop(deploy.id, None)
-            self.rollout.wake.pop(deploy.id, None)
-            if not paused and not self._stopping:  # ended here: nothing left to renew
-                self.lease.tokens.pop(deploy.id, None)
+            if self._tasks.get(deploy.id) is asyncio.current_task():  # not a later claim's
+                del self._running[deploy.id], self._tasks[deploy.id]
+                self.rollout.wake.pop(deploy.id, None)
+            if not paused and not self._stopping and self.lease.tokens.get(deploy.id) == token:
+                del self.lease.tokens[deploy.id]  # ended here: nothing left to renew

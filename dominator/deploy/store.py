@@ -208,13 +208,16 @@ class DeployStore:
     def round(self, held: Mapping[str, int], wanted: int, mine: bool = False) -> Round:
         """One lease round in one transaction: renew the deploys `held` (id -> token)
         that this dominator still runs, then claim up to `wanted` running deploys with
-        no runner or an expired one (`mine`: also those its name runs, as a restarted
-        dominator takes its previous process's at once; on SQLite, every one: there is
-        one dominator)."""
+        no runner or an expired one, and with `mine` every one its name runs and it does
+        not hold (as a restarted dominator takes its previous process's at once; on
+        SQLite, every running one: there is one dominator)."""
         with self._begin() as conn:
             self._bound(conn)
             renewed = self._renew(conn, held)
-            previous = dict(self._claimable(conn, wanted, mine)) if wanted > 0 else {}
+            previous = dict(self._claimable(conn, wanted, False)) if wanted > 0 else {}
+            if mine:
+                previous.update((deploy_id, runner) for deploy_id, runner
+                                in self._claimable(conn, None, True) if deploy_id not in held)
             claimed = []
             for deploy_id, token in self._lease(conn, list(previous)):
                 [found] = self._load_with(conn, sa.select(DeployRow)
@@ -240,13 +243,14 @@ class DeployStore:
         return {row[0]: Held(int(row[1]), json.loads(row[2]) if row[2] else None)
                 for row in rows if held.get(row[0]) == row[1]}
 
-    def _claimable(self, conn: Connection, wanted: int,
+    def _claimable(self, conn: Connection, wanted: int | None,
                    mine: bool) -> list[tuple[str, str | None]]:
-        """Running deploys to claim (id, runner), oldest first, locked (PostgreSQL)."""
+        """Running deploys to claim (id, runner), oldest first, at most `wanted` (None:
+        all), locked (PostgreSQL): free or expired ones, or (`mine`) this runner's."""
         if self.postgres:
             return [(row[0], row[1]) for row in conn.execute(sa.text(
-                f"SELECT id, runner FROM deploys WHERE status = 'RUNNING' AND ({FREE}"
-                f"{' OR runner = :me' if mine else ''}) ORDER BY created_unix LIMIT :wanted "
+                "SELECT id, runner FROM deploys WHERE status = 'RUNNING' AND "
+                f"{'runner = :me' if mine else FREE} ORDER BY created_unix LIMIT :wanted "
                 "FOR UPDATE SKIP LOCKED"), {"me": self.runner, "wanted": wanted})]
         query = sa.select(DeployRow.id, DeployRow.runner).where(
             DeployRow.status == DeployStatus.RUNNING)
