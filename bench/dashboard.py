@@ -22,7 +22,7 @@ from bench.timing import RESULTS, Report
 from dominator.server.http.context import HttpContext
 from dominator.server.http.dashboard import (
     PER_PAGE,
-    fleet_entries,
+    HostMemo,
     host_views,
     paging,
     sort_links,
@@ -54,7 +54,7 @@ def full_table(ctx: HttpContext) -> int:
     """The old /hosts: every host's view built and rendered in one page (its size)."""
     env = make_environment()
     query = table_query(QueryParams(), None)
-    entries = fleet_entries(ctx)
+    entries = HostMemo().entries(ctx)
     data = {"total": len(entries), "shown": len(entries), "query": query,
             "paging": paging(query, len(entries)), "hosts": host_views(entries)}
     page = render_page(env, None, "hosts.html", "/hosts.json", "Hosts", data=data,

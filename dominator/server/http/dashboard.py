@@ -136,11 +136,71 @@ def host_view(sub: Sub, record: HostRecord, now: float) -> dict[str, Any]:
     return view
 
 
-def fleet_entries(ctx: HttpContext) -> list[Entry]:
-    """Every host of the herd with the state store's record of it, by hostname (both
-    in memory: no database query)."""
-    subs, host = ctx.herd.subs, ctx.state.host
-    return [(subs[name], host(name)) for name in sorted(subs)]
+class HostMemo:
+    """What the dashboard derives from each host, kept while what it is derived from
+    stays the same object, so a request does not derive it anew for every host (nor
+    allocates per host: at 10,000 hosts the collector's full passes, which a request's
+    garbage brings on, cost more than the page):
+    - every host with its record, by hostname;
+    - what ?q= searches in, lower-cased: the MDB's side (hostname, address, images,
+      owner group, tags as KEY=VALUE) while the host's Machine is the same (the herd
+      replaces it on every MDB change); the live side (status, current image, last
+      error) is read anew;
+    - when the host was last unreachable, while its status and last transition are
+      the same (transitions are only ever appended)."""
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._entries: list[Entry] = []
+        self._texts: dict[str, tuple[Machine, str]] = {}
+        self._unreachable: dict[str, tuple[tuple[float, str, str] | None, Status, float]] = {}
+
+    def entries(self, ctx: HttpContext) -> list[Entry]:
+        """Every host of the herd with the state store's record of it, by hostname
+        (both in memory: no database query). The list is kept: do not change it."""
+        subs, host = ctx.herd.subs, ctx.state.host
+        names = sorted(subs)
+        if names != self._names:
+            self._names, self._entries = names, [(subs[name], host(name)) for name in names]
+            self.prune(subs)
+            return self._entries
+        entries = self._entries
+        for index, name in enumerate(names):
+            sub, record = subs[name], host(name)
+            kept = entries[index]
+            if kept[0] is not sub or (kept[1] is not record and kept[1] != record):
+                entries[index] = (sub, record)
+        return entries
+
+    def prune(self, subs: Mapping[str, Sub]) -> None:
+        """Forget hosts gone from the herd (`subs`), once more are kept than it holds."""
+        for kept in (self._texts, self._unreachable):
+            if len(kept) > len(subs):
+                for name in [name for name in kept if name not in subs]:
+                    del kept[name]
+
+    def matches(self, text: str, sub: Sub, record: HostRecord) -> bool:
+        """Whether lower-cased `text` is in the host's searched fields (within one side)."""
+        machine = sub.machine
+        kept = self._texts.get(machine.hostname)
+        if kept is None or kept[0] is not machine:
+            kept = self._texts[machine.hostname] = (machine, " ".join([
+                machine.hostname, machine.address, machine.required_image,
+                machine.planned_image, machine.owner_group,
+                *(f"{k}={v}" for k, v in machine.tags.items())]).lower())
+        if text in kept[1]:
+            return True
+        error = quote(sub.last_error) if sub.last_error else ""
+        return text in f"{sub.status.value} {record.current_image} {error}".lower()
+
+    def last_unreachable(self, sub: Sub, now: float) -> float:
+        """last_unreachable(sub, now), from memory while the sub's transitions stay."""
+        name, latest = sub.machine.hostname, sub.history[-1] if sub.history else None
+        kept = self._unreachable.get(name)
+        if kept is None or kept[0] is not latest or kept[1] is not sub.status:
+            kept = self._unreachable[name] = (latest, sub.status,
+                                              last_unreachable(sub, math.inf))
+        return min(kept[2], now)  # math.inf: unreachable still
 
 
 def host_views(entries: Iterable[Entry]) -> list[dict[str, Any]]:
@@ -195,13 +255,12 @@ def imageservers_view(ctx: HttpContext) -> dict[str, Any]:
 
 async def overview(ctx: HttpContext, memo: HostMemo) -> dict[str, Any]:
     """The fleet at a glance: counts over every host, no host rows but the intrusions."""
-    entries = fleet_entries(ctx)
+    entries = memo.entries(ctx)
     now = time.time()
     by_status = collections.Counter(sub.status.value for sub, _ in entries)
     by_image = image_counts(entries)
     in_compliance = sum(row["compliant"] for row in by_image)
     last = [when for when in (memo.last_unreachable(sub, now) for sub, _ in entries) if when]
-    memo.prune(ctx.herd.subs)
     unreachable = {name: sum(1 for when in last if when >= now - seconds)
                    for name, seconds in WINDOWS.items()}
     intrusions = [{"hostname": sub.machine.hostname,
@@ -297,51 +356,6 @@ def table_query(params: Any, per_page: int | None = PER_PAGE) -> dict[str, Any]:
             "sort": ("-" if descending else "") + key,
             "page": _whole(params, "page", 1, None),
             "per_page": _whole(params, "per_page", per_page, MAX_PER_PAGE)}
-
-
-class HostMemo:
-    """What the host table derives from each host, kept while what it is derived from
-    stays the same object, so a request does not derive it anew for every host:
-    - what ?q= searches in, lower-cased: the MDB's side (hostname, address, images,
-      owner group, tags as KEY=VALUE) while the host's Machine is the same (the herd
-      replaces it on every MDB change); the live side (status, current image, last
-      error) is read anew;
-    - when the host was last unreachable, while its status and last transition are
-      the same (transitions are only ever appended)."""
-
-    def __init__(self) -> None:
-        self._texts: dict[str, tuple[Machine, str]] = {}
-        self._unreachable: dict[str, tuple[tuple[float, str, str] | None, Status, float]] = {}
-
-    def prune(self, subs: Mapping[str, Sub]) -> None:
-        """Forget hosts gone from the herd (`subs`), once more are kept than it holds."""
-        for kept in (self._texts, self._unreachable):
-            if len(kept) > len(subs):
-                for name in [name for name in kept if name not in subs]:
-                    del kept[name]
-
-    def matches(self, text: str, sub: Sub, record: HostRecord) -> bool:
-        """Whether lower-cased `text` is in the host's searched fields (within one side)."""
-        machine = sub.machine
-        kept = self._texts.get(machine.hostname)
-        if kept is None or kept[0] is not machine:
-            kept = self._texts[machine.hostname] = (machine, " ".join([
-                machine.hostname, machine.address, machine.required_image,
-                machine.planned_image, machine.owner_group,
-                *(f"{k}={v}" for k, v in machine.tags.items())]).lower())
-        if text in kept[1]:
-            return True
-        error = quote(sub.last_error) if sub.last_error else ""
-        return text in f"{sub.status.value} {record.current_image} {error}".lower()
-
-    def last_unreachable(self, sub: Sub, now: float) -> float:
-        """last_unreachable(sub, now), from memory while the sub's transitions stay."""
-        name, latest = sub.machine.hostname, sub.history[-1] if sub.history else None
-        kept = self._unreachable.get(name)
-        if kept is None or kept[0] is not latest or kept[1] is not sub.status:
-            kept = self._unreachable[name] = (latest, sub.status,
-                                              last_unreachable(sub, math.inf))
-        return min(kept[2], now)  # math.inf: unreachable still
 
 
 def _selector(query: dict[str, Any], memo: HostMemo,
@@ -585,9 +599,8 @@ def hosts_data(ctx: HttpContext, memo: HostMemo, params: Any,
     """The host table: the counts, the query, where its page falls, and the full views
     of the hosts on that page. `per_page`: the page size when the query gives none."""
     query = table_query(params, per_page)
-    entries = fleet_entries(ctx)
+    entries = memo.entries(ctx)
     chosen = filter_and_sort(entries, query, memo)
-    memo.prune(ctx.herd.subs)
     where = paging(query, len(chosen))
     start = max(where["first"] - 1, 0)
     return {"total": len(entries), "shown": len(chosen), "query": query, "paging": where,
@@ -654,7 +667,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
 
     async def images_data() -> dict[str, Any]:
         stored, error = await listing.stored()
-        counts = {row["image"]: row for row in image_counts(fleet_entries(ctx))}
+        counts = {row["image"]: row for row in image_counts(memo.entries(ctx))}
         images = []
         for name in sorted(set(stored) | set(counts)):
             row = counts.get(name) or {"image": name, "required": 0, "planned": 0,
@@ -675,7 +688,7 @@ def dashboard_router(ctx: HttpContext) -> APIRouter:
     @router.get("/images/{name:path}")
     async def image_page(request: Request, name: str) -> Response:
         stored, _ = await listing.stored()
-        entries = fleet_entries(ctx)
+        entries = memo.entries(ctx)
         referenced = {n for sub, record in entries
                       for n in (sub.machine.required_image, sub.machine.planned_image,
                                 record.current_image)}
