@@ -11,7 +11,8 @@ one dominator holds on every dominator of the MDB. Each keeps the tokens in memo
 every `refresh_seconds` (revocations made elsewhere hold here within that), and at
 once, at most every MISS_REREAD_SECONDS, when a request brings a digest it does not
 know (a token just made elsewhere works at once; a flood of bad tokens costs the
-database one read a second)."""
+database one read a second). Tokens a dominator made in its state file before its
+state was shared are copied to the shared database as it starts."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import time
 from dataclasses import replace
 
 import sqlalchemy as sa
-from sqlalchemy import BigInteger, Text
+from sqlalchemy import BigInteger, Engine, Text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -76,6 +78,8 @@ class ApiTokens:
         self._by_digest: dict[str, str] = {}
         self._used_stored: dict[str, int] = {}
         self._missed_at = -MISS_REREAD_SECONDS  # monotonic time of the last miss re-read
+        if self.shared:
+            self._carry_over(state.engine)
         self.reload()
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
@@ -83,6 +87,30 @@ class ApiTokens:
             self._follower = threading.Thread(target=self._follow, args=(refresh_seconds,),
                                               name="token-refresh", daemon=True)
             self._follower.start()
+
+    def _carry_over(self, own: Engine) -> None:
+        """Copy the tokens of this dominator's state file (made before its state was
+        shared) that the shared database lacks; one whose name is another token's
+        there is left out, and logged."""
+        with Session(own) as session:
+            rows = [{column.key: getattr(row, column.key) for column in TokenRow.__table__.c}
+                    for row in session.scalars(sa.select(TokenRow))]
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            there = {name: sha256 for name, sha256
+                     in conn.execute(sa.select(TokenRow.name, TokenRow.sha256))}
+            new = [row for row in rows if row["name"] not in there]
+            if new:
+                conn.execute(postgresql.insert(TokenRow).on_conflict_do_nothing(), new)
+        if new:
+            log.info("copied %d token(s) of the state file to the shared database: %s",
+                     len(new), ", ".join(row["name"] for row in new))
+        clashes = [row["name"] for row in rows if there.get(row["name"], row["sha256"])
+                   != row["sha256"]]
+        if clashes:
+            log.warning("token(s) %s of the state file not shared: the shared database has "
+                        "another token of that name (make a new one)", ", ".join(clashes))
 
     def close(self) -> None:
         """Stop following the shared database."""

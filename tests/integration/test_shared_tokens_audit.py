@@ -10,6 +10,7 @@ revoked through A, is refused by B within the bound; a change made through A is 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,37 @@ def test_a_file_state_reads_its_tokens_once(tmp_path: Path) -> None:
     for _ in range(5):
         assert tokens.check("fdt_not-a-token") is None
     assert tokens.reads == 1 and not tokens.shared
+
+
+def test_tokens_of_the_state_file_are_shared_as_it_starts(
+        tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Tokens made before the state was shared keep working once it is; a name the
+    shared database has for another token is left out, and said."""
+    path = tmp_path / "dominator.sqlite"
+    alone = ApiTokens(DominatorState(path))
+    _, kept = alone.create("ci", "deploy", "alice")
+    _, clashing = alone.create("dashboards", "read", "alice")
+    with Mdb(postgres_url):
+        pass
+    other = DominatorState(tmp_path / "other.sqlite", postgres_url)
+    ApiTokens(other).create("dashboards", "read", "bob")
+    other.close()
+    state = DominatorState(path, shared_url(postgres_url))
+    try:
+        with caplog.at_level(logging.INFO, logger="dominator.herd.tokenstore"):
+            shared = ApiTokens(state, REFRESH)
+        checked = shared.check(kept)
+        assert checked is not None and checked.name == "ci"
+        assert shared.check(clashing) is None
+        assert "copied 1 token(s) of the state file to the shared database: ci" in caplog.text
+        assert "token(s) dashboards of the state file not shared" in caplog.text
+        shared.close()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dominator.herd.tokenstore"):
+            ApiTokens(state, REFRESH).close()  # once: a restart copies nothing more
+        assert "copied" not in caplog.text
+    finally:
+        state.close()
 
 
 def test_two_audit_logs_share_one_append_only_table(postgres_url: str) -> None:
