@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,9 @@ TOKEN = "test-token"
 # On its image: an intrusion report is tolerated too (these tests are about who manages
 # a host and whether it converges, not about the intrusion signal across a failover).
 CONVERGED = ("synced", "intrusion")
+# Seconds a dominator may take to serve: three start at once, on a machine that may be
+# running other tests too.
+START_TIMEOUT = 60.0
 # Scheduling slack on a loaded two-core machine, added to the bounds the design gives.
 SLACK = 2.0
 
@@ -82,7 +86,7 @@ class Dominators:
                                   "--tls-dir", str(ca / "dominator"), "--name", name,
                                   "--lease", lease, *(extra or {}).get(name, ())],
                 "dominator", free_port(), Security.from_options(str(ca / "admin"), False),
-                tmp / f"{name}.log")
+                tmp / f"{name}.log", start_timeout=START_TIMEOUT)
             self.http[name] = f"http://127.0.0.1:{http_port}"
         self.env = {"DOMINATOR_TLS_DIR": str(ca / "admin"),
                     "DOMINATOR_IMAGESERVER": imageserver.address}
@@ -120,8 +124,13 @@ class Dominators:
 
     def run(self, name: str, *args: str) -> str:
         """`dominator ARGS...` against dominator `name` (it must succeed)."""
+        return self.attempt(name, *args, check=True).stdout
+
+    def attempt(self, name: str, *args: str, check: bool = False
+                ) -> subprocess.CompletedProcess[str]:
+        """`dominator ARGS...` against dominator `name`, as it ended."""
         return cli(*args, env={**self.env, "DOMINATOR_ADDRESS": self.daemons[name].address},
-                   check=True).stdout
+                   check=check)
 
     def json(self, name: str, *args: str) -> dict[str, Any]:
         """`dominator ARGS... --json` against dominator `name`, decoded."""

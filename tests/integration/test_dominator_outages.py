@@ -170,6 +170,9 @@ def test_postgres_stopped_for_30_s_mutates_nothing_says_why_and_resumes(
     assert failed and float(failed.group(1)) > 0
     status = doms.run(manager, "fleet", "show", victim)
     assert "lease lost" in status and "lapsed" in status, status
+    listed = doms.attempt(manager, "fleet", "dominators")  # read from the database: fails
+    assert listed.returncode != 0 and not TRACEBACK_RE.search(listed.stderr), listed
+    assert "Connection refused" in listed.stderr.strip().splitlines()[-1], listed.stderr
     for name in NAMES:
         log = doms.daemons[name].log()
         assert "shard lease renewal failed (" in log and "shard leases lapsed (" in log
