@@ -18,6 +18,7 @@ from dominator.herd.records import HostRecord
 from dominator.herd.status import Status
 from fleetlib.fstree.listing import quote
 from fleetlib.testing.herdview import dashboard_app, many_hosts
+from mdb.machine import Machine
 
 HOSTS = 2500
 ODD_PATH = "/etc/back\\slash\x07"  # quote() escapes it: \\ and \x07
@@ -184,8 +185,8 @@ def test_text_is_made_printable_once(client: TestClient) -> None:
 
 
 def test_what_the_table_keeps_follows_each_change() -> None:
-    """The host table keeps each host's search text and last unreachable time between
-    requests: a new status or a new MDB entry must show at the next one."""
+    """The dashboard keeps every host's entry, search text and last unreachable time
+    between requests: a new status, MDB entry, record or host shows at the next one."""
     subs, records = many_hosts(300)
     with TestClient(dashboard_app(subs, records)) as client:
         def names(**params: str) -> set[str]:
@@ -202,3 +203,8 @@ def test_what_the_table_keeps_follows_each_change() -> None:
         assert "h42" not in names(status="unreachable")
         del subs["h42"]
         assert "h42" not in names(q="rack=moved")
+        records["h43"] = dataclasses.replace(records["h43"], current_image="fresh/v9")
+        assert names(image="fresh/v9") == {"h43"}
+        subs["h42"] = Sub(machine=Machine(hostname="h42", address="10.9.9.9:6969",
+                                          tags={"rack": "back"}))
+        assert names(q="rack=back") == {"h42"} and len(names()) == 300

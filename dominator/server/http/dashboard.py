@@ -144,8 +144,8 @@ class HostMemo:
     - every host with its record, by hostname;
     - what ?q= searches in, lower-cased: the MDB's side (hostname, address, images,
       owner group, tags as KEY=VALUE) while the host's Machine is the same (the herd
-      replaces it on every MDB change); the live side (status, current image, last
-      error) is read anew;
+      replaces it on every MDB change); the live fields (status, current image, last
+      error) are read anew, each searched on its own;
     - when the host was last unreachable, while its status and last transition are
       the same (transitions are only ever appended)."""
 
@@ -180,7 +180,7 @@ class HostMemo:
                     del kept[name]
 
     def matches(self, text: str, sub: Sub, record: HostRecord) -> bool:
-        """Whether lower-cased `text` is in the host's searched fields (within one side)."""
+        """Whether lower-cased `text` is in the MDB's side or in one live field."""
         machine = sub.machine
         kept = self._texts.get(machine.hostname)
         if kept is None or kept[0] is not machine:
@@ -188,10 +188,9 @@ class HostMemo:
                 machine.hostname, machine.address, machine.required_image,
                 machine.planned_image, machine.owner_group,
                 *(f"{k}={v}" for k, v in machine.tags.items())]).lower())
-        if text in kept[1]:
-            return True
-        error = quote(sub.last_error) if sub.last_error else ""
-        return text in f"{sub.status.value} {record.current_image} {error}".lower()
+        return (text in kept[1] or text in sub.status.value
+                or text in record.current_image.lower()
+                or bool(sub.last_error) and text in quote(sub.last_error).lower())
 
     def last_unreachable(self, sub: Sub, now: float) -> float:
         """last_unreachable(sub, now), from memory while the sub's transitions stay."""
