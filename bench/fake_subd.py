@@ -39,7 +39,8 @@ polled within 10 s in any second, which image each sub holds, fetches and update
 subs each find a change, at random times over SECONDS: their generation moves, as a
 scan that found one moves it; `stats` then gives the seconds from each change to
 the sub's next poll), `mark` and `seen` (for each sub, the unix time of its first
-poll and of its first Watch stream opened since the last `mark`, or null).
+poll and of its first Watch stream opened since the last `mark`, or null, and of its
+last fetch and update).
 The process prints `ready N` on stdout once every server listens.
 """
 
@@ -319,7 +320,9 @@ class Fleet:
     def seen(self) -> dict:
         """Each sub's first poll and first Watch stream since the last mark (unix)."""
         return {"mark_unix": self.mark_unix, "first_poll": self.first_poll,
-                "first_watch": self.first_watch}
+                "first_watch": self.first_watch,
+                "fetched": [sub.fetched_unix for sub in self.subs],
+                "updated": [sub.updated_unix for sub in self.subs]}
 
 
 class FakeSub(subd_pb2_grpc.SubdServicer):
@@ -330,7 +333,8 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
         self.index = index
         self.state = state
         self.image = image
-        self.updated_unix = 0.0
+        self.updated_unix = 0.0  # the last update's and fetch's times
+        self.fetched_unix = 0.0
         self.generation = 1
         self.phase = random.random() * fleet.scan_period
         self.extra_scans = 0
@@ -411,6 +415,7 @@ class FakeSub(subd_pb2_grpc.SubdServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a fetch is in progress")
         await self._admit(request, context, "fetch")
         self.cached.update(request.hashes)
+        self.fetched_unix = time.time()
         self.fleet.fetches += 1
         self.fetch_until = time.monotonic() + self.fleet.fetch_seconds
         total = len(request.hashes)

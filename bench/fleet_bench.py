@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import math
@@ -232,7 +233,7 @@ class FakeFleet:
         """Each sub's first poll and first Watch stream since the last `mark` (unix)."""
         parts = self.command("seen")
         return {key: [t for part in parts for t in part[key]]
-                for key in ("first_poll", "first_watch")}
+                for key in ("first_poll", "first_watch", "fetched", "updated")}
 
     def images(self) -> dict[str, int]:
         """How many subs hold each image."""
@@ -502,9 +503,11 @@ def changes_seen(fakes: FakeFleet, count: int) -> dict:
 
 
 def rollout(setup: Setup, fakes: FakeFleet, client: DominatorClient, pid: int, work: Path,
-            count: int) -> dict:
+            owned: dict[int, str]) -> dict:
     """Every host's RequiredImage becomes base-1m in one import (through `client`'s
-    dominator, whose fleet status must then say every host synced)."""
+    dominator, whose fleet status must then say every host synced); per dominator, when
+    its hosts' first fetch came and their last update."""
+    count = len(owned)
     fakes.command("reset")
     before = fleet_status(client)
     cpu0, wall0, t0 = cpu_seconds(pid), time.time(), time.perf_counter()
@@ -515,7 +518,14 @@ def rollout(setup: Setup, fakes: FakeFleet, client: DominatorClient, pid: int, w
     synced += imported
     after = fleet_status(client)
     stats = fakes.stats()
+    seen = fakes.seen()
+    by_owner = {}
+    for name in sorted(set(owned.values())):
+        mine = [i for i, owner in owned.items() if owner == name]
+        by_owner[name] = {"first_fetch_s": min(seen["fetched"][i] for i in mine) - wall0,
+                          "last_update_s": max(seen["updated"][i] for i in mine) - wall0}
     return {
+        "by_dominator": by_owner,
         "import_s": imported,
         "all_applied_s": stats["last_update_unix"] - wall0,
         "all_synced_s": synced,
@@ -619,7 +629,7 @@ def herd(setup: Setup, count: int, window: float, imageserver: str, plan: Plan) 
         log(f"steady: {json.dumps(result['steady'])}")
         result["changes"] = changes_seen(fakes, count)
         log(f"changes seen: {json.dumps(result['changes'])}")
-        result["rollout"] = rollout(setup, fakes, client, first.process.pid, work, count)
+        result["rollout"] = rollout(setup, fakes, client, first.process.pid, work, owned)
         log(f"rollout: {json.dumps(result['rollout'])}")
         result["fleet_status_cli"] = json.loads(cli(setup, "fleet", "status", "--json"))
         if plan.dominators > 1:
@@ -791,7 +801,11 @@ def rows_for(count: int, herd_result: dict, echo: dict | None, tls: bool,
                  "us", "-", 0, None),
                 (f"{name}: RSS, steady", figures["rss_mib"], "MiB", "goal", 1024.0, 1024.0),
                 (f"{name}: peak RSS (VmHWM)", figures["hwm_mib"], "MiB", "goal", 1024.0,
-                 1024.0)]
+                 1024.0),
+                (f"{name}: rollout, its hosts' first fetch", rollout["by_dominator"][name][
+                    "first_fetch_s"], "s", "-", 0, None),
+                (f"{name}: rollout, its hosts' last update", rollout["by_dominator"][name][
+                    "last_update_s"], "s", "goal", 10.0, None)]
     if "failover" in herd_result:
         failed = herd_result["failover"]
         lease = float(LEASE)
@@ -852,7 +866,8 @@ def configuration(work: Path, tls: bool, sizes: list[int], window: float,
     return rows, raw
 
 
-def run(sizes: list[int], window: float, security: str, plan: Plan) -> list[dict]:
+def run(sizes: list[int], window: float, security: str, plan: Plan,
+        keep_work: bool = False) -> list[dict]:
     """Every configuration asked for; prints the table, saves bench/results/fleet.json
     (one dominator on SQLite; else e.g. fleet-mtls-3dom.json)."""
     limit = raise_nofile()
@@ -860,7 +875,11 @@ def run(sizes: list[int], window: float, security: str, plan: Plan) -> list[dict
                      "serve_args": plan.serve_args, "dominators": plan.dominators,
                      "postgresql": bool(plan.mdb_url), "watch": plan.watch}
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="bench-fleet-", dir="/var/tmp") as tmp:
+    folder = dict(prefix="bench-fleet-", dir="/var/tmp")
+    with (contextlib.nullcontext(tempfile.mkdtemp(**folder)) if keep_work
+          else tempfile.TemporaryDirectory(**folder)) as tmp:
+        if keep_work:
+            log(f"working in {tmp} (kept: the daemons' logs are there)")
         for name in ("insecure", "mtls"):
             if security in (name, "both"):
                 more, results[name] = configuration(Path(tmp) / name, name == "mtls", sizes,
@@ -894,6 +913,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-watch", action="store_true",
                         help="The fake subs answer Watch UNIMPLEMENTED (as an older subd): "
                              "every host is polled at the poll interval, as before watches.")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="Keep the working folder (the daemons' logs) in /var/tmp.")
     parser.add_argument("--echo-client", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--poll-client", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", help=argparse.SUPPRESS)
@@ -915,7 +936,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(asyncio.run(echo_client(addresses, args.window, security, mode))))
         return
     run([int(n) for n in args.subs.split(",")], args.window, args.security,
-        Plan(args.dominators, args.mdb_url or "", args.serve_args.split(), not args.no_watch))
+        Plan(args.dominators, args.mdb_url or "", args.serve_args.split(), not args.no_watch),
+        args.keep_work)
 
 
 if __name__ == "__main__":
