@@ -46,9 +46,10 @@ class AuditEntry:
                 "server": self.server, "who": self.who, "action": self.action,
                 "summary": self.summary, "details": self.details}
 
-    def line(self) -> str:
-        """One line for people."""
-        return f"{format_time(self.unix_ns)} {self.server:11} {self.who:20} {self.summary}"
+    def line(self, server_width: int = 11) -> str:
+        """One line for people (the server's name padded to `server_width`)."""
+        return (f"{format_time(self.unix_ns)} {self.server:{server_width}} {self.who:20} "
+                f"{self.summary}")
 
     def to_wire(self) -> audit_pb2.AuditEntry:
         """The wire form (ListAudit)."""

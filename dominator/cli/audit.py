@@ -51,7 +51,9 @@ def audit(limit: int | None, since: int | None, as_json: bool, dominator: str,
           imageserver: str, security: Security) -> None:
     """Who changed what, when: image adds, deletes and expiries (the image server),
     MDB changes, the fleet-wide switch, safety clearances, intrusion
-    acknowledgements, fast updates, deploys and tokens (the dominator)."""
+    acknowledgements, fast updates, deploys and tokens (the dominator). The
+    dominators of a PostgreSQL MDB keep one log: any of them shows every one's
+    changes, each entry naming its dominator (SERVER `dominator NAME`)."""
     request = audit_pb2.ListAuditRequest(
         limit=limit or 0, since_unix_ns=time.time_ns() - since * 10**9 if since else 0)
     sources: dict[str, tuple[str, Callable[..., list[AuditEntry]]]] = {
@@ -70,8 +72,9 @@ def audit(limit: int | None, since: int | None, as_json: bool, dominator: str,
     if as_json:
         echo_json([entry.to_json() for entry in entries])
     else:
+        width = max((len(entry.server) for entry in entries), default=0)
         for entry in entries:
-            click.echo(entry.line())
+            click.echo(entry.line(width))
     for warning in warnings:
         click.echo(warning, err=True)
     if warnings:

@@ -201,3 +201,7 @@ def test_tokens_and_audit_through_either_dominator(two_dominators: Dominators) -
                         ("dominator dom-b", "updates.enable", None)], name
         disabled, = [e for e in entries if e["action"] == "updates.disable"]
         assert "freeze for the audit" in disabled["summary"]
+    lines = doms.run("dom-b", "audit").splitlines()
+    assert " dominator dom-b " in lines[-1] and lines[-1].endswith("enabled updates fleet-wide")
+    ours = [line for line in lines if line.split()[1] == "dominator"]
+    assert len({line.index(line.split()[3]) for line in ours}) == 1  # who: one column
