@@ -35,6 +35,8 @@ OUTAGE = 30.0  # seconds PostgreSQL stays stopped (what issue 11 names)
 HOSTS = 6
 LEASE = 3.0
 NAMES = ("dom-1", "dom-2", "dom-3")
+# A lease still trusted long after PostgreSQL stopped (two thirds of it).
+LONG_LEASE = 30.0
 # Settled hosts are polled this often (their Watch stream would make it 300 s), so a
 # test can see polls go on.
 BACKSTOP = "2"
@@ -95,17 +97,19 @@ class Herd:
 
 
 @pytest.fixture
-def herd(tmp_path: Path, ca: Path, cluster: PrivateCluster, imageserver: Daemon,
-         start_subd: Callable[..., Daemon]) -> Iterator[Herd]:
-    """Three dominators with a 3 s lease managing HOSTS subd, every host synced on v1."""
+def herd(request: pytest.FixtureRequest, tmp_path: Path, ca: Path, cluster: PrivateCluster,
+         imageserver: Daemon, start_subd: Callable[..., Daemon]) -> Iterator[Herd]:
+    """Dominators (NAMES with a LEASE, unless the test's parameter names others) managing
+    HOSTS subd, every host synced on v1."""
+    dominators, lease = getattr(request, "param", (NAMES, LEASE))
     names = [f"host-{index}" for index in range(1, HOSTS + 1)]
     roots = {name: tmp_path / name for name in names}
     subs = {}
     for name, root in roots.items():
         root.mkdir()
         subs[name] = start_subd(root)
-    doms = Dominators(tmp_path, ca, cluster.url, imageserver, NAMES, str(LEASE),
-                      {name: ["--backstop-interval", BACKSTOP] for name in NAMES})
+    doms = Dominators(tmp_path, ca, cluster.url, imageserver, dominators, str(lease),
+                      {name: ["--backstop-interval", BACKSTOP] for name in dominators})
     tree = make_tree(tmp_path / "tree")
     with Mdb(cluster.url) as mdb:  # at head before three dominators race to open it
         for name in names:
@@ -115,13 +119,13 @@ def herd(tmp_path: Path, ca: Path, cluster: PrivateCluster, imageserver: Daemon,
         for image in ("v1", "v2"):
             doms.add_image(image, tree)
         doms.owned_in_time()
-        wait_for(lambda: doms.converged(names, "v1", NAMES), "v1 everywhere", 90)
+        wait_for(lambda: doms.converged(names, "v1", dominators), "v1 everywhere", 90)
         yield Herd(doms, subs, roots, tree)
     finally:
         if not cluster.running():  # a failure mid-outage: the sampler's verdict needs it
             cluster.start()
         doms.stop()  # and the sampler's verdict
-    for name in NAMES:
+    for name in dominators:
         log = doms.daemons[name].log()
         assert not TRACEBACK_RE.search(log), f"{name} logged a traceback"
         assert cluster.password not in log, f"{name} logged the database password"
@@ -220,3 +224,28 @@ def test_ended_sessions_of_one_dominator_cause_no_double_ownership(
             mdb.update(host, required_image="v1")
     managed = wait_for(lambda: doms.converged(herd.hosts, "v1", NAMES), "v1 everywhere", 60)
     assert set(managed.values()) <= set(NAMES)
+
+
+@pytest.mark.parametrize("herd", [(("dom-1",), LONG_LEASE)], indirect=True)
+def test_the_shared_state_unreadable_while_the_lease_holds_is_a_status_not_a_traceback(
+        herd: Herd, cluster: PrivateCluster) -> None:
+    """Before its lease lapses a dominator may still mutate, but planning an update
+    reads the shared state (the host's desired images): that read failing makes the
+    host's status say so (the fixture checks the log holds no traceback)."""
+    doms, victim = herd.doms, herd.hosts[0]
+    cluster.stop()
+    edited = herd.roots[victim] / EDITED
+    edited.write_text("edited by hand during the outage\n")
+
+    def failed() -> dict[str, object] | None:
+        row = doms.view("dom-1")[victim]
+        return row if row["status"] == "update failed" else None
+    shown = wait_for(failed, "the host's update failing", LONG_LEASE / 3)
+    assert "dominator state unreadable: " in str(shown["last_error"]), shown
+    assert "Connection refused" in str(shown["last_error"]), shown
+    # Still trusted (no renewal tried yet, or it failed): the state read stopped it.
+    assert herd.lease_state("dom-1") in ("ok", "failing")
+    assert edited.read_text() != GOLDEN
+    cluster.start()
+    wait_for(lambda: edited.read_text() == GOLDEN, "the hand edit repaired", 30)
+    assert f"{victim}: cycle failed: dominator state unreadable: " in doms.daemons["dom-1"].log()
