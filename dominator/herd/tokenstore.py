@@ -77,6 +77,7 @@ class ApiTokens:
         self._tokens: dict[str, ApiToken] = {}
         self._by_digest: dict[str, str] = {}
         self._used_stored: dict[str, int] = {}
+        self._writes = 0  # tokens made or revoked by this process (see reload)
         self._missed_at = -MISS_REREAD_SECONDS  # monotonic time of the last miss re-read
         if self.shared:
             self._carry_over(state.engine)
@@ -120,10 +121,22 @@ class ApiTokens:
 
     def reload(self) -> None:
         """Read every token from the database into memory (what another dominator made
-        or revoked); a last use noted here and not yet stored is kept."""
-        with Session(self.engine) as session:
-            rows = list(session.scalars(sa.select(TokenRow)))
+        or revoked); a last use noted here and not yet stored is kept. Read again when
+        this process made or revoked a token meanwhile (the read may predate it)."""
+        while True:
+            with self._lock:
+                writes = self._writes
+            with Session(self.engine) as session:
+                rows = list(session.scalars(sa.select(TokenRow)))
+            if self._swap(rows, writes):
+                return
+
+    def _swap(self, rows: list[TokenRow], writes: int) -> bool:
+        """Put the tokens read into memory, unless a write of this process came after
+        the read began (False)."""
         with self._lock:
+            if self._writes != writes:
+                return False
             tokens = {}
             for row in rows:
                 token = _token(row)
@@ -136,6 +149,7 @@ class ApiTokens:
                     self._used_stored[token.name] = stored
             self._tokens = tokens
             self._by_digest = {row.sha256: row.name for row in rows}
+        return True
 
     def _follow(self, every: float) -> None:
         """Re-read the tokens until closed; an unreachable database is logged once per
@@ -178,6 +192,7 @@ class ApiTokens:
         with self._lock:
             self._tokens[name] = token
             self._by_digest[digest(value)] = name
+            self._writes += 1
         return token, value
 
     def _refuse_known(self, name: str) -> None:
@@ -216,6 +231,7 @@ class ApiTokens:
         with self._lock:
             self._tokens[name] = replace(self._tokens.get(name, token),
                                          revoked_unix=token.revoked_unix, revoked_by=by)
+            self._writes += 1
         return token
 
     def check(self, value: str) -> ApiToken | None:
