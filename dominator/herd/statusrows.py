@@ -348,6 +348,8 @@ class StatusWriter:
                 del self._written[hostname]  # gone from the MDB: its row goes
                 self._pending.pop(hostname, None)
                 self._gone.add(hostname)
+            for hostname in [name for name in self._watched if name not in subs]:
+                del self._watched[hostname]
         hostnames, self._dirty = (list(subs) if sweep else self._dirty), set()
         for hostname in hostnames:
             sub = subs.get(hostname)
