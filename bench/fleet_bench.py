@@ -390,6 +390,22 @@ def fresh_database(url: str, label: str) -> tuple[str, Callable[[], None]]:
     return given.set(database=name).render_as_string(hide_password=False), drop
 
 
+def pg_counters(url: str) -> dict[str, int]:
+    """Transactions and rows of the PostgreSQL database at `url` so far (pg_stat_database,
+    every session's; a backend reports within a second or so)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(sa.text(
+                "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted, "
+                "tup_updated FROM pg_stat_database WHERE datname = current_database()")).one()
+    finally:
+        engine.dispose()
+    return dict(row._mapping)
+
+
 def dominator_daemons(setup: Setup, work: Path, imageserver: str, plan: Plan,
                       url: str) -> dict[str, Daemon]:
     """`dominator serve` d1 .. dN (not started): the SQLite MDB of its state dir when
@@ -503,12 +519,13 @@ def changes_seen(fakes: FakeFleet, count: int) -> dict:
 
 
 def rollout(setup: Setup, fakes: FakeFleet, client: DominatorClient, pid: int, work: Path,
-            owned: dict[int, str]) -> dict:
+            owned: dict[int, str], url: str) -> dict:
     """Every host's RequiredImage becomes base-1m in one import (through `client`'s
     dominator, whose fleet status must then say every host synced); per dominator, when
     its hosts' first fetch came and their last update."""
     count = len(owned)
     fakes.command("reset")
+    counters = pg_counters(url) if url else {}
     before = fleet_status(client)
     cpu0, wall0, t0 = cpu_seconds(pid), time.time(), time.perf_counter()
     cli(setup, "mdb", "import", str(mdb_json(work / "mdb-1m.json", fakes.addresses(),
@@ -524,8 +541,11 @@ def rollout(setup: Setup, fakes: FakeFleet, client: DominatorClient, pid: int, w
         mine = [i for i, owner in owned.items() if owner == name]
         by_owner[name] = {"first_fetch_s": min(seen["fetched"][i] for i in mine) - wall0,
                           "last_update_s": max(seen["updated"][i] for i in mine) - wall0}
+    if url:
+        time.sleep(1.5)  # backends report their counts within about a second
+        counters = {key: value - counters[key] for key, value in pg_counters(url).items()}
     return {
-        "by_dominator": by_owner,
+        "by_dominator": by_owner, "postgresql": counters,
         "import_s": imported,
         "all_applied_s": stats["last_update_unix"] - wall0,
         "all_synced_s": synced,
@@ -629,7 +649,8 @@ def herd(setup: Setup, count: int, window: float, imageserver: str, plan: Plan) 
         log(f"steady: {json.dumps(result['steady'])}")
         result["changes"] = changes_seen(fakes, count)
         log(f"changes seen: {json.dumps(result['changes'])}")
-        result["rollout"] = rollout(setup, fakes, client, first.process.pid, work, owned)
+        result["rollout"] = rollout(setup, fakes, client, first.process.pid, work, owned,
+                                    url)
         log(f"rollout: {json.dumps(result['rollout'])}")
         result["fleet_status_cli"] = json.loads(cli(setup, "fleet", "status", "--json"))
         if plan.dominators > 1:
@@ -788,6 +809,12 @@ def rows_for(count: int, herd_result: dict, echo: dict | None, tls: bool,
          "goal", COVERED_SECONDS, COVERED_SECONDS),
     ]
     if plan.mdb_url:
+        database = rollout["postgresql"]
+        rows += [("PostgreSQL commits during the rollout (all dominators)",
+                  database["xact_commit"], "", "hosts", count, None),
+                 ("PostgreSQL rows read during the rollout",
+                  database["tup_returned"] + database["tup_fetched"], "", "hosts", count,
+                  None)]
         rows.append(("shard leases settled after the last dominator served",
                      herd_result["leases_settled_s"], "s", "lease", float(LEASE), None))
         for name, figures in steady["dominators"].items():
