@@ -25,13 +25,14 @@ With SQLite (one dominator owns every host) nothing here runs and nothing is wri
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import sqlalchemy as sa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -46,10 +47,30 @@ from dominator.herd.watch import SETTLED
 from fleetlib.audit import format_time
 from fleetlib.fstree.listing import quote
 from fleetlib.sql.engine import describe_url
+from mdb.machine import Machine
 
 if TYPE_CHECKING:
-    from dominator.herd.herd import Sub
     from dominator.herd.ownership import Ownership
+
+
+class Sub(Protocol):
+    """What the rows read and set of the herd's Sub (dominator/herd/herd.py)."""
+
+    machine: Machine
+    status: Status
+    last_error: str
+    last_poll_unix: float
+    last_scan_unix: float
+    change_window_ns: int
+    history: collections.deque[tuple[float, str, str]]
+    kept_paths: tuple[str, ...]
+    owner: str
+    mirrored: bool
+    repeats: int
+    listeners: list[Callable[[str, str], None]]
+    task: asyncio.Task[None] | None
+
+    def set_status(self, status: Status, error: str = "") -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +432,7 @@ class StatusRows:
     """The herd's status rows: writes the rows of the hosts it supervises, mirrors the
     others' into `subs` (the herd's). Inactive unless the state is shared."""
 
-    def __init__(self, subs: MutableMapping[str, Sub], state: DominatorState,
+    def __init__(self, subs: Mapping[str, Sub], state: DominatorState,
                  ownership: Ownership) -> None:
         self.subs = subs
         self.state = state
