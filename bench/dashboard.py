@@ -1,6 +1,6 @@
 """Issue 11's dashboard figure: the host table of 10,000 hosts, one page at a time,
 rendered in under 200 ms on the server. The herd's view is built in-process (real
-Sub, Machine and HostRecord objects, `fleetlib/testing/herdview.py`) and every page
+Sub, Machine and HostRecord objects, `bench/herdview.py`) and every page
 goes through the dominator's real HTTP application (httpx's ASGI transport: no
 socket, the client's own overhead included), timed on the wall clock and in CPU
 (this thread's: on a shared machine the wall clock also counts waiting for a core).
@@ -18,6 +18,7 @@ import click
 import httpx
 from starlette.datastructures import QueryParams
 
+from bench.herdview import dashboard_app, many_hosts
 from bench.timing import RESULTS, Report
 from dominator.server.http.context import HttpContext
 from dominator.server.http.dashboard import (
@@ -29,7 +30,6 @@ from dominator.server.http.dashboard import (
     table_query,
 )
 from dominator.server.http.templating import make_environment, render_page
-from fleetlib.testing.herdview import dashboard_app, many_hosts
 
 GOAL_MS = 200.0
 

@@ -1,5 +1,5 @@
 """The dashboard's host table over 2,500 hosts (real Sub and HostRecord objects in
-the herd's and state store's places, `fleetlib/testing/herdview.py`, through the
+the herd's and state store's places, `bench/herdview.py`, through the
 real HTTP application): pages hold the right rows in the right order, filters and
 sorts apply before paging, counts and page links say where a page is, every bad
 parameter is a one-line 400, and the overview lists no host rows."""
@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.herdview import dashboard_app, many_hosts
 from dominator.herd.herd import Sub
 from dominator.herd.records import HostRecord
 from dominator.herd.status import Status
 from fleetlib.fstree.listing import quote
-from fleetlib.testing.herdview import dashboard_app, many_hosts
 from mdb.machine import Machine
 
 HOSTS = 2500
