@@ -56,6 +56,7 @@ class RunnerLease:
         if token is None:
             raise LeaseLost(f"deploy {deploy_id}: this dominator no longer runs it")
         if not self.trusted():
-            raise LeaseLost(f"deploy {deploy_id}: its lease cannot be renewed "
-                            f"({self.failure or 'no round yet'}): paused", paused=True)
+            raise LeaseLost(f"deploy {deploy_id}: its lease was not renewed in time "
+                            f"({self.failure or 'no lease round succeeded lately'}): paused",
+                            paused=True)
         return token

@@ -25,7 +25,7 @@ from tests.integration.test_deploy import HealthServer
 from tests.integration.test_shared_state import held_shards, names_in
 
 NAMES = ["dom-1", "dom-2", "dom-3"]
-LEASE = "3"
+LEASE = "6"  # long enough that a loaded machine does not lapse a runner's lease
 
 
 @pytest.fixture

@@ -139,7 +139,7 @@ def test_hosts_and_keys_are_one_deploy_across_dominators(engine: sa.Engine) -> N
 def test_trust_ends_a_third_of_the_lease_before_the_database_expires_it() -> None:
     lease = RunnerLease(3.0, expires=True)
     lease.tokens["d1"] = 7
-    with pytest.raises(LeaseLost, match="no round yet") as before:
+    with pytest.raises(LeaseLost, match="no lease round succeeded") as before:
         lease.check("d1")
     assert before.value.paused
     lease.renewed(time.monotonic())
