@@ -31,7 +31,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from dominator.herd.state import REFRESH_SECONDS, Base, DominatorState
 from dominator.herd.tokens import ADMIN, NAME, SCOPES, VALUE_PREFIX, ApiToken, digest
 from fleetlib.errors import ExistsError, FleetError, NotFoundError
-from fleetlib.sql.engine import describe_url
+from fleetlib.sql.engine import database_errors, describe_url
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,15 @@ class ApiTokens:
         value = VALUE_PREFIX + secrets.token_urlsafe(32)
         token = ApiToken(name, scope, int(time.time()), by)
         self._refuse_known(name)
-        try:
-            with Session(self.engine) as session, session.begin():
-                session.add(TokenRow(name=name, scope=scope, sha256=digest(value),
-                                     created_unix=token.created_unix, created_by=by))
-        except IntegrityError:  # made meanwhile, here or through another dominator
-            self.reload()
-            self._refuse_known(name)
-            raise ExistsError(f"token {name!r} exists: choose another") from None
+        with database_errors(self.engine.url):
+            try:
+                with Session(self.engine) as session, session.begin():
+                    session.add(TokenRow(name=name, scope=scope, sha256=digest(value),
+                                         created_unix=token.created_unix, created_by=by))
+            except IntegrityError:  # made meanwhile, here or through another dominator
+                self.reload()
+                self._refuse_known(name)
+                raise ExistsError(f"token {name!r} exists: choose another") from None
         with self._lock:
             self._tokens[name] = token
             self._by_digest[digest(value)] = name
@@ -206,28 +207,30 @@ class ApiTokens:
     def list(self) -> list[ApiToken]:
         """Every token, revoked ones too, by name (re-read first when shared)."""
         if self.shared:
-            self.reload()
+            with database_errors(self.engine.url):
+                self.reload()
         with self._lock:
             return sorted(self._tokens.values(), key=lambda token: token.name)
 
     def revoke(self, name: str, by: str) -> ApiToken:
         """Refuse the token from now on (its record stays)."""
-        if self.shared:
-            self.reload()  # it may have been made, or revoked, through another dominator
-        with self._lock:
-            token = self._tokens.get(name)
-        if token is None:
-            raise NotFoundError(f"no token named {name!r}")
-        if token.revoked_unix:
-            raise FleetError(f"token {name!r} is revoked already")
-        token = replace(token, revoked_unix=int(time.time()), revoked_by=by)
-        with self.engine.begin() as conn:
-            done = conn.execute(sa.update(TokenRow).where(
-                TokenRow.name == name, TokenRow.revoked_unix.is_(None)).values(
-                revoked_unix=token.revoked_unix, revoked_by=by)).rowcount
-        if not done:  # revoked meanwhile through another dominator
-            self.reload()
-            raise FleetError(f"token {name!r} is revoked already")
+        with database_errors(self.engine.url):
+            if self.shared:
+                self.reload()  # it may have been made, or revoked, through another dominator
+            with self._lock:
+                token = self._tokens.get(name)
+            if token is None:
+                raise NotFoundError(f"no token named {name!r}")
+            if token.revoked_unix:
+                raise FleetError(f"token {name!r} is revoked already")
+            token = replace(token, revoked_unix=int(time.time()), revoked_by=by)
+            with self.engine.begin() as conn:
+                done = conn.execute(sa.update(TokenRow).where(
+                    TokenRow.name == name, TokenRow.revoked_unix.is_(None)).values(
+                    revoked_unix=token.revoked_unix, revoked_by=by)).rowcount
+            if not done:  # revoked meanwhile through another dominator
+                self.reload()
+                raise FleetError(f"token {name!r} is revoked already")
         with self._lock:
             self._tokens[name] = replace(self._tokens.get(name, token),
                                          revoked_unix=token.revoked_unix, revoked_by=by)

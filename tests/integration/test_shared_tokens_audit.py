@@ -28,6 +28,7 @@ from fleetlib.testing.daemons import Daemon, cli
 from fleetlib.testing.dominators import Dominators
 from fleetlib.testing.fleet import wait_for
 from mdb.store import Mdb
+from tests.integration.test_shared_state import drop_database, recreate_database
 
 REFRESH = 2.0  # seconds: the token stores' re-read (the default, as serve runs it)
 REVOKED_WITHIN = REFRESH + 3.0  # and a loaded machine's slack
@@ -99,6 +100,35 @@ def test_a_file_state_reads_its_tokens_once(tmp_path: Path) -> None:
     for _ in range(5):
         assert tokens.check("fdt_not-a-token") is None
     assert tokens.reads == 1 and not tokens.shared
+
+
+def test_tokens_while_the_database_is_gone(
+        tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Checks go on from memory (logged once per outage); making and revoking say in
+    one line which database failed."""
+    with Mdb(postgres_url):
+        pass
+    state = DominatorState(tmp_path / "dominator.sqlite", postgres_url, refresh_seconds=3600)
+    tokens = ApiTokens(state, refresh_seconds=0.2)
+    try:
+        _, value = tokens.create("ci", "deploy", "alice")
+        with caplog.at_level(logging.WARNING, logger="dominator.herd.tokenstore"):
+            drop_database(postgres_url)
+            wait_for(lambda: "unreadable, keeping those last read" in caplog.text,
+                     "the failing refresh logged", 10)
+            checked = tokens.check(value)
+            assert checked is not None and checked.name == "ci"
+            assert tokens.check("fdt_not-a-token") is None
+            for attempt in (lambda: tokens.create("other", "read", "alice"),
+                            lambda: tokens.revoke("ci", "alice"), tokens.list):
+                with pytest.raises(FleetError, match=r"^database postgresql\+psycopg://") as err:
+                    attempt()
+                assert "\n" not in str(err.value)
+        assert caplog.text.count("keeping those last read") == 1
+    finally:
+        tokens.close()
+        state.close()
+        recreate_database(postgres_url)  # for the fixture to drop
 
 
 def test_tokens_of_the_state_file_are_shared_as_it_starts(
