@@ -376,6 +376,7 @@ class Herd:
             self.rows.show(sub, elsewhere)  # its owner's status row, if current
         elif sub.task is None:
             self.rows.forget(sub)
+            self.state.forget_desired(hostname)  # another dominator may have added some
             sub.set_status(Status.POLLING)
             sub.prefetched = None
             sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,7 @@ DISABLED_KEY = "updates_disabled"
 
 
 SYNC_PERSIST_SECONDS = 60  # how stale the stored last-sync time of a host may get
+SYNC_BATCH_SECONDS = 1.0  # last syncs wait this long to share one transaction
 REFRESH_SECONDS = 2.0  # shared state: how often another dominator's changes are read
 
 
@@ -126,8 +127,12 @@ class DominatorState:
                            for row in session.scalars(sa.select(HostRow))}
             switch = session.get(SettingRow, DISABLED_KEY)
             self._disabled = Disabled(**json.loads(switch.value)) if switch else None
-        self._desired_seen: set[tuple[str, str, frozenset[tuple[str, tuple[bytes, int]]]]] = set()
+        # per host: the desired state last stored here (a repeat of it stores nothing)
+        self._desired_last: dict[str, tuple[str, frozenset[tuple[str, tuple[bytes, int]]]]] = {}
+        self._history: dict[str, Desired] = {}  # desired states of hosts read (see forget)
         self._sync_stored: dict[str, int] = {}  # when each host's last sync was stored
+        self._syncs_due: dict[str, tuple[int, str]] = {}  # last syncs not yet stored
+        self._syncs_since = 0.0  # monotonic time of the oldest of them
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         if shared_url is not None:
@@ -147,10 +152,16 @@ class DominatorState:
         return self._db is not self.engine
 
     def close(self) -> None:
-        """Stop following the shared database and close the engines."""
+        """Store the last syncs still due, stop following the shared database and
+        close the engines."""
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join()
+        try:
+            self.store_syncs()
+        except SQLAlchemyError as err:  # the memory was exact; the stored times only lag
+            log.warning("last syncs of %d host(s) not stored: %s", len(self._syncs_due),
+                        str(getattr(err, "orig", err)).strip().splitlines()[0])
         if self.shared:
             self._db.dispose()
         self.engine.dispose()
@@ -227,10 +238,6 @@ class DominatorState:
         with self._lock, self._db.begin() as conn:
             for statement in statements:
                 conn.execute(statement)
-
-    def _read(self, statement: sa.Select[*tuple[Any, ...]]) -> list[sa.Row[*tuple[Any, ...]]]:
-        with self._lock, self._db.connect() as conn:
-            return list(conn.execute(statement))
 
     def _update_host(self, hostname: str, ensure: bool = False, **values: object) -> None:
         """Set columns of the host's row (made first when `ensure`)."""
@@ -344,9 +351,10 @@ class DominatorState:
 
     def record_desired(self, hostname: str, image: str,
                        computed: dict[str, tuple[bytes, int]]) -> None:
-        """Remember that the host was asked to hold `image` with these computed files."""
-        seen = (hostname, image, frozenset(computed.items()))
-        if seen in self._desired_seen:
+        """Remember that the host was asked to hold `image` with these computed files
+        (stored before this returns: the intrusion signal needs it after a restart)."""
+        seen = (image, frozenset(computed.items()))
+        if self._desired_last.get(hostname) == seen:  # each synced cycle asks again
             return
         now = int(time.time())
         statements: list[sa.Executable] = [
@@ -358,20 +366,51 @@ class DominatorState:
                                                          hash=digest.hex(), size=size)
                        .on_conflict_do_nothing()
                        for path, (digest, size) in computed.items()]
-        self._write(*statements)
-        self._desired_seen.add(seen)
+        with self._lock:
+            known = self._history.get(hostname)
+            with self._db.begin() as conn:
+                for statement in statements:
+                    conn.execute(statement)
+                if known is None:  # read in the same transaction: none more for the reads
+                    self._history[hostname] = self._load(conn, hostname)
+            if known is not None:
+                known.add(image, now, computed)
+        self._desired_last[hostname] = seen
 
     def record_sync(self, hostname: str, image: str,
                     computed: dict[str, tuple[bytes, int]]) -> None:
-        """The host holds `image`: a desired state, and its last sync (stored when the
-        image changes or the stored time is a minute old; memory is always exact)."""
+        """The host holds `image`: a desired state (stored at once), and its last sync
+        (due when the image changes or the stored time is a minute old, then stored
+        with the other hosts' due within SYNC_BATCH_SECONDS; memory is always exact)."""
         self.record_desired(hostname, image, computed)
         now = int(time.time())
         stored = self._sync_stored.get(hostname, 0)
-        if self.host(hostname).current_image != image or now - stored >= SYNC_PERSIST_SECONDS:
-            self._update_host(hostname, ensure=True, last_sync_unix=now, current_image=image)
-            self._sync_stored[hostname] = now
-        self._remember(hostname, last_sync_unix=now, current_image=image)
+        with self._lock:
+            if self.host(hostname).current_image != image or \
+                    now - stored >= SYNC_PERSIST_SECONDS:
+                if not self._syncs_due:
+                    self._syncs_since = time.monotonic()
+                self._syncs_due[hostname] = (now, image)
+                self._sync_stored[hostname] = now
+            self._hosts[hostname] = replace(self.host(hostname), last_sync_unix=now,
+                                            current_image=image)
+        if self._syncs_due and time.monotonic() - self._syncs_since >= SYNC_BATCH_SECONDS:
+            self.store_syncs()
+
+    def store_syncs(self) -> None:
+        """Store every last sync due, in one transaction (kept due when it fails)."""
+        with self._lock:
+            if not self._syncs_due:
+                return
+            insert = self._insert(HostRow)
+            with self._db.begin() as conn:
+                conn.execute(insert.on_conflict_do_update(
+                    index_elements=[HostRow.hostname],
+                    set_={"last_sync_unix": insert.excluded.last_sync_unix,
+                          "current_image": insert.excluded.current_image}),
+                    [{"hostname": hostname, "last_sync_unix": unix, "current_image": image}
+                     for hostname, (unix, image) in self._syncs_due.items()])
+            self._syncs_due.clear()
 
     def mirror_sync(self, hostname: str, image: str, last_sync_unix: int) -> None:
         """What another dominator reports of a host it supervises (statusrows.py): its
@@ -380,19 +419,58 @@ class DominatorState:
         if (known.current_image, known.last_sync_unix) != (image, last_sync_unix):
             self._remember(hostname, current_image=image, last_sync_unix=last_sync_unix)
 
+    def forget_desired(self, hostname: str) -> None:
+        """The host's desired states are read again from the database when next
+        asked: called when this dominator starts supervising it, as another
+        dominator may have asked it to hold other states meanwhile."""
+        with self._lock:
+            self._history.pop(hostname, None)
+            self._desired_last.pop(hostname, None)
+
+    def _desired(self, hostname: str) -> Desired:
+        """The host's desired states: read once (or with the first record_desired),
+        then kept in memory and added to by record_desired."""
+        with self._lock:
+            known = self._history.get(hostname)
+            if known is None:
+                with self._db.connect() as conn:
+                    known = self._history[hostname] = self._load(conn, hostname)
+                    conn.commit()  # it only read: a COMMIT ends it as cheaply as a ROLLBACK
+            return known
+
+    @staticmethod
+    def _load(conn: sa.Connection, hostname: str) -> Desired:
+        """The host's desired states as stored (both tables)."""
+        images = conn.execute(sa.select(DesiredImageRow.image, DesiredImageRow.last_unix)
+                              .where(DesiredImageRow.hostname == hostname)).all()
+        known = Desired({image: unix for image, unix in images}, {})
+        for path, digest, size in conn.execute(
+                sa.select(DesiredComputedRow.path, DesiredComputedRow.hash,
+                          DesiredComputedRow.size).where(DesiredComputedRow.hostname == hostname)):
+            known.computed.setdefault(path, {})[bytes.fromhex(digest)] = size
+        return known
+
     def desired_images(self, hostname: str) -> list[str]:
         """Images the host was ever asked to hold, most recent first."""
-        rows = self._read(sa.select(DesiredImageRow.image)
-                          .where(DesiredImageRow.hostname == hostname)
-                          .order_by(DesiredImageRow.last_unix.desc(), DesiredImageRow.image))
-        return [row.image for row in rows]
+        images = self._desired(hostname).images
+        return sorted(images, key=lambda image: (-images[image], image))
 
     def desired_computed(self, hostname: str) -> dict[str, dict[bytes, int]]:
         """Every computed file version the host was asked to hold: path -> {hash: size}."""
-        rows = self._read(sa.select(DesiredComputedRow.path, DesiredComputedRow.hash,
-                                    DesiredComputedRow.size)
-                          .where(DesiredComputedRow.hostname == hostname))
-        versions: dict[str, dict[bytes, int]] = {}
-        for path, digest, size in rows:
-            versions.setdefault(path, {})[bytes.fromhex(digest)] = size
-        return versions
+        return {path: dict(versions)
+                for path, versions in self._desired(hostname).computed.items()}
+
+
+@dataclass
+class Desired:
+    """What a host was asked to hold: image -> when last, and each computed file's
+    versions (path -> {hash: size})."""
+
+    images: dict[str, int]
+    computed: dict[str, dict[bytes, int]]
+
+    def add(self, image: str, unix: int, computed: dict[str, tuple[bytes, int]]) -> None:
+        """One more desired state (as record_desired stores it)."""
+        self.images[image] = unix
+        for path, (digest, size) in computed.items():
+            self.computed.setdefault(path, {})[digest] = size

@@ -1,6 +1,8 @@
 """The dominator's state: host pauses and disruption allowances outlive a restart, a
 pause with an expiry runs out on its own (in the state file, and shared in a PostgreSQL
-MDB when FLEET_TEST_POSTGRES_URL is set), and an old state file gains the new columns."""
+MDB when FLEET_TEST_POSTGRES_URL is set), an old state file gains the new columns, and
+what a rollout asks of the database stays small: desired states stored at once and then
+read from memory, last syncs stored together."""
 
 from __future__ import annotations
 
@@ -64,3 +66,72 @@ def test_a_version_2_state_file_keeps_its_hosts(tmp_path: Path) -> None:
     state = DominatorState(path)
     assert state.safety_cleared("a") and state.host_paused("a") is None
     assert not state.disruption_allowed("a")
+
+
+def transactions(state: DominatorState) -> list[str]:
+    """Every transaction the state's database ends from now on ("commit"/"rollback")."""
+    ended: list[str] = []
+    for kind in ("commit", "rollback"):
+        sa.event.listen(state.database, kind, lambda conn, kind=kind: ended.append(kind))
+    return ended
+
+
+MOTD = {"/etc/motd": (b"\x01" * 32, 5)}
+
+
+def test_desired_states_are_stored_at_once_and_read_from_memory(tmp_path: Path,
+                                                                 shared: str | None) -> None:
+    state = DominatorState(tmp_path / "state.sqlite", shared)
+    ended = transactions(state)
+    state.record_desired("web-1", "v1", MOTD)
+    assert ended == ["commit"]  # stored before it returns: the intrusion signal needs it
+    other = DominatorState(tmp_path / "state.sqlite", shared)  # a restart after a crash
+    read = transactions(other)
+    assert other.desired_images("web-1") == ["v1"]
+    assert other.desired_computed("web-1") == {"/etc/motd": {b"\x01" * 32: 5}}
+    assert read == ["commit"]  # one read of both tables, ended by a COMMIT
+    other.close()
+
+    assert state.desired_images("web-1") == ["v1"]
+    assert ended == ["commit"]  # read with the write, in its transaction
+    time.sleep(1.1)  # a later second: v2 is the most recent
+    state.record_desired("web-1", "v2", {"/etc/motd": (b"\x02" * 32, 6)})
+    for _ in range(3):
+        assert state.desired_images("web-1") == ["v2", "v1"]
+        assert state.desired_computed("web-1") == {
+            "/etc/motd": {b"\x01" * 32: 5, b"\x02" * 32: 6}}
+    assert ended == ["commit"] * 2  # the writes, and no read: memory holds the history
+    state.close()
+
+
+def test_a_host_supervised_anew_reads_what_others_asked_of_it(tmp_path: Path,
+                                                               shared: str | None) -> None:
+    state = DominatorState(tmp_path / "state.sqlite", shared)
+    assert state.desired_images("web-1") == []
+    peer = DominatorState(tmp_path / "state.sqlite", shared)  # another dominator
+    peer.record_desired("web-1", "v1", MOTD)
+    peer.close()
+    assert state.desired_images("web-1") == []  # from memory until the host moves here
+    state.forget_desired("web-1")
+    assert state.desired_images("web-1") == ["v1"]
+    state.close()
+
+
+def test_last_syncs_share_one_transaction_and_survive_a_restart(tmp_path: Path,
+                                                                 shared: str | None) -> None:
+    state = DominatorState(tmp_path / "state.sqlite", shared)
+    for n in range(20):
+        state.record_desired(f"web-{n}", "v1", {})
+    ended = transactions(state)
+    for n in range(20):
+        state.record_sync(f"web-{n}", "v1", {})
+        assert state.host(f"web-{n}").current_image == "v1"  # memory: at once
+    assert len(ended) <= 1  # due syncs wait SYNC_BATCH_SECONDS for the others
+    time.sleep(1.1)
+    state.record_sync("web-0", "v2", {})  # stores v2's desired state and every due sync
+    assert len(ended) <= 3
+    state.close()  # stores what is still due
+    again = DominatorState(tmp_path / "state.sqlite", shared)
+    assert [again.host(f"web-{n}").current_image for n in range(20)] == ["v2"] + ["v1"] * 19
+    assert again.host("web-5").last_sync_unix > 0
+    again.close()
