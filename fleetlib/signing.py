@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.image import Image, ImageSignature
+from fleetlib.wire import imageserver_pb2
 from fleetlib.wire.codec import image_to_proto
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,16 @@ def fingerprint(public_key: bytes) -> str:
 
 def manifest_digest(image: Image) -> bytes:
     """The SHA-256 digest an image's signature signs (see the module docstring)."""
-    msg = image_to_proto(replace(image, created_unix=0, expires_unix=0, signature=None))
+    return message_digest(image_to_proto(image))
+
+
+def message_digest(message: imageserver_pb2.Image) -> bytes:
+    """`manifest_digest` of the image MESSAGE encodes, from the message itself (left as
+    it is): no decoding, for a replica checking what its upstream served."""
+    msg = imageserver_pb2.Image()
+    msg.CopyFrom(message)
+    for metadata in ("created_unix", "expires_unix", "signature"):
+        msg.ClearField(metadata)
     inodes = sorted(msg.tree.inodes, key=lambda inode: inode.number)
     directories = sorted((d for d in msg.tree.directories if d.entries),
                          key=lambda d: d.inode)

@@ -31,16 +31,15 @@ import grpc
 
 from fleetlib.auditlog import AuditLog
 from fleetlib.errors import FleetError, PreconditionError, UnavailableError
-from fleetlib.fstree.image import Image
+from fleetlib.fstree.hashing import HASH_SIZE
 from fleetlib.rpc.chunks import join_chunks_async
 from fleetlib.rpc.objects import ObjectReceiver
 from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.wire import imageserver_pb2, objectserver_pb2
-from fleetlib.wire.codec import image_from_proto
 from imageserver.feed import ALARM, DIVERGED, IN_SYNC, SYNCING, Request, Response, cycle_error
 from imageserver.journal import DELETED, EXPIRY_CHANGED, Position
 from imageserver.pullthrough import PullThrough, Waiting
-from imageserver.store import ImageStore, short
+from imageserver.store import ImageStore, check_replicated, short
 from imageserver.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,27 @@ MANIFEST_BUDGET = 256 << 20  # manifest bytes a snapshot reads ahead to announce
 REPLICATION, DIVERGED_ACTION = "imageserver (replication)", "replication.diverged"
 ACCEPTED_BY, ACCEPTED_ACTION = "imageserver --accept-upstream", "replication.accept-upstream"
 
-Manifest = tuple[bytes, Image]  # an image as upstream serialized it, and parsed
+
+
+@dataclass
+class Manifest:
+    """An image as upstream serialized it and as a message (not validated yet), with
+    its objects in the order to fetch them."""
+
+    data: bytes
+    message: imageserver_pb2.Image
+    sizes: dict[bytes, int]
+
+
+def fetch_order(message: imageserver_pb2.Image) -> dict[bytes, int]:
+    """The objects of an image MESSAGE (hash to size) by inode number: the order its
+    tree was scanned in, a folder's files together, so that they compress together on
+    the wire. Malformed ones are left out (validating the message refuses them)."""
+    sizes: dict[bytes, int] = {}
+    for inode in sorted(message.tree.inodes, key=lambda inode: inode.number):
+        if inode.size and len(inode.hash) == HASH_SIZE:
+            sizes.setdefault(inode.hash, inode.size)
+    return sizes
 
 
 def is_this_server(address: str, port: int) -> bool:
@@ -358,8 +377,8 @@ class Follower:
                 continue
             manifest = await self._manifest(entry) if held < MANIFEST_BUDGET else None
             if manifest is not None:
-                held += len(manifest[0])
-                missing.update(self.store.missing_objects(manifest[1]))
+                held += len(manifest.data)
+                missing.update(self.store.missing_objects(manifest.sizes))
             if manifest is not None or held >= MANIFEST_BUDGET:
                 prepared.append((entry, manifest))
         self.bytes_pending = sum(missing.values())
@@ -434,20 +453,28 @@ class Follower:
                 log.info("image %s is gone from upstream already", entry.name)
                 return None
             raise
-        image = image_from_proto(imageserver_pb2.Image.FromString(data))
+        message = imageserver_pb2.Image.FromString(data)
+        manifest = Manifest(data, message, fetch_order(message))
         if announce:
-            self.bytes_pending += sum(self.store.missing_objects(image).values())
+            self.bytes_pending += sum(self.store.missing_objects(manifest.sizes).values())
             self._changed.set()
-        return data, image
+        return manifest
 
     async def _complete(self, entry: imageserver_pb2.JournalEntry, manifest: Manifest) -> None:
-        """Fetch the objects of upstream's image that this server lacks, then commit it."""
-        data, image = manifest
-        await self._fetch(self.store.missing_objects(image))
+        """Fetch the objects of upstream's image that this server lacks, then commit it.
+        The manifest is validated and its digest checked on a thread meanwhile."""
+        checked = asyncio.ensure_future(
+            asyncio.to_thread(check_replicated, manifest.message, entry.digest))
+        try:
+            missing = self.store.missing_objects(manifest.sizes)
+            await self._fetch(missing)
+            image = await checked
+        finally:
+            checked.cancel()  # a failed fetch: its result (or error) is not wanted
         held = self.store.images.get(entry.name)
         if held is not None and held.digest == entry.digest:
             return  # written through this server meanwhile (imageserver/writethrough.py)
-        self.store.add_replicated(data, entry.digest)
+        self.store.add_replicated(manifest.data, entry.digest, image)
 
     async def _fetch(self, missing: dict[bytes, int]) -> None:
         """Move the MISSING objects from upstream, verified, into the store. Those that
@@ -455,7 +482,7 @@ class Follower:
         fetched here only if that fetch failed."""
         while missing:
             waiting: Waiting = {}
-            for group in _groups(sorted(missing), missing):
+            for group in _groups(list(missing), missing):
                 # Claimed group by group: callers pull what lies further on through
                 # meanwhile, and this follower waits for it when it gets there.
                 claimed, joined = self.pull.claim(group)
@@ -475,38 +502,36 @@ class Follower:
         """One GetObjects call for GROUP (claimed by this follower): each object made
         durable and visible, and its waiters settled, as it arrives."""
         receiver = ObjectReceiver(self.store.objects)
+        publisher = self.pull.publisher(receiver)
         counted = 0
+        # Each message verified and written on a thread while the next one arrives; the
+        # receiver is used by one thread at a time (commits start between two messages).
+        feeding: asyncio.Future[list[bytes]] | None = None
         try:
             call = self.upstream.objects.GetObjects(
-                objectserver_pb2.GetObjectsRequest(hashes=group, compress=True))
+                objectserver_pb2.GetObjectsRequest(hashes=group, compress=True, pack=True))
             async for message in call:
-                arrived = [digest for digest in map(receiver.feed, message.chunks)
-                           if digest is not None]
-                if arrived:  # durable at once: a restart never fetches it again
-                    self._publish(receiver, arrived)
+                if feeding is not None:
+                    publisher.add(await feeding)  # durable soon: a restart never refetches
+                feeding = asyncio.ensure_future(asyncio.to_thread(receiver.feed_message,
+                                                                  message))
                 if receiver.stats.bytes_added != counted:
                     self._count(receiver.stats.bytes_added - counted)
                     counted = receiver.stats.bytes_added
+            if feeding is not None:
+                publisher.add(await feeding)
         finally:
             try:
-                receiver.close(strict=False)  # keep every object that arrived whole
+                if feeding is not None:  # its error, if any, is the stream's
+                    await asyncio.wait([feeding])
+                    if not feeding.cancelled():
+                        feeding.exception()
+                await publisher.close()  # keep every object that arrived whole
             finally:  # what it did not bring, its waiters pull through themselves
                 self.pull.settle(group, UnavailableError(
                     f"replication from {self.upstream.address} did not bring the object"))
         self._count(receiver.stats.bytes_added - counted)
         self._held(sum(sizes[d] for d in group) - receiver.stats.bytes_added)
-
-    def _publish(self, receiver: ObjectReceiver, arrived: list[bytes]) -> None:
-        """Commit what RECEIVER verified, then settle ARRIVED's waiters (while the
-        stream goes on)."""
-        landed = asyncio.wrap_future(receiver.commit())
-
-        def settle(done: asyncio.Future[int]) -> None:
-            if not done.cancelled():
-                done.exception()  # the stream's close reports it
-            self.pull.settle(arrived)
-
-        landed.add_done_callback(settle)
 
     def _count(self, moved: int) -> None:
         if moved:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -33,8 +33,9 @@ from imageserver.upstream import Upstream
 log = logging.getLogger(__name__)
 
 CHECK_BATCH = 16384  # hashes per CheckObjects call to the upstream
-PUBLISH_BYTES = 4 << 20  # pulled objects become visible (and are served) this often,
-PUBLISH_SECONDS = 0.2  # or this often, whichever comes first
+# Arrived objects are committed (each commit syncs the filesystem twice) once this many
+# bytes or seconds have gathered since the last, and never two commits at once.
+PUBLISH_BYTES, PUBLISH_SECONDS = 8 << 20, 0.25
 # Transport failures: the upstream could not be asked (its refusals pass through as such).
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
@@ -84,6 +85,55 @@ async def arrivals(waiting: Waiting) -> AsyncIterator[list[bytes]]:
             yield group
     if failure is not None:  # a copy: other waiters raise the same failure
         raise type(failure)(str(failure))
+
+
+class Publisher:
+    """Makes the objects a receiver verified durable and visible while its stream goes
+    on, then settles their waiters: every PUBLISH_BYTES or PUBLISH_SECONDS, one commit at
+    a time (each syncs the filesystem), what arrives meanwhile waiting for the next, so
+    the disk sets the pace and a slow sync costs one wait, not one per message. Commits
+    begin only in `add`, so its caller decides when the receiver may be touched."""
+
+    def __init__(self, receiver: ObjectReceiver, settle: Callable[[list[bytes]], None]
+                 ) -> None:
+        self.receiver = receiver
+        self.settle = settle
+        self.verified: list[bytes] = []  # arrived whole, not committed yet
+        self.committing: asyncio.Future[int] | None = None
+        self.closed = False
+        self._since = time.monotonic()  # when the last commit began
+        self._bytes = receiver.stats.bytes_added  # verified when it began
+
+    def add(self, arrived: list[bytes]) -> None:
+        """ARRIVED (hashes) were verified: commit them when it is time."""
+        self.verified += arrived
+        if self.verified and self.committing is None and not self.closed and (
+                self.receiver.stats.bytes_added - self._bytes >= PUBLISH_BYTES
+                or time.monotonic() - self._since >= PUBLISH_SECONDS):
+            self._commit()
+
+    def _commit(self) -> None:
+        batch, self.verified = self.verified, []
+        self._since, self._bytes = time.monotonic(), self.receiver.stats.bytes_added
+        self.committing = landed = asyncio.wrap_future(self.receiver.commit())
+
+        def committed(done: asyncio.Future[int]) -> None:
+            self.committing = None
+            if not done.cancelled():
+                done.exception()  # the receiver's close reports it
+            self.settle(batch)
+
+        landed.add_done_callback(committed)
+
+    async def close(self, strict: bool = False) -> None:
+        """Commit what arrived whole (dropping a partial object) off the event loop, and
+        settle its waiters; the store's error if a commit failed, and when STRICT, a
+        FleetError if the stream stopped mid-object."""
+        self.closed = True
+        try:
+            await asyncio.to_thread(self.receiver.close, strict)
+        finally:
+            self.settle(self.verified)
 
 
 class PullThrough:
@@ -215,36 +265,33 @@ class PullThrough:
         if isinstance(failure, UnavailableError):
             log.warning("%s", failure)
 
+    def publisher(self, receiver: ObjectReceiver) -> Publisher:
+        """What makes RECEIVER's objects visible as they arrive and settles their waiters."""
+        return Publisher(receiver, self.settle)
+
     async def _download(self, sizes: dict[bytes, int]) -> None:
         """One GetObjects call for SIZES' objects, each verified, stored and its waiters
         settled in groups as they arrive."""
         receiver = ObjectReceiver(self.store.objects)
+        publisher = self.publisher(receiver)
         call = self.upstream.objects.GetObjects(
-            objectserver_pb2.GetObjectsRequest(hashes=list(sizes), compress=True))
+            objectserver_pb2.GetObjectsRequest(hashes=list(sizes), compress=True, pack=True))
         idle = call_timeout()
-        arrived: list[bytes] = []
-        arrived_bytes, since = 0, time.monotonic()
         try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(call.read(), idle)
-                except TimeoutError:
-                    raise UnavailableError(f"upstream image server {self.upstream.address} "
-                                           f"sent nothing for {idle:g} s") from None
-                if message is grpc.aio.EOF:
-                    break
-                for chunk in message.chunks:
-                    done = receiver.feed(chunk)
-                    if done is not None:
-                        arrived.append(done)
-                        arrived_bytes += sizes.get(done, 0)
-                if arrived and (arrived_bytes >= PUBLISH_BYTES
-                                or time.monotonic() - since >= PUBLISH_SECONDS):
-                    await asyncio.wrap_future(receiver.commit())
-                    self.settle(arrived)
-                    arrived, arrived_bytes, since = [], 0, time.monotonic()
-            await asyncio.to_thread(receiver.close)
-            self.settle(arrived)
+            try:
+                while True:
+                    try:
+                        message = await asyncio.wait_for(call.read(), idle)
+                    except TimeoutError:
+                        raise UnavailableError(f"upstream image server {self.upstream.address} "
+                                               f"sent nothing for {idle:g} s") from None
+                    if message is grpc.aio.EOF:
+                        break
+                    publisher.add(receiver.feed_message(message))
+                await publisher.close(strict=True)
+            finally:
+                call.cancel()  # a no-op once the stream ended
+                await publisher.close()  # keep what arrived whole
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:  # deleted upstream meanwhile
                 raise NotFoundError(f"upstream image server {self.upstream.address}: "
@@ -256,8 +303,6 @@ class PullThrough:
             raise UnavailableError(f"upstream image server {self.upstream.address} sent a bad "
                                    f"object: {err}") from None
         finally:
-            call.cancel()  # a no-op once the stream ended
-            await asyncio.to_thread(receiver.close, False)  # keep what arrived whole
             self.pulled_objects += receiver.stats.added
             self.pulled_bytes += receiver.stats.bytes_added
             if receiver.stats.added:

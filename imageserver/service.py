@@ -18,7 +18,15 @@ from fleetlib.auditlog import AuditLog
 from fleetlib.errors import FleetError, NotFoundError, PreconditionError, UnavailableError
 from fleetlib.fstree.hashing import check_hash, format_hash
 from fleetlib.rpc.chunks import join_chunks_async, split_message
-from fleetlib.rpc.objects import ObjectReceiver, object_chunks, pack
+from fleetlib.rpc.objects import (
+    PACK_LEVEL,
+    ObjectReceiver,
+    object_chunks,
+    on_thread,
+    pack,
+    pack_compressed,
+    wire_size,
+)
 from fleetlib.rpc.status import abort
 from fleetlib.rpc.tls import call_timeout
 from fleetlib.signing import check_self_signed
@@ -126,16 +134,28 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
                 waiting = self.pullthrough.pull(missing)
         except FleetError as err:
             await abort(context, err)
-        compressor = zstandard.ZstdCompressor(level=3) if request.compress else None
         try:  # what is here first, then what the upstream sends as it arrives
             present = [digest for digest in request.hashes if digest not in waiting]
-            for message in pack(self._pieces(present, compressor)):
+            async for message in on_thread(self._messages(present, request)):
                 yield message
             async for arrived in arrivals(waiting):
-                for message in pack(self._pieces(arrived, compressor)):
+                async for message in on_thread(self._messages(arrived, request)):
                     yield message
         except FleetError as err:  # an object deleted since the check above, or not pulled
             await abort(context, err)
+
+    def _messages(self, hashes: Sequence[bytes], request: objectserver_pb2.GetObjectsRequest
+                  ) -> Iterator[objectserver_pb2.ObjectChunks]:
+        """The stream messages of HASHES, compressed as REQUEST asks."""
+        if request.compress and request.pack:
+            messages = pack_compressed(self._pieces(hashes, None),
+                                       zstandard.ZstdCompressor(level=PACK_LEVEL))
+        else:
+            compressor = zstandard.ZstdCompressor(level=3) if request.compress else None
+            messages = pack(self._pieces(hashes, compressor))
+        for message in messages:
+            self.served_wire_bytes += wire_size(message)
+            yield message
 
     @property
     def pulled_objects(self) -> int:
@@ -157,9 +177,7 @@ class ObjectService(objectserver_pb2_grpc.ObjectServerServicer):
         for digest in hashes:
             with self.store.objects.open(digest) as reader:
                 size = os.fstat(reader.fileno()).st_size
-                for chunk in object_chunks(digest, size, reader, compressor):
-                    self.served_wire_bytes += len(chunk.data)
-                    yield chunk
+                yield from object_chunks(digest, size, reader, compressor)
                 self.served_objects += 1
                 self.served_bytes += size
 

@@ -35,6 +35,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from fleetlib.fstree.objectstore import (
     space_error,
     write_file_atomically,
 )
-from fleetlib.signing import manifest_digest
+from fleetlib.signing import manifest_digest, message_digest
 from fleetlib.sql.engine import open_engine
 from fleetlib.wire import imageserver_pb2
 from fleetlib.wire.codec import image_from_proto, image_to_proto
@@ -92,10 +93,22 @@ def short(digest: bytes) -> str:
     return digest.hex()[:12]
 
 
-def _info(image: Image) -> ImageInfo:
+def _info(image: Image, digest: bytes) -> ImageInfo:
     return ImageInfo(image.name, image.created_unix, image.expires_unix,
                      len(image.tree.inodes), image.tree.total_bytes(),
-                     frozenset(image.tree.object_sizes()), manifest_digest(image))
+                     frozenset(image.tree.object_sizes()), digest)
+
+
+def check_replicated(message: imageserver_pb2.Image, digest: bytes) -> Image:
+    """Decode and validate an image as upstream served it, bound to DIGEST as upstream
+    announced it; PreconditionError when its content has another digest. Touches no
+    store: may run on a thread while its objects arrive."""
+    image = image_from_proto(message)
+    served = message_digest(message)
+    if served != digest:
+        raise PreconditionError(f"image {image.name}: upstream served content with digest "
+                                f"{short(served)}, its journal says {short(digest)}")
+    return image
 
 
 class ImageStore:
@@ -132,7 +145,7 @@ class ImageStore:
             if image is None:
                 unreadable.add(path.parent.relative_to(self.images_dir).as_posix())
                 continue
-            self._remember(_info(image))
+            self._remember(_info(image, manifest_digest(image)))
         self._load_quarantine()
         self._reconcile(unreadable)
         self.journal.prune()
@@ -202,28 +215,31 @@ class ImageStore:
                 "choose a new name")
         if not image.created_unix:
             image.created_unix = int(time.time())
-        self._commit(image, image_to_proto(image).SerializeToString(deterministic=True))
+        self._commit(image, image_to_proto(image).SerializeToString(deterministic=True),
+                     digest)
 
-    def add_replicated(self, data: bytes, digest: bytes) -> ImageInfo:
+    def add_replicated(self, data: bytes, digest: bytes, image: Image | None = None
+                       ) -> ImageInfo:
         """Store an image exactly as upstream serialized it (DATA), bound to DIGEST as
-        upstream announced it; refused when the name is held, or the content differs."""
-        image = image_from_proto(imageserver_pb2.Image.FromString(data))
-        if manifest_digest(image) != digest:
-            raise PreconditionError(
-                f"image {image.name}: upstream served content with digest "
-                f"{short(manifest_digest(image))}, its journal says {short(digest)}")
-        return self._commit(image, data)
+        upstream announced it; refused when the name is held, or the content differs.
+        IMAGE: what `check_replicated` made of DATA already."""
+        if image is None:
+            image = check_replicated(imageserver_pb2.Image.FromString(data), digest)
+        return self._commit(image, data, digest)
 
-    def missing_objects(self, image: Image) -> dict[bytes, int]:
-        """The objects of IMAGE the store lacks, with their sizes."""
-        return {digest: size for digest, size in image.tree.object_sizes().items()
-                if not self.objects.has(digest)}
+    def missing_objects(self, sizes: Mapping[bytes, int]) -> dict[bytes, int]:
+        """Those of the objects SIZES names (hash to size) the store lacks, in its
+        order. An object an image holds is stored: only the others are looked for."""
+        held = self.refcounts
+        return {digest: size for digest, size in sizes.items()
+                if held.get(digest, 0) <= 0 and not self.objects.has(digest)}
 
-    def _commit(self, image: Image, data: bytes) -> ImageInfo:
-        """Check, write and journal a new image (DATA: its file's bytes)."""
+    def _commit(self, image: Image, data: bytes, digest: bytes) -> ImageInfo:
+        """Check, write and journal a new image (DATA: its file's bytes, DIGEST: its
+        manifest digest)."""
         if image.name in self.images:
             raise ExistsError(f"image {image.name} already exists (images are immutable)")
-        missing = list(self.missing_objects(image))
+        missing = list(self.missing_objects(image.tree.object_sizes()))
         if missing:
             raise PreconditionError(f"image {image.name} names {len(missing)} object(s) the server "
                              f"does not hold, e.g. {format_hash(missing[0])}")
@@ -234,7 +250,7 @@ class ImageStore:
                 raise FleetError(f"image {image.name}: computed file {computed.path} is not in "
                                  "the tree")
         self._write(image.name, data)
-        info = _info(image)
+        info = _info(image, digest)
         self._remember(info)
         self.journal.append(ADDED, info.name, info.digest, info.expires_unix)
         self._notify(imageserver_pb2.ImageEvent.ADDED, image.name)

@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fleetlib/wire/objectserver.proto\x12\x05\x66leet\"`\n\x0bObjectChunk\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\'\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x12.fleet.Compression\"2\n\x0cObjectChunks\x12\"\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x12.fleet.ObjectChunk\"Q\n\x12\x41\x64\x64ObjectsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_added\x18\x03 \x01(\x04\"%\n\x13\x43heckObjectsRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"6\n\x14\x43heckObjectsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\r\n\x05sizes\x18\x02 \x03(\x04\"5\n\x11GetObjectsRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x10\n\x08\x63ompress\x18\x02 \x01(\x08*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xd6\x01\n\x0cObjectServer\x12>\n\nAddObjects\x12\x13.fleet.ObjectChunks\x1a\x19.fleet.AddObjectsResponse(\x01\x12G\n\x0c\x43heckObjects\x12\x1a.fleet.CheckObjectsRequest\x1a\x1b.fleet.CheckObjectsResponse\x12=\n\nGetObjects\x12\x18.fleet.GetObjectsRequest\x1a\x13.fleet.ObjectChunks0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fleetlib/wire/objectserver.proto\x12\x05\x66leet\"w\n\x0bObjectChunk\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\'\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x12.fleet.Compression\x12\x15\n\rpacked_length\x18\x05 \x01(\x04\"B\n\x0cObjectChunks\x12\"\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x12.fleet.ObjectChunk\x12\x0e\n\x06packed\x18\x02 \x01(\x0c\"Q\n\x12\x41\x64\x64ObjectsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_added\x18\x03 \x01(\x04\"%\n\x13\x43heckObjectsRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"6\n\x14\x43heckObjectsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\r\n\x05sizes\x18\x02 \x03(\x04\"C\n\x11GetObjectsRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x10\n\x08\x63ompress\x18\x02 \x01(\x08\x12\x0c\n\x04pack\x18\x03 \x01(\x08*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xd6\x01\n\x0cObjectServer\x12>\n\nAddObjects\x12\x13.fleet.ObjectChunks\x1a\x19.fleet.AddObjectsResponse(\x01\x12G\n\x0c\x43heckObjects\x12\x1a.fleet.CheckObjectsRequest\x1a\x1b.fleet.CheckObjectsResponse\x12=\n\nGetObjects\x12\x18.fleet.GetObjectsRequest\x1a\x13.fleet.ObjectChunks0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetlib.wire.objectserver_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=426
-  _globals['_COMPRESSION']._serialized_end=483
+  _globals['_COMPRESSION']._serialized_start=479
+  _globals['_COMPRESSION']._serialized_end=536
   _globals['_OBJECTCHUNK']._serialized_start=43
-  _globals['_OBJECTCHUNK']._serialized_end=139
-  _globals['_OBJECTCHUNKS']._serialized_start=141
-  _globals['_OBJECTCHUNKS']._serialized_end=191
-  _globals['_ADDOBJECTSRESPONSE']._serialized_start=193
-  _globals['_ADDOBJECTSRESPONSE']._serialized_end=274
-  _globals['_CHECKOBJECTSREQUEST']._serialized_start=276
-  _globals['_CHECKOBJECTSREQUEST']._serialized_end=313
-  _globals['_CHECKOBJECTSRESPONSE']._serialized_start=315
-  _globals['_CHECKOBJECTSRESPONSE']._serialized_end=369
-  _globals['_GETOBJECTSREQUEST']._serialized_start=371
-  _globals['_GETOBJECTSREQUEST']._serialized_end=424
-  _globals['_OBJECTSERVER']._serialized_start=486
-  _globals['_OBJECTSERVER']._serialized_end=700
+  _globals['_OBJECTCHUNK']._serialized_end=162
+  _globals['_OBJECTCHUNKS']._serialized_start=164
+  _globals['_OBJECTCHUNKS']._serialized_end=230
+  _globals['_ADDOBJECTSRESPONSE']._serialized_start=232
+  _globals['_ADDOBJECTSRESPONSE']._serialized_end=313
+  _globals['_CHECKOBJECTSREQUEST']._serialized_start=315
+  _globals['_CHECKOBJECTSREQUEST']._serialized_end=352
+  _globals['_CHECKOBJECTSRESPONSE']._serialized_start=354
+  _globals['_CHECKOBJECTSRESPONSE']._serialized_end=408
+  _globals['_GETOBJECTSREQUEST']._serialized_start=410
+  _globals['_GETOBJECTSREQUEST']._serialized_end=477
+  _globals['_OBJECTSERVER']._serialized_start=539
+  _globals['_OBJECTSERVER']._serialized_end=753
 # @@protoc_insertion_point(module_scope)

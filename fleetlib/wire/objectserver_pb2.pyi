@@ -15,22 +15,26 @@ COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
 
 class ObjectChunk(_message.Message):
-    __slots__ = ("hash", "size", "data", "compression")
+    __slots__ = ("hash", "size", "data", "compression", "packed_length")
     HASH_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PACKED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     hash: bytes
     size: int
     data: bytes
     compression: Compression
-    def __init__(self, hash: _Optional[bytes] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    packed_length: int
+    def __init__(self, hash: _Optional[bytes] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., packed_length: _Optional[int] = ...) -> None: ...
 
 class ObjectChunks(_message.Message):
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "packed")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[ObjectChunk]
-    def __init__(self, chunks: _Optional[_Iterable[_Union[ObjectChunk, _Mapping]]] = ...) -> None: ...
+    packed: bytes
+    def __init__(self, chunks: _Optional[_Iterable[_Union[ObjectChunk, _Mapping]]] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class AddObjectsResponse(_message.Message):
     __slots__ = ("added", "already_present", "bytes_added")
@@ -57,9 +61,11 @@ class CheckObjectsResponse(_message.Message):
     def __init__(self, present: _Optional[_Iterable[bool]] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetObjectsRequest(_message.Message):
-    __slots__ = ("hashes", "compress")
+    __slots__ = ("hashes", "compress", "pack")
     HASHES_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
+    PACK_FIELD_NUMBER: _ClassVar[int]
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     compress: bool
-    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., compress: _Optional[bool] = ...) -> None: ...
+    pack: bool
+    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., compress: _Optional[bool] = ..., pack: _Optional[bool] = ...) -> None: ...
