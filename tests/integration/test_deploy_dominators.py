@@ -19,10 +19,8 @@ from fleetlib.testing.daemons import TRACEBACK_RE, Daemon
 from fleetlib.testing.dominators import TOKEN, Dominators
 from fleetlib.testing.fleet import wait_for
 from fleetlib.testing.trees import make_tree
-from mdb.machine import Machine
-from mdb.store import Mdb
+from tests.integration.sharedfleet import start_hosts, start_sharing
 from tests.integration.test_deploy import HealthServer
-from tests.integration.test_shared_state import held_shards, names_in
 
 NAMES = ["dom-1", "dom-2", "dom-3"]
 LEASE = "6"  # long enough that a loaded machine does not lapse a runner's lease
@@ -85,23 +83,9 @@ def test_any_dominator_takes_a_deploy_one_runs_it_another_resumes_it(
     for image in ("v1", "v2"):
         (tree / "etc/release").write_text(f"{image}\n")
         doms.run("dom-1", "image", "add", image, str(tree))
-    with Mdb(postgres_url):  # at head before three dominators race to open it
-        pass
-    doms.start()
-
-    def shared_by_three() -> dict[str, set[int]] | None:
-        found = held_shards(postgres_url)
-        return found if len(found) == 3 and sum(map(len, found.values())) == 256 else None
-    held = wait_for(shared_by_three, "the shards shared by three", 30)
-    owner = {host: name for name, shards in held.items()
-             for host in names_in(shards, 2, f"{name}-host")}
+    owner = start_sharing(doms, postgres_url, prefix=lambda name: f"{name}-host")
     hosts = sorted(owner)
-    subs = {}
-    with Mdb(postgres_url) as mdb:
-        for host in hosts:
-            (tmp_path / host).mkdir()
-            subs[host] = start_subd(tmp_path / host)
-            mdb.set(Machine(host, address=subs[host].address, required_image="v1"))
+    start_hosts(postgres_url, tmp_path, start_subd, hosts)
     wait_for(lambda: all(all(view.get(host, {}).get("status") in ("synced", "intrusion")
                              and view[host]["current_image"] == "v1" for host in hosts)
                          for view in doms.managers(NAMES).values()),

@@ -8,7 +8,6 @@ converge again."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -20,28 +19,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dominator.herd.leases import shard_of
 from dominator.herd.state import DominatorState, shared_url
 from fleetlib.testing.daemons import TRACEBACK_RE, Daemon
 from fleetlib.testing.dominators import Dominators
 from fleetlib.testing.fleet import wait_for
 from fleetlib.testing.trees import make_tree
-from mdb.machine import Machine
 from mdb.store import Mdb
+from tests.integration.sharedfleet import start_hosts, start_sharing
 
 SEEN_WITHIN = 6.0  # seconds: the refresh (2 s) and a loaded machine's slack
-
-
-@pytest.fixture
-def two_states(tmp_path: Path, postgres_url: str) -> Iterator[tuple[DominatorState,
-                                                                   DominatorState]]:
-    with Mdb(postgres_url):  # the MDB at head, as `dominator serve` opens it first
-        pass
-    states = (DominatorState(tmp_path / "a" / "dominator.sqlite", shared_url(postgres_url)),
-              DominatorState(tmp_path / "b" / "dominator.sqlite", shared_url(postgres_url)))
-    yield states
-    for state in states:
-        state.close()
 
 
 def test_only_a_postgresql_mdb_shares_the_state(tmp_path: Path) -> None:
@@ -156,36 +142,6 @@ def _admin(url: str) -> Iterator[sa.Connection]:
         admin.dispose()
 
 
-def held_shards(url: str) -> dict[str, set[int]]:
-    """Shards under an unexpired lease, by owner name."""
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(sa.text(
-                "SELECT d.name, s.shard FROM shard_leases s JOIN dominators d "
-                "ON d.id = s.owner WHERE s.expires_at > now()")).all()
-    finally:
-        engine.dispose()
-    held: dict[str, set[int]] = {}
-    for name, shard in rows:
-        held.setdefault(name, set()).add(shard)
-    return held
-
-
-def names_in(shards: set[int], count: int, prefix: str) -> list[str]:
-    """`count` hostnames whose shard is among `shards`."""
-    return list(itertools.islice((f"{prefix}-{i}" for i in itertools.count()
-                                  if shard_of(f"{prefix}-{i}") in shards), count))
-
-
-@pytest.fixture
-def two_dominators(tmp_path: Path, ca: Path, postgres_url: str, imageserver: Daemon
-                   ) -> Iterator[Dominators]:
-    started = Dominators(tmp_path, ca, postgres_url, imageserver, ["dom-a", "dom-b"], "3")
-    yield started
-    started.stop()
-
-
 def test_the_global_disable_switch_set_through_one_dominator_stops_all_of_them(
         tmp_path: Path, postgres_url: str, two_dominators: Dominators,
         start_subd: Callable[..., Daemon]) -> None:
@@ -200,22 +156,10 @@ def test_the_global_disable_switch_set_through_one_dominator_stops_all_of_them(
     for image in ("v1", "v2"):
         (tree / "etc/release").write_text(f"{image}\n")
         doms.run("dom-a", "image", "add", image, str(tree))
-    with Mdb(postgres_url):  # at head before two dominators race to open it
-        pass
-    doms.start()
-
-    def shared_by_two() -> dict[str, set[int]] | None:
-        found = held_shards(postgres_url)
-        return found if len(found) == 2 and sum(map(len, found.values())) == 256 else None
-    held = wait_for(shared_by_two, "the shards shared by two", 30)
     # Two hosts in the shards of each, so that each dominator manages some.
-    hosts = {name: names_in(shards, 2, name) for name, shards in held.items()}
-    subs = {}
-    with Mdb(postgres_url) as mdb:
-        for host in itertools.chain(*hosts.values()):
-            (tmp_path / host).mkdir()
-            subs[host] = start_subd(tmp_path / host)
-            mdb.set(Machine(host, address=subs[host].address, required_image="v1"))
+    owner = start_sharing(doms, postgres_url)
+    hosts = {name: [host for host in owner if owner[host] == name] for name in doms.daemons}
+    subs = start_hosts(postgres_url, tmp_path, start_subd, owner)
     every = sorted(subs)
     wait_for(lambda: (rows := doms.managed()) and sorted(rows) == every
              and all(row["current_image"] == "v1" for row in rows.values()),

@@ -44,18 +44,6 @@ class CountingTokens(ApiTokens):
         super().reload()
 
 
-@pytest.fixture
-def two_states(tmp_path: Path, postgres_url: str) -> Iterator[tuple[DominatorState,
-                                                                   DominatorState]]:
-    with Mdb(postgres_url):  # the MDB at head, as `dominator serve` opens it first
-        pass
-    states = (DominatorState(tmp_path / "a" / "dominator.sqlite", shared_url(postgres_url)),
-              DominatorState(tmp_path / "b" / "dominator.sqlite", shared_url(postgres_url)))
-    yield states
-    for state in states:
-        state.close()
-
-
 def test_two_token_stores_share_tokens(
         two_states: tuple[DominatorState, DominatorState]) -> None:
     a, b = (ApiTokens(state, REFRESH) for state in two_states)

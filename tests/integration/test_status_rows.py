@@ -30,7 +30,7 @@ from fleetlib.testing.fleet import wait_for
 from fleetlib.testing.trees import make_tree
 from mdb.machine import Machine
 from mdb.store import Mdb
-from tests.integration.test_shared_state import held_shards, names_in
+from tests.integration.sharedfleet import start_hosts, start_sharing
 
 
 class StandInOwnership:
@@ -297,14 +297,6 @@ def test_postgresql_keeps_64_bit_sizes_and_times(postgres_url: str, tmp_path: Pa
         state.close()
 
 
-@pytest.fixture
-def two_dominators(tmp_path: Path, ca: Path, postgres_url: str, imageserver: Daemon
-                   ) -> Iterator[Dominators]:
-    started = Dominators(tmp_path, ca, postgres_url, imageserver, ["dom-a", "dom-b"], "3")
-    yield started
-    started.stop()
-
-
 def test_every_dominator_shows_every_host_with_its_owners_status(
         tmp_path: Path, postgres_url: str, two_dominators: Dominators,
         start_subd: Callable[..., Daemon]) -> None:
@@ -313,21 +305,8 @@ def test_every_dominator_shows_every_host_with_its_owners_status(
     for image in ("v1", "v2"):
         (tree / "etc/release").write_text(f"{image}\n")
         doms.run("dom-a", "image", "add", image, str(tree))
-    with Mdb(postgres_url):  # at head before two dominators race to open it
-        pass
-    doms.start()
-
-    def shared_by_two() -> dict[str, set[int]] | None:
-        found = held_shards(postgres_url)
-        return found if len(found) == 2 and sum(map(len, found.values())) == 256 else None
-    held = wait_for(shared_by_two, "the shards shared by two", 30)
-    owner = {host: name for name, shards in held.items() for host in names_in(shards, 2, name)}
-    subs = {}
-    with Mdb(postgres_url) as mdb:
-        for host in owner:
-            (tmp_path / host).mkdir()
-            subs[host] = start_subd(tmp_path / host)
-            mdb.set(Machine(host, address=subs[host].address, required_image="v1"))
+    owner = start_sharing(doms, postgres_url)
+    start_hosts(postgres_url, tmp_path, start_subd, owner)
 
     def everywhere(host_ok: Callable[[str, dict[str, Any]], bool]) -> bool:
         views = [doms.view(name) for name in doms.daemons]
