@@ -17,7 +17,7 @@ from typing import Literal
 import psycopg
 from sqlalchemy.engine import URL
 
-from fleetlib.sql.engine import CONNECT_TIMEOUT_SECONDS, LIBPQ_LIVENESS, describe_url
+from fleetlib.sql.engine import CONNECT_TIMEOUT_SECONDS, LIBPQ_LIVENESS, describe_url, error_line
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class MdbFeed:
                             self._signal("notified")
             except (psycopg.Error, OSError, ValueError) as err:
                 failures += 1
-                text = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                text = error_line(err)
                 if self.up or failures == 1:
                     log.warning("MDB change feed of %s down (reconnecting; the follower "
                                 "falls back to its backstop reads): %s", where, text)

@@ -45,9 +45,9 @@ from dominator.deploy.rollout import Rollout
 from dominator.deploy.store import DeployStore, Held, KeyUsed
 from dominator.deploy.waves import wave_targets
 from dominator.herd.leases import DEFAULT_LEASE_SECONDS, RETRY_FRACTION
-from dominator.herd.leases import _reason as describe_sql_error  # the driver's first line
 from fleetlib.errors import FleetError
 from fleetlib.rpc.status import describe_rpc_error
+from fleetlib.sql.engine import error_line
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class DeployEngine:
             await asyncio.to_thread(self.store.release, held)
         except sa.exc.SQLAlchemyError as err:
             log.warning("could not give back %d deploy lease(s) (%s): they expire instead",
-                        len(held), describe_sql_error(err))
+                        len(held), error_line(err))
         self._lease_thread.shutdown(wait=False)
         await self.rollout.close()
 
@@ -142,7 +142,7 @@ class DeployEngine:
                 self._lease_thread,
                 functools.partial(self.store.round, held, wanted, not self._resumed))
         except sa.exc.SQLAlchemyError as err:
-            reason = describe_sql_error(err)
+            reason = error_line(err)
             if not self.lease.failure:
                 log.warning("deploy lease renewal failed (%s): %d deploy(s) run here stay "
                             "trusted %.1f s more, then pause", reason, len(held),
@@ -161,7 +161,7 @@ class DeployEngine:
             try:
                 await self._renewed(deploy_id, found)
             except (sa.exc.SQLAlchemyError, DeployError) as err:  # the next round retries
-                log.warning("deploy %s: %s", deploy_id, describe_sql_error(err)
+                log.warning("deploy %s: %s", deploy_id, error_line(err)
                             if isinstance(err, sa.exc.SQLAlchemyError) else err)
         for claimed in done.claimed:
             deploy = claimed.deploy
@@ -387,7 +387,7 @@ class DeployEngine:
         except sa.exc.SQLAlchemyError as err:  # not a failure of the deploy: pause it
             paused = True
             log.warning("deploy %s: the database failed (%s): paused until a lease round "
-                        "works again", deploy.id, describe_sql_error(err))
+                        "works again", deploy.id, error_line(err))
         except asyncio.CancelledError:
             lost = deploy.id not in self.lease.tokens  # _lose stopped it
             if deploy.dry_run and deploy.cancel and not self._stopping and not lost:

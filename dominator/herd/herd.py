@@ -31,7 +31,6 @@ from dominator.herd.fetchslots import ServerSlots
 from dominator.herd.images import ImageCache
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
-from dominator.herd.leases import _reason as describe_sql_error  # the driver's first line
 from dominator.herd.ownership import Ownership, is_fenced
 from dominator.herd.ranking import ImageServers
 from dominator.herd.records import Disabled
@@ -48,6 +47,7 @@ from fleetlib.fstree.tree import Tree
 from fleetlib.rpc.status import describe_rpc_error
 from fleetlib.rpc.tls import Security
 from fleetlib.signing import TrustedKeys, verify_trusted
+from fleetlib.sql.engine import error_line
 from fleetlib.wire import subd_pb2
 from mdb.feed import open_feed
 from mdb.machine import Machine
@@ -312,7 +312,7 @@ class Herd:
     def _mdb_failed(self, err: Exception) -> None:
         """Count a failed MDB read; log it when it is news (not on every retry)."""
         self.metrics.mdb_read_errors.inc()
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = error_line(err)
         if text != self.mdb_error:
             log.error("cannot read the MDB (retrying; hosts keep the last view read): %s",
                       text)
@@ -418,7 +418,7 @@ class Herd:
                 except asyncio.CancelledError:
                     raise
                 except SQLAlchemyError as err:  # the shared state's database is down
-                    why = f"dominator state unreadable: {describe_sql_error(err)}"
+                    why = f"dominator state unreadable: {error_line(err)}"
                     if (sub.status, sub.last_error) != (Status.FAILED, why):
                         log.warning("%s: cycle failed: %s", sub.machine.hostname, why)
                     sub.set_status(Status.FAILED, why)

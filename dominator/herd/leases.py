@@ -34,10 +34,10 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from fleetlib.errors import FleetError
-from fleetlib.sql.engine import database_errors, describe_url, writer
+from fleetlib.sql.engine import database_errors, describe_url, error_line, writer
 from mdb.models import DominatorRow, LeaseSettingsRow, ShardLeaseRow
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,6 @@ NOTHING = _Held({}, -math.inf)
 def _utc(moment: datetime) -> datetime:
     """`moment` with a time zone: SQLite returns naive UTC times."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _reason(err: SQLAlchemyError) -> str:
-    """The first line of the driver's message (no SQL, no parameters)."""
-    source: BaseException = err.orig if isinstance(err, DBAPIError) and err.orig else err
-    lines = str(source).strip().splitlines()
-    return lines[0] if lines else type(source).__name__
 
 
 class LeaseManager:
@@ -238,7 +231,7 @@ class LeaseManager:
                     renew = self._renew_sqlite if self._sqlite else self._renew_postgres
                     renewal = renew(connection, start, before, mutable_before)
             except SQLAlchemyError as err:
-                self._failed(_reason(err))
+                self._failed(error_line(err))
                 return None
             deadline = math.inf if self._sqlite else \
                 start + self.lease_seconds - self.safety_margin
@@ -418,7 +411,7 @@ class LeaseManager:
                     connection.execute(sa.delete(DominatorRow).where(DominatorRow.id == dominator))
             except SQLAlchemyError as err:
                 log.warning("could not give back %d shard leases (%s): they expire instead",
-                            len(held.tokens), _reason(err))
+                            len(held.tokens), error_line(err))
                 return
             log.info("dominator %s gave back its %d shards", self.name, len(held.tokens))
 

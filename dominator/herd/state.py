@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from dominator.herd.records import Disabled, HostRecord
 from fleetlib.errors import FleetError
-from fleetlib.sql.engine import describe_url, open_engine, parse_url
+from fleetlib.sql.engine import describe_url, error_line, follow, open_engine, parse_url
 from fleetlib.sql.schema import History, open_schema
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,10 @@ class DominatorState:
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         if shared_url is not None:
-            self._refresher = threading.Thread(target=self._follow, args=(refresh_seconds,),
-                                               name="state-refresh", daemon=True)
+            self._refresher = threading.Thread(
+                target=follow, name="state-refresh", daemon=True,
+                args=(self._stop, refresh_seconds, self.refresh,
+                      f"shared state {describe_url(self._db.url)}", "keeping what was last read"))
             self._refresher.start()
 
     @property
@@ -161,28 +163,10 @@ class DominatorState:
             self.store_syncs()
         except SQLAlchemyError as err:  # the memory was exact; the stored times only lag
             log.warning("last syncs of %d host(s) not stored: %s", len(self._syncs_due),
-                        str(getattr(err, "orig", err)).strip().splitlines()[0])
+                        error_line(err))
         if self.shared:
             self._db.dispose()
         self.engine.dispose()
-
-    def _follow(self, every: float) -> None:
-        """Re-read what other dominators may change, until closed; an unreachable
-        database is logged once per outage, the memory kept meanwhile."""
-        failing = False
-        while not self._stop.wait(every):
-            try:
-                self.refresh()
-            except SQLAlchemyError as err:
-                if not failing:
-                    log.warning("shared state %s unreadable, keeping what was last read: %s",
-                                describe_url(self._db.url),
-                                str(getattr(err, "orig", err)).strip().splitlines()[0])
-                failing = True
-                continue
-            if failing:
-                log.warning("shared state %s readable again", describe_url(self._db.url))
-            failing = False
 
     def refresh(self) -> None:
         """Read the switch and every host's pause, clearances and intrusion report

@@ -46,7 +46,7 @@ from dominator.herd.status import Status
 from dominator.herd.watch import SETTLED
 from fleetlib.audit import format_time
 from fleetlib.fstree.listing import quote
-from fleetlib.sql.engine import describe_url
+from fleetlib.sql.engine import describe_url, error_line
 from mdb.machine import Machine
 
 if TYPE_CHECKING:
@@ -402,8 +402,7 @@ class StatusWriter:
         try:
             self.table.write(owner, [row for _, row in pending.values()], gone)
         except SQLAlchemyError as err:
-            text = str(getattr(err, "orig", err)).strip().splitlines()
-            why = text[0] if text else type(err).__name__
+            why = error_line(err)
             self.failures += 1
             if not self.failing:
                 log.warning("cannot write host status rows to %s (retrying; other "
@@ -479,8 +478,7 @@ class StatusRows:
             read = await asyncio.to_thread(self.table.read, None if full else self._since,
                                            seen)
         except SQLAlchemyError as err:
-            text = str(getattr(err, "orig", err)).strip().splitlines()
-            why = text[0] if text else type(err).__name__
+            why = error_line(err)
             if not self._read_failing:
                 log.warning("cannot read host status rows (showing what was last read): %s",
                             why)

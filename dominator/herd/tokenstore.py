@@ -31,7 +31,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from dominator.herd.state import REFRESH_SECONDS, Base, DominatorState
 from dominator.herd.tokens import ADMIN, NAME, SCOPES, VALUE_PREFIX, ApiToken, digest
 from fleetlib.errors import ExistsError, FleetError, NotFoundError
-from fleetlib.sql.engine import database_errors, describe_url
+from fleetlib.sql.engine import database_errors, describe_url, error_line, follow
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ def _token(row: TokenRow) -> ApiToken:
                     row.last_used_unix or 0, row.revoked_unix or 0, row.revoked_by or "")
 
 
-def _first_line(err: SQLAlchemyError) -> str:
-    lines = str(getattr(err, "orig", None) or err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 class ApiTokens:
     """The tokens, kept in memory too (a request's check never waits on the database,
     but for the once-a-minute note of its last use, and, when shared, the rate-limited
@@ -85,8 +80,11 @@ class ApiTokens:
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
         if self.shared:
-            self._follower = threading.Thread(target=self._follow, args=(refresh_seconds,),
-                                              name="token-refresh", daemon=True)
+            # A revocation made elsewhere waits for the database to answer again.
+            self._follower = threading.Thread(
+                target=follow, name="token-refresh", daemon=True,
+                args=(self._stop, refresh_seconds, self.reload,
+                      f"tokens in {describe_url(self.engine.url)}", "keeping those last read"))
             self._follower.start()
 
     def _carry_over(self, own: Engine) -> None:
@@ -150,24 +148,6 @@ class ApiTokens:
             self._tokens = tokens
             self._by_digest = {row.sha256: row.name for row in rows}
         return True
-
-    def _follow(self, every: float) -> None:
-        """Re-read the tokens until closed; an unreachable database is logged once per
-        outage, the tokens last read kept meanwhile (a revocation made elsewhere then
-        waits for the database to answer again)."""
-        failing = False
-        while not self._stop.wait(every):
-            try:
-                self.reload()
-            except SQLAlchemyError as err:
-                if not failing:
-                    log.warning("tokens in %s unreadable, keeping those last read: %s",
-                                describe_url(self.engine.url), _first_line(err))
-                failing = True
-                continue
-            if failing:
-                log.warning("tokens in %s readable again", describe_url(self.engine.url))
-            failing = False
 
     def create(self, name: str, scope: str, by: str) -> tuple[ApiToken, str]:
         """A new token: its record and its value (returned this once, never kept)."""
@@ -252,7 +232,7 @@ class ApiTokens:
                 self.reload()
             except SQLAlchemyError as err:
                 log.warning("tokens in %s unreadable, checking against those last read: %s",
-                            describe_url(self.engine.url), _first_line(err))
+                            describe_url(self.engine.url), error_line(err))
         now = int(time.time())
         with self._lock:
             name = self._by_digest.get(key)
@@ -270,5 +250,5 @@ class ApiTokens:
                                  .values(last_used_unix=now))
             except SQLAlchemyError as err:
                 log.warning("cannot note the use of token %s in %s: %s", token.name,
-                            describe_url(self.engine.url), _first_line(err))
+                            describe_url(self.engine.url), error_line(err))
         return token

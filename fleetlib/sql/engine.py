@@ -8,14 +8,15 @@ import logging
 import os
 import sqlite3
 import stat
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
 from fleetlib.errors import FleetError
 
@@ -142,6 +143,14 @@ def writer(engine: Engine) -> Engine:
     return engine.execution_options(**{WRITE_OPTION: True})
 
 
+def error_line(err: BaseException) -> str:
+    """The first line of a database error: the driver's message when there is one (no
+    SQL, no parameters), else the error's own; its type's name when both are empty."""
+    source: BaseException = err.orig if isinstance(err, DBAPIError) and err.orig else err
+    lines = str(source).strip().splitlines()
+    return lines[0] if lines else type(source).__name__
+
+
 @contextmanager
 def database_errors(url: URL) -> Iterator[None]:
     """Turn a driver failure (unreachable server, bad credentials, locked or
@@ -149,6 +158,25 @@ def database_errors(url: URL) -> Iterator[None]:
     try:
         yield
     except DBAPIError as err:
-        lines = str(err.orig).strip().splitlines() or [type(err.orig).__name__]
         log.debug("database %s failed", describe_url(url), exc_info=True)
-        raise FleetError(f"database {describe_url(url)}: {lines[0]}") from None
+        raise FleetError(f"database {describe_url(url)}: {error_line(err)}") from None
+
+
+def follow(stop: threading.Event, every: float, read: Callable[[], object], what: str,
+           kept: str) -> None:
+    """Call `read` every `every` seconds until `stop` is set (a thread's loop, for a
+    store that re-reads what other processes change). A failing database is logged
+    once per outage, as "WHAT unreadable, KEPT: why", and once when it answers again;
+    the store keeps what it last read meanwhile."""
+    failing = False
+    while not stop.wait(every):
+        try:
+            read()
+        except SQLAlchemyError as err:
+            if not failing:
+                log.warning("%s unreadable, %s: %s", what, kept, error_line(err))
+            failing = True
+            continue
+        if failing:
+            log.warning("%s readable again", what)
+        failing = False
