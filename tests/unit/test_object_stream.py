@@ -17,7 +17,18 @@ import zstandard
 from fleetlib.errors import FleetError
 from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.rpc.chunks import CHUNK_SIZE, join_chunks, join_chunks_async, split_message
-from fleetlib.rpc.objects import NONE, PIECE_SIZE, ZSTD, ObjectReceiver, object_chunks, pack
+from fleetlib.rpc.objects import (
+    NONE,
+    PACK_BYTES,
+    PACKED_LIMIT,
+    PIECE_SIZE,
+    ZSTD,
+    ObjectReceiver,
+    object_chunks,
+    pack,
+    pack_compressed,
+    wire_size,
+)
 from fleetlib.wire import objectserver_pb2
 
 MiB = 1 << 20
@@ -231,6 +242,108 @@ def test_next_object_beginning_early(store: ObjectStore) -> None:
 def test_sender_source_ending_early() -> None:
     with pytest.raises(FleetError, match="early"):
         list(object_chunks(sha(b"abcdef"), 10, io.BytesIO(b"abcdef")))
+
+
+# ---------------------------------------------------------------- packed frames
+
+
+def packed_message(objects: list[bytes]) -> objectserver_pb2.ObjectChunks:
+    """The one packed message `pack_compressed` makes of small compressible objects."""
+    [message] = pack_compressed(chunks_of(objects), zstandard.ZstdCompressor(level=2))
+    assert message.packed and all(not chunk.data for chunk in message.chunks)
+    return message
+
+
+def test_packed_frames_round_trip_and_compress_small_objects_together(
+        store: ObjectStore) -> None:
+    assert wire_size(packed_message(TINY)) < sum(map(len, TINY)) / 4
+    messages = list(pack_compressed(chunks_of([*TINY, BIG]), zstandard.ZstdCompressor(level=2)))
+    assert any(m.packed for m in messages)
+    assert all(sum(c.packed_length + len(c.data) for c in m.chunks) <= PACK_BYTES + PIECE_SIZE
+               for m in messages)
+    receiver = receive(store, messages)
+    assert receiver.stats.added == len(TINY) + 1
+    assert all(stored(store, data) for data in [*TINY, BIG])
+    assert receiver.stats.wire_bytes == sum(map(wire_size, messages))
+
+
+def test_incompressible_data_is_sent_in_its_pieces(store: ObjectStore) -> None:
+    messages = list(pack_compressed(chunks_of([BIG]), zstandard.ZstdCompressor(level=2)))
+    assert all(not m.packed and all(c.data and not c.packed_length for c in m.chunks)
+               for m in messages)
+    receive(store, messages)
+    assert stored(store, BIG)
+
+
+def refused(store: ObjectStore, message: objectserver_pb2.ObjectChunks, match: str
+            ) -> list[bytes]:
+    """Feed a bad packed message: refused in one FleetError, no temporary file left;
+    the objects it stored (those before the bad one, verified)."""
+    receiver = ObjectReceiver(store)
+    with pytest.raises(FleetError, match=match):
+        receiver.feed_message(wire(message))
+    receiver.close(strict=False)
+    assert tmp_files(store) == []
+    return list(store)
+
+
+def test_a_frame_declaring_another_size_than_its_pieces_is_refused(store: ObjectStore) -> None:
+    message = packed_message(TINY)
+    message.chunks[0].packed_length += 1
+    assert refused(store, message, "declares") == []
+
+
+def test_a_frame_without_a_declared_size_is_refused(store: ObjectStore) -> None:
+    message = packed_message(TINY)
+    data = b"".join(TINY)
+    message.packed = zstandard.ZstdCompressor(write_content_size=False).compress(data)
+    assert refused(store, message, "declares -1 bytes") == []
+
+
+def test_a_frame_over_the_limit_is_refused_before_inflating(store: ObjectStore) -> None:
+    size = PACKED_LIMIT + 1
+    message = objectserver_pb2.ObjectChunks(
+        chunks=[objectserver_pb2.ObjectChunk(hash=sha(bytes(size)), size=size,
+                                             packed_length=size)],
+        packed=zstandard.ZstdCompressor().compress(bytes(size)))
+    tracemalloc.start()
+    try:
+        assert refused(store, message, "at most") == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < PACKED_LIMIT
+
+
+def test_a_corrupt_frame_is_refused(store: ObjectStore) -> None:
+    message = packed_message(TINY)
+    frame = bytearray(message.packed)
+    frame[len(frame) // 2] ^= 0xFF
+    message.packed = bytes(frame)
+    kept = refused(store, message, "packed|does not match its hash")
+    assert len(kept) < len(TINY) and all(sha(data) in kept for data in TINY[:len(kept)])
+
+
+def test_forged_packed_content_is_refused(store: ObjectStore) -> None:
+    message = packed_message(TINY)
+    forged = b"".join(TINY).replace(b"tiny object 7", b"tiny object X")
+    message.packed = zstandard.ZstdCompressor().compress(forged)
+    kept = refused(store, message, "does not match its hash")
+    assert sorted(kept) == sorted(map(sha, TINY[:7]))  # those before the forged one
+
+
+def test_a_piece_with_packed_and_own_data_is_refused(store: ObjectStore) -> None:
+    message = packed_message(TINY)
+    message.chunks[0].data = b"x"
+    assert refused(store, message, "both packed and own data") == []
+
+
+def test_a_packed_piece_outside_a_packed_message_is_refused(store: ObjectStore) -> None:
+    receiver = ObjectReceiver(store)
+    with pytest.raises(FleetError, match="outside its message"):
+        receiver.feed(objectserver_pb2.ObjectChunk(hash=sha(b"abc"), size=3, packed_length=3))
+    receiver.close(strict=False)
+    assert list(store) == [] and tmp_files(store) == []
 
 
 # ---------------------------------------------------------------- message chunks
