@@ -239,7 +239,10 @@ class ImageStore:
         manifest digest)."""
         if image.name in self.images:
             raise ExistsError(f"image {image.name} already exists (images are immutable)")
-        missing = list(self.missing_objects(image.tree.object_sizes()))
+        # On disk, not by reference counts: an image is visible only once every object
+        # it names is there, even one another image lost to outside damage.
+        missing = [digest for digest in image.tree.object_sizes()
+                   if not self.objects.has(digest)]
         if missing:
             raise PreconditionError(f"image {image.name} names {len(missing)} object(s) the server "
                              f"does not hold, e.g. {format_hash(missing[0])}")

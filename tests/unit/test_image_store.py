@@ -6,6 +6,9 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
+from fleetlib.errors import PreconditionError
 from fleetlib.fstree.filter import EMPTY
 from fleetlib.fstree.image import Image
 from fleetlib.fstree.tree import TreeBuilder, regular
@@ -46,3 +49,21 @@ def test_unreadable_image_file_stops_collection(tmp_path: Path) -> None:
     store.load()
     assert store.collect_orphans(grace=HOUR) == (0, 0)
     assert store.objects.has(old)
+
+
+def test_an_image_naming_an_object_lost_from_disk_is_refused(tmp_path: Path) -> None:
+    """An object another image holds but whose file outside damage removed is missing
+    for a new image: the fetch plan may trust the references, the commit does not."""
+    store = ImageStore(tmp_path)
+    store.load()
+    shared = store.objects.add_bytes(b"in two images")
+    for name in ("first", "second"):
+        builder = TreeBuilder()
+        builder.add("/f", regular(0o644, 0, 0, 0, 13, shared))
+        if name == "second":
+            os.unlink(store.objects.path_of(shared))
+            with pytest.raises(PreconditionError, match="does not hold"):
+                store.add(Image(name, builder.tree, EMPTY))
+        else:
+            store.add(Image(name, builder.tree, EMPTY))
+    assert "second" not in store.images and "first" in store.images
