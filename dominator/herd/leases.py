@@ -28,6 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -419,11 +420,15 @@ class LeaseManager:
                   on_renewal: Callable[[Renewal | None], None] | None = None) -> None:
         """Renew every `renew_interval` (sooner after a failure) until `stop` is set,
         then give every shard back. `on_renewal`, if given, is called in the event loop
-        after each round with its Renewal (None: it failed). LeaseConfigError ends it."""
+        after each round with its Renewal (None: it failed). LeaseConfigError ends it.
+        Rounds run on a thread of their own: queued behind the herd's blocking calls in
+        the default executor, a round could come too late and the leases lapse."""
+        rounds = ThreadPoolExecutor(1, thread_name_prefix="shard-leases")
+        loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
                 began = time.monotonic()
-                renewal = await asyncio.to_thread(self.renew)
+                renewal = await loop.run_in_executor(rounds, self.renew)
                 if on_renewal is not None:
                     on_renewal(renewal)
                 interval = self.renew_interval * (1 if renewal is not None else RETRY_FRACTION)
@@ -431,7 +436,8 @@ class LeaseManager:
                     await asyncio.wait_for(stop.wait(),
                                            max(0.0, began + interval - time.monotonic()))
         finally:
-            await asyncio.to_thread(self.release_all)
+            await loop.run_in_executor(rounds, self.release_all)
+            rounds.shutdown()
 
     # --- the fleet's view -----------------------------------------------------------------
 
