@@ -145,6 +145,11 @@ class Ownership:
 
     # --- what the herd asks ----------------------------------------------------------------
 
+    def layout(self) -> tuple[frozenset[int], frozenset[tuple[int, str]]]:
+        """What placing a host depends on: the shards this dominator holds and who
+        holds each of the others (as of the last round and read)."""
+        return self._held, frozenset(self._owners.items())
+
     def shard(self, hostname: str) -> int:
         """The shard of `hostname`."""
         return shard_of(hostname, self.shards)
