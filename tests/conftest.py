@@ -4,6 +4,7 @@ whole fleet and a fresh PostgreSQL database (with FLEET_TEST_POSTGRES_URL)."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,9 +104,23 @@ def postgres_url() -> Iterator[str]:
     try:
         yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+        drop_database(admin, name)
         admin.dispose()
+
+
+def drop_database(admin: sa.Engine, name: str, attempts: int = 20) -> None:
+    """Drop a test's database and its sessions. A backend of another role (an autovacuum
+    worker) cannot be ended by the test user and makes FORCE fail: it goes within a
+    moment, so try again."""
+    for attempt in range(attempts):
+        try:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+            return
+        except sa.exc.ProgrammingError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
