@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 
 from fleetlib.rpc.tls import Security
 from fleetlib.sql.engine import open_engine, parse_url
 from fleetlib.testing.daemons import Daemon, cli, free_port
+from fleetlib.testing.fleet import hosts_view
 from fleetlib.testing.leases import LeaseSampler
 
 TOKEN = "test-token"
@@ -139,12 +139,7 @@ class Dominators:
 
     def view(self, name: str) -> dict[str, dict[str, Any]]:
         """Dominator `name`'s hosts by hostname ({} while it does not answer)."""
-        try:
-            reply = httpx.get(f"{self.http[name]}/hosts.json", timeout=10)
-            reply.raise_for_status()
-        except httpx.HTTPError:
-            return {}
-        return {host["hostname"]: host for host in reply.json()["hosts"]}
+        return hosts_view(self.http[name], timeout=10)
 
     def managers(self, among: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
         """The views of the dominators `among`, by name."""

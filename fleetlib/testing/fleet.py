@@ -20,6 +20,17 @@ from fleetlib.testing.trees import make_tree
 HOSTS = 5
 POLL = "0.3"
 TOKEN = "test-token"
+
+def hosts_view(base: str, timeout: float = 30) -> dict[str, dict[str, Any]]:
+    """The hosts the dominator whose HTTP side is at `base` shows on /hosts.json, by
+    hostname; {} while it does not answer."""
+    try:
+        reply = httpx.get(f"{base}/hosts.json", timeout=timeout)
+        reply.raise_for_status()
+    except httpx.HTTPError:
+        return {}
+    return {host["hostname"]: host for host in reply.json()["hosts"]}
+
 T = TypeVar("T")
 
 
@@ -92,12 +103,7 @@ class FleetUnderTest:
         """Every host as the dashboard's /hosts.json shows it (`fleet list --json`'s
         fields and more), by hostname; {} while the dominator does not answer. Waits poll
         this: a request, where each CLI run costs seconds of CPU."""
-        try:
-            reply = httpx.get(f"{self.base}/hosts.json", timeout=30)
-            reply.raise_for_status()
-        except httpx.HTTPError:
-            return {}
-        return {host["hostname"]: host for host in reply.json()["hosts"]}
+        return hosts_view(self.base)
 
     def wait_status(self, names: list[str], status: str, image: str | None = None,
                     timeout: float = 60.0) -> dict[str, dict[str, Any]]:
