@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -348,24 +348,27 @@ class Herd:
             self.rows.forget(sub)
             sub.kept_paths = ()
             sub.set_status(Status.BAD_MDB_ENTRY, reason)
+        placing = []
         for hostname, machine in wanted.items():
             sub = self.subs.get(hostname)
             if sub is None:
                 sub = self.subs[hostname] = Sub(machine)
-                await self._place(sub)
+                placing.append(sub)
             elif sub.task is None:  # its row was invalid and is valid again, or not ours
                 sub.machine = machine
-                await self._place(sub)
+                placing.append(sub)
             elif sub.machine != machine:
                 if sub.machine.address != machine.address and sub.client is not None:
                     await sub.client.close()
                     sub.client = None
                 sub.machine = machine
                 sub.wake.set()
+        await self._place_all(placing)
 
-    async def _place(self, sub: Sub) -> None:
+    async def _place(self, sub: Sub) -> bool:
         """Supervise the (valid) host if this dominator holds its shard, else stop
-        its loop and say who does; a host moving in starts afresh from its polls."""
+        its loop and say who does; a host moving in starts afresh from its polls.
+        True when its loop started here."""
         hostname = sub.machine.hostname
         sub.owner = self.ownership.owner(hostname)
         elsewhere = self.ownership.elsewhere(hostname)
@@ -380,23 +383,44 @@ class Herd:
             sub.set_status(Status.POLLING)
             sub.prefetched = None
             sub.task = asyncio.create_task(self._loop(sub), name=f"sub {hostname}")
+            return True
+        return False
+
+    async def _place_all(self, subs: Iterable[Sub]) -> None:
+        """Place each of `subs`, then read the desired states of those that started
+        here in a few queries (a thousand hosts moving in would else each make one)."""
+        started = []
+        for sub in subs:
+            if self._stopping:
+                return
+            if await self._place(sub):
+                started.append(sub.machine.hostname)
+        if started:
+            try:
+                await asyncio.to_thread(self.state.preload_desired, started)
+            except SQLAlchemyError as err:  # each host reads its own when it needs them
+                log.warning("could not read the desired states of %d host(s): %s",
+                            len(started), error_line(err))
 
     async def _follow_ownership(self) -> None:
         """After each lease round: start the hosts of shards gained, stop those of
-        shards lost, and note each host's owner. A round that moved no shard places
-        nothing: at 10,000 hosts placing every one after every renewal kept the event
-        loop busy (new hosts are placed as the MDB brings them)."""
+        shards lost, and note each host's owner. Only the hosts of shards that moved
+        are placed: at 10,000 hosts placing every one after every renewal kept the
+        event loop busy (new hosts are placed as the MDB brings them)."""
         placed = None
         while True:
             await self.ownership.changed.wait()
             self.ownership.changed.clear()
             await self.ownership.read_owners()
-            if (layout := self.ownership.layout()) == placed:
-                continue
+            layout = self.ownership.layout()
+            moved = layout.moved(placed)
             placed = layout
-            for sub in list(self.subs.values()):
-                if sub.status != Status.BAD_MDB_ENTRY and not self._stopping:
-                    await self._place(sub)
+            if moved is not None and not moved:
+                continue
+            await self._place_all([
+                sub for sub in list(self.subs.values())
+                if sub.status != Status.BAD_MDB_ENTRY and (
+                    moved is None or self.ownership.shard(sub.machine.hostname) in moved)])
 
     async def _fence(self, sub: Sub, what: str) -> FenceToken | None:
         """The fence of a mutating call (`what`) to the sub right now; None when this

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -58,9 +59,11 @@ class LeaseConfigError(FleetError):
     """The database refuses this dominator's lease settings (another shard count)."""
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def shard_of(hostname: str, shards: int = DEFAULT_SHARDS) -> int:
     """The shard of `hostname`: the first 8 bytes of the SHA-256 of its lower-cased
-    UTF-8 name, big-endian, modulo `shards`; the same in every process and version."""
+    UTF-8 name, big-endian, modulo `shards`; the same in every process and version
+    (remembered: placing hosts asks it several times per host per lease round)."""
     if shards < 1:
         raise ValueError(f"shards must be at least 1, not {shards}")
     digest = hashlib.sha256(hostname.lower().encode()).digest()

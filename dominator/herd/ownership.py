@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -48,6 +49,28 @@ LEASE_STATES = ("starting", "ok", "failing", "lapsed", "stopped")
 def is_fenced(text: str) -> bool:
     """Whether an error text (a refused mutating call) is subd refusing the fence."""
     return text.startswith(FENCED)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the shards are, as one lease round and owners read left them: the ones
+    this dominator holds, and the holder of each of the others."""
+
+    held: frozenset[int]
+    owners: dict[int, str]
+
+    def where(self, shard: int) -> str:
+        """Who holds `shard`: "" for this dominator, else the holder's name ("?" when
+        none is known)."""
+        return "" if shard in self.held else self.owners.get(shard, "?")
+
+    def moved(self, before: Layout | None) -> frozenset[int] | None:
+        """The shards whose holder differs from `before` (None: all of them, as when
+        there is no `before`)."""
+        if before is None:
+            return None
+        shards = self.held | before.held | self.owners.keys() | before.owners.keys()
+        return frozenset(s for s in shards if self.where(s) != before.where(s))
 
 
 class Ownership:
@@ -145,10 +168,10 @@ class Ownership:
 
     # --- what the herd asks ----------------------------------------------------------------
 
-    def layout(self) -> tuple[frozenset[int], frozenset[tuple[int, str]]]:
-        """What placing a host depends on: the shards this dominator holds and who
-        holds each of the others (as of the last round and read)."""
-        return self._held, frozenset(self._owners.items())
+    def layout(self) -> Layout:
+        """What placing a host depends on: where each shard is (as of the last round
+        and read)."""
+        return Layout(self._held, dict(self._owners))
 
     def shard(self, hostname: str) -> int:
         """The shard of `hostname`."""

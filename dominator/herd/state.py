@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ DISABLED_KEY = "updates_disabled"
 SYNC_PERSIST_SECONDS = 60  # how stale the stored last-sync time of a host may get
 SYNC_BATCH_SECONDS = 1.0  # last syncs wait this long to share one transaction
 REFRESH_SECONDS = 2.0  # shared state: how often another dominator's changes are read
+PRELOAD_CHUNK = 500  # hosts whose desired states one preload query reads
 
 
 def shared_url(mdb_url: str) -> str | None:
@@ -340,6 +342,11 @@ class DominatorState:
         seen = (image, frozenset(computed.items()))
         if self._desired_last.get(hostname) == seen:  # each synced cycle asks again
             return
+        with self._lock:
+            known = self._history.get(hostname)
+        if known is not None and known.latest(image, computed):  # stored before: as it is
+            self._desired_last[hostname] = seen
+            return
         now = int(time.time())
         statements: list[sa.Executable] = [
             self._insert(DesiredImageRow).values(hostname=hostname, image=image, last_unix=now)
@@ -411,6 +418,21 @@ class DominatorState:
             self._history.pop(hostname, None)
             self._desired_last.pop(hostname, None)
 
+    def preload_desired(self, hostnames: Collection[str]) -> None:
+        """Read the desired states of the hosts not in memory yet, a few queries for
+        all of them: what a dominator starting on a fleet, or taking over a peer's
+        shards, needs for thousands of hosts at once (else a query each)."""
+        with self._lock:
+            wanted = [hostname for hostname in hostnames if hostname not in self._history]
+        for start in range(0, len(wanted), PRELOAD_CHUNK):
+            chunk = wanted[start:start + PRELOAD_CHUNK]
+            with self._db.connect() as conn:
+                read = self._load_many(conn, chunk)
+                conn.commit()
+            with self._lock:
+                for hostname in chunk:
+                    self._history.setdefault(hostname, read[hostname])
+
     def _desired(self, hostname: str) -> Desired:
         """The host's desired states: read once (or with the first record_desired),
         then kept in memory and added to by record_desired."""
@@ -422,16 +444,25 @@ class DominatorState:
                     conn.commit()  # it only read: a COMMIT ends it as cheaply as a ROLLBACK
             return known
 
-    @staticmethod
-    def _load(conn: sa.Connection, hostname: str) -> Desired:
+    @classmethod
+    def _load(cls, conn: sa.Connection, hostname: str) -> Desired:
         """The host's desired states as stored (both tables)."""
-        images = conn.execute(sa.select(DesiredImageRow.image, DesiredImageRow.last_unix)
-                              .where(DesiredImageRow.hostname == hostname)).all()
-        known = Desired({image: unix for image, unix in images}, {})
-        for path, digest, size in conn.execute(
-                sa.select(DesiredComputedRow.path, DesiredComputedRow.hash,
-                          DesiredComputedRow.size).where(DesiredComputedRow.hostname == hostname)):
-            known.computed.setdefault(path, {})[bytes.fromhex(digest)] = size
+        return cls._load_many(conn, [hostname])[hostname]
+
+    @staticmethod
+    def _load_many(conn: sa.Connection, hostnames: list[str]) -> dict[str, Desired]:
+        """The desired states of each of `hostnames` as stored (both tables)."""
+        known = {hostname: Desired({}, {}) for hostname in hostnames}
+        for hostname, image, unix in conn.execute(
+                sa.select(DesiredImageRow.hostname, DesiredImageRow.image,
+                          DesiredImageRow.last_unix)
+                .where(DesiredImageRow.hostname.in_(hostnames))):
+            known[hostname].images[image] = unix
+        for hostname, path, digest, size in conn.execute(
+                sa.select(DesiredComputedRow.hostname, DesiredComputedRow.path,
+                          DesiredComputedRow.hash, DesiredComputedRow.size)
+                .where(DesiredComputedRow.hostname.in_(hostnames))):
+            known[hostname].computed.setdefault(path, {})[bytes.fromhex(digest)] = size
         return known
 
     def desired_images(self, hostname: str) -> list[str]:
@@ -452,6 +483,16 @@ class Desired:
 
     images: dict[str, int]
     computed: dict[str, dict[bytes, int]]
+
+    def latest(self, image: str, computed: dict[str, tuple[bytes, int]]) -> bool:
+        """Whether storing this desired state again would change nothing but a time:
+        `image` is the most recent one alone, and every computed version is known."""
+        unix = self.images.get(image)
+        if unix is None or any(when >= unix for other, when in self.images.items()
+                               if other != image):
+            return False
+        return all(self.computed.get(path, {}).get(digest) == size
+                   for path, (digest, size) in computed.items())
 
     def add(self, image: str, unix: int, computed: dict[str, tuple[bytes, int]]) -> None:
         """One more desired state (as record_desired stores it)."""

@@ -117,6 +117,33 @@ def test_a_host_supervised_anew_reads_what_others_asked_of_it(tmp_path: Path,
     state.close()
 
 
+def test_hosts_moving_in_read_their_desired_states_together(tmp_path: Path,
+                                                             shared: str | None) -> None:
+    peer = DominatorState(tmp_path / "state.sqlite", shared)  # asked them first
+    for n in range(1200):
+        peer.record_desired(f"web-{n}", "v1", MOTD)
+    time.sleep(1.1)  # a later second: v2 is the most recent of web-0's
+    peer.record_desired("web-0", "v2", {"/etc/motd": (b"\x02" * 32, 6)})
+    peer.close()
+    state = DominatorState(tmp_path / "state.sqlite", shared)
+    ended = transactions(state)
+    state.preload_desired([f"web-{n}" for n in range(1200)] + ["new-1"])
+    assert len(ended) == 3  # 1,201 hosts in chunks of 500
+    assert state.desired_images("web-0") == ["v2", "v1"]
+    assert state.desired_computed("web-0") == {"/etc/motd": {b"\x01" * 32: 5,
+                                                             b"\x02" * 32: 6}}
+    assert state.desired_images("web-1199") == ["v1"]
+    assert state.desired_images("new-1") == []
+    for n in range(1, 1200):  # what each already holds, as stored: nothing to write
+        state.record_desired(f"web-{n}", "v1", MOTD)
+    assert len(ended) == 3
+    state.record_desired("web-0", "v1", MOTD)  # v1 again after v2: its time is news
+    assert len(ended) == 4 and state.desired_images("web-0") == ["v1", "v2"]
+    state.record_desired("web-1", "v1", {"/etc/motd": (b"\x03" * 32, 7)})  # a new version
+    assert len(ended) == 5
+    state.close()
+
+
 def test_last_syncs_share_one_transaction_and_survive_a_restart(tmp_path: Path,
                                                                  shared: str | None) -> None:
     state = DominatorState(tmp_path / "state.sqlite", shared)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dominator.herd.leases import LeaseManager, fair_share, shard_of
+from dominator.herd.ownership import Layout
 from fleetlib.errors import FleetError
 from fleetlib.sql.engine import open_engine
 
@@ -98,3 +99,13 @@ def test_timing_follows_the_lease(tmp_path: Path) -> None:
     assert (manager.renew_interval, manager.safety_margin, manager.shards) == (5.0, 5.0, 256)
     assert manager.status().state == "starting" and manager.may_mutate(0) is None
     engine.dispose()
+
+
+def test_layout_moved_names_only_the_shards_whose_holder_changed() -> None:
+    before = Layout(frozenset({0, 1}), {2: "d2", 3: "d3"})
+    assert Layout(frozenset({0, 1}), {2: "d2", 3: "d3"}).moved(before) == frozenset()
+    after = Layout(frozenset({0, 3}), {1: "d2", 2: "d2", 4: "d4"})
+    # 1 went to d2, 3 came here, 4 found a holder; 0 and 2 stayed put
+    assert after.moved(before) == frozenset({1, 3, 4})
+    assert before.moved(after) == frozenset({1, 3, 4})
+    assert after.moved(None) is None  # no earlier layout: every host is placed
