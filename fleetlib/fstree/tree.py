@@ -237,6 +237,7 @@ class TreeBuilder:
     def __init__(self, root: Inode | None = None) -> None:
         self.tree = Tree.empty(root)
         self._next = 2
+        self._links: dict[int, int] = {}  # entries naming each inode (the root: none)
 
     def new_number(self) -> int:
         """A fresh inode number."""
@@ -266,6 +267,7 @@ class TreeBuilder:
                 self.tree.inodes[child] = directory(0o755, 0, 0)
                 self.tree.children[child] = {}
                 kids[name] = child
+                self._links[child] = 1
             elif self.tree.inodes[child].kind != Kind.DIRECTORY:
                 kind = self.tree.inodes[child].kind.name.lower()
                 raise FleetError(f"{walked} is a {kind}, but a later entry uses it as a directory")
@@ -291,17 +293,27 @@ class TreeBuilder:
             if inode.kind == Kind.DIRECTORY:
                 self.tree.children[number] = {}
         kids[name] = number
-        if old is not None and old != number:
-            self._unlink(old)
+        if old != number:
+            self._links[number] = self._links.get(number, 0) + 1
+            if old is not None:
+                self._unlink(old)
         return number
 
+    def remove(self, parent: int, name: str) -> None:
+        """Drop the entry `name` of directory `parent` (an image layer's whiteout), and
+        its inode and subtree unless still linked elsewhere."""
+        self._unlink(self.tree.children[parent].pop(name))
+
     def _unlink(self, ino: int) -> None:
-        """Forget an inode replaced by a later entry, unless still linked elsewhere,
-        and its subtree (without recursion: a tarball may nest very deep)."""
+        """Forget one entry naming `ino`: the inode and its subtree go with its last
+        entry (counted, not searched for: an image layer may replace thousands of
+        files; no recursion: a tarball may nest very deep)."""
         pending = [ino]
         while pending:
             ino = pending.pop()
-            if any(ino in kids.values() for kids in self.tree.children.values()):
+            left = self._links.pop(ino) - 1
+            if left:
+                self._links[ino] = left
                 continue
             self.tree.inodes.pop(ino, None)
             pending.extend(self.tree.children.pop(ino, {}).values())

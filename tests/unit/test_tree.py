@@ -261,6 +261,26 @@ def test_builder_replacing_one_link_keeps_the_inode_for_the_other() -> None:
     assert tree.link_counts()[number] == 1
 
 
+def test_builder_remove_drops_an_entry_and_what_only_it_named() -> None:
+    builder = TreeBuilder()
+    shared = builder.add("/d/a", reg(b"shared"))
+    builder.add("/keep", reg(b"shared"), shared)
+    builder.add("/d/e/f", reg(b"f"))
+    tree = builder.tree
+    sub, leaf = tree.lookup("/d/e"), tree.lookup("/d/e/f")
+    builder.remove(tree.root, "d")  # the last entry of /d, /d/e, /d/e/f; not of /keep's
+    assert [p for p, _, _ in tree.walk()] == ["/", "/keep"]
+    assert tree.lookup("/keep") == shared and shared in tree.inodes
+    assert sub not in tree.inodes and leaf not in tree.inodes and sub not in tree.children
+    builder.remove(tree.root, "keep")
+    assert tree.inodes.keys() == {tree.root} and tree.children == {tree.root: {}}
+    # a path linked again to the inode it already names keeps one count
+    again = builder.add("/x", reg(b"x"))
+    builder.add("/x", tree.inodes[again], again)
+    builder.remove(tree.root, "x")
+    assert again not in tree.inodes
+
+
 def test_builder_symlink_used_as_directory_raises() -> None:
     builder = TreeBuilder()
     builder.add("/lib", symlink(0, 0, b"usr/lib"))
