@@ -1,23 +1,26 @@
-"""Reading a tarball (plain, gzip or zstd) into a Tree without unpacking it.
+"""Reading a tarball (plain, gzip, zstd, xz or bzip2) into a Tree without unpacking it.
 
 Tar members come from users and are untrusted (docs/DESIGN.md "Security"): every name,
 link and number is validated, and a bad or damaged archive gives a one-line
 FleetError and no partial tree. The archive is streamed twice at most: `Tarball.read`
 builds the tree and hashes each regular member; `Tarball.iter_objects` then hands out
 the content of the members holding the objects the image server lacks, using the
-hashes recorded by the first pass.
+hashes recorded by the first pass. An image layer (fstree/oci.py) is read the same way,
+from any seekable stream, into the tree of the layers below it.
 """
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import gzip
 import hashlib
+import lzma
 import os
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO, NamedTuple, Self
 
@@ -40,9 +43,16 @@ from fleetlib.fstree.tree import (
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ZSTD_SKIPPABLE = 0x184D2A50  # the magic of a skippable frame, low 4 bits free
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+# "BZh", the block size digit, then a block's or the stream end's magic (so that a plain
+# tar whose first member is named "BZh..." is not taken for bzip2).
+_BZIP2_MAGIC = re.compile(rb"BZh[1-9](\x31\x41\x59\x26\x53\x59|\x17\x72\x45\x38\x50\x90)")
+_MAGIC_BYTES = 10
 # What a damaged archive raises from tarfile or a decompressor (tarfile lets
-# ValueError escape from malformed pax sparse maps and hdrcharset records).
-_DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, zstandard.ZstdError)
+# ValueError escape from malformed pax sparse maps and hdrcharset records; bz2 raises
+# OSError).
+_DAMAGE = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, zstandard.ZstdError,
+           lzma.LZMAError)
 _XATTR_PREFIX = "SCHILY.xattr."
 # GNU tar writes `=` and `%` in xattr names as %3D and %25 (pax keywords end at `=`).
 _XATTR_ESCAPE = re.compile("%(25|3D)")
@@ -51,6 +61,12 @@ _NS = 10**9
 # Fields a later consumer packs into fixed-width integers, with their bounds.
 _LIMITS = (("uid", 2**32), ("gid", 2**32), ("size", 2**63), ("devmajor", 2**31),
            ("devminor", 2**31))
+
+# Opens the archive's bytes (compressed or not) as a new seekable stream.
+Opener = Callable[[], BinaryIO]
+# Told each member's tree path before the member is added; True when it took the member
+# itself (an image layer's whiteout), which is then left out of the tree.
+Intercept = Callable[[str], bool]
 
 
 class _Stored(NamedTuple):
@@ -81,26 +97,40 @@ class _StrictInfo(tarfile.TarInfo):
 
 
 class Tarball:
-    """A tarball file on disk, read in streaming passes (never unpacked, never
-    loaded whole): `read` builds the Tree, `iter_objects` yields member contents."""
+    """A tarball, read in streaming passes (never unpacked, never loaded whole):
+    `read` builds the Tree, `iter_objects` yields member contents.
 
-    def __init__(self, path: Path) -> None:
+    It is the file at `path` unless `opener` gives its bytes (an image layer inside an
+    archive); `label` names it in errors (default "tarball PATH")."""
+
+    def __init__(self, path: Path, opener: Opener | None = None, label: str = "") -> None:
         self.path = path
+        self.label = label or f"tarball {path}"
+        self._opener = opener or (lambda: open(path, "rb"))
         self._member_hashes: dict[int, _Stored] | None = None
 
-    def read(self) -> Tree:
-        """The tree the tarball holds, as `tar -x` as root would make it; also
-        records which member holds which content hash, for `iter_objects`."""
-        tree, self._member_hashes = self._first_pass()
+    def read(self, builder: TreeBuilder | None = None,
+             intercept: Intercept | None = None) -> Tree:
+        """The tree the tarball holds, as `tar -x` as root would make it (over what
+        `builder` holds already, if given; `intercept` is shown each member first);
+        also records which member holds which content hash, for `iter_objects`."""
+        tree, self._member_hashes = self._first_pass(builder or TreeBuilder(), intercept)
         return tree
 
-    def _first_pass(self) -> tuple[Tree, dict[int, _Stored]]:
+    def object_digests(self) -> set[bytes]:
+        """The content hashes of the regular members `read` found."""
+        assert self._member_hashes is not None, "read comes first"
+        return {stored.digest for stored in self._member_hashes.values()}
+
+    def _first_pass(self, builder: TreeBuilder,
+                    intercept: Intercept | None) -> tuple[Tree, dict[int, _Stored]]:
         """The tree, and where each regular member's content is (by member index)."""
-        builder = TreeBuilder()
         hashes: dict[int, _Stored] = {}
         with self._open() as (tar, stream):
             for index, member in enumerate(_members(tar)):
                 path = self._tree_path(member, member.name)
+                if intercept is not None and self._intercepted(member, path, intercept):
+                    continue
                 if member.islnk():
                     number = self._link_target(builder, member)
                     self._add(builder, member, path, builder.tree.inodes[number], number)
@@ -124,7 +154,7 @@ class Tarball:
         changed since `read` (other name or size) is skipped; the content itself is
         not re-verified, so the object store must check hashes as it always does."""
         if self._member_hashes is None:
-            _, self._member_hashes = self._first_pass()
+            _, self._member_hashes = self._first_pass(TreeBuilder(), None)
         stored = self._member_hashes
         pending = set(wanted)
         with self._open() as (tar, _):
@@ -137,39 +167,51 @@ class Tarball:
                 if not member.isreg() or member.name != found.name or member.size != found.size:
                     continue
                 pending.discard(found.digest)
-                yield found.digest, found.size, _MemberReader(self.path, _content(tar, member))
+                yield found.digest, found.size, _MemberReader(self.label,
+                                                              _content(tar, member))
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[tuple[tarfile.TarFile, Reader]]:
         """The archive as a streaming TarFile over its decompressed bytes (also
         given, to read past the tar end), compression told by magic bytes."""
         try:
-            raw = open(self.path, "rb")
+            raw = self._opener()
         except OSError as e:
-            raise FleetError(f"cannot read tarball {self.path}: {e.strerror or e}") from None
+            raise FleetError(f"cannot read {self.label}: {e.strerror or e}") from None
         with raw:
             try:
-                magic = raw.read(len(_ZSTD_MAGIC))
+                magic = raw.read(_MAGIC_BYTES)
                 raw.seek(0)
-                stream: BinaryIO | gzip.GzipFile
+                stream: BinaryIO | gzip.GzipFile | lzma.LZMAFile | bz2.BZ2File
                 if magic.startswith(_GZIP_MAGIC):
                     stream = gzip.GzipFile(fileobj=raw, mode="rb")
-                elif magic == _ZSTD_MAGIC or _skippable(magic):  # pzstd starts skippable
+                elif magic.startswith(_ZSTD_MAGIC) or _skippable(magic[:4]):  # pzstd: skippable
                     _check_zstd_frames(raw)
                     raw.seek(0)
                     stream = zstandard.ZstdDecompressor().stream_reader(
                         raw, read_across_frames=True, closefd=False)
+                elif magic.startswith(_XZ_MAGIC):
+                    stream = lzma.LZMAFile(raw)  # as xz(1): every stream of a multi-stream file
+                elif _BZIP2_MAGIC.fullmatch(magic):
+                    stream = bz2.BZ2File(raw)  # every stream, as pbzip2 writes them
                 else:
                     stream = raw
                 with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictInfo,
                                   encoding="utf-8", errors="surrogateescape") as tar:
                     yield tar, stream
             except _DAMAGE as e:
-                raise _damaged(self.path, e) from None
+                raise _damaged(self.label, e) from None
 
     def _bad(self, member: tarfile.TarInfo, reason: str) -> FleetError:
         """The error for one unacceptable member."""
-        return FleetError(f"bad tarball {self.path}: member {member.name!r}: {reason}")
+        return FleetError(f"bad {self.label}: member {member.name!r}: {reason}")
+
+    def _intercepted(self, member: tarfile.TarInfo, path: str, intercept: Intercept) -> bool:
+        """Whether `intercept` took the member, naming the member when it refuses it."""
+        try:
+            return intercept(path)
+        except FleetError as e:
+            raise self._bad(member, str(e)) from None
 
     def _tree_path(self, member: tarfile.TarInfo, name: str, label: str = "") -> str:
         """Absolute tree path of a member's name (or of the `label`led name it links
@@ -268,8 +310,8 @@ class _MemberReader:
     """One member's content, whose read errors are FleetErrors (the archive may have
     been cut or damaged since the first pass)."""
 
-    def __init__(self, path: Path, member_file: IO[bytes]) -> None:
-        self._path = path
+    def __init__(self, label: str, member_file: IO[bytes]) -> None:
+        self._label = label
         self._file = member_file
 
     def read(self, size: int = -1, /) -> bytes:
@@ -277,34 +319,36 @@ class _MemberReader:
         try:
             return self._file.read(size)
         except _DAMAGE as e:
-            raise _damaged(self._path, e) from None
+            raise _damaged(self._label, e) from None
 
 
 def _check_zstd_frames(raw: BinaryIO) -> None:
     """Walk the zstd frame and block headers of `raw` to its end (seeking over the
     data): zstandard's stream reader ends silently at a frame cut short, even one
     missing just its checksum, so a cut .tar.zst would pass for whole."""
+    end = raw.seek(0, os.SEEK_END)
+    raw.seek(0)
     while header := raw.read(4):
         if len(header) < 4:
             raise zstandard.ZstdError("zstd data ends inside a frame header")
         if _skippable(header):
-            _skip(raw, int.from_bytes(_read_exactly(raw, 4), "little"))
+            _skip(raw, end, int.from_bytes(_read_exactly(raw, 4), "little"))
             continue
         if header != _ZSTD_MAGIC:
             raise zstandard.ZstdError("not a zstd frame after the previous one")
         descriptor = _read_exactly(raw, 1)[0]
         single_segment = descriptor >> 5 & 1
         size_field = (0 if not single_segment else 1, 2, 4, 8)[descriptor >> 6]
-        _skip(raw, (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3] + size_field)
+        _skip(raw, end, (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3] + size_field)
         last = False
         while not last:
             block = int.from_bytes(_read_exactly(raw, 3), "little")
             last, kind, size = bool(block & 1), block >> 1 & 3, block >> 3
             if kind == 3:
                 raise zstandard.ZstdError("reserved zstd block type")
-            _skip(raw, 1 if kind == 1 else size)
+            _skip(raw, end, 1 if kind == 1 else size)
         if descriptor >> 2 & 1:
-            _skip(raw, 4)  # the content checksum
+            _skip(raw, end, 4)  # the content checksum
 
 
 def _skippable(header: bytes) -> bool:
@@ -320,17 +364,17 @@ def _read_exactly(raw: BinaryIO, size: int) -> bytes:
     return data
 
 
-def _skip(raw: BinaryIO, size: int) -> None:
-    """Seek `size` bytes forward, or ZstdError when that is past the end."""
+def _skip(raw: BinaryIO, end: int, size: int) -> None:
+    """Seek `size` bytes forward, or ZstdError when that is past `end`."""
     position = raw.tell() + size
-    if position > os.fstat(raw.fileno()).st_size:
+    if position > end:
         raise zstandard.ZstdError("zstd data cut short")
     raw.seek(position)
 
 
-def _damaged(path: Path, error: Exception) -> FleetError:
+def _damaged(label: str, error: Exception) -> FleetError:
     """The error for an archive that cannot be read through."""
-    return FleetError(f"truncated or corrupt tarball {path}: {str(error) or type(error).__name__}")
+    return FleetError(f"truncated or corrupt {label}: {str(error) or type(error).__name__}")
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -363,7 +407,8 @@ def _raw(text: str) -> bytes:
 
 
 def read_tarball(path: Path) -> Tree:
-    """The tree a .tar, .tar.gz or .tar.zst file holds, read without unpacking it."""
+    """The tree a .tar, .tar.gz, .tar.zst, .tar.xz or .tar.bz2 file holds, read without
+    unpacking it."""
     return Tarball(path).read()
 
 
