@@ -1,8 +1,9 @@
-"""Where an image's tree and content come from: a directory or a tarball.
+"""Where an image's tree and content come from: a directory, a tarball or a container
+image (fstree/oci.py).
 
 A source gives the tree and, for the objects an upload needs, a way to read
 each one. Directory sources can be read by several uploads at once; a
-tarball is one stream and is read in order.
+tarball is one stream and is read in order, and so is each layer of a container image.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fleetlib.errors import FleetError
 from fleetlib.fstree.exclusions import SUBD_DIR, excluder
 from fleetlib.fstree.filter import Filter, prune
 from fleetlib.fstree.hashing import Reader
+from fleetlib.fstree.oci import read_oci
 from fleetlib.fstree.safeopen import open_under
 from fleetlib.fstree.scan import ReadHook, scan_directory
 from fleetlib.fstree.tarball import Tarball
@@ -78,6 +80,27 @@ class TarballSource:
             yield digest, size, _given(reader)
 
 
+class OciSource:
+    """An OCI image layout or `docker save` tarball: the tree its layers make; each
+    object is read from the lowest layer holding it, so a layer is read again only
+    when it holds an object the server lacks. A top-level `.subd` is left out."""
+
+    parallel = False
+
+    def __init__(self, path: Path) -> None:
+        tree, self._layers = read_oci(path)
+        self.tree = prune(tree, SUBD_STATE)
+
+    def iter_objects(self, wanted: Collection[bytes]) -> Iterator[ObjectItem]:
+        pending = set(wanted)
+        for layer in self._layers:
+            held = pending & layer.object_digests()
+            if held:
+                for digest, size, reader in layer.iter_objects(held):
+                    pending.discard(digest)
+                    yield digest, size, _given(reader)
+
+
 def _opener(root: Path, path: str) -> Callable[[], BinaryIO]:
     """Opens the tree path `path` below `root` for reading when called (bound now: the
     loop moves on), by descriptor: a FIFO, device or symlink swapped in since the
@@ -91,7 +114,7 @@ def _given(reader: Reader) -> Callable[[], contextlib.nullcontext[Reader]]:
 
 
 def open_source(path: Path, on_read: ReadHook | None = None) -> Source:
-    """A directory or a .tar/.tar.gz/.tar.zst file as a source."""
+    """A directory or a .tar/.tar.gz/.tar.zst/.tar.xz/.tar.bz2 file as a source."""
     if path.is_dir():
         return DirectorySource(path, on_read)
     if path.is_file():
