@@ -3,48 +3,49 @@ module per command group."""
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
+from fleetlib.cli.lazy import Lazy, LazyGroup
 from fleetlib.cli.run import CONTEXT_SETTINGS, EXIT_CODES_HELP, run, version_option
 
-# Command group -> "module:attribute", imported only when that group runs (or --help
-# lists them): a command then loads only what it uses, and starts in a fraction of the
-# time the whole program would take to import.
+# Each command group's module is imported only when that group runs: a command then
+# loads only what it uses, and `dominator --help` (which lists these summaries) loads
+# none of them.
 COMMANDS = {
-    "audit": "dominator.cli.audit:audit",
-    "certs": "dominator.cli.certs:certs",
-    "db": "dominator.cli.db:db",
-    "deploy": "dominator.cli.deploy:deploy",
-    "fleet": "dominator.cli.fleet:fleet",
-    "image": "dominator.cli.image:image",
-    "keys": "dominator.cli.keys:keys",
-    "mdb": "dominator.cli.mdb:mdb",
-    "quickstart": "dominator.cli.quickstart:quickstart",
-    "serve": "dominator.cli.serve:serve_command",
-    "sub": "dominator.cli.sub:sub",
-    "tokens": "dominator.cli.tokens:tokens",
+    "audit": Lazy("dominator.cli.audit:audit",
+                  "Who changed what, when: image adds, deletes and expiries (the image "
+                  "server), MDB changes, the fleet-wide switch, safety clearances, intrusion "
+                  "acknowledgements, fast updates, deploys and tokens (the dominator)."),
+    "certs": Lazy("dominator.cli.certs:certs",
+                  "Make a CA and issue certificates (identity = subject CN, methods = globs)."),
+    "db": Lazy("dominator.cli.db:db",
+               "Database schemas: where each database stands, and upgrading them."),
+    "deploy": Lazy("dominator.cli.deploy:deploy",
+                   "Roll images out in waves with health gates (the pipeline deploy stage)."),
+    "fleet": Lazy("dominator.cli.fleet:fleet",
+                  "The fleet as the running dominator sees it, and its safety switches."),
+    "image": Lazy("dominator.cli.image:image",
+                  "Images: immutable trees (plus filter, triggers, computed files) on the "
+                  "image server."),
+    "keys": Lazy("dominator.cli.keys:keys",
+                 "Signing keys: `image add --sign-key DIR/NAME.key` signs an image, `subd` and "
+                 "`dominator serve --trusted-keys DIR` trust the folder's *.pub keys."),
+    "mdb": Lazy("dominator.cli.mdb:mdb", "The machine database: which image each host must run."),
+    "quickstart": Lazy("dominator.cli.quickstart:quickstart",
+                       "Bring up a working fleet on this machine and show it converge."),
+    "serve": Lazy("dominator.cli.serve:serve_command",
+                  "Run the dominator: keep every sub of the MDB on its required image."),
+    "sub": Lazy("dominator.cli.sub:sub",
+                "One host's subd, directly: poll, diff, fetch, update, push-image, get-file, "
+                "config."),
+    "tokens": Lazy("dominator.cli.tokens:tokens",
+                   "Bearer tokens of the HTTP API: `read` may follow deploys, `deploy` may also "
+                   "start and cancel them."),
 }
 
 
-class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use (see COMMANDS)."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
-        if target is None:
-            return None
-        module, _, attribute = target.partition(":")
-        command = getattr(importlib.import_module(module), attribute)
-        assert isinstance(command, click.Command), target
-        return command
-
-
-@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings=CONTEXT_SETTINGS,
+             epilog=EXIT_CODES_HELP)
 @version_option("dominator")
 def cli() -> None:
     """Fleet image convergence: images, hosts, the machine database and the fleet.

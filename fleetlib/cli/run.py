@@ -9,16 +9,13 @@ Every expected failure is one line on stderr, never a traceback.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import grpc
 
-from fleetlib.cli.endpoints import explain
 from fleetlib.errors import (
     ExistsError,
     FleetError,
@@ -27,7 +24,9 @@ from fleetlib.errors import (
     PreconditionError,
     UnavailableError,
 )
-from fleetlib.rpc.status import describe_rpc_error
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +44,17 @@ EXIT_CODES_HELP = (
 
 PACKAGE = "fleet-dominator"
 
+# By grpc.StatusCode name: this module loads no grpc (`--help` must not pay for it).
 _GRPC_EXITS = {
-    grpc.StatusCode.NOT_FOUND: EXIT_NEGATIVE,
-    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_UNAVAILABLE,
-    grpc.StatusCode.ABORTED: EXIT_UNAVAILABLE,
-    grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
-    grpc.StatusCode.ALREADY_EXISTS: EXIT_REFUSED,
-    grpc.StatusCode.PERMISSION_DENIED: EXIT_REFUSED,
-    grpc.StatusCode.UNAUTHENTICATED: EXIT_REFUSED,
+    "NOT_FOUND": EXIT_NEGATIVE,
+    "UNAVAILABLE": EXIT_UNAVAILABLE,
+    "DEADLINE_EXCEEDED": EXIT_UNAVAILABLE,
+    "RESOURCE_EXHAUSTED": EXIT_UNAVAILABLE,
+    "ABORTED": EXIT_UNAVAILABLE,
+    "FAILED_PRECONDITION": EXIT_REFUSED,
+    "ALREADY_EXISTS": EXIT_REFUSED,
+    "PERMISSION_DENIED": EXIT_REFUSED,
+    "UNAUTHENTICATED": EXIT_REFUSED,
 }
 
 
@@ -72,11 +72,20 @@ def exit_code_for(err: FleetError) -> int:
 def rpc_exit_code(err: grpc.RpcError) -> int:
     """The exit code a failed RPC's status stands for."""
     code = err.code() if hasattr(err, "code") else None
-    return _GRPC_EXITS.get(code, EXIT_USAGE)
+    return _GRPC_EXITS.get(getattr(code, "name", ""), EXIT_USAGE)
+
+
+def _rpc_errors() -> tuple[type[Exception], ...]:
+    """What `run` catches as a failed RPC: grpc.RpcError once grpc is loaded, nothing
+    before (only a loaded grpc raises one), so a command that never calls needs no grpc."""
+    grpc_module = sys.modules.get("grpc")
+    return (grpc_module.RpcError,) if grpc_module is not None else ()
 
 
 def version() -> str:
     """This installation's version, from the package metadata."""
+    import importlib.metadata  # here: ~20 ms at start-up that only --version needs
+
     try:
         return importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -84,9 +93,15 @@ def version() -> str:
 
 
 def version_option(prog: str) -> Callable[[Any], Any]:
-    """`--version`: print `PROG VERSION` and exit 0."""
-    return click.version_option(version(), "--version", prog_name=prog,
-                                message="%(prog)s %(version)s")
+    """`--version`: print `PROG VERSION` and exit 0 (the version is read only then)."""
+
+    def show(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value and not ctx.resilient_parsing:
+            click.echo(f"{prog} {version()}", color=ctx.color)
+            ctx.exit()
+
+    return click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+                        callback=show, help="Show the version and exit.")
 
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -112,7 +127,11 @@ def run(command: click.Command) -> None:
         sys.exit(EXIT_USAGE)
     except FleetError as err:
         fail(str(err), exit_code_for(err))
-    except grpc.RpcError as err:
+    except _rpc_errors() as err:
+        # Imported only now: both load grpc, which the command that failed has loaded.
+        from fleetlib.cli.endpoints import explain
+        from fleetlib.rpc.status import describe_rpc_error
+
         fail(explain(err) or describe_rpc_error(err), rpc_exit_code(err))
     except OSError as err:
         fail(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "), EXIT_USAGE)
