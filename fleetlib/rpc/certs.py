@@ -24,6 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetlib.errors import FleetError
+from fleetlib.rpc.pem import CA_CERT as CA_CERT
+from fleetlib.rpc.pem import CERT as CERT
+from fleetlib.rpc.pem import KEY as KEY
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,7 @@ ROLE_METHODS: dict[str, list[str]] = {
     ],
 }
 
-CA_CERT = "ca.pem"
-CA_KEY = "ca.key"
-CERT = "cert.pem"
-KEY = "key.pem"
+CA_KEY = "ca.key"  # the identity folders' files are named in fleetlib/rpc/pem.py
 
 CA_DAYS = 3650
 CERT_DAYS = 365

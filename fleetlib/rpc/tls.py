@@ -3,7 +3,7 @@ credentials built from them: mutual TLS everywhere unless `--insecure`."""
 
 from __future__ import annotations
 
-import datetime
+import functools
 import ipaddress
 import logging
 import os
@@ -13,12 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from fleetlib.errors import FleetError
-from fleetlib.rpc.certs import CA_CERT, CERT, KEY, common_name
+from fleetlib.rpc.pem import CA_CERT, CERT, KEY, check_identity
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +53,6 @@ _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 class Identity:
     """Who we are on the wire: our certificate and key, and the CA we trust."""
 
-    name: str
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
@@ -66,25 +62,16 @@ class Identity:
         """Read and check an identity folder, failing with one line naming the bad file."""
         tls_dir = Path(tls_dir)
         ca_pem, cert_pem, key_pem = (_read(tls_dir / name) for name in (CA_CERT, CERT, KEY))
-        try:
-            x509.load_pem_x509_certificates(ca_pem)
-        except ValueError:
-            raise FleetError(f"{tls_dir / CA_CERT} is not a PEM certificate") from None
-        try:
-            cert = x509.load_pem_x509_certificate(cert_pem)
-        except ValueError:
-            raise FleetError(f"{tls_dir / CERT} is not a PEM certificate") from None
-        try:
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError):
-            raise FleetError(f"{tls_dir / KEY} is not an unencrypted PEM private key") from None
-        if _public_der(key.public_key()) != _public_der(cert.public_key()):
-            raise FleetError(f"{tls_dir / KEY} does not match {tls_dir / CERT}")
-        if cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
-            raise FleetError(
-                f"{tls_dir / CERT} expired on {cert.not_valid_after_utc:%Y-%m-%d}: issue a new one"
-            )
-        return cls(common_name(cert_pem), ca_pem, cert_pem, key_pem)
+        check_identity(tls_dir, ca_pem, cert_pem)
+        return cls(ca_pem, cert_pem, key_pem)
+
+    @functools.cached_property
+    def name(self) -> str:
+        """Our certificate's subject CN (read on first use: a client never needs it, and
+        reading it takes `cryptography`, slow to import)."""
+        from fleetlib.rpc.certs import common_name
+
+        return common_name(self.cert_pem)
 
 
 @dataclass(frozen=True)
@@ -233,12 +220,6 @@ def _check_ipv6(host: str, text: str) -> None:
         ipaddress.IPv6Address(host)
     except ValueError:
         raise FleetError(f"bad address {text!r}: {host!r} is not an IPv6 address") from None
-
-
-def _public_der(public_key: PublicKeyTypes) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _read(path: Path) -> bytes:
