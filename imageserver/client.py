@@ -12,16 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 
 from fleetlib.errors import UnavailableError
-from fleetlib.fstree.image import Image
-from fleetlib.fstree.objectstore import ObjectStore
-from fleetlib.fstree.source import Source
 from fleetlib.rpc.chunks import join_chunks, split_message
 from fleetlib.rpc.deadline import with_default_deadline
-from fleetlib.rpc.objects import ObjectReceiver, ReceiveStats, object_chunks, pack
 from fleetlib.rpc.ports import IMAGESERVER_PORT
 from fleetlib.rpc.tls import Security, open_channel, parse_address
 from fleetlib.wire import (
@@ -30,7 +27,15 @@ from fleetlib.wire import (
     objectserver_pb2,
     objectserver_pb2_grpc,
 )
-from fleetlib.wire.codec import image_from_proto, image_to_proto
+
+# The tree library, object streams and image codec are imported by the methods that
+# move objects or images: a command that only lists images (`dominator image list`)
+# starts without them.
+if TYPE_CHECKING:
+    from fleetlib.fstree.image import Image
+    from fleetlib.fstree.objectstore import ObjectStore
+    from fleetlib.fstree.source import Source
+    from fleetlib.rpc.objects import ReceiveStats
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,8 @@ class ImageServerClient:
                progress: Progress | None = None, streams: int = UPLOAD_STREAMS) -> int:
         """Send the wanted objects of `source`, over several streams at once when the
         source allows it; returns the number of objects the server added."""
+        from fleetlib.rpc.objects import object_chunks, pack
+
         items = source.iter_objects(wanted)
         lock = threading.Lock()
 
@@ -103,6 +110,8 @@ class ImageServerClient:
     def fetch(self, hashes: list[bytes], store: ObjectStore,
               progress: Progress | None = None) -> ReceiveStats:
         """Download objects into `store`, verifying every one."""
+        from fleetlib.rpc.objects import ObjectReceiver
+
         receiver = ObjectReceiver(store)
         try:
             request = objectserver_pb2.GetObjectsRequest(hashes=hashes)
@@ -117,11 +126,15 @@ class ImageServerClient:
 
     def add_image(self, image: Image) -> None:
         """Store an image whose objects the server already holds."""
+        from fleetlib.wire.codec import image_to_proto
+
         data = image_to_proto(image).SerializeToString()
         self.images.AddImage(split_message(data))
 
     def get_image(self, name: str) -> Image:
         """Read and validate an image."""
+        from fleetlib.wire.codec import image_from_proto
+
         chunks = self.images.GetImage(imageserver_pb2.GetImageRequest(name=name))
         return image_from_proto(imageserver_pb2.Image.FromString(join_chunks(chunks)))
 

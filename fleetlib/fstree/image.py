@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import Filter
+from fleetlib.fstree.imagename import check_image_name as check_image_name  # its old home
 from fleetlib.fstree.tree import Tree, check_clean_path
 from fleetlib.fstree.triggers import Trigger
 from fleetlib.jsoninput import load_json
-
-NAME_COMPONENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=,:-]*")
-MAX_NAME_LENGTH = 255
 
 
 @dataclass(frozen=True)
@@ -45,19 +42,6 @@ class Image:
     created_unix: int = 0
     expires_unix: int = 0
     signature: ImageSignature | None = None
-
-
-def check_image_name(name: str) -> str:
-    """Validate an image name: `/`-separated components (streams), no `..`, no
-    leading or trailing `/`, each component starting with a letter or digit."""
-    if not name or len(name) > MAX_NAME_LENGTH:
-        raise FleetError(f"invalid image name {name!r}: must be 1 to {MAX_NAME_LENGTH} characters")
-    for component in name.split("/"):
-        if not NAME_COMPONENT_RE.fullmatch(component):
-            raise FleetError(
-                f"invalid image name {name!r}: components are letters, digits and ._+@=,:- "
-                "and start with a letter or digit")
-    return name
 
 
 def parse_computed_files(text: str, origin: str = "computed files") -> list[ComputedFile]:

@@ -16,7 +16,6 @@ from fleetlib.errors import (
     PreconditionError,
     UnavailableError,
 )
-from fleetlib.fstree.listing import quote
 
 
 def status_for(err: FleetError) -> grpc.StatusCode:
@@ -36,6 +35,9 @@ def status_for(err: FleetError) -> grpc.StatusCode:
 
 async def abort(context: grpc.aio.ServicerContext, err: FleetError) -> NoReturn:
     """End the call with the status and one-line message of `err` (this raises)."""
+    # Imported here: a client describing a failed call (below) loads no tree library.
+    from fleetlib.fstree.listing import quote
+
     await context.abort(status_for(err), quote(str(err)))  # paths may not be UTF-8
     # grpc's abort always raises; the raise tells mypy so, grpc having no type stubs.
     raise AssertionError("grpc.aio context.abort returned")
