@@ -134,6 +134,28 @@ class _Held:
 NOTHING = _Held({}, -math.inf)
 
 
+# PostgreSQL: what bounds a renewal transaction (set first, in its transaction only).
+BOUNDS = ("set_config('statement_timeout', :ms, true), set_config('lock_timeout', :ms, true), "
+          "set_config('idle_in_transaction_session_timeout', :ms, true)")
+
+# PostgreSQL: the start of a round in one statement, so a starved process waits for
+# one reply instead of four: set the bounds, heartbeat this dominator (`:me`; 0 rows
+# when the database forgot it), count the live dominators (this one among them: the
+# snapshot still holds its last heartbeat), and renew its unexpired leases.
+ROUND = sa.text(
+    "WITH beat AS (UPDATE dominators SET last_renewal = now() WHERE id = :me RETURNING id), "
+    "renewed AS (UPDATE shard_leases SET expires_at = now() + :lease * interval '1 second' "
+    "WHERE owner = :me AND expires_at > now() AND EXISTS (SELECT 1 FROM beat) "
+    "RETURNING shard, token) "
+    f"SELECT {BOUNDS}, "
+    "(SELECT count(*) FROM beat) AS beat, "
+    "(SELECT count(*) FROM dominators WHERE id <> :me "
+    "AND last_renewal > now() - :lease * interval '1 second') "
+    "+ (SELECT count(*) FROM beat) AS live, "
+    "(SELECT coalesce(array_agg(shard ORDER BY shard), '{}') FROM renewed) AS shards, "
+    "(SELECT coalesce(array_agg(token ORDER BY shard), '{}') FROM renewed) AS tokens")
+
+
 def _utc(moment: datetime) -> datetime:
     """`moment` with a time zone: SQLite returns naive UTC times."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
@@ -245,20 +267,24 @@ class LeaseManager:
 
     def _renew_postgres(self, connection: Connection, start: float, before: _Held,
                         mutable_before: Mapping[int, int]) -> Renewal:
-        """Heartbeat, count, renew, give back surplus or take up to the share. Row
+        """Heartbeat, count and renew (one statement, ROUND), then give back surplus or
+        take up to the share: three replies to wait for, with the commit. Row
         locks keep two dominators from holding one shard: taking skips rows another
         transaction has locked and re-checks free-or-expired on the rows it locks;
         renewing matches only this dominator's unexpired rows."""
-        self._bound(connection)
-        self._heartbeat(connection)
-        params = {"me": self._id, "lease": self.lease_seconds}
-        live = int(connection.execute(sa.text(
-            "SELECT count(*) FROM dominators "
-            "WHERE last_renewal > now() - :lease * interval '1 second'"), params).scalar_one())
+        params = {"me": self._id or 0, "lease": self.lease_seconds, "ms": self._bound_ms()}
+        started = connection.execute(ROUND, params).mappings().one()
+        live = started["live"]
+        renewed = dict(zip(started["shards"], started["tokens"], strict=True))
+        if not started["beat"]:  # the first round, or the database forgot this dominator
+            self._heartbeat(connection)
+            params["me"] = self._id
+            live = connection.execute(sa.text(
+                "SELECT count(*) FROM dominators "
+                "WHERE last_renewal > now() - :lease * interval '1 second'"),
+                params).scalar_one()
+        live = int(live)
         share = fair_share(self.shards, live)
-        renewed = _grants(connection.execute(sa.text(
-            "UPDATE shard_leases SET expires_at = now() + :lease * interval '1 second' "
-            "WHERE owner = :me AND expires_at > now() RETURNING shard, token"), params))
         released = tuple(sorted(renewed)[share:])
         taken: dict[int, int] = {}
         if released:
@@ -310,12 +336,11 @@ class LeaseManager:
         mid-transaction) may hold this transaction, and its row locks, longer than a
         renew interval: the server ends it, so peers can take expired shards."""
         if not self._sqlite:
-            milliseconds = str(max(1, int(self.renew_interval * 1000)))
-            connection.execute(sa.text(
-                "SELECT set_config('statement_timeout', :ms, true), "
-                "set_config('lock_timeout', :ms, true), "
-                "set_config('idle_in_transaction_session_timeout', :ms, true)"),
-                {"ms": milliseconds})
+            connection.execute(sa.text(f"SELECT {BOUNDS}"), {"ms": self._bound_ms()})
+
+    def _bound_ms(self) -> str:
+        """The bound of a renewal transaction's statements and pauses, in ms."""
+        return str(max(1, int(self.renew_interval * 1000)))
 
     def _heartbeat(self, connection: Connection) -> bool:
         """Renew this dominator's row; register it (a new id) on the first round or
