@@ -35,7 +35,8 @@ NEVER = "never"
 CONTENT = "dominator.cli.image_content"
 LAZY_COMMANDS = {
     "add": Lazy(f"{CONTENT}:add_command",
-                "Add image NAME from SOURCE: a directory, or a .tar, .tar.gz or .tar.zst file."),
+                "Add image NAME from SOURCE: a directory, or a .tar, .tar.gz, .tar.zst, "
+                ".tar.xz or .tar.bz2 file; or from a container image with --from-oci FILE."),
     "cat": Lazy(f"{CONTENT}:cat_command",
                 "Print file PATH of image NAME on stdout, byte for byte (verified against its "
                 "hash before any of it is printed)."),

@@ -33,7 +33,7 @@ from fleetlib.fstree.image import Image, ImageSignature, parse_computed_files
 from fleetlib.fstree.imagename import check_image_name
 from fleetlib.fstree.listing import format_inode, listing, quote
 from fleetlib.fstree.objectstore import ObjectStore
-from fleetlib.fstree.source import open_source
+from fleetlib.fstree.source import OciSource, Source, open_source
 from fleetlib.fstree.tree import DEVICE_KINDS, Inode, Kind, Tree, check_clean_path, join
 from fleetlib.fstree.triggers import load_triggers
 from fleetlib.fstree.unpack import check_empty_destination, unpack_tree
@@ -48,7 +48,11 @@ BINARY_PROBE = 8000  # like diff(1) and git: a NUL byte this early means binary 
 
 @click.command(name="add")
 @click.argument("name")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--from-oci", "oci", metavar="FILE", type=click.Path(exists=True, path_type=Path),
+              help="Instead of SOURCE: an OCI image layout (a directory, or a tar of one) or "
+                   "a `docker save` tarball; its layers are applied in order, whiteouts "
+                   "included, and every blob is checked against its digest.")
 @click.option("--filter", "filter_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Filter file: one start-anchored regex per line; matched paths are left "
                    "out of the image and never touched on hosts.")
@@ -65,15 +69,18 @@ BINARY_PROBE = 8000  # like diff(1) and git: a NUL byte this early means binary 
 @json_option
 @imageserver_option
 @security_options
-def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
-                triggers_file: Path | None, computed_file: Path | None, expires_in: str | None,
-                sign_key: Path | None, as_json: bool, imageserver: str,
+def add_command(name: str, source: Path | None, oci: Path | None, filter_file: Path | None,
+                sparse: bool, triggers_file: Path | None, computed_file: Path | None,
+                expires_in: str | None, sign_key: Path | None, as_json: bool, imageserver: str,
                 security: Security) -> None:
-    """Add image NAME from SOURCE: a directory, or a .tar, .tar.gz or .tar.zst file.
+    """Add image NAME from SOURCE: a directory, or a .tar, .tar.gz, .tar.zst, .tar.xz or
+    .tar.bz2 file; or from a container image with --from-oci FILE.
 
-    Only the objects the server lacks are uploaded, over several streams.
+    Only the objects the server lacks are uploaded (over several streams from a directory).
     """
     check_image_name(name)
+    if (source is None) == (oci is None):
+        raise FleetError("give SOURCE or --from-oci FILE (one of them)")
     if sparse and filter_file:
         raise FleetError("--sparse and --filter exclude each other")
     flt = None if sparse else Filter.load(filter_file) if filter_file else EMPTY
@@ -86,7 +93,12 @@ def add_command(name: str, source: Path, filter_file: Path | None, sparse: bool,
         if client.image_exists(name):
             raise FleetError(f"image {name} already exists (images are immutable)")
         started = time.monotonic()
-        src = open_source(source)
+        src: Source
+        if oci is not None:
+            src = OciSource(oci)
+        else:
+            assert source is not None  # one of them, checked above
+            src = open_source(source)
         tree = prune(src.tree, flt)
         wanted = tree.object_sizes()
         missing = client.missing(wanted)

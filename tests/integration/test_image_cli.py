@@ -1,5 +1,6 @@
 """`dominator image ...` against a real image server: exact round trips, upload
-deduplication, tarballs, listings, diffs, and one-line refusals of bad input."""
+deduplication, tarballs, container images, listings, diffs, and one-line refusals of bad
+input."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from pathlib import Path
 import pytest
 
 from fleetlib.testing.daemons import Daemon, assert_one_line_error, cli
+from fleetlib.testing.oci import (
+    SAMPLE_COMPRESSIONS,
+    python_tar_layer,
+    sample_image,
+    tar_directory,
+    write_docker_save,
+    write_layout,
+)
 from fleetlib.testing.trees import make_tree, rsync_differences
 
 needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
@@ -90,17 +99,26 @@ def test_diff_exit_codes_and_listing(tmp_path: Path, cli_env: dict[str, str]) ->
     assert marks == {"+ /etc/new", "m /etc/hostname", "- /etc/ssl/cert.pem"}
 
 
+@needs_rsync
 def test_tarball_sources_equal_directory_source(tmp_path: Path, cli_env: dict[str, str]) -> None:
     source = make_tree(tmp_path / "src")
-    cli("image", "add", "from-dir", str(source), env=cli_env, check=True)
-    for name, flags in (("plain.tar", []), ("gz.tar.gz", ["-z"]), ("zst.tar.zst", ["--zstd"])):
+    fast = {**os.environ, "XZ_OPT": "-0", "BZIP2": "-1"}
+    tarballs = {}
+    for name, flags in (("plain.tar", []), ("gz.tar.gz", ["-z"]), ("zst.tar.zst", ["--zstd"]),
+                        ("xz.tar.xz", ["-J"]), ("bz2.tar.bz2", ["-j"])):
         tarball = tmp_path / name
         made = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner",
                                "--format=posix", *flags, "-cpf", str(tarball), "-C",
-                               str(source), "."], capture_output=True)
+                               str(source), "."], capture_output=True, env=fast)
         if made.returncode != 0:
             pytest.skip(f"tar cannot make {name}: {made.stderr.decode().strip()}")
-        image = name.split(".")[0]
+        tarballs[name.split(".")[0]] = tarball
+    # first, on its own: every object is read from the xz stream
+    cli("image", "add", "xz", str(tarballs.pop("xz")), env=cli_env, check=True)
+    cli("image", "get", "xz", str(tmp_path / "unpacked"), env=cli_env, check=True)
+    assert rsync_differences(source, tmp_path / "unpacked") == ""
+    cli("image", "add", "from-dir", str(source), env=cli_env, check=True)
+    for image, tarball in tarballs.items():
         result = json.loads(cli("image", "add", image, str(tarball), "--json", env=cli_env,
                                 check=True).stdout)
         assert result["uploaded_objects"] == 0  # all content was already there
@@ -200,6 +218,11 @@ def test_bad_input_is_refused_in_one_line(tmp_path: Path, cli_env: dict[str, str
                           code=1)
     assert_one_line_error(cli("image", "get", "good", str(good), env=cli_env), "not empty")
     assert_one_line_error(cli("image", "add", "x", str(tmp_path / "nowhere"), env=cli_env))
+    for path, words in _bad_container_images(tmp_path / "oci"):
+        assert_one_line_error(cli("image", "add", "x", "--from-oci", str(path), env=cli_env),
+                              *words)
+    assert_one_line_error(cli("image", "add", "x", str(good), "--from-oci", str(good),
+                              env=cli_env), "SOURCE", "--from-oci")
     no_identity = {**cli_env, "DOMINATOR_TLS_DIR": ""}
     assert_one_line_error(cli("image", "list", env=no_identity), "no TLS identity")
     subd_identity = {**cli_env, "DOMINATOR_TLS_DIR": str(ca / "subd")}
@@ -207,3 +230,55 @@ def test_bad_input_is_refused_in_one_line(tmp_path: Path, cli_env: dict[str, str
                           "ImageServer.ListImages", code=4)
     assert_one_line_error(cli("image", "list", "--insecure", env=cli_env), code=3)
     assert stored_state(imageserver) == before
+
+
+@needs_rsync
+def test_container_images_unpack_to_what_their_layers_make(tmp_path: Path,
+                                                           cli_env: dict[str, str]) -> None:
+    """A tar of an OCI layout and a `docker save` tarball of the three-layer sample (gzip,
+    zstd and plain layers; replaced files, whiteouts, an opaque directory, hard links
+    within and across layers) are one image: exactly the directory expected."""
+    layers, expected = sample_image(tmp_path / "sample")
+    layout = write_layout(tmp_path / "layout", layers, SAMPLE_COMPRESSIONS)
+    archive = tar_directory(layout, tmp_path / "layout.tar")
+    added = json.loads(cli("image", "add", "oci/tar", "--from-oci", str(archive), "--json",
+                           env=cli_env, check=True).stdout)
+    assert added["skipped_objects"] == 0
+    cli("image", "get", "oci/tar", str(tmp_path / "dest"), env=cli_env, check=True)
+    assert rsync_differences(expected, tmp_path / "dest") == ""
+    saved = write_docker_save(tmp_path / "saved.tar", layers)
+    again = json.loads(cli("image", "add", "oci/saved", "--from-oci", str(saved), "--json",
+                           env=cli_env, check=True).stdout)
+    assert again["uploaded_objects"] == 0 and again["inodes"] == added["inodes"]
+    assert cli("image", "diff", "oci/tar", "oci/saved", env=cli_env).returncode == 0
+
+
+def _bad_container_images(work: Path) -> list[tuple[Path, list[str]]]:
+    """(image, words its refusal holds): a layer blob not matching its digest, a layer
+    member escaping the root, a missing blob, malformed index.json and manifest.json."""
+    def layout(name: str, *members: str) -> tuple[Path, Path]:
+        tar = python_tar_layer(*((tarfile.TarInfo(m), b"x") for m in members))
+        path = write_layout(work / name, [tar], ["gzip"])
+        return path, next(p for p in (path / "blobs/sha256").iterdir()
+                          if p.read_bytes()[:2] == b"\x1f\x8b")  # the layer
+
+    mismatch, blob = layout("mismatch", "etc/x")
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    missing, blob = layout("missing", "etc/x")
+    blob.unlink()
+    malformed, _ = layout("malformed", "etc/x")
+    (malformed / "index.json").write_text('{"schemaVersion": 2, "manifests": [')
+    saved = write_docker_save(work / "saved.tar", [python_tar_layer()])
+    with tarfile.open(saved) as tar, tarfile.open(work / "bad-saved.tar", "w") as bad:
+        for info in tar.getmembers():
+            member = tar.extractfile(info)
+            content = b"[{" if info.name == "manifest.json" or member is None else member.read()
+            info.size = len(content)
+            bad.addfile(info, io.BytesIO(content))
+    return [(mismatch, ["layer 1 of", "digest mismatch"]),
+            (layout("escape", "etc/x", "../../etc/passwd")[0], ["bad layer 1", "'..' in path"]),
+            (missing, ["missing blobs/sha256/" + blob.name]),
+            (malformed, ["index.json", "malformed JSON"]),
+            (work / "bad-saved.tar", ["manifest.json", "malformed JSON"])]
