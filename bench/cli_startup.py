@@ -2,8 +2,9 @@
 pass` (the interpreter's own start) in the same run. Measured, as an operator runs them
 (the console script next to this interpreter): `dominator --help`, `dominator --version`,
 `dominator image --help` and `dominator image list` against a running image server
-(mutual TLS, identities from `certs init`, one small image on it), and `python -c
-'import grpc'`, the floor of any command that calls a server. Each command runs
+(mutual TLS, identities from `certs init`, one small image on it), and two floors:
+`python -c 'import grpc'` (any command that calls a server) and a bare gRPC ListImages
+(the generated stub, nothing checked: the least `image list` can do). Each command runs
 `--runs` times, interleaved with the others so that the machine's load falls on all
 alike; medians of the wall clock and of the child's CPU (user + system). Goal: every
 command under 150 ms wall.
@@ -32,7 +33,24 @@ from fleetlib.testing.daemons import PROJECT, cli, imageserver_daemon
 GOAL_MS = 150.0
 NAME = "cli_startup"
 PEER = "python -c pass"
-FLOOR = "python -c 'import grpc'"  # what any command that calls a server pays at least
+# What any command calling a server pays at least, and the least `image list` can do:
+# the generated stub's ListImages over mutual TLS, nothing checked, one line printed.
+FLOORS = {
+    "python -c 'import grpc'": "import grpc",
+    "bare grpc ListImages": """
+import os
+import grpc
+from fleetlib.wire import imageserver_pb2, imageserver_pb2_grpc
+tls = os.environ["DOMINATOR_TLS_DIR"]
+ca, cert, key = (open(os.path.join(tls, n), "rb").read() for n in ("ca.pem", "cert.pem", "key.pem"))
+credentials = grpc.ssl_channel_credentials(ca, key, cert)
+with grpc.secure_channel(os.environ["DOMINATOR_IMAGESERVER"], credentials,
+                         options=[("grpc.ssl_target_name_override", "imageserver")]) as channel:
+    reply = imageserver_pb2_grpc.ImageServerStub(channel).ListImages(
+        imageserver_pb2.ListImagesRequest(), timeout=30)
+print(len(reply.images))
+""",
+}
 
 
 def dominator_program(module: bool) -> list[str]:
@@ -58,7 +76,8 @@ def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 def measure(commands: dict[str, list[str]], env: dict[str, str],
             runs: int) -> dict[str, dict[str, float]]:
     """Median wall and CPU milliseconds of each command over `runs` interleaved rounds
-    (after one untimed round that warms the page cache)."""
+    (after one untimed round that warms the page cache), and its fastest wall time (on
+    a busy machine, the nearest to what it takes alone)."""
     times: dict[str, list[tuple[float, float]]] = {what: [] for what in commands}
     for round_ in range(runs + 1):
         for what, argv in commands.items():
@@ -66,18 +85,19 @@ def measure(commands: dict[str, list[str]], env: dict[str, str],
             if round_:
                 times[what].append((wall, cpu))
     return {what: {"wall_ms": round(statistics.median(w for w, _ in got) * 1000, 1),
-                   "cpu_ms": round(statistics.median(c for _, c in got) * 1000, 1)}
+                   "cpu_ms": round(statistics.median(c for _, c in got) * 1000, 1),
+                   "fastest_wall_ms": round(min(w for w, _ in got) * 1000, 1)}
             for what, got in times.items()}
 
 
 def rows(figures: dict[str, dict[str, float]]) -> list[dict[str, object]]:
     """One row per command: its medians, the ratio to the peer's wall, the goal (none
-    for the floor, which is there to compare with)."""
+    for the floors, which are there to compare with)."""
     base = figures[PEER]["wall_ms"]
     return [{"what": what, **figure, "peer": PEER, "peer_wall_ms": base,
              "ratio": round(figure["wall_ms"] / base, 2),
-             "goal_ms": None if what == FLOOR else GOAL_MS,
-             "met": None if what == FLOOR else figure["wall_ms"] < GOAL_MS}
+             "goal_ms": None if what in FLOORS else GOAL_MS,
+             "met": None if what in FLOORS else figure["wall_ms"] < GOAL_MS}
             for what, figure in figures.items() if what != PEER]
 
 
@@ -100,7 +120,7 @@ def run(work: Path, runs: int, module: bool) -> dict[str, object]:
         dominator = dominator_program(module)
         commands = {
             PEER: [sys.executable, "-c", "pass"],
-            FLOOR: [sys.executable, "-c", "import grpc"],
+            **{what: [sys.executable, "-c", code] for what, code in FLOORS.items()},
             "dominator --help": [*dominator, "--help"],
             "dominator --version": [*dominator, "--version"],
             "dominator image --help": [*dominator, "image", "--help"],
@@ -118,14 +138,16 @@ def show(result: dict[str, object]) -> None:
     peer = result["peer"]
     assert isinstance(peer, dict)
     print(f"\n{NAME} (medians of {result['runs']}; {peer['what']}: "
-          f"{peer['wall_ms']:.1f} ms wall, {peer['cpu_ms']:.1f} ms CPU)")
-    print(f"{'what':26} {'wall ms':>8} {'cpu ms':>8} {'ratio':>6} {'goal ms':>8}")
+          f"{peer['wall_ms']:.1f} ms wall, fastest {peer['fastest_wall_ms']:.1f}, "
+          f"{peer['cpu_ms']:.1f} ms CPU)")
+    print(f"{'what':26} {'wall ms':>8} {'fastest':>8} {'cpu ms':>8} {'ratio':>6} {'goal ms':>8}")
     rows_ = result["rows"]
     assert isinstance(rows_, list)
     for row in rows_:
         goal, mark = ("-", "(floor)") if row["met"] is None else \
             (f"{row['goal_ms']:.0f}", "ok" if row["met"] else "MISSED")
-        print(f"{row['what']:26} {row['wall_ms']:8.1f} {row['cpu_ms']:8.1f} "
+        print(f"{row['what']:26} {row['wall_ms']:8.1f} {row['fastest_wall_ms']:8.1f} "
+              f"{row['cpu_ms']:8.1f} "
               f"{row['ratio']:6.2f} {goal:>8} {mark}")
 
 
