@@ -132,6 +132,8 @@ class DominatorState:
         # per host: the desired state last stored here (a repeat of it stores nothing)
         self._desired_last: dict[str, tuple[str, frozenset[tuple[str, tuple[bytes, int]]]]] = {}
         self._history: dict[str, Desired] = {}  # desired states of hosts read (see forget)
+        self._wanted: list[_Wanted] = []  # desired states waiting to be stored
+        self._write_lock = threading.Lock()  # held by the one storing them (not _lock)
         self._sync_stored: dict[str, int] = {}  # when each host's last sync was stored
         self._syncs_due: dict[str, tuple[int, str]] = {}  # last syncs not yet stored
         self._syncs_since = 0.0  # monotonic time of the oldest of them
@@ -344,29 +346,57 @@ class DominatorState:
             return
         with self._lock:
             known = self._history.get(hostname)
-        if known is not None and known.latest(image, computed):  # stored before: as it is
+            stored = known is not None and known.latest(image, computed)
+        if stored:  # as it is: nothing to write
             self._desired_last[hostname] = seen
             return
-        now = int(time.time())
-        statements: list[sa.Executable] = [
-            self._insert(DesiredImageRow).values(hostname=hostname, image=image, last_unix=now)
-            .on_conflict_do_update(index_elements=[DesiredImageRow.hostname,
-                                                   DesiredImageRow.image],
-                                   set_={"last_unix": now})]
-        statements += [self._insert(DesiredComputedRow).values(hostname=hostname, path=path,
-                                                         hash=digest.hex(), size=size)
-                       .on_conflict_do_nothing()
-                       for path, (digest, size) in computed.items()]
+        wanted = _Wanted(hostname, image, int(time.time()), computed)
         with self._lock:
-            known = self._history.get(hostname)
-            with self._db.begin() as conn:
-                for statement in statements:
-                    conn.execute(statement)
-                if known is None:  # read in the same transaction: none more for the reads
-                    self._history[hostname] = self._load(conn, hostname)
-            if known is not None:
-                known.add(image, now, computed)
+            self._wanted.append(wanted)
+        with self._write_lock:  # one writer: it stores what every waiting caller wants
+            if not wanted.done:
+                with self._lock:
+                    batch, self._wanted = self._wanted, []
+                self._store_desired(batch)
+        if wanted.error is not None:
+            raise wanted.error
         self._desired_last[hostname] = seen
+
+    def _store_desired(self, batch: list[_Wanted]) -> None:
+        """Store the desired states of `batch` in one transaction (one commit for
+        every caller waiting: at 50 updates in flight the commits were the pace of a
+        rollout), then add them to the histories in memory; each caller learns of a
+        failure. Holds the write lock."""
+        images = self._insert(DesiredImageRow)
+        try:
+            with self._db.begin() as conn:
+                conn.execute(images.on_conflict_do_update(
+                    index_elements=[DesiredImageRow.hostname, DesiredImageRow.image],
+                    set_={"last_unix": images.excluded.last_unix}),
+                    list({(w.hostname, w.image): {"hostname": w.hostname, "image": w.image,
+                                                  "last_unix": w.unix}
+                          for w in batch}.values()))  # a row once per statement
+                computed = [{"hostname": w.hostname, "path": path, "hash": digest.hex(),
+                             "size": size}
+                            for w in batch for path, (digest, size) in w.computed.items()]
+                if computed:
+                    conn.execute(self._insert(DesiredComputedRow).on_conflict_do_nothing(),
+                                 computed)
+                with self._lock:
+                    unknown = sorted({w.hostname for w in batch} - self._history.keys())
+                read = self._load_many(conn, unknown)  # with the write: no read later
+            with self._lock:
+                for w in batch:
+                    if w.hostname in read:  # read with this batch's rows in it
+                        self._history.setdefault(w.hostname, read[w.hostname])
+                    elif (known := self._history.get(w.hostname)) is not None:  # else forgot
+                        known.add(w.image, w.unix, w.computed)
+        except SQLAlchemyError as err:
+            for w in batch:
+                w.error = err
+        finally:
+            for w in batch:
+                w.done = True
 
     def record_sync(self, hostname: str, image: str,
                     computed: dict[str, tuple[bytes, int]]) -> None:
@@ -389,9 +419,12 @@ class DominatorState:
             self.store_syncs()
 
     def store_syncs(self) -> None:
-        """Store every last sync due, in one transaction (kept due when it fails)."""
-        with self._lock:
-            if not self._syncs_due:
+        """Store every last sync due, in one transaction (kept due when it fails);
+        reads and records go on meanwhile (the write lock, not the memory's)."""
+        with self._write_lock:
+            with self._lock:
+                due = dict(self._syncs_due)
+            if not due:
                 return
             insert = self._insert(HostRow)
             with self._db.begin() as conn:
@@ -400,8 +433,11 @@ class DominatorState:
                     set_={"last_sync_unix": insert.excluded.last_sync_unix,
                           "current_image": insert.excluded.current_image}),
                     [{"hostname": hostname, "last_sync_unix": unix, "current_image": image}
-                     for hostname, (unix, image) in self._syncs_due.items()])
-            self._syncs_due.clear()
+                     for hostname, (unix, image) in due.items()])
+            with self._lock:
+                for hostname, stored in due.items():
+                    if self._syncs_due.get(hostname) == stored:  # not due again since
+                        del self._syncs_due[hostname]
 
     def mirror_sync(self, hostname: str, image: str, last_sync_unix: int) -> None:
         """What another dominator reports of a host it supervises (statusrows.py): its
@@ -474,6 +510,18 @@ class DominatorState:
         """Every computed file version the host was asked to hold: path -> {hash: size}."""
         return {path: dict(versions)
                 for path, versions in self._desired(hostname).computed.items()}
+
+
+@dataclass
+class _Wanted:
+    """A desired state a caller of record_desired waits to see stored."""
+
+    hostname: str
+    image: str
+    unix: int
+    computed: dict[str, tuple[bytes, int]]
+    done: bool = False
+    error: SQLAlchemyError | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ read from memory, last syncs stored together."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -142,6 +143,33 @@ def test_hosts_moving_in_read_their_desired_states_together(tmp_path: Path,
     state.record_desired("web-1", "v1", {"/etc/motd": (b"\x03" * 32, 7)})  # a new version
     assert len(ended) == 5
     state.close()
+
+
+def test_desired_states_recorded_at_once_share_commits(tmp_path: Path,
+                                                        shared: str | None) -> None:
+    state = DominatorState(tmp_path / "state.sqlite", shared)
+    state.preload_desired([f"web-{n}" for n in range(40)])
+    ended = transactions(state)
+    start = threading.Barrier(40)
+
+    def record(n: int) -> None:
+        start.wait()
+        state.record_desired(f"web-{n % 39}", "v1", {"/etc/motd": (bytes([n]) * 32, n)})
+
+    threads = [threading.Thread(target=record, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(ended) < 40  # callers waiting together are stored together
+    assert set(ended) == {"commit"}
+    state.close()
+    again = DominatorState(tmp_path / "state.sqlite", shared)  # web-0 twice: one row
+    assert again.desired_images("web-0") == ["v1"]
+    assert again.desired_computed("web-0") == {"/etc/motd": {bytes(32): 0,
+                                                             bytes([39]) * 32: 39}}
+    assert all(again.desired_images(f"web-{n}") == ["v1"] for n in range(39))
+    again.close()
 
 
 def test_last_syncs_share_one_transaction_and_survive_a_restart(tmp_path: Path,
