@@ -384,7 +384,7 @@ class DominatorState:
                                  computed)
                 with self._lock:
                     unknown = sorted({w.hostname for w in batch} - self._history.keys())
-                read = self._load_many(conn, unknown)  # with the write: no read later
+                read = self._load_many(conn, unknown) if unknown else {}  # no read later
             with self._lock:
                 for w in batch:
                     if w.hostname in read:  # read with this batch's rows in it
