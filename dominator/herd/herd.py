@@ -60,6 +60,11 @@ from subd.trust import is_trust_refusal
 
 log = logging.getLogger(__name__)
 
+# Hosts starting together (a start, an MDB import, shards taken over from a dead peer)
+# have their first cycles spread over their count divided by this, at most one poll
+# interval: a dead peer's thousand hosts are polled within a second, not five.
+FIRST_CYCLES_PER_SECOND = 1000.0
+
 
 @dataclass
 class HerdConfig:
@@ -208,6 +213,7 @@ class Herd:
         self.rows = StatusRows(self.subs, state, ownership)  # shared state: whole-fleet view
         self._planning: dict[PlanKey, asyncio.Future[Planned | None]] = {}
         self._poll_slots = asyncio.Semaphore(config.poll_slots)
+        self._first_spread: float | None = None  # see _place_all
         self._fetch_slots = asyncio.Semaphore(config.fetch_slots)
         self.server_slots = ServerSlots(config.fetches_per_imageserver)
         self._update_slots = asyncio.Semaphore(config.update_slots)
@@ -389,6 +395,8 @@ class Herd:
     async def _place_all(self, subs: Iterable[Sub]) -> None:
         """Place each of `subs`, then read the desired states of those that started
         here in a few queries (a thousand hosts moving in would else each make one)."""
+        subs = list(subs)  # their first cycles, spread at the pace first polls can take
+        self._first_spread = len(subs) / FIRST_CYCLES_PER_SECOND
         started = []
         for sub in subs:
             if self._stopping:
@@ -442,7 +450,7 @@ class Herd:
         watch = self.watches.open(sub, self._client)  # when to cycle: see herd/watch.py
         try:
             while not self._stopping:
-                await watch.next_cycle(self.config.poll_interval)
+                await watch.next_cycle(self.config.poll_interval, self._first_spread)
                 try:
                     await self.cycle(sub)
                 except asyncio.CancelledError:

@@ -51,6 +51,7 @@ DEFAULT_LEASE_SECONDS = 15.0
 FORGET_DOMINATORS_AFTER = timedelta(hours=1)
 # After a failed round the next one comes this fraction of the renew interval later.
 RETRY_FRACTION = 0.25
+EXPIRY_MARGIN = 0.25  # seconds after a peer's lease expiry to take it (and between rounds)
 
 State = Literal["starting", "ok", "failing", "lapsed", "stopped"]
 
@@ -89,6 +90,7 @@ class Renewal:
     released: tuple[int, ...]  # given back as surplus
     lost: tuple[int, ...]  # held before, not renewed: expired, or taken by a peer
     mutable_before: Mapping[int, int]  # what may_mutate allowed when the round began
+    next_expiry: float | None = None  # seconds until a peer's lease expires first (PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,9 @@ ROUND = sa.text(
     "AND last_renewal > now() - :lease * interval '1 second') "
     "+ (SELECT count(*) FROM beat) AS live, "
     "(SELECT coalesce(array_agg(shard ORDER BY shard), '{}') FROM renewed) AS shards, "
-    "(SELECT coalesce(array_agg(token ORDER BY shard), '{}') FROM renewed) AS tokens")
+    "(SELECT coalesce(array_agg(token ORDER BY shard), '{}') FROM renewed) AS tokens, "
+    "(SELECT extract(epoch FROM min(expires_at) - now()) FROM shard_leases "
+    "WHERE owner <> :me AND expires_at > now()) AS next_expiry")
 
 
 def _utc(moment: datetime) -> datetime:
@@ -304,9 +308,11 @@ class LeaseManager:
                 {**params, "wanted": share - len(renewed)}))
         held = {shard: token for shard, token in renewed.items() if shard not in released}
         held.update(taken)
+        expiry = started["next_expiry"]
         return Renewal(began=start, live=live, share=share, held=held, taken=taken,
                        released=released, lost=_lost(before, renewed),
-                       mutable_before=mutable_before)
+                       mutable_before=mutable_before,
+                       next_expiry=None if expiry is None else float(expiry))
 
     def _renew_sqlite(self, connection: Connection, start: float, before: _Held,
                       mutable_before: Mapping[int, int]) -> Renewal:
@@ -446,9 +452,11 @@ class LeaseManager:
 
     async def run(self, stop: asyncio.Event,
                   on_renewal: Callable[[Renewal | None], None] | None = None) -> None:
-        """Renew every `renew_interval` (sooner after a failure) until `stop` is set,
-        then give every shard back. `on_renewal`, if given, is called in the event loop
-        after each round with its Renewal (None: it failed). LeaseConfigError ends it.
+        """Renew every `renew_interval` (sooner after a failure, and right after a
+        peer's lease expires: a dead peer's shards are taken then, not up to a renew
+        interval later) until `stop` is set, then give every shard back. `on_renewal`, if
+        given, is called in the event loop after each round with its Renewal (None: it
+        failed). LeaseConfigError ends it.
         Rounds run on a thread of their own: queued behind the herd's blocking calls in
         the default executor, a round could come too late and the leases lapse."""
         rounds = ThreadPoolExecutor(1, thread_name_prefix="shard-leases")
@@ -460,9 +468,12 @@ class LeaseManager:
                 if on_renewal is not None:
                     on_renewal(renewal)
                 interval = self.renew_interval * (1 if renewal is not None else RETRY_FRACTION)
+                due = began + interval
+                if renewal is not None and renewal.next_expiry is not None:  # counted from
+                    due = min(due, time.monotonic() + max(  # now: the statement ran before
+                        EXPIRY_MARGIN, renewal.next_expiry + EXPIRY_MARGIN))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(),
-                                           max(0.0, began + interval - time.monotonic()))
+                    await asyncio.wait_for(stop.wait(), max(0.0, due - time.monotonic()))
         finally:
             await loop.run_in_executor(rounds, self.release_all)
             rounds.shutdown()

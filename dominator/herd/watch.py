@@ -98,6 +98,13 @@ def cycle_delay(status: Status, watching: bool, poll_interval: float,
     return config.backstop_interval, Reason.BACKSTOP
 
 
+def first_cycle_delay(poll_interval: float, first_spread: float | None) -> float:
+    """A random wait before a sub loop's first cycle: within `first_spread`, at most
+    the poll interval (the whole interval when no spread is given)."""
+    spread = poll_interval if first_spread is None else min(poll_interval, first_spread)
+    return random.uniform(0, spread)
+
+
 class HostWatch(Generic[Sub]):
     """One sub's Watch stream and the waits of its loop."""
 
@@ -120,11 +127,14 @@ class HostWatch(Generic[Sub]):
         await asyncio.gather(self._task, return_exceptions=True)
         self._set_watching(False)
 
-    async def next_cycle(self, poll_interval: float) -> Reason:
-        """Wait until the sub's next cycle is due (or it is woken); why it is due."""
+    async def next_cycle(self, poll_interval: float, first_spread: float | None = None
+                         ) -> Reason:
+        """Wait until the sub's next cycle is due (or it is woken); why it is due. The
+        first comes at a random moment within `first_spread` (default: the poll
+        interval), so hosts starting together are not polled at once."""
         if self._first:
             self._first = False
-            delay, reason = random.uniform(0, poll_interval), Reason.FIRST  # spread them
+            delay, reason = first_cycle_delay(poll_interval, first_spread), Reason.FIRST
         else:
             delay, reason = cycle_delay(self.sub.status, self.watching, poll_interval,
                                         self.watches.config)

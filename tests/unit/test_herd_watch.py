@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from dominator.herd.status import Status
-from dominator.herd.watch import SETTLED, Reason, WatchConfig, cycle_delay, wants_poll
+from dominator.herd.watch import (
+    SETTLED,
+    Reason,
+    WatchConfig,
+    cycle_delay,
+    first_cycle_delay,
+    wants_poll,
+)
 from fleetlib.wire import subd_pb2
 from subd.watch import DEFAULT_HEARTBEAT_SECONDS, changed_since, heartbeat_seconds
 
@@ -52,6 +59,13 @@ def test_only_a_settled_watched_host_waits_for_the_backstop() -> None:
         else:
             assert (delay, reason) == (5.0, Reason.BUSY), status
         assert cycle_delay(status, False, 5.0, CONFIG) == (5.0, Reason.FALLBACK)
+
+
+def test_first_cycles_spread_over_their_spread_within_a_poll_interval() -> None:
+    spread = [first_cycle_delay(5.0, 0.5) for _ in range(2000)]
+    assert max(spread) <= 0.5 and max(spread) > 0.4  # a thousand hosts moving in: 1 s
+    assert max(first_cycle_delay(5.0, 60.0) for _ in range(2000)) <= 5.0
+    assert max(first_cycle_delay(5.0, None) for _ in range(2000)) > 4.0
 
 
 def test_heartbeat_intervals_are_bounded() -> None:
