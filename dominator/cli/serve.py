@@ -9,6 +9,7 @@ import click
 from dominator.cli.options import imageservers_option
 from dominator.deploy.errors import DeployError
 from dominator.deploy.health import NamedChecks
+from dominator.herd.fetchslots import DEFAULT_BYTES, DEFAULT_FETCHES
 from dominator.herd.herd import HerdConfig
 from dominator.herd.leases import DEFAULT_LEASE_SECONDS, DEFAULT_SHARDS, MAX_SHARDS
 from dominator.herd.watch import WatchConfig
@@ -71,13 +72,19 @@ def dominator_name(ctx: click.Context, param: click.Parameter, value: str | None
                    "counts as dead, the sub is polled and the stream reopened.")
 @click.option("--poll-slots", default=200, show_default=True, type=click.IntRange(1),
               help="Polls in flight at once.")
-@click.option("--fetch-slots", default=50, show_default=True, type=click.IntRange(1),
-              help="Fetches in flight at once.")
-@click.option("--fetches-per-imageserver", default=40, show_default=True,
+@click.option("--fetch-slots", default=HerdConfig.fetch_slots, show_default=True,
+              type=click.IntRange(1), help="Fetches in flight at once.")
+@click.option("--fetches-per-imageserver", default=DEFAULT_FETCHES, show_default=True,
               type=click.IntRange(0),
               help="Fetches in flight at once per image server (the one ranked first for "
                    "the host); hosts beyond it wait. 0: no cap.")
-@click.option("--update-slots", default=50, show_default=True, type=click.IntRange(1),
+@click.option("--fetch-bytes-per-imageserver", default=DEFAULT_BYTES, show_default=True,
+              type=click.IntRange(0),
+              help="Bytes those fetches may ask of one image server at once (a larger "
+                   "fetch runs alone): small changes run many fetches at once, large "
+                   "ones few. 0: no cap.")
+@click.option("--update-slots", default=HerdConfig.update_slots, show_default=True,
+              type=click.IntRange(1),
               help="Updates in flight at once.")
 @click.option("--max-tree-bytes", default=DEFAULT_MAX_TREE_BYTES, show_default=True,
               type=click.IntRange(1),
@@ -113,6 +120,7 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, 
                   host: str, poll_interval: float, backstop_interval: float,
                   mdb_backstop: float, watch_heartbeat: int,
                   poll_slots: int, fetch_slots: int, fetches_per_imageserver: int,
+                  fetch_bytes_per_imageserver: int,
                   update_slots: int, max_tree_bytes: int,
                   health_checks: NamedChecks, trusted_keys: Path | None, name: str,
                   lease_seconds: float, shards: int, test_mutation_delay: float,
@@ -136,6 +144,7 @@ def serve_command(state_dir: Path, mdb_url: str | None, imageserver: tuple[str, 
                                           heartbeat_seconds=watch_heartbeat),
                         poll_slots=poll_slots, fetch_slots=fetch_slots,
                         fetches_per_imageserver=fetches_per_imageserver,
+                        fetch_bytes_per_imageserver=fetch_bytes_per_imageserver,
                         update_slots=update_slots, max_tree_bytes=max_tree_bytes,
                         trusted_keys=trusted)
     url = mdb_url or f"sqlite:///{state_dir.resolve() / 'mdb.sqlite'}"

@@ -27,7 +27,7 @@ from dominator.herd.computed import (
     render_image_files,
 )
 from dominator.herd.convergence import PlanSummary, objects_to_fetch, plan_update, summarize
-from dominator.herd.fetchslots import ServerSlots
+from dominator.herd.fetchslots import DEFAULT_BYTES, DEFAULT_FETCHES, ServerSlots
 from dominator.herd.images import ImageCache
 from dominator.herd.instruments import HerdMetrics
 from dominator.herd.intrusion import classify, history
@@ -73,8 +73,8 @@ class HerdConfig:
     imageserver: str               # the master
     poll_interval: float = 5.0     # between cycles of one sub
     poll_slots: int = 200
-    fetch_slots: int = 50
-    update_slots: int = 50
+    fetch_slots: int = 400  # in all (each server's own caps: fetchslots.py)
+    update_slots: int = 200
     diff_cache_size: int = 20_000
     history_images: int = 10      # earlier images consulted for the intrusion signal
     mdb_check_interval: float = 1.0  # between reads of the MDB's revision (SQLite)
@@ -84,7 +84,8 @@ class HerdConfig:
     max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES  # the most tree taken from one sub per poll
     extra_imageservers: tuple[str, ...] = ()  # more servers, ranked per host (ranking.py)
     trusted_keys: TrustedKeys | None = None  # set: only images signed by one converge
-    fetches_per_imageserver: int = 40  # fetches in flight per first-ranked server (0: no cap)
+    fetches_per_imageserver: int = DEFAULT_FETCHES  # per first-ranked server (0: no cap)
+    fetch_bytes_per_imageserver: int = DEFAULT_BYTES  # their bytes per server (0: no cap)
     watch: WatchConfig = field(default_factory=WatchConfig)  # watch streams, backstop polls
 
 
@@ -215,7 +216,8 @@ class Herd:
         self._poll_slots = asyncio.Semaphore(config.poll_slots)
         self._first_spread: float | None = None  # see _place_all
         self._fetch_slots = asyncio.Semaphore(config.fetch_slots)
-        self.server_slots = ServerSlots(config.fetches_per_imageserver)
+        self.server_slots = ServerSlots(config.fetches_per_imageserver,
+                                        config.fetch_bytes_per_imageserver)
         self._update_slots = asyncio.Semaphore(config.update_slots)
         self._revision = -1
         self.feed = open_feed(mdb.engine_url, on_notify=self.metrics.mdb_notifications.inc,
@@ -686,7 +688,8 @@ class Herd:
         fence: FenceToken | None = None
         try:
             servers = await self._servers_for(sub)  # the first one's slot waits for no other
-            async with self.server_slots.hold(servers[0]), self._fetch_slots:
+            async with self.server_slots.hold(servers[0], sum(needed.values())), \
+                    self._fetch_slots:
                 if (fence := await self._fence(sub, "fetch")) is None:
                     return False
                 async with self.metrics.timed("fetch"):

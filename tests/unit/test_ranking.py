@@ -198,3 +198,28 @@ def test_server_slots_cap_fetches_in_flight_per_server() -> None:
     uncapped = ServerSlots(0)
     asyncio.run(fetches(uncapped, ["a"] * 5))
     assert uncapped.peak["a"] == 5
+
+
+def test_server_slots_cap_the_bytes_asked_of_a_server_at_once() -> None:
+    async def fetches(slots: ServerSlots, sizes: list[int]) -> list[tuple[int, int]]:
+        running: list[tuple[int, int]] = []  # (fetches, bytes) in flight as each starts
+
+        async def fetch(size: int) -> None:
+            async with slots.hold("a", size):
+                running.append((slots.in_flight["a"], slots.bytes_in_flight["a"]))
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*(fetch(size) for size in sizes))
+        return running
+
+    async def both(slots: ServerSlots) -> tuple[list[tuple[int, int]], ...]:
+        return (await fetches(slots, [100] * 30),  # small changes: ten at once
+                await fetches(slots, [600, 600, 5000, 100]))  # large: fewer, or alone
+
+    slots = ServerSlots(100, byte_budget=1000)
+    small, running = asyncio.run(both(slots))
+    assert max(count for count, _ in small) == 10
+    assert max(held for _, held in small) == 1000 and len(small) == 30
+    assert all(held <= 1000 or count == 1 for count, held in running)
+    assert (1, 5000) in running
+    assert dict(slots.bytes_in_flight) == {"a": 0} and slots.waited["a"] > 0
+
