@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from fleetlib.fstree.image import Image
     from fleetlib.fstree.objectstore import ObjectStore
     from fleetlib.fstree.source import Source
-    from fleetlib.rpc.objects import ReceiveStats
+    from fleetlib.rpc.objects import ReceiveStats, Sink
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,10 @@ class ImageServerClient:
             for call in calls:  # after a refusal, stop the other streams too
                 call.cancel()
 
-    def fetch(self, hashes: list[bytes], store: ObjectStore,
+    def fetch(self, hashes: list[bytes], store: ObjectStore | Sink,
               progress: Progress | None = None) -> ReceiveStats:
-        """Download objects into `store`, verifying every one."""
+        """Download objects into `store` (or another sink: `image get` writes them into
+        their files), verifying every one."""
         from fleetlib.rpc.objects import ObjectReceiver
 
         receiver = ObjectReceiver(store)

@@ -36,12 +36,11 @@ from fleetlib.fstree.objectstore import ObjectStore
 from fleetlib.fstree.source import OciSource, Source, open_source
 from fleetlib.fstree.tree import DEVICE_KINDS, Inode, Kind, Tree, check_clean_path, join
 from fleetlib.fstree.triggers import load_triggers
-from fleetlib.fstree.unpack import check_empty_destination, unpack_tree
+from fleetlib.fstree.unpack import FreshTree, check_empty_destination, empty_directory
 from fleetlib.rpc.tls import Security
 from fleetlib.signing import describe_signer, fingerprint, load_private_key, sign_image
 from imageserver.client import ImageServerClient
 
-GET_SCRATCH = ".image-get.tmp"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 BINARY_PROBE = 8000  # like diff(1) and git: a NUL byte this early means binary content
 
@@ -426,17 +425,23 @@ def get_command(name: str, directory: Path, imageserver: str, security: Security
     """Unpack image NAME into DIRECTORY (missing or empty) exactly: owners, modes,
     mtimes, extended attributes, hard links, symlinks and device nodes."""
     check_empty_destination(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    scratch = ObjectStore(directory / GET_SCRATCH, scratch=True)
-    try:
-        with ImageServerClient(imageserver, security) as client:
-            img = client.get_image(name)
-            sizes = img.tree.object_sizes()
-            with progress_bar(sum(sizes.values()), f"fetching {len(sizes)} objects") as advance:
-                client.fetch(list(sizes), scratch, advance)
-        problems = unpack_tree(img.tree, directory, scratch)
-    finally:
-        shutil.rmtree(scratch.root, ignore_errors=True)
+    made = not directory.exists()
+    with ImageServerClient(imageserver, security) as client:
+        img = client.get_image(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            with FreshTree(img.tree, directory) as fresh:
+                sizes = img.tree.object_sizes()
+                with progress_bar(sum(sizes.values()), f"fetching {len(sizes)} objects") \
+                        as advance:
+                    client.fetch(fresh.order(), fresh, advance)
+                problems = fresh.finish()
+        except BaseException:  # a failure leaves DIRECTORY as it was: missing or empty
+            if made:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                empty_directory(directory)
+            raise
     for problem in problems[:20]:
         click.echo(f"warning: {problem}", err=True)
     if len(problems) > 20:

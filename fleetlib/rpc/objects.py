@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sized
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 import zstandard
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.hashing import Reader, check_hash, format_hash
-from fleetlib.fstree.objectstore import Batch, ObjectStore, ObjectWriter
 from fleetlib.wire import objectserver_pb2
 
 log = logging.getLogger(__name__)
@@ -120,6 +119,30 @@ def wire_size(message: objectserver_pb2.ObjectChunks) -> int:
     return len(message.packed) + sum(len(chunk.data) for chunk in message.chunks)
 
 
+class Writer(Protocol):
+    """One object being received (`ObjectWriter`, or an `image get` file)."""
+
+    def write(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class SinkBatch(Protocol):
+    """Objects received together (`objectstore.Batch`)."""
+
+    @property
+    def pending(self) -> Sized: ...
+    def begin(self, digest: bytes, size: int) -> Writer: ...
+    def commit_later(self) -> Future[int]: ...
+
+
+class Sink(Protocol):
+    """Where a receiver puts objects: an `ObjectStore`, or `unpack.FreshTree`."""
+
+    def has(self, digest: bytes) -> bool: ...
+    def batch(self) -> SinkBatch: ...
+
+
 @dataclass
 class ReceiveStats:
     """What a receiver did with an object stream."""
@@ -131,20 +154,21 @@ class ReceiveStats:
 
 
 class ObjectReceiver:
-    """Consumes ObjectChunk pieces into an ObjectStore, verifying each object.
+    """Consumes ObjectChunk pieces into an ObjectStore (or another Sink), verifying each
+    object.
 
     Objects already stored are read past, not rewritten. Verified objects are
     committed in batches (and by `close`), so an interrupted stream keeps every
     object that arrived whole: a retry resumes instead of starting over.
     """
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: Sink) -> None:
         self.store = store
         self._commits: list[Future[int]] = []  # batches syncing behind the receiving
         self.stats = ReceiveStats()
-        self._batch: Batch = store.batch()
+        self._batch: SinkBatch = store.batch()
         self._batch_bytes = 0
-        self._writer: ObjectWriter | None = None
+        self._writer: Writer | None = None
         self._digest = b""
         self._remaining = 0
         self._size = 0
