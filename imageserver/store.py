@@ -206,17 +206,17 @@ class ImageStore:
     def add(self, image: Image) -> None:
         """Store a new image; refused when the name exists, was bound to another content
         (a tombstone), or an object is missing."""
-        digest = manifest_digest(image)
+        if not image.created_unix:
+            image.created_unix = int(time.time())
+        message = image_to_proto(image)  # encoded once: its digest and its file's bytes
+        digest = message_digest(message)
         bound = self.journal.tombstone(image.name)
         if image.name not in self.images and bound is not None and bound != digest:
             raise ExistsError(
                 f"image {image.name} existed with other content (digest {short(bound)}, "
                 f"this one is {short(digest)}): a name is bound to one content forever; "
                 "choose a new name")
-        if not image.created_unix:
-            image.created_unix = int(time.time())
-        self._commit(image, image_to_proto(image).SerializeToString(deterministic=True),
-                     digest)
+        self._commit(image, message.SerializeToString(deterministic=True), digest)
 
     def add_replicated(self, data: bytes, digest: bytes, image: Image | None = None
                        ) -> ImageInfo:

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 QUEUED_JOBS = 256  # pieces of up to 1 MiB waiting for the I/O thread
+WHOLES_PER_JOB = 64  # objects that arrived whole written by one I/O job, or
+WHOLE_BYTES = 1 << 20  # this many bytes of them
+ROOM_CHECK = 64 << 20  # bytes written between two looks at the free space, at most
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 TMP_DIR = ".tmp"
 SPACE_MARGIN = 0.02  # keep this share of a filesystem free
@@ -44,10 +48,16 @@ def free_bytes(path: Path | str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def room_left(path: Path | str) -> int:
+    """Bytes that may still be written on the filesystem of `path`, keeping the margin
+    free (negative when less than the margin is free)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize - int(st.f_blocks * st.f_frsize * SPACE_MARGIN)
+
+
 def check_free_space(path: Path | str, needed: int) -> None:
     """NoSpaceError when writing `needed` bytes would leave less than the margin."""
-    st = os.statvfs(path)
-    available = st.f_bavail * st.f_frsize - int(st.f_blocks * st.f_frsize * SPACE_MARGIN)
+    available = room_left(path)
     if needed > available:
         raise NoSpaceError(f"insufficient space on {path}: need {needed} bytes, "
                            f"{max(available, 0)} available")
@@ -120,7 +130,9 @@ class ObjectWriter:
 
     Hashing happens here, on the caller's thread; creating and writing the file
     happen in order on the store's I/O thread, so receiving the next piece and
-    the disk work overlap. I/O errors surface when the batch commits.
+    the disk work overlap. An object that arrives whole in one piece is kept until
+    verified and then written with others of its batch in one I/O job (create,
+    write, close), not one hop per call. I/O errors surface when the batch commits.
     """
 
     def __init__(self, batch: Batch, digest: bytes, size: int) -> None:
@@ -132,12 +144,13 @@ class ObjectWriter:
         self._batch = batch
         self._hash = hashlib.sha256()
         self._fd = -1
-        batch.store.queue(self._open)
+        self._opened = False  # the file's open is queued (the object came in pieces)
+        self._whole: bytes | None = None  # the whole content, until verified
+        self.queued_whole = False  # written by a job of its batch
 
     def _open(self) -> None:
         try:
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                               0o600)
+            self._fd = os.open(self.tmp, _CREATE, 0o600)
         except OSError as err:
             self.error = err
 
@@ -160,6 +173,12 @@ class ObjectWriter:
         if discard:
             _discard(self.tmp)
 
+    def write_whole(self, data: bytes) -> None:
+        """On the I/O thread: the file made with all its content at once."""
+        self._open()
+        self._write(data)
+        self._close(False)
+
     def write(self, data: bytes) -> None:
         """Append content; FleetError past the declared size."""
         self.received += len(data)
@@ -168,8 +187,15 @@ class ObjectWriter:
             raise FleetError(
                 f"object {format_hash(self.digest)}: more than the declared {self.size} bytes")
         self._hash.update(data)
-        self._batch.store.account(len(data))
-        self._batch.store.queue(functools.partial(self._write, bytes(data)))
+        store = self._batch.store
+        store.account(len(data))
+        if not self._opened and self.received == self.size:
+            self._whole = bytes(data)  # all of it at once: written after `finish`
+            return
+        if not self._opened:
+            self._opened = True
+            store.queue(self._open)
+        store.queue(functools.partial(self._write, bytes(data)))
 
     def finish(self) -> None:
         """Verify size and hash; on success the object joins its batch for commit."""
@@ -181,12 +207,25 @@ class ObjectWriter:
             self.abort()
             raise FleetError(f"object {format_hash(self.digest)}: content does not match its "
                              "hash (corrupt or forged)")
-        self._batch.store.queue(functools.partial(self._close, False))
+        if self._whole is not None:
+            self._batch.write_whole(self, self._whole)
+            self._whole = None
+        else:
+            self._batch.store.queue(functools.partial(self._close, False))
         self._batch.pending.append(self)
 
     def abort(self) -> None:
         """Drop the partial object."""
-        self._batch.store.queue(functools.partial(self._close, True))
+        if self._whole is not None:
+            self._batch.store.account(-len(self._whole))
+            self._whole = None
+        if self._opened or self.queued_whole:
+            self._batch.store.queue(functools.partial(self._close, True))
+
+
+def _write_wholes(wholes: list[tuple[ObjectWriter, bytes]]) -> None:
+    for writer, data in wholes:
+        writer.write_whole(data)
 
 
 class Batch:
@@ -195,6 +234,8 @@ class Batch:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self.pending: list[ObjectWriter] = []
+        self._wholes: list[tuple[ObjectWriter, bytes]] = []  # verified, not yet queued
+        self._whole_bytes = 0
 
     def begin(self, digest: bytes, size: int) -> ObjectWriter:
         """Start writing one object whose hash and size are declared up front;
@@ -205,6 +246,19 @@ class Batch:
         self.store.check_space(size)
         return ObjectWriter(self, digest, size)
 
+    def write_whole(self, writer: ObjectWriter, data: bytes) -> None:
+        """Queue the file of a verified object that arrived whole, with others."""
+        self._wholes.append((writer, data))
+        writer.queued_whole = True
+        self._whole_bytes += len(data)
+        if len(self._wholes) >= WHOLES_PER_JOB or self._whole_bytes >= WHOLE_BYTES:
+            self._queue_wholes()
+
+    def _queue_wholes(self) -> None:
+        if self._wholes:
+            wholes, self._wholes, self._whole_bytes = self._wholes, [], 0
+            self.store.queue(functools.partial(_write_wholes, wholes))
+
     def commit(self) -> int:
         """Sync, then rename every verified object into place; returns how many.
         OSError if writing any of them failed (the others are still committed)."""
@@ -212,6 +266,7 @@ class Batch:
 
     def commit_later(self) -> Future[int]:
         """`commit`, queued behind the batch's writes; the future gives its result."""
+        self._queue_wholes()
         pending, self.pending = self.pending, []
         return self.store.queue(functools.partial(self._commit, pending))
 
@@ -241,6 +296,10 @@ class Batch:
 
     def abort(self) -> None:
         """Forget every uncommitted object."""
+        for writer, data in self._wholes:  # never written
+            writer.queued_whole = False
+            self.store.account(-len(data))
+        self._wholes, self._whole_bytes = [], 0
         pending, self.pending = self.pending, []
         for writer in pending:
             writer.abort()
@@ -260,6 +319,7 @@ class ObjectStore:
         self.durable = not scratch
         self._fanout = not scratch
         self.unwritten = 0  # bytes queued for the I/O thread, not yet written
+        self._grantable = 0  # bytes check_space may grant without asking the filesystem
         self._unwritten_lock = threading.Lock()
         self._start_io()
         self._names = itertools.count()
@@ -275,8 +335,19 @@ class ObjectStore:
             self.unwritten += queued
 
     def check_space(self, size: int) -> None:
-        """NoSpaceError unless `size` more bytes fit, counting queued writes."""
-        check_free_space(self.root, size + self.unwritten)
+        """NoSpaceError unless `size` more bytes fit, counting queued writes. The
+        filesystem is asked again once ROOM_CHECK bytes (or what it had left, if
+        less) were granted since it last was, not for every small object."""
+        with self._unwritten_lock:
+            if size <= self._grantable:
+                self._grantable -= size
+                return
+        available = room_left(self.root)
+        with self._unwritten_lock:
+            needed = size + self.unwritten
+            self._grantable = max(0, min(available - needed, ROOM_CHECK))
+        if needed > available:
+            check_free_space(self.root, needed)  # asked again: it says what is missing
 
     def write_failure(self, err: OSError, writer: ObjectWriter) -> Exception:
         """What to raise for `err` while writing the object of `writer`."""
