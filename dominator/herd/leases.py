@@ -21,7 +21,6 @@ process), and keeps them without expiry; later rounds only heartbeat.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -29,7 +28,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -457,26 +455,59 @@ class LeaseManager:
         interval later) until `stop` is set, then give every shard back. `on_renewal`, if
         given, is called in the event loop after each round with its Renewal (None: it
         failed). LeaseConfigError ends it.
-        Rounds run on a thread of their own: queued behind the herd's blocking calls in
-        the default executor, a round could come too late and the leases lapse."""
-        rounds = ThreadPoolExecutor(1, thread_name_prefix="shard-leases")
+        Rounds, and the waits between them, run on a thread of their own: paced by the
+        event loop, a round came as late as the loop was busy (at 10,000 hosts, more
+        than a lease), and queued behind the herd's calls in the default executor too."""
         loop = asyncio.get_running_loop()
+        halt = threading.Event()
+        ended: asyncio.Future[Any] = loop.create_future()
+
+        def deliver(renewal: Renewal | None) -> None:
+            if on_renewal is not None and not halt.is_set():
+                on_renewal(renewal)
+
+        def end(error: BaseException | None) -> None:
+            if ended.done():
+                return
+            if error is not None:
+                ended.set_exception(error)
+            else:
+                ended.set_result(None)
+
+        def rounds() -> None:
+            try:
+                self._rounds(halt, lambda renewal: loop.call_soon_threadsafe(deliver, renewal))
+            except BaseException as err:  # noqa: BLE001 - LeaseConfigError, or a bug: run raises it
+                loop.call_soon_threadsafe(end, err)
+            else:
+                loop.call_soon_threadsafe(end, None)
+
+        thread = threading.Thread(target=rounds, name="shard-leases", daemon=True)
+        thread.start()
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:
-            while not stop.is_set():
-                began = time.monotonic()
-                renewal = await loop.run_in_executor(rounds, self.renew)
-                if on_renewal is not None:
-                    on_renewal(renewal)
-                interval = self.renew_interval * (1 if renewal is not None else RETRY_FRACTION)
-                due = began + interval
-                if renewal is not None and renewal.next_expiry is not None:  # counted from
-                    due = min(due, time.monotonic() + max(  # now: the statement ran before
-                        EXPIRY_MARGIN, renewal.next_expiry + EXPIRY_MARGIN))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), max(0.0, due - time.monotonic()))
+            await asyncio.wait({stopping, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if ended.done():
+                ended.result()  # raises what ended the rounds
         finally:
-            await loop.run_in_executor(rounds, self.release_all)
-            rounds.shutdown()
+            stopping.cancel()
+            halt.set()
+            await asyncio.to_thread(thread.join)
+            await asyncio.to_thread(self.release_all)
+
+    def _rounds(self, halt: threading.Event,
+                deliver: Callable[[Renewal | None], object]) -> None:
+        """Renew until `halt` is set, handing each round's outcome to `deliver`."""
+        while not halt.is_set():
+            began = time.monotonic()
+            renewal = self.renew()
+            deliver(renewal)
+            interval = self.renew_interval * (1 if renewal is not None else RETRY_FRACTION)
+            due = began + interval
+            if renewal is not None and renewal.next_expiry is not None:  # counted from now:
+                due = min(due, time.monotonic() + max(  # the statement ran before it
+                    EXPIRY_MARGIN, renewal.next_expiry + EXPIRY_MARGIN))
+            halt.wait(max(0.0, due - time.monotonic()))
 
     # --- the fleet's view -----------------------------------------------------------------
 
