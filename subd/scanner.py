@@ -27,7 +27,7 @@ from pathlib import Path
 from fleetlib.errors import FleetError
 from fleetlib.fstree.exclusions import DEFAULT_EXCLUSIONS, SUBD_DIR, excluder
 from fleetlib.fstree.safeopen import Directories
-from fleetlib.fstree.scan import inode_from_stat, scan_directory
+from fleetlib.fstree.scan import ChangeKey, inode_from_stat, scan_directory
 from fleetlib.fstree.tree import Inode, Tree
 from subd.ratelimit import (
     HASH_UNIT,
@@ -68,7 +68,7 @@ class ScanConfig:
 class CacheEntry:
     """What the last read of one inode found, and when (time.monotonic())."""
 
-    key: tuple[int, int, int]  # st_size, st_mtime_ns, st_ctime_ns at that read
+    key: ChangeKey  # st_size, st_mtime_ns, st_ctime_ns at that read
     inode: Inode  # holds the content hash, xattrs, link target
     verified: float
 
@@ -96,6 +96,8 @@ class Scanner:
         self.state_dir = state_dir if state_dir is not None else self.root / SUBD_DIR
         self.reconfigure(config if config is not None else ScanConfig())
         self._cache: dict[int, CacheEntry] = {}  # in order of verification, oldest first
+        self._cache_cost = 0  # its verification cost: sizes plus _INODE_COST each
+        self._trusted_since_pass = False  # trust() added entries the last tree lacks
         self._verify_credit = 0.0  # bytes of re-verification owed by the spread
         self._last_pass_start: float | None = None
         self._read_speed: float | None = None
@@ -237,9 +239,10 @@ class Scanner:
                 except OSError:
                     continue
                 assert inode is not None, "a regular file always makes an inode"
-                self._cache.pop(st.st_ino, None)
-                self._cache[st.st_ino] = CacheEntry(
-                    (st.st_size, st.st_mtime_ns, st.st_ctime_ns), inode, now)
+                self._cache_drop(st.st_ino)
+                self._cache_put(st.st_ino, CacheEntry(
+                    (st.st_size, st.st_mtime_ns, st.st_ctime_ns), inode, now))
+                self._trusted_since_pass = True
 
     def bump_generation(self) -> None:
         """Tell pollers something else they see changed (the object cache)."""
@@ -268,33 +271,35 @@ class Scanner:
             cpu = CpuLimiter(config.cpu_percent if limited else 0, sleep=self._pause)
             reads = ReadLimiter(self._read_rate(config) if limited else 0, self._device_reads,
                                 sleep=self._pause)
-            due = self._due_for_verification(started, verify_all)
-            fresh: dict[int, tuple[int, int, int]] = {}
+            trusted = self._trusted(started, verify_all)
+            fresh: dict[int, ChangeKey] = {}
             hashed = 0
-            cached, pace_cpu = self._cache.get, cpu.pace  # bound once: called per inode
 
-            def known_inode(path: str, st: os.stat_result) -> Inode | None:
+            def on_directory(path: str, entries: int) -> None:
                 if self._pauses:
                     raise _Abandoned
-                pace_cpu()
-                ino = st.st_ino
-                entry = cached(ino)
-                key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                if entry is None or entry.key != key or ino in due or verify_all:
-                    fresh[ino] = key
-                    return None
-                return entry.inode
+                cpu.pace(entries)
+
+            pace_reads = reads.pace if reads.rate > 0 else None  # none called when off
+            pace_cpu = cpu.pace if cpu.share else None
 
             def on_read(size: int) -> None:
                 nonlocal hashed
+                if self._pauses:
+                    raise _Abandoned
                 hashed += size
-                reads.pace(size)
-                cpu.pace(size // HASH_UNIT)
+                if pace_reads is not None:
+                    pace_reads(size)
+                if pace_cpu is not None:
+                    pace_cpu(size // HASH_UNIT)
 
-            tree = scan_directory(self.root, exclude=self._excluded, known_inode=known_inode,
-                                  on_read=on_read)
-            self._update_cache(tree, fresh, started)
-            self._publish(tree, hashed, time.monotonic() - started, started_unix)
+            tree = scan_directory(self.root, exclude=self._excluded, trusted=trusted,
+                                  fresh=fresh, on_read=on_read, on_directory=on_directory,
+                                  open_first=verify_all,
+                                  previous=self._tree.inodes if self._tree else None)
+            same = self._tree is not None and tree == self._tree  # cheap: inodes shared
+            self._update_cache(tree, fresh, started, same)
+            self._publish(tree, same, hashed, time.monotonic() - started, started_unix)
             log.debug("scan %d: %d inodes, %d bytes hashed, %.3f s", self.scan_count,
                       len(tree.inodes), hashed, self.last_scan_seconds)
             return tree
@@ -308,47 +313,82 @@ class Scanner:
             self._read_speed = measure_read_speed(self.root, self.state_dir)
         return self._read_speed * config.scan_speed_percent / 100
 
-    def _due_for_verification(self, now: float, verify_all: bool) -> set[int]:
+    def _trusted(self, now: float, verify_all: bool) -> dict[int, CacheEntry]:
+        """The cache entries this pass may trust while their change keys hold: all but
+        those due for verification, which are taken out here (the pass reads them
+        again and puts them back at the newest end); none with `verify_all`."""
+        for ino in self._due_for_verification(now, verify_all):
+            self._cache_drop(ino)
+        return {} if verify_all else self._cache
+
+    def _due_for_verification(self, now: float, verify_all: bool) -> list[int]:
         """Inodes this pass re-reads although unchanged: every one verified more than a
         period ago, then the oldest verified as far as the credit earned since the last
         pass goes (the period's share of the cache's bytes). A pass that verifies
         all settles every debt."""
-        cache = self._cache
         period = self.config.verify_period_seconds
         if verify_all:
             self._last_pass_start, self._verify_credit = now, 0.0
-            return set()
+            return []
         if self._last_pass_start is not None:
-            total = sum(entry.inode.size for entry in cache.values()) + _INODE_COST * len(cache)
+            total = self._cache_cost
             earned = total * (now - self._last_pass_start) / period
             self._verify_credit = min(self._verify_credit + earned, total)
         self._last_pass_start = now
-        due = set()
-        for ino, entry in cache.items():  # oldest verified first
+        due = []
+        for ino, entry in self._cache.items():  # oldest verified first
             cost = entry.inode.size + _INODE_COST
             if entry.verified > now - period and cost > self._verify_credit:
                 break
-            due.add(ino)
+            due.append(ino)
             self._verify_credit -= cost
         return due
 
-    def _update_cache(self, tree: Tree, fresh: dict[int, tuple[int, int, int]],
-                      started: float) -> None:
-        """Record the inodes read this pass (moved to the newest end) and forget the
-        inodes the pass did not see."""
-        cache = self._cache
-        for ino, key in fresh.items():
-            cache.pop(ino, None)
-            inode = tree.inodes.get(ino)
-            if inode is not None:  # else vanished or changed while read: read it next pass
-                cache[ino] = CacheEntry(key, inode, started)
-        for ino in cache.keys() - tree.inodes.keys():
-            del cache[ino]
+    def _cache_put(self, ino: int, entry: CacheEntry) -> None:
+        """Add an entry at the newest end (the number must not be cached)."""
+        self._cache[ino] = entry
+        self._cache_cost += entry.inode.size + _INODE_COST
 
-    def _publish(self, tree: Tree, hashed: int, seconds: float, started_unix: float) -> None:
-        """Make `tree` the latest; the generation rises when its fingerprint changed."""
-        previous = self._tree  # only passes, serialized by _pass_lock, replace it
-        same = previous is not None and tree == previous  # cheap: unchanged inodes are shared
+    def _cache_drop(self, ino: int) -> None:
+        """Forget an inode number, if cached."""
+        entry = self._cache.pop(ino, None)
+        if entry is not None:
+            self._cache_cost -= entry.inode.size + _INODE_COST
+
+    def _update_cache(self, tree: Tree, fresh: dict[int, ChangeKey], started: float,
+                      same: bool) -> None:
+        """Record the inodes read this pass (moved to the newest end) and forget the
+        inodes the pass did not see, unless the tree is the same as the last one
+        (`same`) and trust() added nothing since: the cache then names no inode
+        outside it. Entries are updated in place: a pass that reads a large tree again
+        makes no new objects for the garbage collector to go through."""
+        cache, inodes, cost = self._cache, tree.inodes, 0
+        for ino, key in fresh.items():
+            entry = cache.pop(ino, None)
+            if entry is not None:
+                cost -= entry.inode.size
+            inode = inodes.get(ino)
+            if inode is None:  # vanished or changed while read: read it next pass
+                if entry is not None:
+                    cost -= _INODE_COST
+                continue
+            if entry is None:
+                entry = CacheEntry(key, inode, started)
+                cost += _INODE_COST
+            else:
+                entry.key, entry.inode, entry.verified = key, inode, started
+            cache[ino] = entry
+            cost += inode.size
+        self._cache_cost += cost
+        if not same or self._trusted_since_pass:
+            for ino in cache.keys() - inodes.keys():
+                self._cache_drop(ino)
+        self._trusted_since_pass = False
+
+    def _publish(self, tree: Tree, same: bool, hashed: int, seconds: float,
+                 started_unix: float) -> None:
+        """Make `tree` the latest (`same`: equal to the one before); the generation
+        rises when its fingerprint changed."""
         fingerprint = self._fingerprint if same else tree.fingerprint()
         with self._cond:
             news = fingerprint != self._fingerprint or bool(self._scan_error)

@@ -4,8 +4,6 @@ the dominator treats them as filtered for that sub, so a diff never touches them
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from fleetlib.fstree.filter import Filter
 
 SUBD_DIR = ".subd"
@@ -31,18 +29,31 @@ def literal_prefix(pattern: str) -> str:
     return pattern[:end]
 
 
-def excluder(exclusions: list[str]) -> Callable[[str], bool]:
-    """Whether a sub with these scan exclusions leaves a path unscanned: ROOT/.subd
-    and whatever an exclusion regex matches (start-anchored, like filter lines).
-    The dominator treats such paths as filtered. FleetError for a bad regex."""
-    flt = Filter.from_lines(exclusions, "scan exclusions")
-    if flt.inverted:
-        prefixes: tuple[str, ...] = ("",)
-    else:
-        prefixes = (_SUBD_PATH, *{literal_prefix(line) for line in flt.lines})
+class Excluder:
+    """Whether a sub with these scan exclusions leaves a path unscanned (call it with
+    the path): ROOT/.subd and whatever an exclusion regex matches (start-anchored,
+    like filter lines). The dominator treats such paths as filtered. FleetError for
+    a bad regex."""
 
-    def excluded(path: str) -> bool:
-        return path.startswith(prefixes) and (
-            path == _SUBD_PATH or path.startswith(_SUBD_INSIDE) or flt.matches(path))
+    def __init__(self, exclusions: list[str]) -> None:
+        self._filter = Filter.from_lines(exclusions, "scan exclusions")
+        if self._filter.inverted:
+            self._prefixes: tuple[str, ...] = ("",)
+        else:
+            self._prefixes = (_SUBD_PATH, *{literal_prefix(line) for line in self._filter.lines})
 
-    return excluded
+    def __call__(self, path: str) -> bool:
+        return path.startswith(self._prefixes) and (
+            path == _SUBD_PATH or path.startswith(_SUBD_INSIDE) or self._filter.matches(path))
+
+    def may_exclude_below(self, directory: str) -> bool:
+        """Whether any path below the tree path `directory` may be excluded (False lets
+        a walk skip asking for each of its entries)."""
+        inside = directory if directory.endswith("/") else directory + "/"
+        return any(prefix.startswith(inside) or inside.startswith(prefix)
+                   for prefix in self._prefixes)
+
+
+def excluder(exclusions: list[str]) -> Excluder:
+    """The `Excluder` of these scan exclusions (ROOT/.subd is always excluded)."""
+    return Excluder(exclusions)

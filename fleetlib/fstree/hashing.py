@@ -9,6 +9,8 @@ from fleetlib.errors import FleetError
 HASH_SIZE = 32
 PREFIX = "sha256:"
 READ_SIZE = 1 << 20
+SMALL_FILE = 256 << 10  # hash_fd reads a file this small in one call
+_sha256 = hashlib.sha256
 
 
 class Reader(Protocol):
@@ -47,11 +49,22 @@ def hash_bytes(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def hash_fd(fd: int) -> tuple[bytes, int]:
-    """SHA-256 and length of everything readable from an open descriptor."""
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(READ_SIZE)
+def hash_fd(fd: int, expected: int = -1, buffer: bytearray | None = None
+            ) -> tuple[bytes, int]:
+    """SHA-256 and length of everything readable from an open descriptor.
+
+    `expected` (the size an fstat showed, if known) lets a small file be read in one
+    call of that size plus one: a read of a regular file that returns less than asked
+    has reached its end. Larger reads go through `buffer` (READ_SIZE bytes made when
+    not given; a caller hashing many files passes one to reuse)."""
+    if 0 <= expected < SMALL_FILE:
+        data = os.read(fd, expected + 1)
+        if len(data) <= expected:
+            return _sha256(data).digest(), len(data)
+        h, size = _sha256(data), len(data)  # it grew: read on to its end
+    else:
+        h, size = hashlib.sha256(), 0
+    buf = buffer if buffer is not None else bytearray(READ_SIZE)
     view = memoryview(buf)
     while True:
         n = os.readv(fd, [buf])

@@ -251,6 +251,28 @@ def test_a_fifo_or_device_swapped_in_before_hashing_is_recorded_not_read(
     assert tree.inodes[tree.lookup("/other")].hash == sha(b"still hashed\n")
 
 
+@pytest.mark.parametrize("swap,kind", [(make_fifo, Kind.FIFO), (make_zero, Kind.CHAR_DEVICE)])
+def test_a_fifo_or_device_swapped_in_after_listing_is_recorded_not_read_by_open_first(
+        tmp_path: Path, swap: Callable[[Path], None], kind: Kind) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    target = root / "file"
+    target.write_text("a regular file when listed\n")
+    (root / "other").write_text("still hashed\n")
+
+    def swap_when_asked(path: str) -> bool:
+        if path == "/file":  # listed as a regular file, not yet opened
+            target.unlink()
+            swap(target)
+        return False
+
+    tree = run_briefly(lambda: scan_directory(root, exclude=swap_when_asked, open_first=True),
+                       target)
+    ino = tree.lookup("/file")
+    assert ino is not None and tree.inodes[ino].kind == kind
+    assert tree.inodes[tree.lookup("/other")].hash == sha(b"still hashed\n")
+
+
 def test_a_file_made_a_fifo_between_passes_is_recorded(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
@@ -296,13 +318,12 @@ def test_a_directory_swapped_for_a_symlink_before_it_is_entered_is_not_followed(
     root = tmp_path / "root"
     (root / "zdir").mkdir(parents=True)
 
-    def swap(path: str, st: os.stat_result) -> None:
-        if path == "/zdir":  # after its lstat, before the walk enters it
+    def swap(path: str, entries: int) -> None:
+        if path == "/":  # after the lstat of /zdir, before the walk enters it
             (root / "zdir").rmdir()
             (root / "zdir").symlink_to(outside)
-        return None
 
-    tree = scan_directory(root, known_inode=swap)
+    tree = scan_directory(root, on_directory=swap)
     assert tree.lookup("/zdir/private") is None
 
 

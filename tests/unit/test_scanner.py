@@ -104,6 +104,27 @@ def test_scan_equals_scan_directory_minus_exclusions(root: Path, tmp_path: Path)
     assert not {p for p in paths if p.startswith(("/.subd", "/tmp/", "/var/log/", "/home/"))}
 
 
+def test_full_verification_reports_what_a_plain_scan_does(root: Path, tmp_path: Path) -> None:
+    """verify_all opens regular files without an lstat (open_first) and keeps the last
+    tree's inode objects where the file is as before: the tree must not differ in
+    anything, and a changed file gets an inode of its own."""
+    (root / "var" / "lib" / "large").write_bytes(os.urandom(3 << 20))  # read in pieces
+    scanner = make_scanner(root, tmp_path)
+    first = scanner.scan_once()
+    again = scanner.scan_once(verify_all=True)
+    assert again == scan_directory(root, exclude=reference_excluded)
+    assert again.fingerprint() == first.fingerprint()
+    for path in ("/usr/bin/ping", "/usr/bin/chfn", "/var/lib/large"):  # xattrs, a link
+        ino = again.lookup(path)
+        assert ino is not None and again.inodes[ino] is first.inodes[ino], path  # kept
+    changed = root / "etc" / "ssl" / "cert.pem"
+    rewrite_keeping_times(changed, bytes(reversed(changed.read_bytes())))
+    after = scanner.scan_once(verify_all=True)
+    assert after == scan_directory(root, exclude=reference_excluded)
+    ino = after.lookup("/etc/ssl/cert.pem")
+    assert ino is not None and after.inodes[ino].hash != first.inodes[ino].hash
+
+
 def test_excluded_matches_filter_semantics() -> None:
     excluded = excluder(DEFAULT_EXCLUSIONS)
     for path in ("/.subd", "/.subd/objects/ab", "/tmp/x", "/tmp/a/b", "/var/log/syslog",
@@ -111,6 +132,10 @@ def test_excluded_matches_filter_semantics() -> None:
         assert excluded(path), path
     for path in ("/", "/tmp", "/var/log", "/var/logs", "/.subdx", "/etc/passwd", "/home"):
         assert not excluded(path), path
+    for directory in ("/", "/var", "/var/log", "/var/log/apt", "/tmp"):
+        assert excluded.may_exclude_below(directory), directory
+    for directory in ("/usr", "/usr/lib", "/etc", "/var/lib", "/homes"):  # asked no more
+        assert not excluded.may_exclude_below(directory), directory
 
 
 @pytest.mark.parametrize("exclusions", [
@@ -126,6 +151,9 @@ def test_excluder_prefix_shortcut_agrees_with_the_regexes(exclusions: list[str])
                  "/.subd", "/.subd/x"):
         hit = any(re.match(p, path) for p in patterns) != inverted
         assert excluded(path) == (hit or path in ("/.subd", "/.subd/x")), (exclusions, path)
+        if excluded(path):  # the walk's per-directory shortcut must not hide it
+            parent = path.rpartition("/")[0] or "/"
+            assert excluded.may_exclude_below(parent), (exclusions, path)
 
 
 def test_literal_prefix() -> None:
