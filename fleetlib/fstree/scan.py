@@ -298,55 +298,57 @@ class _Walk:
         prefix = path if path == "/" else path + "/"
         if isinstance(exclude, Excluder) and not exclude.may_exclude_below(prefix):
             exclude = None  # nothing here can be excluded: no need to ask per entry
-        entries = list(os.scandir(fd))
+        entries = 0
         # Per entry, in this loop only: stat fields by index where the tuple has them
         # (st[ST_INO] costs a fifth of st.st_ino), the path made only when needed.
-        for entry in entries:
-            entry_name = entry.name
-            if exclude is not None and exclude(prefix + entry_name):
-                continue
-            try:
-                # A listed regular file not seen by number yet (no hard link): open it
-                # at once; is_file() and inode() are the listing's, no system call.
-                if open_first and entry.is_file(follow_symlinks=False) \
-                        and entry.inode() not in inodes:
-                    st, inode = self._open_and_read(entry_name, fd, prefix + entry_name, fresh)
-                else:
-                    st = entry.stat(follow_symlinks=False)
-                    inode = None
-                    if st[ST_DEV] == device:
-                        child_ino = st[ST_INO]
-                        if child_ino in inodes and not S_ISDIR(st[ST_MODE]):
-                            kids[entry_name] = child_ino  # a hard link to an inode seen
-                            continue
-                        known = trusted(child_ino)
-                        if known is not None and (key := known.key)[2] == st.st_ctime_ns \
-                                and key[1] == st.st_mtime_ns and key[0] == st[ST_SIZE]:
-                            inode = known.inode  # unchanged (likeliest to differ: ctime)
-                        else:
-                            fresh[child_ino] = (st[ST_SIZE], st.st_mtime_ns, st.st_ctime_ns)
-                    if inode is None:
-                        st, inode = self._read_inode(entry_name, fd, prefix + entry_name, st)
-            except OSError as err:
-                if err.errno in CHANGED_ERRNOS:
+        with os.scandir(fd) as listing:  # each entry (and its stat) freed as the next comes
+            for entry in listing:
+                entries += 1
+                entry_name = entry.name
+                if exclude is not None and exclude(prefix + entry_name):
                     continue
-                raise
-            if inode is None:
-                continue
-            child_ino = st[ST_INO]
-            if st[ST_DEV] != device:  # a mount point: its number belongs to another device
-                child_ino = _foreign_number(tree)
-            inodes[child_ino] = inode
-            kids[entry_name] = child_ino
-            if inode.kind is DIRECTORY:
-                tree.children[child_ino] = {}
-                if st[ST_DEV] == device:
-                    subdirs.append((entry_name, prefix + entry_name, child_ino))
-                else:
-                    log.debug("not crossing mount point %s%s", prefix, entry_name)
+                try:
+                    # A listed regular file not seen by number yet (no hard link): open it
+                    # at once; is_file() and inode() are the listing's, no system call.
+                    if open_first and entry.is_file(follow_symlinks=False) \
+                            and entry.inode() not in inodes:
+                        st, inode = self._open_and_read(entry_name, fd, prefix + entry_name, fresh)
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        inode = None
+                        if st[ST_DEV] == device:
+                            child_ino = st[ST_INO]
+                            if child_ino in inodes and not S_ISDIR(st[ST_MODE]):
+                                kids[entry_name] = child_ino  # a hard link to an inode seen
+                                continue
+                            known = trusted(child_ino)
+                            if known is not None and (key := known.key)[2] == st.st_ctime_ns \
+                                    and key[1] == st.st_mtime_ns and key[0] == st[ST_SIZE]:
+                                inode = known.inode  # unchanged (likeliest to differ: ctime)
+                            else:
+                                fresh[child_ino] = (st[ST_SIZE], st.st_mtime_ns, st.st_ctime_ns)
+                        if inode is None:
+                            st, inode = self._read_inode(entry_name, fd, prefix + entry_name, st)
+                except OSError as err:
+                    if err.errno in CHANGED_ERRNOS:
+                        continue
+                    raise
+                if inode is None:
+                    continue
+                child_ino = st[ST_INO]
+                if st[ST_DEV] != device:  # a mount point: its number belongs to another device
+                    child_ino = _foreign_number(tree)
+                inodes[child_ino] = inode
+                kids[entry_name] = child_ino
+                if inode.kind is DIRECTORY:
+                    tree.children[child_ino] = {}
+                    if st[ST_DEV] == device:
+                        subdirs.append((entry_name, prefix + entry_name, child_ino))
+                    else:
+                        log.debug("not crossing mount point %s%s", prefix, entry_name)
         subdirs.reverse()  # pop() takes them in listing order
         if self.on_directory is not None:
-            self.on_directory(path, len(entries))
+            self.on_directory(path, entries)
 
     def _read_inode(self, name: str, dir_fd: int, path: str, st: os.stat_result
                     ) -> tuple[os.stat_result, Inode | None]:
