@@ -1,14 +1,25 @@
-"""Issue 3's figures on the debootstrap trees (A: minbase, B: minbase + nginx-light,
-curl, python3-minimal, openssh-server), warm cache, each against its peer in the
-same run:
+"""Issue 3's and issue 13's figures, warm cache, each against its peer in the same run.
 
-- full verification scan, limits off, vs `find | xargs -0 sha256sum`
-- fast pass with nothing changed vs `find -printf '%i %s %T@ %m\\n'`
+Scans (issue 13), on each of `--trees`: the debootstrap minbase tree and the generated
+tree of 120,000 small files (`image_bench.files_tree`: 400 directories of 300 files of
+300-500 bytes, where per-file costs are all there is). The scanner runs in this
+process with its limits off (`limited=False`), after one untimed pass that fills its
+change cache; ours and the peer run in turns (`paired`), medians of `--runs`:
+
+- full verification scan (every inode read again) vs `find DIR -type f -print0 |
+  xargs -0 sha256sum` (goal 1.3x)
+- fast pass with nothing changed vs `find DIR -printf '%i %s %T@ %m\\n'` (goal 2.0x)
+
+Then, unless `--scans-only`, issue 3's figures on the debootstrap trees (A: minbase,
+B: minbase + nginx-light, curl, python3-minimal, openssh-server):
+
 - subd's own CPU over 60 s on an idle machine with default limits
 - `sub push-image` A to B vs `rsync -aHAX --delete --numeric-ids -z` from an rsync
   daemon on loopback: wall time and bytes on the wire (loopback counters, which
   include TLS, polls and the image itself on our side)
 - the change window of that push
+
+`python -m bench.subd_bench [--trees minbase,files] [--runs 3] [--scans-only] [--json]`
 """
 
 from __future__ import annotations
@@ -21,7 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.timing import Report, shell, timed
+import click
+
+from bench.image_bench import TREES, tree_of
+from bench.imageservers import warm
+from bench.replication import save
+from bench.timing import Report, paired, shell
 from fleetlib.rpc.certs import init_ca
 from fleetlib.rpc.tls import Security
 from fleetlib.testing.daemons import PROJECT, Daemon, free_port
@@ -58,16 +74,24 @@ def dominator(env: dict[str, str], *args: str) -> str:
                           text=True).stdout
 
 
-def scans(report: Report, tree_a: Path, work: Path) -> None:
-    """Scanner passes in-process, against find/sha256sum."""
-    scanner = Scanner(tree_a, ScanConfig(), work / "scan-state")
-    peer_hash = timed(shell(f"find {tree_a} -type f -print0 | xargs -0 sha256sum"))
-    full = timed(lambda: scanner.scan_once(verify_all=True, limited=False))
-    report.add("full verification scan (limits off)", full, "find|xargs sha256sum", peer_hash,
+def scans(report: Report, name: str, tree: Path, work: Path, runs: int) -> dict[str, float]:
+    """Scanner passes in-process (limits off), in turns with find/sha256sum; the
+    first pass (empty change cache, untimed in the rows) in the raw figures."""
+    warm(tree)
+    scanner = Scanner(tree, ScanConfig(), work / f"scan-state-{name}")
+    started = time.perf_counter()
+    scanner.scan_once(limited=False)
+    first = time.perf_counter() - started
+    full, peer_hash = paired(lambda: scanner.scan_once(verify_all=True, limited=False),
+                             shell(f"find {tree} -type f -print0 | xargs -0 sha256sum"), runs)
+    report.add(f"{name}: full verification scan", full, "find|xargs sha256sum", peer_hash,
                1.3)
-    peer_list = timed(shell(f"find {tree_a} -printf '%i %s %T@ %m\\n'"))
-    fast = timed(lambda: scanner.scan_once(limited=False))
-    report.add("fast pass, nothing changed", fast, "find -printf", peer_list, 2.0)
+    fast, peer_list = paired(lambda: scanner.scan_once(limited=False),
+                             shell(f"find {tree} -printf '%i %s %T@ %m\\n'"), runs)
+    report.add(f"{name}: fast pass, nothing changed", fast, "find -printf", peer_list, 2.0)
+    tree_now = scanner.tree
+    assert tree_now is not None
+    return {"inodes": len(tree_now.inodes), "first_pass_seconds": round(first, 3)}
 
 
 def rsync_push(tree_a: Path, tree_b: Path, work: Path) -> tuple[float, int]:
@@ -92,13 +116,11 @@ def rsync_push(tree_a: Path, tree_b: Path, work: Path) -> tuple[float, int]:
         daemon.wait()
 
 
-def run(work: Path) -> Report:
-    """Measure and return the report."""
+def push_and_idle(report: Report, work: Path) -> None:
+    """Issue 3's figures: subd's idle CPU with default limits, and push-image A->B
+    against rsync."""
     tree_a, tree_b = debootstrap_tree("minbase"), debootstrap_tree("minbase-nginx")
-    for tree in (tree_a, tree_b):
-        subprocess.run(["tar", "-cf", "/dev/null", str(tree)], check=True)  # warm the cache
-    report = Report("subd")
-    scans(report, tree_a, work)
+    warm(tree_a, tree_b)
     init_ca(work / "ca")
     admin = Security.from_options(str(work / "ca/admin"), False)
     state = work / "imageserver"
@@ -134,13 +156,38 @@ def run(work: Path) -> Report:
                rsync_bytes / 1e6, 1.0, "MB")
     report.add("subd idle CPU, share of a core (60 s)", idle_cpu, "goal", 2.0, 1.0, "%")
     report.add("change window A->B", pushed["change_window_ms"], "goal", 250.0, 1.0, "ms")
-    return report
 
 
-def main() -> None:
-    """Entry point: `python -m bench.subd_bench`."""
-    with tempfile.TemporaryDirectory(prefix="bench-subd-", dir="/var/tmp") as work:
-        run(Path(work)).print()
+@click.command()
+@click.option("--trees", default=",".join(TREES), show_default=True,
+              help="Trees to scan, comma-separated: minbase (debootstrap), files (120,000 "
+                   "small files).")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 9),
+              help="Passes of ours and runs of the peer, in turns; medians are shown.")
+@click.option("--scans-only", is_flag=True,
+              help="Only the scans (skips idle CPU and push-image, about two minutes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--work-dir", default="/var/tmp", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where the scratch folder (scanner state, the host, rsync copy) goes.")
+def main(trees: str, runs: int, scans_only: bool, as_json: bool, work_dir: Path) -> None:
+    """subd's scans against find and sha256sum; push-image against rsync; idle CPU."""
+    names = [t.strip() for t in trees.split(",") if t.strip()]
+    if unknown := set(names) - set(TREES):
+        raise click.BadParameter(f"unknown tree(s) {', '.join(sorted(unknown))}",
+                                 param_hint="--trees")
+    report = Report("subd")
+    raw: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-subd-", dir=work_dir) as work:
+        for name in names:
+            raw[name] = scans(report, name, tree_of(name), Path(work), runs)
+        if not scans_only:
+            push_and_idle(report, Path(work))
+    raw["load"] = os.getloadavg()
+    save(report, raw, as_json)
+    if not as_json:
+        load = os.getloadavg()
+        click.echo(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 if __name__ == "__main__":
