@@ -28,6 +28,18 @@ def timed(action: Callable[[], object], runs: int = 3,
     return statistics.median(times)
 
 
+def paired(ours: Callable[[], object], peer: Callable[[], object], runs: int = 3,
+           reset_ours: Callable[[], object] | None = None,
+           reset_peer: Callable[[], object] | None = None) -> tuple[float, float]:
+    """Median wall times of `ours` and `peer`, run in turns (peer, ours, peer, ...) so
+    that a change in the machine's load falls on both; resets are untimed."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(runs):
+        for action, reset, into in ((peer, reset_peer, times[1]), (ours, reset_ours, times[0])):
+            into.append(timed(action, 1, reset))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def shell(command: str) -> Callable[[], None]:
     """An action that runs a shell pipeline and checks it succeeded."""
     return lambda: subprocess.run(["bash", "-o", "pipefail", "-c", command], check=True,
