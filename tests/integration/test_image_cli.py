@@ -282,3 +282,17 @@ def _bad_container_images(work: Path) -> list[tuple[Path, list[str]]]:
             (missing, ["missing blobs/sha256/" + blob.name]),
             (malformed, ["index.json", "malformed JSON"]),
             (work / "bad-saved.tar", ["manifest.json", "malformed JSON"])]
+
+
+def test_failed_get_leaves_the_folder_as_it_was(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    source = tmp_path / "src"
+    (source / "etc").mkdir(parents=True)
+    (source / "etc" / "motd").write_text("hello\n")
+    (source / ".image-get.unfinished").write_text("the name image get works under\n")
+    cli("image", "add", "marked", str(source), env=cli_env, check=True)
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    for dest in (missing, empty):
+        assert_one_line_error(cli("image", "get", "marked", str(dest), env=cli_env),
+                              ".image-get.unfinished")
+    assert not missing.exists() and list(empty.iterdir()) == []
