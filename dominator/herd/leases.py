@@ -276,16 +276,12 @@ class LeaseManager:
         renewing matches only this dominator's unexpired rows."""
         params = {"me": self._id or 0, "lease": self.lease_seconds, "ms": self._bound_ms()}
         started = connection.execute(ROUND, params).mappings().one()
-        live = started["live"]
-        renewed = dict(zip(started["shards"], started["tokens"], strict=True))
         if not started["beat"]:  # the first round, or the database forgot this dominator
-            self._heartbeat(connection)
+            self._heartbeat(connection)  # registers it: the round again counts it in
             params["me"] = self._id
-            live = connection.execute(sa.text(
-                "SELECT count(*) FROM dominators "
-                "WHERE last_renewal > now() - :lease * interval '1 second'"),
-                params).scalar_one()
-        live = int(live)
+            started = connection.execute(ROUND, params).mappings().one()
+        live = int(started["live"])
+        renewed = dict(zip(started["shards"], started["tokens"], strict=True))
         share = fair_share(self.shards, live)
         released = tuple(sorted(renewed)[share:])
         taken: dict[int, int] = {}
@@ -466,21 +462,13 @@ class LeaseManager:
             if on_renewal is not None and not halt.is_set():
                 on_renewal(renewal)
 
-        def end(error: BaseException | None) -> None:
-            if ended.done():
-                return
-            if error is not None:
-                ended.set_exception(error)
-            else:
-                ended.set_result(None)
-
         def rounds() -> None:
             try:
                 self._rounds(halt, lambda renewal: loop.call_soon_threadsafe(deliver, renewal))
             except BaseException as err:  # noqa: BLE001 - LeaseConfigError, or a bug: run raises it
-                loop.call_soon_threadsafe(end, err)
+                loop.call_soon_threadsafe(ended.set_exception, err)
             else:
-                loop.call_soon_threadsafe(end, None)
+                loop.call_soon_threadsafe(ended.set_result, None)
 
         thread = threading.Thread(target=rounds, name="shard-leases", daemon=True)
         thread.start()
