@@ -41,7 +41,8 @@ from pathlib import Path
 
 from fleetlib.errors import ExistsError, FleetError, NotFoundError, PreconditionError
 from fleetlib.fstree.hashing import format_hash
-from fleetlib.fstree.image import Image, check_image_name
+from fleetlib.fstree.image import Image
+from fleetlib.fstree.imagename import check_image_name
 from fleetlib.fstree.objectstore import (
     ObjectStore,
     check_free_space,

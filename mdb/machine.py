@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetlib.errors import FleetError
-from fleetlib.fstree.image import check_image_name
+from fleetlib.fstree.imagename import check_image_name
 from fleetlib.jsoninput import load_json
 from fleetlib.location import check_location
 

@@ -32,7 +32,7 @@ from dominator.deploy.health import (
 from dominator.deploy.selector import selects
 from dominator.deploy.waves import DEFAULT_WAVES, check_waves
 from fleetlib.errors import FleetError
-from fleetlib.fstree.image import check_image_name
+from fleetlib.fstree.imagename import check_image_name
 from mdb.machine import Machine
 
 DEFAULT_WAVE_TIMEOUT = 900.0

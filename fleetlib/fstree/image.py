@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import Filter
-from fleetlib.fstree.imagename import check_image_name as check_image_name  # its old home
 from fleetlib.fstree.tree import Tree, check_clean_path
 from fleetlib.fstree.triggers import Trigger
 from fleetlib.jsoninput import load_json

@@ -9,7 +9,8 @@ from typing import cast
 from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import Filter
 from fleetlib.fstree.hashing import HASH_SIZE
-from fleetlib.fstree.image import ComputedFile, Image, ImageSignature, check_image_name
+from fleetlib.fstree.image import ComputedFile, Image, ImageSignature
+from fleetlib.fstree.imagename import check_image_name
 from fleetlib.fstree.tree import (
     DEVICE_KINDS,
     PERMISSION_BITS,

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fleetlib.errors import FleetError
 from fleetlib.fstree.filter import EMPTY, Filter
-from fleetlib.fstree.image import ComputedFile, Image, check_image_name, parse_computed_files
+from fleetlib.fstree.image import ComputedFile, Image, parse_computed_files
+from fleetlib.fstree.imagename import check_image_name
 from fleetlib.fstree.tree import Kind, Tree, TreeBuilder, directory, regular, special, symlink
 from fleetlib.fstree.triggers import make_trigger, parse_triggers
 from fleetlib.wire import imageserver_pb2, tree_pb2
