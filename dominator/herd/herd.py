@@ -397,8 +397,12 @@ class Herd:
     async def _place_all(self, subs: Iterable[Sub]) -> None:
         """Place each of `subs`, then read the desired states of those that started
         here in a few queries (a thousand hosts moving in would else each make one)."""
-        subs = list(subs)  # their first cycles, spread at the pace first polls can take
-        self._first_spread = len(subs) / FIRST_CYCLES_PER_SECOND
+        subs = list(subs)
+        # The first cycles of the hosts starting here (not of all those placed: most
+        # of an MDB import's stay with peers) are spread at the pace first polls take.
+        starting = sum(1 for sub in subs
+                       if sub.task is None and self.ownership.polls(sub.machine.hostname))
+        self._first_spread = starting / FIRST_CYCLES_PER_SECOND
         started = []
         for sub in subs:
             if self._stopping:
