@@ -416,12 +416,17 @@ class DominatorState:
             self._hosts[hostname] = replace(self.host(hostname), last_sync_unix=now,
                                             current_image=image)
         if self._syncs_due and time.monotonic() - self._syncs_since >= SYNC_BATCH_SECONDS:
-            self.store_syncs()
+            self.store_syncs(wait=False)
 
-    def store_syncs(self) -> None:
+    def store_syncs(self, wait: bool = True) -> None:
         """Store every last sync due, in one transaction (kept due when it fails);
-        reads and records go on meanwhile (the write lock, not the memory's)."""
-        with self._write_lock:
+        reads and records go on meanwhile (the write lock, not the memory's). Without
+        `wait`, a write in progress leaves them to the next call: at a takeover of
+        2,000 hosts every executor thread queued here, one commit each, and the
+        herd's other database work waited behind them."""
+        if not self._write_lock.acquire(blocking=wait):
+            return
+        try:
             with self._lock:
                 due = dict(self._syncs_due)
             if not due:
@@ -438,6 +443,8 @@ class DominatorState:
                 for hostname, stored in due.items():
                     if self._syncs_due.get(hostname) == stored:  # not due again since
                         del self._syncs_due[hostname]
+        finally:
+            self._write_lock.release()
 
     def mirror_sync(self, hostname: str, image: str, last_sync_unix: int) -> None:
         """What another dominator reports of a host it supervises (statusrows.py): its

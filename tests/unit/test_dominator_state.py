@@ -172,6 +172,23 @@ def test_desired_states_recorded_at_once_share_commits(tmp_path: Path,
     again.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_due_sync_leaves_its_write_to_the_next_call_when_one_is_in_progress(
+        tmp_path: Path, shared: str | None) -> None:
+    state = DominatorState(tmp_path / "state.sqlite", shared)
+    state.record_desired("web-0", "v1", {})
+    state.record_sync("web-0", "v1", {})
+    time.sleep(1.1)  # its sync is due now
+    with state._write_lock:  # another thread is storing (a non-reentrant lock: it waited)
+        state.record_sync("web-0", "v1", {})  # returns without waiting
+    assert state.host("web-0").current_image == "v1"  # memory: at once
+    state.record_sync("web-0", "v1", {})  # the next call stores it
+    state.close()
+    again = DominatorState(tmp_path / "state.sqlite", shared)
+    assert again.host("web-0").last_sync_unix > 0
+    again.close()
+
+
 def test_last_syncs_share_one_transaction_and_survive_a_restart(tmp_path: Path,
                                                                  shared: str | None) -> None:
     state = DominatorState(tmp_path / "state.sqlite", shared)
