@@ -406,6 +406,20 @@ def pg_counters(url: str) -> dict[str, int]:
     return dict(row._mapping)
 
 
+def last_grant_unix(url: str) -> float:
+    """When the newest shard lease in the database at `url` was granted (Unix time, by
+    the database's clock: the same machine's)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return float(connection.execute(sa.text(
+                "SELECT extract(epoch FROM max(granted)) FROM shard_leases")).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def dominator_daemons(setup: Setup, work: Path, imageserver: str, plan: Plan,
                       url: str) -> dict[str, Daemon]:
     """`dominator serve` d1 .. dN (not started): the SQLite MDB of its state dir when
@@ -561,23 +575,35 @@ def rollout(setup: Setup, fakes: FakeFleet, client: DominatorClient, pid: int, w
     }
 
 
+def cores_between(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """Cores used from `start` to `end`, from (time, CPU seconds) samples: between the
+    last sample at or before `start` and the first at or after `end`."""
+    before = max((s for s in samples if s[0] <= start), default=samples[0])
+    after = min((s for s in samples if s[0] >= end), default=samples[-1])
+    return (after[1] - before[1]) / max(after[0] - before[0], 1e-9)
+
+
 def failover(fakes: FakeFleet, daemons: dict[str, Daemon], client: DominatorClient,
-             owned: dict[int, str], count: int, watch: bool) -> dict:
+             owned: dict[int, str], count: int, watch: bool, url: str) -> dict:
     """SIGKILL the last dominator: seconds until every host it managed was polled (and
-    had a Watch stream opened) by another, until the leases settled among the others,
-    and until the first dominator's fleet status said every host synced again, owned by
-    a survivor."""
+    had a Watch stream opened) by another, until the leases settled among the others
+    (when the last was granted, read from the database at `url` once they are), and
+    until the first dominator's fleet status said every host synced again, owned by a
+    survivor; and the fake subs' CPU while the others polled them (on this one machine
+    they, not the dominators, may be what paces the takeover)."""
     names = list(daemons)
     victim, survivors = names[-1], names[:-1]
     hosts = [i for i, owner in owned.items() if owner == victim]
     killed = time.time()
     daemons[victim].kill()
+    cpu = [(killed, fakes.cpu())]  # the fake subs' CPU seconds, sampled each round
     fakes.command("mark")  # after its death: no later call can be the victim's
     result: dict = {"victim": victim, "victim_hosts": len(hosts)}
     deadline = time.perf_counter() + 10 * float(LEASE) + 60
     while time.perf_counter() < deadline and not {"polled_s", "leases_s", "synced_s"} <= set(
             result):
         if "polled_s" not in result:
+            cpu.append((time.time(), fakes.cpu()))
             seen = fakes.seen()
             polls = [seen["first_poll"][i] for i in hosts]
             watches = [seen["first_watch"][i] for i in hosts] if watch else polls
@@ -587,8 +613,14 @@ def failover(fakes: FakeFleet, daemons: dict[str, Daemon], client: DominatorClie
                 result["covered_s"] = max((min(p, w) for p, w in zip(polls, watches,
                                                                      strict=True)),
                                           default=killed) - killed
+                if len(polls) >= 2:  # the shape of the takeover, not only its last host
+                    cuts = statistics.quantiles([p - killed for p in polls], n=10)
+                    result["polled_p10_p50_p90_s"] = [round(cuts[i], 2) for i in (0, 4, 8)]
+                    result["subs_cpu_cores_while_polled"] = cores_between(
+                        cpu, min(polls), max(polls))
         if "leases_s" not in result and (held := leases_settled(client, survivors)):
-            result["leases_s"], result["shards_after"] = time.time() - killed, held
+            result["leases_s"] = last_grant_unix(url) - killed
+            result["leases_seen_s"], result["shards_after"] = time.time() - killed, held
         if "leases_s" in result and "synced_s" not in result:
             status = fleet_status(client)
             if status.hosts_by_status.get("synced", 0) == count:
@@ -655,7 +687,7 @@ def herd(setup: Setup, count: int, window: float, imageserver: str, plan: Plan) 
         result["fleet_status_cli"] = json.loads(cli(setup, "fleet", "status", "--json"))
         if plan.dominators > 1:
             result["failover"] = failover(fakes, daemons, client, owners(client), count,
-                                          plan.watch)
+                                          plan.watch, url)
         client.close()
         for daemon in daemons.values():
             daemon.stop()
@@ -847,6 +879,9 @@ def rows_for(count: int, herd_result: dict, echo: dict | None, tls: bool,
         if failed["watched_s"] is not None:
             rows.append((f"{victim} all its hosts watched by another", failed["watched_s"],
                          "s", "lease", lease, None))
+        if "subs_cpu_cores_while_polled" in failed:
+            rows.append((f"{victim} fake subs' CPU while polled (cores, of 2)",
+                         failed["subs_cpu_cores_while_polled"], "", "-", 0, None))
     return [{"what": f"{what} [{plan.tag(count, tls)}]", "ours": round(ours, 3),
              "unit": unit, "peer": peer_name, "peer_value": round(peer_value, 3),
              "goal": goal, "met": None if goal is None else ours <= goal}
